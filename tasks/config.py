@@ -1,0 +1,244 @@
+"""params.yaml -> typed, validated config. Parsed once at the edge; everything below takes `Config`.
+
+Errors name the dotted key, the bad value and what is allowed (with a "did you mean" for near misses),
+and are raised before anything runs.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SOURCES = ("digits", "mnist5k", "mnist", "fashion_mnist", "cifar10", "image_folder")
+OPTIMIZERS = ("sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw")
+INITS = ("default", "he_normal", "he_uniform", "xavier_normal", "xavier_uniform", "orthogonal")
+INIT_ALIASES = {"glorot_normal": "xavier_normal", "glorot_uniform": "xavier_uniform",
+                "kaiming_normal": "he_normal", "kaiming_uniform": "he_uniform"}
+
+
+class ConfigError(ValueError):
+    """Invalid params: the message names the key, the value and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: Literal["digits", "mnist5k", "mnist", "fashion_mnist", "cifar10", "image_folder"] = "digits"
+    path: str = "data/raw"  # folder holding the standard files of mnist/fashion_mnist/cifar10, or image_folder's classes
+    download: bool = False  # allow torchvision to download missing files into `path`
+    val_fraction: float = Field(default=0.15, gt=0.0, lt=0.5)  # of the training pool
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=0.5)  # ignored where the source has an official test split
+    image_size: int | None = Field(default=None, ge=4, le=512)  # resize to this square size (image_folder default 32)
+    channels: Literal[1, 3] | None = None  # image_folder colour mode; None = as the first image
+    max_train: int | None = Field(default=None, ge=10)  # stratified subset of the training split (small-data studies)
+
+
+class EarlyStoppingConfig(Section):
+    enabled: bool = False
+    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    patience: int = Field(default=5, ge=1)  # epochs without improvement before stopping
+    min_delta: float = Field(default=0.0, ge=0.0)  # smallest change that counts as improvement
+    restore_best: bool = True  # put back the weights of the best epoch when stopping
+
+
+class TrainConfig(Section):
+    epochs: int = Field(default=15, ge=1, le=10_000)
+    batch_size: int = Field(default=64, ge=1, le=65_536)
+    optimizer: Literal["sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw"] = "adam"
+    lr: float = Field(default=1e-3, gt=0.0, le=10.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)  # for `momentum` (and rmsprop's momentum term: 0 there)
+    nesterov: bool = False  # Nesterov momentum for `momentum`
+    weight_decay: float = Field(default=0.0, ge=0.0)  # the optimizer's own decay (decoupled for adamw)
+    l1: float = Field(default=0.0, ge=0.0)  # penalty l1 * sum|w| on weight matrices and kernels
+    l2: float = Field(default=0.0, ge=0.0)  # penalty l2 * sum w^2 on weight matrices and kernels
+    schedule: Literal["none", "step", "cosine"] = "none"
+    step_size: int = Field(default=10, ge=1)  # epochs between lr drops for `step`
+    gamma: float = Field(default=0.1, gt=0.0, le=1.0)  # lr factor per drop for `step`
+    init: Literal["default", "he_normal", "he_uniform", "xavier_normal", "xavier_uniform", "orthogonal"] = "default"
+    grad_clip: float | None = Field(default=None, gt=0.0)  # max global grad norm
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    channels_last: bool = True  # NHWC memory format for image batches (faster convolutions)
+
+    @field_validator("init", mode="before")
+    @classmethod
+    def _init_alias(cls, v):
+        return INIT_ALIASES.get(v, v) if isinstance(v, str) else v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+
+class RegisterConfig(Section):
+    enabled: bool = True
+    name: str = Field(default="nnlab-classifier", min_length=1)  # registered model name
+    metric: Literal["test_accuracy"] = "test_accuracy"  # higher is better
+
+
+class TrackingConfig(Section):
+    experiment: str = Field(default="nnlab", min_length=1)
+
+
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)  # BaseModel.register is ABC's
+
+
+class Config(Section):
+    seed: int = Field(default=0, ge=0)
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    # run name -> options of a registered architecture; `arch` defaults to the run name
+    models: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"mlp": {}, "simple_cnn": {}})
+    register: RegisterConfig = RegisterConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def model_options(self, name: str) -> tuple[str, dict[str, Any]]:
+        """(architecture, options) of run `name`."""
+        opts = dict(self.models[name])
+        return opts.pop("arch", name), opts
+
+
+# ---------------------------------------------------------------- loading
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {str(path)!r} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data, train, models, ...), got {type(raw).__name__}")
+    return raw
+
+
+def apply_sets(raw: dict[str, Any], sets: list[str]) -> dict[str, Any]:
+    """Apply `dotted.key=value` overrides; values are parsed as YAML scalars/lists."""
+    out = json.loads(json.dumps(raw))
+    for item in sets:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. train.lr=0.01")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: empty part in key {key!r}")
+        node = out
+        for p in parts[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise ConfigError(f"--set {item!r}: {p!r} is a value, not a section")
+            node = node.setdefault(p, {})
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path = "params.yaml", sets: list[str] | None = None) -> Config:
+    return validate(apply_sets(read_yaml(path), sets or []))
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, Config)) from None
+    resolved = {}
+    for name, opts in cfg.models.items():
+        resolved[name] = _validate_model(name, opts or {})
+    cfg.models = resolved
+    return cfg
+
+
+def _validate_model(name: str, opts: dict[str, Any]) -> dict[str, Any]:
+    from models.registry import UnknownModelError, get_spec
+
+    if not isinstance(opts, dict):
+        raise ConfigError(f"models.{name}: expected a mapping of options, got {opts!r}")
+    opts = dict(opts)
+    arch = opts.pop("arch", name)
+    try:
+        spec = get_spec(arch)
+    except UnknownModelError as e:
+        key = f"models.{name}.arch" if arch != name else f"models.{name}"
+        raise ConfigError(f"invalid params: {key}: {e}") from None
+    try:
+        validated = spec.options(**opts)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, spec.options, prefix=f"models.{name}")) from None
+    return {"arch": arch, **validated.model_dump()}
+
+
+def select_models(cfg: Config, names: list[str]) -> Config:
+    """Keep only runs `names`; a registered architecture absent from params gets its defaults."""
+    chosen = {}
+    for n in names:
+        chosen[n] = cfg.models[n] if n in cfg.models else _validate_model(n, {})
+    return cfg.model_copy(update={"models": chosen})
+
+
+# ---------------------------------------------------------------- messages
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        model = model.model_fields[part].annotation
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return None
+
+
+def format_errors(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join([prefix] * bool(prefix) + [str(p) for p in loc])
+        value = e.get("input")
+        if e["type"] == "extra_forbidden":
+            allowed = _fields_at(model, loc[:-1]) or []
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+            hint = f" did you mean {'.'.join(key.split('.')[:-1] + [close[0]])!r}?" if close else ""
+            lines.append(f"unknown key {key!r}.{hint} allowed keys here: {', '.join(allowed)}")
+        elif e["type"] in ("literal_error", "enum"):
+            allowed = re.findall(r"'([^']*)'|(\d+)", e.get("ctx", {}).get("expected", ""))
+            allowed = [a or b for a, b in allowed]
+            close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.6)
+            hint = f" did you mean {close[0]!r}?" if close else ""
+            lines.append(f"{key} = {value!r} is not allowed.{hint} allowed: {', '.join(allowed)}")
+        else:
+            lines.append(f"{key} = {value!r}: {e['msg'].replace('Value error, ', '')}")
+    return "invalid params:\n  " + "\n  ".join(lines) if len(lines) > 1 else f"invalid params: {lines[0]}"
+
+
+# ---------------------------------------------------------------- identity
+
+def params_hash(obj: Any) -> str:
+    blob = json.dumps(obj.model_dump() if isinstance(obj, BaseModel) else obj, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{'train': {'lr': 0.1}} -> {'train.lr': '0.1'} (MLflow params)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)
+    return out
