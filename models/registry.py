@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pydantic import BaseModel, ConfigDict
+import torch
 from torch import nn
 
 FAMILIES = ("mlp", "cnn", "rnn", "transformer", "gan", "transfer")
@@ -81,3 +82,18 @@ def create_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, *
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+class Deployed(nn.Module):
+    """What gets logged and served: raw inputs -> normalisation -> network -> class probabilities."""
+
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float]):
+        super().__init__()
+        self.net = net
+        shape = (1, -1, 1, 1)  # per channel
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(shape))
+
+    def forward(self, x):  # (B, C, H, W) raw pixel values -> (B, classes) probabilities
+        x = (x.float() - self.mean) / self.std
+        return torch.softmax(self.net(x).float(), dim=1)

@@ -1,0 +1,155 @@
+"""The `nnlab` command. Heavy libraries (torch, Prefect, MLflow) are imported inside commands so
+`nnlab --help` stays fast."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Reproducible, tracked deep-learning experiments: Prefect flows, DVC data, MLflow runs.")
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (the one source of settings)")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override: dotted.key=value (repeatable)")]
+
+
+def quiet_prefect() -> None:
+    """Offline-friendly Prefect defaults; a user's own settings win."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_UI_ENABLED", "false")  # the temporary local server needs no UI
+
+
+def fail(msg: str, code: int = 2):
+    typer.secho(f"error: {msg}", fg="red", err=True)
+    raise typer.Exit(code)
+
+
+def load(params: Path, sets: list[str] | None, models: str | None = None):
+    from tasks.config import ConfigError, load_config, select_models
+
+    try:
+        cfg = load_config(params, sets or [])
+        names = [m.strip() for m in models.split(",") if m.strip()] if models else None
+        if names:
+            cfg = select_models(cfg, names)
+        return cfg, names
+    except ConfigError as e:
+        fail(str(e))
+
+
+@app.command()
+def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+        models: Annotated[Optional[str], typer.Option("--models", "-m", help="comma-separated runs to train")] = None):
+    """Run the experiment flow: prepare data, train each model, evaluate, register the best."""
+    cfg, names = load(params, set_, models)  # validate before anything runs: no MLflow run, no data written
+    quiet_prefect()
+    from flows.experiment import ExperimentFailed, experiment
+    from tasks.data import DataError
+
+    try:
+        summary = experiment(str(params), set_ or [], names)
+        code = 0
+    except ExperimentFailed as e:
+        summary, code = e.summary, 1
+    except DataError as e:
+        fail(str(e))
+    print_summary(summary, cfg)
+    raise typer.Exit(code)
+
+
+def print_summary(summary: dict, cfg) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tasks.tracking import tracking_uri
+
+    console = Console()
+    table = Table(title=f"nnlab experiment on {cfg.data.source}")
+    for col in ("architecture", "test accuracy", "epochs", "seconds", "MLflow run id"):
+        table.add_column(col)
+    for r in summary["results"]:
+        table.add_row(r["name"], f"{r['test_accuracy']:.4f}", str(r["epochs"]), f"{r['seconds']:.1f}", r["run_id"])
+    for f in summary["failed"]:
+        table.add_row(f["name"], "[red]FAILED[/red]", "-", "-", f["error"][:60])
+    console.print(table)
+    reg = summary.get("registered")
+    if reg:
+        console.print(f"registered {reg['name']} v{reg['version']} ({reg['model']}, test_accuracy "
+                      f"{reg['test_accuracy']:.4f}) as [bold]{reg['alias']}[/bold]")
+    for f in summary["failed"]:
+        console.print(f"[red]failed[/red] {f['name']}: {f['error']}")
+    console.print(f"MLflow UI: nnlab ui   (or: mlflow ui --backend-store-uri {tracking_uri()})")
+
+
+@app.command()
+def stage(name: Annotated[str, typer.Argument(help="prepare | train | evaluate | register")],
+          model: Annotated[Optional[str], typer.Option("--model", help="run name (train, evaluate)")] = None,
+          params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None):
+    """Run one pipeline stage (what dvc.yaml calls)."""
+    stages = ("prepare", "train", "evaluate", "register")
+    if name not in stages:
+        fail(f"unknown stage {name!r}; allowed: {', '.join(stages)}")
+    cfg, _ = load(params, set_)
+    if name in ("train", "evaluate") and (not model or model not in cfg.models):
+        fail(f"stage {name} needs --model, one of: {', '.join(cfg.models)}")
+    from tasks import stages as st
+    from tasks.data import DataError
+
+    try:
+        if name == "prepare":
+            st.prepare_stage(cfg)
+        elif name == "train":
+            st.train_stage(cfg, model)
+        elif name == "evaluate":
+            st.evaluate_stage(cfg, model)
+        else:
+            import json
+
+            results = [json.loads(Path(f"metrics/{n}.json").read_text()) for n in cfg.models]
+            st.register_stage(cfg, results)
+    except DataError as e:
+        fail(str(e))
+    except st.TrainingFailed as e:
+        fail(str(e), code=1)
+
+
+@app.command("models")
+def models_cmd(input_shape: Annotated[str, typer.Option(help="C,H,W of the input")] = "1,28,28",
+               classes: Annotated[int, typer.Option(help="number of classes")] = 10):
+    """List the registered architectures with their family and parameter count."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from models.registry import count_parameters, create_model, get_spec, list_models
+
+    shape = tuple(int(s) for s in input_shape.split(","))
+    table = Table(title=f"registered architectures (input {shape}, {classes} classes)")
+    for col in ("name", "family", "parameters", "description"):
+        table.add_column(col)
+    for name in list_models():
+        spec = get_spec(name)
+        try:
+            n = f"{count_parameters(create_model(name, input_shape=shape, num_classes=classes)):,}"
+        except ValueError as e:
+            n = f"n/a ({e})"
+        table.add_row(name, spec.family, n, spec.description)
+    Console().print(table)
+
+
+@app.command()
+def ui(port: int = 5000, host: str = "127.0.0.1"):
+    """Open the MLflow UI on the project's store (127.0.0.1 unless told otherwise)."""
+    from tasks.tracking import tracking_uri
+
+    uri = tracking_uri()
+    typer.echo(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C to stop)")
+    os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                               "--host", host, "--port", str(port)])
+
+
+if __name__ == "__main__":
+    app()

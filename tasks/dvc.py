@@ -1,0 +1,75 @@
+"""The flows' door to DVC: data is rebuilt only when DVC (by content hashes) says it changed.
+
+When a run's data params differ from params.yaml (a `--set data.…` override or another params file),
+`dvc repro` would build the wrong data, so the data is built under data/variants/<hash of its params>/
+instead, exactly once, as `dvc exp run -S` would keep it apart.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tasks.config import Config, ConfigError, load_config, params_hash
+from tasks.data import content_hash, prepare
+
+PROCESSED = Path("data/processed")
+VARIANTS = Path("data/variants")
+
+
+def is_dvc_repo(root: Path = Path(".")) -> bool:
+    return (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()
+
+
+def repro(*targets: str) -> None:
+    """`dvc repro TARGETS` in a child process (DVC holds one lock per workspace)."""
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)  # so the stages' `nnlab` command is found
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", *targets], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"`dvc repro {' '.join(targets)}` failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+
+
+def dvc_md5(out: str) -> str | None:
+    """The md5 dvc.lock records for output `out` (None when not locked)."""
+    lock = Path("dvc.lock")
+    if not lock.exists():
+        return None
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    for stage in stages.values():
+        for o in stage.get("outs", []):
+            if o.get("path") == out:
+                return o.get("md5")
+    return None
+
+
+def _data_key(cfg: Config) -> dict:
+    return {"seed": cfg.seed, "data": cfg.data.model_dump()}
+
+
+def matches_params_yaml(cfg: Config, params_file: str | Path = "params.yaml") -> bool:
+    try:
+        base = load_config(params_file)
+    except ConfigError:
+        return False
+    return _data_key(base) == _data_key(cfg)
+
+
+def ensure_data(cfg: Config) -> tuple[Path, dict]:
+    """Path of the prepared data for `cfg`, and facts to record about it (hashes, how it was obtained)."""
+    if is_dvc_repo() and matches_params_yaml(cfg):
+        repro("prepare")
+        return PROCESSED, {"nnlab.data_source": "dvc", "nnlab.dvc_md5": dvc_md5(str(PROCESSED)) or "",
+                           "nnlab.data_hash": content_hash(PROCESSED)}
+    out = VARIANTS / params_hash(_data_key(cfg))
+    try:
+        current = content_hash(out)
+    except Exception:
+        current = None
+    if current is None:
+        prepare(cfg.data, cfg.seed, out)
+    return out, {"nnlab.data_source": "variant", "nnlab.data_hash": content_hash(out)}

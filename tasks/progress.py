@@ -1,0 +1,45 @@
+"""Progress on long work: a live bar on a terminal, one plain line per epoch otherwise (logs, CI)."""
+from __future__ import annotations
+
+import sys
+import time
+
+
+def _fmt(metrics: dict) -> str:
+    keys = ("train_loss", "val_loss", "val_accuracy")
+    return "  ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
+
+
+class EpochProgress:
+    def __init__(self, label: str, epochs: int, start_epoch: int = 0, live: bool | None = None):
+        self.label, self.epochs = label, epochs
+        self.live = sys.stdout.isatty() if live is None else live
+        self._last = 0.0
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task(f"{label} epoch {start_epoch + 1}/{epochs}", total=None, info="")
+
+    def step(self, i: int, steps: int) -> None:
+        # Called every batch; redraw at most 10 times a second so the bar costs nothing measurable.
+        if not self.live:
+            return
+        now = time.monotonic()
+        if now - self._last > 0.1 or i == steps:
+            self._last = now
+            self.bar.update(self.task, completed=i, total=steps)
+
+    def epoch_end(self, epoch: int, metrics: dict) -> None:
+        line = f"{self.label} epoch {epoch}/{self.epochs}  {_fmt(metrics)}  {metrics.get('epoch_seconds', 0):.2f}s"
+        if self.live:
+            self.bar.update(self.task, description=f"{self.label} epoch {min(epoch + 1, self.epochs)}/{self.epochs}",
+                            info=_fmt(metrics), completed=0)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.live:
+            self.bar.stop()

@@ -1,0 +1,213 @@
+"""Pipeline stages: what `dvc.yaml` runs (through `nnlab stage`) and what the Prefect flows wrap.
+
+Each stage reads its inputs from files, does its work through the pure functions in tasks/ and models/,
+and writes its outputs atomically. MLflow is reached only through tasks.tracking.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.registry import Deployed, count_parameters, create_model, get_spec
+from tasks.config import Config, flatten, params_hash
+from tasks.data import load_prepared, prepare
+from tasks.evaluate import classification_metrics, confusion_figure, learning_curve_figure, predict
+from tasks.files import save_torch, write_json
+from tasks.progress import EpochProgress
+from tasks.tracking import Run, git_commit
+from tasks.train import Trainer, init_weights, resolve_device, seed_everything, to_device
+
+PROCESSED = Path("data/processed")  # DVC output of `prepare`
+CHECKPOINTS = Path(".nnlab/checkpoints")  # resume state of unfinished runs; never a DVC output (DVC wipes those)
+
+
+class TrainingFailed(RuntimeError):
+    def __init__(self, name: str, run_id: str, reason: str):
+        super().__init__(f"{name}: {reason} (MLflow run {run_id})")
+        self.name, self.run_id, self.reason = name, run_id, reason
+
+
+@dataclass
+class Trained:
+    name: str
+    arch: str
+    run_id: str
+    model_uri: str
+    epochs: int
+    seconds: float
+    resumed: bool
+
+
+# ---------------------------------------------------------------- prepare
+
+def prepare_stage(cfg: Config, out_dir: str | Path = PROCESSED) -> dict:
+    return prepare(cfg.data, cfg.seed, out_dir)
+
+
+# ---------------------------------------------------------------- train
+
+def run_params(cfg: Config, name: str) -> dict:
+    """The resolved params of one run: every section, and only this run's model options."""
+    d = cfg.model_dump()
+    d["models"] = {name: cfg.models[name]}
+    return d
+
+
+def build(arch: str, options: dict, manifest: dict) -> torch.nn.Module:
+    return create_model(arch, input_shape=tuple(manifest["input_shape"]), num_classes=manifest["num_classes"], **options)
+
+
+def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_dir: str | Path | None = None,
+                parent_run_id: str | None = None, extra_tags: dict | None = None) -> Trained:
+    """Train run `name`; resumes its unfinished checkpoint (same params, same data) into the same MLflow run."""
+    out_dir = Path(out_dir or f"data/train/{name}")
+    data = load_prepared(data_dir)
+    m = data.manifest
+    arch, options = cfg.model_options(name)
+    spec = get_spec(arch)
+    params = run_params(cfg, name)
+    phash = params_hash(params)
+    ckpt_path = CHECKPOINTS / f"{name}-{params_hash([phash, m['data_hash'], parent_run_id])}.pt"
+
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.seed)
+    model = build(arch, options, m)
+    init_weights(model, cfg.train.init)
+    image = len(m["input_shape"]) == 3
+    channels_last = image and cfg.train.channels_last
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    trainer = Trainer(model, cfg.train, cfg.seed, device)
+
+    mean, std = m["normalization"]["mean"], m["normalization"]["std"]
+    train = to_device(data.x_train, data.y_train, mean, std, device, channels_last)
+    val = to_device(data.x_val, data.y_val, mean, std, device, channels_last)
+
+    run, resumed = _open_run(cfg, name, arch, spec.family, m, params, phash, ckpt_path, trainer, parent_run_id,
+                             extra_tags)
+    progress = EpochProgress(name, cfg.train.epochs, trainer.epoch)
+
+    def on_epoch(epoch: int, metrics: dict, tr: Trainer) -> None:
+        run.log_epoch(epoch, metrics)  # one batched write per epoch
+        save_torch(ckpt_path, {"run_id": run.run_id, "name": name, "trainer": tr.state_dict()})
+        progress.epoch_end(epoch, metrics)
+
+    try:
+        result = trainer.fit(train, val, on_epoch=on_epoch, progress=progress.step)
+    except KeyboardInterrupt:
+        run.finish("KILLED", "interrupted; `nnlab run` with the same params resumes it")
+        raise
+    except Exception as e:
+        reason = f"{type(e).__name__}: {e}"
+        run.finish("FAILED", reason)
+        ckpt_path.unlink(missing_ok=True)  # a diverged run would only diverge again from here
+        raise TrainingFailed(name, run.run_id, reason) from e
+    finally:
+        progress.close()
+
+    final = {
+        "name": name, "arch": arch, "family": spec.family, "options": options,
+        "input_shape": m["input_shape"], "num_classes": m["num_classes"], "classes": m["classes"],
+        "normalization": m["normalization"], "config": cfg.model_dump(), "data_hash": m["data_hash"],
+        "run_id": run.run_id, "history": result.history, "epochs": result.epochs, "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early, "seconds": result.seconds,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    deployed = Deployed(copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format), mean, std)
+    example = data.x_test[:4].astype(np.float32)
+    model_uri = run.log_model(deployed, example, metadata={"nnlab.arch": arch, "classes": m["classes"]})
+    run.log_metrics({"epochs_run": result.epochs, "best_epoch": result.best_epoch,
+                     "train_seconds": result.seconds, "parameters": count_parameters(model)})
+    run.log_figure(learning_curve_figure(result.history, f"{name} on {m['source']}"), "plots/learning_curve.png")
+    run.log_dict(m, "data/manifest.json")
+    final["model_uri"] = model_uri
+    save_torch(out_dir / "model.pt", final)
+    write_json(out_dir / "run.json", {"name": name, "arch": arch, "run_id": run.run_id, "model_uri": model_uri,
+                                      "epochs": result.epochs, "seconds": round(result.seconds, 3)})
+    ckpt_path.unlink(missing_ok=True)
+    run.finish("FINISHED")
+    return Trained(name, arch, run.run_id, model_uri, result.epochs, result.seconds, resumed)
+
+
+def _open_run(cfg, name, arch, family, manifest, params, phash, ckpt_path, trainer, parent_run_id, extra_tags):
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=trainer.device, weights_only=False)
+        try:
+            run = Run.reopen(state["run_id"])
+        except Exception:  # the run was deleted from the store: start over
+            ckpt_path.unlink()
+        else:
+            trainer.load_state_dict(state["trainer"])
+            print(f"{name}: resuming MLflow run {run.run_id} after epoch {trainer.epoch}", flush=True)
+            return run, True
+    tags = {
+        "nnlab.model": arch, "nnlab.family": family, "nnlab.dataset": manifest["source"],
+        "nnlab.git_commit": git_commit(), "nnlab.data_hash": manifest["data_hash"], "nnlab.params_hash": phash,
+        "nnlab.run": name, **(extra_tags or {}),
+    }
+    return Run.start(cfg.tracking.experiment, name, tags, flatten(params), parent_run_id), False
+
+
+def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild a trained network from its self-describing `model.pt`."""
+    final = torch.load(path, map_location=device, weights_only=False)
+    model = build(final["arch"], final["options"], final)
+    model.load_state_dict(final["model"])
+    return model.to(device).eval(), final
+
+
+# ---------------------------------------------------------------- evaluate
+
+def evaluate_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, train_dir: str | Path | None = None,
+                   metrics_path: str | Path | None = None, plots_dir: str | Path | None = None) -> dict:
+    train_dir = Path(train_dir or f"data/train/{name}")
+    metrics_path = Path(metrics_path or f"metrics/{name}.json")
+    plots_dir = Path(plots_dir or f"plots/{name}")
+    device = resolve_device(cfg.train.device)
+    model, final = load_trained(train_dir / "model.pt", device)
+    data = load_prepared(data_dir)
+    norm = final["normalization"]
+    test = to_device(data.x_test, data.y_test, norm["mean"], norm["std"], device, channels_last=False)
+    metrics, cm = classification_metrics(predict(model, test.x), test.y, final["num_classes"])
+
+    run = Run(final["run_id"])
+    run.log_metrics(metrics)
+    fig = confusion_figure(cm, final["classes"], f"{name}: test accuracy {metrics['test_accuracy']:.4f}")
+    run.log_figure(fig, "plots/confusion_matrix.png")
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    fig.savefig(plots_dir / "confusion_matrix.png")
+    _write_history(plots_dir / "history.csv", final["history"])
+    summary = {**metrics, "name": name, "arch": final["arch"], "run_id": final["run_id"],
+               "model_uri": final["model_uri"], "epochs": final["epochs"], "seconds": round(final["seconds"], 3)}
+    write_json(metrics_path, summary)
+    return summary
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    from tasks.files import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["epoch", *history[0].keys()])
+        w.writeheader()
+        for i, h in enumerate(history, 1):
+            w.writerow({"epoch": i, **{k: round(v, 6) for k, v in h.items()}})
+
+
+# ---------------------------------------------------------------- register
+
+def register_stage(cfg: Config, results: list[dict], out_path: str | Path | None = "data/register.json") -> dict:
+    """Register the best of `results` (evaluate summaries); alias `champion` only if it beats the current one."""
+    from tasks.tracking import register_best
+
+    outcome = register_best(cfg.register.name, cfg.register.metric, results)
+    if out_path:
+        write_json(out_path, outcome)
+    return outcome
+
+
+def as_dict(t: Trained) -> dict:
+    return asdict(t)

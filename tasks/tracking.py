@@ -1,0 +1,167 @@
+"""The one module that talks to MLflow. Everything else hands it plain dicts, figures and modules."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+DEFAULT_STORE = Path("mlruns")
+RUN_TAGS = ("nnlab.model", "nnlab.family", "nnlab.dataset", "nnlab.git_commit", "nnlab.data_hash", "nnlab.params_hash")
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set, else the project's SQLite store under mlruns/."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"
+
+
+def _artifact_root(uri: str) -> str | None:
+    # SQLite stores keep artifacts beside the database (mlruns/artifacts), not in the working directory.
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
+    return None
+
+
+def client():
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+def experiment_id(name: str) -> str:
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name, artifact_location=_artifact_root(tracking_uri()))
+    except Exception:  # created meanwhile by a parallel process
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Run:
+    """A handle on one MLflow run: new (`Run.start`) or reopened (`Run.reopen`) after a crash."""
+
+    def __init__(self, run_id: str):
+        self.c = client()
+        self.run_id = run_id
+        self._logged_steps: set[int] | None = None
+
+    @classmethod
+    def start(cls, experiment: str, name: str, tags: dict[str, str], params: dict[str, str],
+              parent_run_id: str | None = None) -> "Run":
+        from mlflow.entities import Param, RunTag
+
+        c = client()
+        all_tags = {"mlflow.runName": name, **tags}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = c.create_run(experiment_id(experiment), run_name=name, tags=all_tags)
+        items = [Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            c.log_batch(run.info.run_id, params=items[i:i + 100], tags=[RunTag("nnlab.status", "training")])
+        return cls(run.info.run_id)
+
+    @classmethod
+    def reopen(cls, run_id: str) -> "Run":
+        r = cls(run_id)
+        r.c.update_run(run_id, status="RUNNING")
+        r._logged_steps = {m.step for m in r.c.get_metric_history(run_id, "train_loss")}
+        return r
+
+    def log_epoch(self, step: int, metrics: dict[str, float]) -> None:
+        """One write per epoch: all values in a single batch."""
+        if self._logged_steps and step in self._logged_steps:
+            return  # logged before the crash this run resumed from
+        self.log_metrics(metrics, step)
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.c.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.c.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_figure(self, fig, path: str) -> None:
+        self.c.log_figure(self.run_id, fig, path)
+
+    def log_dict(self, d: dict, path: str) -> None:
+        self.c.log_dict(self.run_id, d, path)
+
+    def log_file(self, local: str | Path, folder: str | None = None) -> None:
+        self.c.log_artifact(self.run_id, str(local), folder)
+
+    def log_model(self, module, example, metadata: dict | None = None) -> str:
+        """Log `module` (raw inputs -> class probabilities) with signature and input example; returns its URI."""
+        import mlflow
+        import mlflow.pytorch
+        from mlflow.models import infer_signature
+
+        import torch
+
+        with torch.no_grad():
+            out = module(torch.as_tensor(example)).numpy()
+        signature = infer_signature(example, out)
+        with mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None):
+            info = mlflow.pytorch.log_model(
+                module, name="model", signature=signature, input_example=example,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], metadata=metadata,
+            )
+            self.c.update_run(self.run_id, status="RUNNING")  # leaving the context marked it FINISHED
+        return info.model_uri
+
+    def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
+        if error:
+            self.set_tags({"nnlab.error": error[:5000]})
+        self.set_tags({"nnlab.status": status.lower()})
+        self.c.set_terminated(self.run_id, status=status)
+
+
+
+def register_best(name: str, metric: str, results: list[dict]) -> dict:
+    """Register the best result's model under `name`. Alias `champion` moves to it only when it beats the
+    current champion on `metric` (higher is better); otherwise the new version gets alias `challenger`."""
+    import mlflow
+
+    c = client()
+    ok = [r for r in results if r.get(metric) is not None]
+    if not ok:
+        raise ValueError(f"nothing to register: no result has {metric!r}")
+    best = max(ok, key=lambda r: r[metric])
+    champion_value = None
+    try:
+        champ = c.get_model_version_by_alias(name, "champion")
+        champion_value = c.get_run(champ.run_id).data.metrics.get(metric)
+    except Exception:  # no such model or alias yet
+        champ = None
+    version = mlflow.register_model(best["model_uri"], name)
+    c.set_model_version_tag(name, version.version, metric, str(best[metric]))
+    c.set_model_version_tag(name, version.version, "nnlab.run", best["name"])
+    wins = champion_value is None or best[metric] > champion_value
+    alias = "champion" if wins else "challenger"
+    c.set_registered_model_alias(name, alias, version.version)
+    return {"name": name, "version": int(version.version), "alias": alias, "run_id": best["run_id"],
+            "model": best["name"], metric: best[metric], "previous_champion": champion_value}

@@ -1,0 +1,279 @@
+"""The one training loop. Every architecture goes through `fit`; nothing here branches on the model type.
+
+Plain PyTorch: no MLflow, no Prefect. The caller passes `on_epoch` to log and checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tasks.config import EarlyStoppingConfig, TrainConfig
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, epoch: int, step: int, value: float):
+        super().__init__(f"non-finite loss ({value}) at epoch {epoch}, step {step}")
+        self.epoch, self.step, self.value = epoch, step, value
+
+
+# ---------------------------------------------------------------- set-up
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    # auto: bf16 autocast on CUDA only; on CPU it is opt-in (see README for the measured trade-off)
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def init_weights(model: nn.Module, scheme: str) -> None:
+    """Re-initialise weight matrices and kernels of Linear/Conv layers; biases to zero."""
+    if scheme == "default":
+        return
+    fill = {
+        "he_normal": lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"),  # std = sqrt(2 / fan_in)
+        "he_uniform": lambda w: nn.init.kaiming_uniform_(w, nonlinearity="relu"),
+        "xavier_normal": nn.init.xavier_normal_,  # std = sqrt(2 / (fan_in + fan_out))
+        "xavier_uniform": nn.init.xavier_uniform_,
+        "orthogonal": nn.init.orthogonal_,
+    }[scheme]
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)):
+            fill(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    p, lr, wd = model.parameters(), cfg.lr, cfg.weight_decay
+    return {
+        "sgd": lambda: torch.optim.SGD(p, lr=lr, weight_decay=wd),
+        "momentum": lambda: torch.optim.SGD(p, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd),
+        "adagrad": lambda: torch.optim.Adagrad(p, lr=lr, weight_decay=wd),
+        "rmsprop": lambda: torch.optim.RMSprop(p, lr=lr, weight_decay=wd),
+        "adam": lambda: torch.optim.Adam(p, lr=lr, weight_decay=wd),
+        "adamw": lambda: torch.optim.AdamW(p, lr=lr, weight_decay=wd),
+    }[cfg.optimizer]()
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    return None
+
+
+def penalty(model: nn.Module, l1: float, l2: float) -> torch.Tensor:
+    # Only weight matrices and kernels (dim > 1): penalising biases and norm scales is not the textbook L1/L2.
+    ws = [p for p in model.parameters() if p.dim() > 1]
+    total = torch.zeros((), device=ws[0].device)
+    if l1:
+        total = total + l1 * sum(w.abs().sum() for w in ws)
+    if l2:
+        total = total + l2 * sum(w.pow(2).sum() for w in ws)
+    return total
+
+
+# ---------------------------------------------------------------- early stopping
+
+@dataclass
+class EarlyStopping:
+    cfg: EarlyStoppingConfig
+    best: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    best_state: dict | None = None
+
+    def update(self, epoch: int, metrics: dict, model: nn.Module) -> bool:
+        """Record `epoch`; True when training should stop."""
+        sign = -1.0 if self.cfg.monitor.endswith("accuracy") else 1.0  # always minimise sign * value
+        value = sign * metrics[self.cfg.monitor]
+        if value < self.best - self.cfg.min_delta:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            if self.cfg.enabled and self.cfg.restore_best:
+                self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.bad_epochs += 1
+        return self.cfg.enabled and self.bad_epochs >= self.cfg.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs, "best_state": self.best_state}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.best, self.best_epoch, self.bad_epochs, self.best_state = s["best"], s["best_epoch"], s["bad_epochs"], s["best_state"]
+
+
+# ---------------------------------------------------------------- the loop
+
+@dataclass
+class Split:
+    x: torch.Tensor  # (N, ...) float32 on the device, normalised
+    y: torch.Tensor  # (N,) int64 on the device
+
+
+@dataclass
+class FitResult:
+    history: list[dict]  # one dict of metrics per epoch
+    epochs: int  # epochs actually run (early stopping may end sooner)
+    best_epoch: int
+    stopped_early: bool
+    seconds: float
+
+
+@dataclass
+class Trainer:
+    """Holds what a checkpoint must capture; `fit` drives it epoch by epoch."""
+
+    model: nn.Module
+    cfg: TrainConfig
+    seed: int
+    device: torch.device
+    opt: torch.optim.Optimizer = field(init=False)
+    sched: object = field(init=False)
+    stopper: EarlyStopping = field(init=False)
+    shuffle: torch.Generator = field(init=False)
+    epoch: int = 0
+    history: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    def __post_init__(self):
+        self.opt = build_optimizer(self.model, self.cfg)
+        self.sched = build_scheduler(self.opt, self.cfg)
+        self.stopper = EarlyStopping(self.cfg.early_stopping)
+        self.shuffle = torch.Generator().manual_seed(self.seed)  # batch order; separate from dropout's RNG
+        self.bf16 = use_bf16(self.cfg.precision, self.device)
+        self.regularised = bool(self.cfg.l1 or self.cfg.l2)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def train_one_epoch(self, data: Split, progress: Callable | None = None) -> dict:
+        model, bs, n = self.model, self.cfg.batch_size, len(data.y)
+        model.train()
+        perm = torch.randperm(n, generator=self.shuffle).to(self.device)
+        steps = math.ceil(n / bs)
+        losses = torch.zeros(steps, device=self.device)  # filled without a host sync per step
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        for i in range(steps):
+            idx = perm[i * bs:(i + 1) * bs]
+            xb, yb = data.x[idx], data.y[idx]
+            with self.autocast():
+                out = model(xb)
+                loss = F.cross_entropy(out, yb)
+            total = loss + penalty(model, self.cfg.l1, self.cfg.l2) if self.regularised else loss
+            self.opt.zero_grad(set_to_none=True)
+            total.backward()
+            if self.cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+            self.opt.step()
+            losses[i] = loss.detach() * len(yb)
+            correct += (out.argmax(1) == yb).sum()
+            if progress is not None:
+                progress(i + 1, steps)
+        losses = losses.cpu()
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            step = int(bad[0])
+            raise NonFiniteLoss(self.epoch + 1, step + 1, float(losses[step]))
+        return {"train_loss": float(losses.sum()) / n, "train_accuracy": int(correct) / n}
+
+    @torch.no_grad()
+    def evaluate(self, data: Split, prefix: str = "val", batch_size: int = 1024) -> dict:
+        self.model.eval()
+        loss, correct = 0.0, 0
+        for i in range(0, len(data.y), batch_size):
+            xb, yb = data.x[i:i + batch_size], data.y[i:i + batch_size]
+            with self.autocast():
+                out = self.model(xb)
+            loss += float(F.cross_entropy(out.float(), yb, reduction="sum"))
+            correct += int((out.argmax(1) == yb).sum())
+        n = len(data.y)
+        return {f"{prefix}_loss": loss / n, f"{prefix}_accuracy": correct / n}
+
+    def fit(self, train: Split, val: Split, on_epoch: Callable | None = None,
+            progress: Callable | None = None) -> FitResult:
+        stopped = False
+        while self.epoch < self.cfg.epochs and not stopped:
+            t0 = time.perf_counter()
+            metrics = self.train_one_epoch(train, progress)
+            metrics |= self.evaluate(val)
+            metrics["lr"] = self.opt.param_groups[0]["lr"]
+            if self.sched is not None:
+                self.sched.step()
+            self.epoch += 1
+            stopped = self.stopper.update(self.epoch, metrics, self.model)
+            self.seconds += time.perf_counter() - t0
+            metrics["epoch_seconds"] = time.perf_counter() - t0
+            self.history.append(metrics)
+            if on_epoch is not None:
+                on_epoch(self.epoch, metrics, self)
+        if self.stopper.best_state is not None:
+            self.model.load_state_dict(self.stopper.best_state)
+        return FitResult(self.history, self.epoch, self.stopper.best_epoch, stopped, self.seconds)
+
+    # -- checkpoint support: everything needed to continue bit-for-bit
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict() if self.sched is not None else None,
+            "early_stopping": self.stopper.state_dict(),
+            "history": self.history,
+            "seconds": self.seconds,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "shuffle": self.shuffle.get_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+        }
+
+    def load_state_dict(self, s: dict) -> None:
+        self.epoch, self.history, self.seconds = s["epoch"], s["history"], s["seconds"]
+        self.model.load_state_dict(s["model"])
+        self.opt.load_state_dict(s["optimizer"])
+        if self.sched is not None and s["scheduler"] is not None:
+            self.sched.load_state_dict(s["scheduler"])
+        self.stopper.load_state_dict(s["early_stopping"])
+        torch.set_rng_state(s["rng"]["torch"])
+        if s["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(s["rng"]["cuda"])
+        self.shuffle.set_state(s["rng"]["shuffle"])
+        np.random.set_state(s["rng"]["numpy"])
+        random.setstate(s["rng"]["python"])
+
+
+def to_device(x: np.ndarray, y: np.ndarray, mean, std, device: torch.device, channels_last: bool) -> Split:
+    """Raw arrays -> normalised float32 tensors on `device` (whole split preloaded)."""
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    if xt.dim() == 4:  # (N, C, H, W): per-channel statistics
+        shape = (1, -1, 1, 1)
+        xt = (xt - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
+        if channels_last:
+            xt = xt.contiguous(memory_format=torch.channels_last)
+    else:
+        xt = (xt - torch.tensor(mean)) / torch.tensor(std)
+    return Split(xt.to(device), torch.as_tensor(y, dtype=torch.long).to(device))

@@ -1,0 +1,55 @@
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ["GIT_PYTHON_REFRESH"] = "quiet"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory):
+    """One temp MLflow store for the whole session; never the repository's mlruns/."""
+    store = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect"))
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A working folder with the repository's params.yaml; relative paths (data/, .nnlab/) land here."""
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write_params(path: Path, **sections) -> Path:
+    """params.yaml = the repository's, with `sections` merged in (dicts merged one level deep)."""
+    import yaml
+
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for k, v in sections.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "models":
+            base[k] = {**base[k], **v}
+        else:
+            base[k] = v
+    path.write_text(yaml.safe_dump(base, sort_keys=False))
+    return path

@@ -1,0 +1,111 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.config import ConfigError, apply_sets, flatten, load_config, select_models, validate
+
+from conftest import ROOT
+
+
+def error_of(*sets):
+    with pytest.raises(ConfigError) as e:
+        validate(apply_sets({}, list(sets)))
+    return str(e.value)
+
+
+def test_defaults_and_repository_params_validate():
+    cfg = load_config(ROOT / "params.yaml")
+    assert cfg.data.source == "digits"
+    assert set(cfg.models) == {"mlp", "simple_cnn"}
+    assert cfg.models["mlp"]["arch"] == "mlp"
+
+
+def test_misspelt_key_names_it_and_suggests():
+    msg = error_of("train.optimzer=adam")
+    assert "train.optimzer" in msg and "did you mean 'train.optimizer'" in msg
+
+
+def test_misspelt_nested_key():
+    msg = error_of("train.early_stopping.patiense=3")
+    assert "train.early_stopping.patience" in msg
+
+
+def test_unknown_optimizer_suggests_adam():
+    msg = error_of("train.optimizer=adamm")
+    assert "train.optimizer" in msg and "'adamm'" in msg and "did you mean 'adam'" in msg
+    assert "sgd" in msg and "adamw" in msg  # lists what is allowed
+
+
+@pytest.mark.parametrize("sets, key", [
+    (["train.lr=-0.1"], "train.lr"),
+    (["train.lr=abc"], "train.lr"),
+    (["models.mlp.dropout=1.5"], "models.mlp.dropout"),
+    (["train.epochs=0"], "train.epochs"),
+    (["data.val_fraction=0.9"], "data.val_fraction"),
+    (["train.device=tpu"], "train.device"),
+    (["models.simple_cnn.padding=full"], "models.simple_cnn.padding"),
+    (["models.mlp.activation=relu6"], "models.mlp.activation"),
+])
+def test_bad_values_name_the_key(sets, key):
+    msg = error_of(*sets)
+    assert key in msg
+
+
+def test_unknown_model_lists_known_ones():
+    msg = error_of("models.mlpp.hidden=[8]")
+    assert "models.mlpp" in msg and "did you mean 'mlp'" in msg and "simple_cnn" in msg
+
+
+def test_unknown_model_option():
+    msg = error_of("models.mlp.hiden=[8]")
+    assert "models.mlp.hiden" in msg and "did you mean 'models.mlp.hidden'" in msg
+
+
+def test_glorot_alias_and_set_parsing():
+    cfg = validate(apply_sets({}, ["train.init=glorot_uniform", "models.mlp.hidden=[32, 16]", "train.lr=1e-2"]))
+    assert cfg.train.init == "xavier_uniform"
+    assert cfg.models["mlp"]["hidden"] == [32, 16]
+    assert cfg.train.lr == 0.01
+
+
+def test_set_without_equals_is_an_error():
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        apply_sets({}, ["train.lr"])
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_select_models_gives_defaults_to_unlisted_architecture():
+    cfg = select_models(validate({"models": {"mlp": {"hidden": [8]}}}), ["mlp", "simple_cnn"])
+    assert cfg.models["mlp"]["hidden"] == [8]
+    assert cfg.models["simple_cnn"]["filters"] == [32, 64, 64]
+    with pytest.raises(ConfigError, match="unknown model"):
+        select_models(cfg, ["resnet999"])
+
+
+def test_flatten_dotted_keys():
+    assert flatten({"train": {"lr": 0.1, "es": {"p": 3}}, "seed": 0}) == {"train.lr": "0.1", "train.es.p": "3", "seed": "0"}
+
+
+def nnlab(*args, cwd):
+    exe = Path(sys.executable).parent / "nnlab"  # the installed console script, as a user runs it
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_cli_exits_2_before_anything_runs(project):
+    out = nnlab("run", "--set", "train.optimizer=adamm", cwd=project)
+    assert out.returncode == 2, out.stderr
+    assert "train.optimizer" in out.stderr and "adam" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (project / "data").exists() and not (project / "mlruns").exists() and not (project / ".nnlab").exists()
+
+
+def test_cli_bad_params_file_and_models(project):
+    assert nnlab("run", "--params", "missing.yaml", cwd=project).returncode == 2
+    out = nnlab("run", "--models", "mlp,vgg99", cwd=project)
+    assert out.returncode == 2 and "vgg99" in out.stderr
