@@ -100,7 +100,8 @@ class Config(Section):
     seed: int = Field(default=0, ge=0)
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
-    # run name -> options of a registered architecture; `arch` defaults to the run name
+    # run name -> options of a registered architecture; `arch` defaults to the run name; an optional
+    # `train` mapping overrides the shared train settings for this run only
     models: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"mlp": {}, "simple_cnn": {}})
     register: RegisterConfig = RegisterConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -108,7 +109,12 @@ class Config(Section):
     def model_options(self, name: str) -> tuple[str, dict[str, Any]]:
         """(architecture, options) of run `name`."""
         opts = dict(self.models[name])
+        opts.pop("train", None)
         return opts.pop("arch", name), opts
+
+    def train_for(self, name: str) -> TrainConfig:
+        """The shared `train` section with run `name`'s own `train` overrides on top."""
+        return TrainConfig.model_validate(deep_merge(self.train.model_dump(), self.models[name].get("train") or {}))
 
 
 # ---------------------------------------------------------------- loading
@@ -159,18 +165,32 @@ def validate(raw: dict[str, Any]) -> Config:
         raise ConfigError(format_errors(e, Config)) from None
     resolved = {}
     for name, opts in cfg.models.items():
-        resolved[name] = _validate_model(name, opts or {})
+        resolved[name] = _validate_model(name, opts or {}, cfg.train)
     cfg.models = resolved
     return cfg
 
 
-def _validate_model(name: str, opts: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _validate_model(name: str, opts: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
     from models.registry import UnknownModelError, get_spec
 
     if not isinstance(opts, dict):
         raise ConfigError(f"models.{name}: expected a mapping of options, got {opts!r}")
     opts = dict(opts)
     arch = opts.pop("arch", name)
+    train_over = opts.pop("train", None) or {}  # this run's own training settings over the shared ones
+    if not isinstance(train_over, dict):
+        raise ConfigError(f"invalid params: models.{name}.train: expected a mapping of train settings")
+    try:
+        TrainConfig.model_validate(deep_merge(train.model_dump(), train_over))
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, TrainConfig, prefix=f"models.{name}.train")) from None
     try:
         spec = get_spec(arch)
     except UnknownModelError as e:
@@ -180,14 +200,14 @@ def _validate_model(name: str, opts: dict[str, Any]) -> dict[str, Any]:
         validated = spec.options(**opts)
     except ValidationError as e:
         raise ConfigError(format_errors(e, spec.options, prefix=f"models.{name}")) from None
-    return {"arch": arch, **validated.model_dump()}
+    return {"arch": arch, **validated.model_dump(), **({"train": train_over} if train_over else {})}
 
 
 def select_models(cfg: Config, names: list[str]) -> Config:
     """Keep only runs `names`; a registered architecture absent from params gets its defaults."""
     chosen = {}
     for n in names:
-        chosen[n] = cfg.models[n] if n in cfg.models else _validate_model(n, {})
+        chosen[n] = cfg.models[n] if n in cfg.models else _validate_model(n, {}, cfg.train)
     return cfg.model_copy(update={"models": chosen})
 
 

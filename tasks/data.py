@@ -12,14 +12,11 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from sklearn.model_selection import train_test_split
-from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
-from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from tasks.config import DataConfig
 
@@ -65,43 +62,48 @@ def _mnist5k(cfg: DataConfig):
     return x.astype(np.uint8).reshape(-1, 1, 28, 28), y.astype(np.int64), None, [str(c) for c in range(10)]
 
 
-class _IdxFiles:
-    # Over torchvision's MNIST readers: a file counts as present as `name` or `name.gz` (torchvision alone
-    # only reads unzipped files); the download, when allowed, is torchvision's own with its md5 checks.
-    folder = ""
+@cache
+def _torchvision_classes():
+    # torchvision and its readers cost ~1.5 s to import: only sources that need them pay for it.
+    from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
+    from torchvision.datasets.mnist import read_image_file, read_label_file
 
-    @property
-    def raw_folder(self) -> str:  # torchvision derives it from the class name: keep root/MNIST/raw, not _MNIST
-        return os.path.join(self.root, self.folder, "raw")
+    class IdxFiles:
+        # Over torchvision's MNIST readers: a file counts as present as `name` or `name.gz` (torchvision alone
+        # only reads unzipped files); the download, when allowed, is torchvision's own with its md5 checks.
+        folder = ""
 
-    @property
-    def processed_folder(self) -> str:
-        return os.path.join(self.root, self.folder, "processed")
+        @property
+        def raw_folder(self) -> str:  # torchvision derives it from the class name: keep root/MNIST/raw
+            return os.path.join(self.root, self.folder, "raw")
 
-    def _check_exists(self) -> bool:
-        return not _missing(Path(self.raw_folder), IDX_FILES, gz=True)
+        @property
+        def processed_folder(self) -> str:
+            return os.path.join(self.root, self.folder, "processed")
 
-    def _load_data(self):
-        split = "train" if self.train else "t10k"
-        with tempfile.TemporaryDirectory() as tmp:
-            x = read_image_file(_unzipped(Path(self.raw_folder) / f"{split}-images-idx3-ubyte", tmp))
-            y = read_label_file(_unzipped(Path(self.raw_folder) / f"{split}-labels-idx1-ubyte", tmp))
-        return x, y
+        def _check_exists(self) -> bool:
+            return not _missing(Path(self.raw_folder), IDX_FILES, gz=True)
 
+        def _load_data(self):
+            split = "train" if self.train else "t10k"
+            with tempfile.TemporaryDirectory() as tmp:
+                x = read_image_file(_unzipped(Path(self.raw_folder) / f"{split}-images-idx3-ubyte", tmp))
+                y = read_label_file(_unzipped(Path(self.raw_folder) / f"{split}-labels-idx1-ubyte", tmp))
+            return x, y
 
-class _MNIST(_IdxFiles, MNIST):
-    folder = "MNIST"
+    class _MNIST(IdxFiles, MNIST):
+        folder = "MNIST"
 
+    class _FashionMNIST(IdxFiles, FashionMNIST):
+        folder = "FashionMNIST"
 
-class _FashionMNIST(_IdxFiles, FashionMNIST):
-    folder = "FashionMNIST"
+    class _CIFAR10(CIFAR10):
+        # Loading only checks that the files exist (md5=None); the download still verifies the archive's md5.
+        train_list = [[name, None] for name, _ in CIFAR10.train_list]
+        test_list = [[name, None] for name, _ in CIFAR10.test_list]
+        meta = {**CIFAR10.meta, "md5": None}
 
-
-class _CIFAR10(CIFAR10):
-    # Loading only checks that the files exist (md5=None); the download still verifies the archive's md5.
-    train_list = [[name, None] for name, _ in CIFAR10.train_list]
-    test_list = [[name, None] for name, _ in CIFAR10.test_list]
-    meta = {**CIFAR10.meta, "md5": None}
+    return {"mnist": _MNIST, "fashion_mnist": _FashionMNIST, "cifar10": _CIFAR10}
 
 
 def _unzipped(path: Path, tmp: str) -> str:
@@ -137,15 +139,17 @@ def _nchw(data) -> np.ndarray:  # torchvision keeps (N, H, W) tensors (MNIST) or
 
 
 def _mnist(cfg: DataConfig):
-    return _torchvision(cfg, _MNIST, Path(cfg.path) / "MNIST" / "raw", IDX_FILES, gz=True)
+    return _torchvision(cfg, _torchvision_classes()["mnist"], Path(cfg.path) / "MNIST" / "raw", IDX_FILES, gz=True)
 
 
 def _fashion_mnist(cfg: DataConfig):
-    return _torchvision(cfg, _FashionMNIST, Path(cfg.path) / "FashionMNIST" / "raw", IDX_FILES, gz=True)
+    cls = _torchvision_classes()["fashion_mnist"]
+    return _torchvision(cfg, cls, Path(cfg.path) / "FashionMNIST" / "raw", IDX_FILES, gz=True)
 
 
 def _cifar10(cfg: DataConfig):
-    return _torchvision(cfg, _CIFAR10, Path(cfg.path) / CIFAR10.base_folder, CIFAR_FILES, gz=False)
+    return _torchvision(cfg, _torchvision_classes()["cifar10"], Path(cfg.path) / "cifar-10-batches-py", CIFAR_FILES,
+                        gz=False)
 
 
 def _image_folder(cfg: DataConfig):
@@ -159,7 +163,7 @@ def _image_folder(cfg: DataConfig):
     files = [sorted(_images(root / c)) for c in classes]
     empty = [c for c, f in zip(classes, files) if not f]
     if empty:
-        raise DataError(f"image_folder: no images ({', '.join(IMG_EXTENSIONS)}) in class folder(s) "
+        raise DataError(f"image_folder: no images (.png, .jpg, ...) in class folder(s) "
                         f"{', '.join(empty)} of {root}")
     paths = [p for f in files for p in f]
     y = np.repeat(np.arange(len(classes), dtype=np.int64), [len(f) for f in files])
@@ -170,6 +174,8 @@ def _image_folder(cfg: DataConfig):
 
 
 def _images(folder: Path):
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
     return (p for p in folder.rglob("*")
             if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith("."))
 
@@ -226,6 +232,8 @@ def _resize(img: np.ndarray, size: int) -> np.ndarray:  # (C, H, W) -> (C, size,
 
 def _take(idx: np.ndarray, y: np.ndarray, size: float | int, seed: int, what: str):
     # Stratified, seeded: (rest, taken); `size` is a fraction of idx or a count.
+    from sklearn.model_selection import train_test_split
+
     try:
         rest, taken = train_test_split(idx, test_size=size, stratify=y[idx], random_state=seed)
     except ValueError as e:  # too few samples for every class to appear in both parts

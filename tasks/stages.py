@@ -55,6 +55,7 @@ def run_params(cfg: Config, name: str) -> dict:
     """The resolved params of one run: every section, and only this run's model options."""
     d = cfg.model_dump()
     d["models"] = {name: cfg.models[name]}
+    d["train"] = cfg.train_for(name).model_dump()  # what this run really used
     return d
 
 
@@ -74,14 +75,15 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
     phash = params_hash(params)
     ckpt_path = CHECKPOINTS / f"{name}-{params_hash([phash, m['data_hash'], parent_run_id])}.pt"
 
-    device = resolve_device(cfg.train.device)
+    tcfg = cfg.train_for(name)
+    device = resolve_device(tcfg.device)
     seed_everything(cfg.seed)
     model = build(arch, options, m)
-    init_weights(model, cfg.train.init)
+    init_weights(model, tcfg.init)
     image = len(m["input_shape"]) == 3
-    channels_last = image and cfg.train.channels_last
+    channels_last = image and tcfg.channels_last
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    trainer = Trainer(model, cfg.train, cfg.seed, device)
+    trainer = Trainer(model, tcfg, cfg.seed, device)
 
     mean, std = m["normalization"]["mean"], m["normalization"]["std"]
     train = to_device(data.x_train, data.y_train, mean, std, device, channels_last)
@@ -89,7 +91,7 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
 
     run, resumed = _open_run(cfg, name, arch, spec.family, m, params, phash, ckpt_path, trainer, parent_run_id,
                              extra_tags)
-    progress = EpochProgress(name, cfg.train.epochs, trainer.epoch)
+    progress = EpochProgress(name, tcfg.epochs, trainer.epoch)
 
     def on_epoch(epoch: int, metrics: dict, tr: Trainer) -> None:
         run.log_epoch(epoch, metrics)  # one batched write per epoch
