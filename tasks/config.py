@@ -51,7 +51,7 @@ class EarlyStoppingConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(default=15, ge=1, le=10_000)
+    epochs: int = Field(default=20, ge=1, le=10_000)
     batch_size: int = Field(default=64, ge=1, le=65_536)
     optimizer: Literal["sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw"] = "adam"
     lr: float = Field(default=1e-3, gt=0.0, le=10.0)

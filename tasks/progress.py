@@ -19,9 +19,9 @@ class EpochProgress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+                                TextColumn("steps"), TimeRemainingColumn(), transient=True)
             self.bar.start()
-            self.task = self.bar.add_task(f"{label} epoch {start_epoch + 1}/{epochs}", total=None, info="")
+            self.task = self.bar.add_task(f"{label} epoch {start_epoch + 1}/{epochs}", total=None)
 
     def step(self, i: int, steps: int) -> None:
         # Called every batch; redraw at most 10 times a second so the bar costs nothing measurable.
@@ -34,9 +34,10 @@ class EpochProgress:
 
     def epoch_end(self, epoch: int, metrics: dict) -> None:
         line = f"{self.label} epoch {epoch}/{self.epochs}  {_fmt(metrics)}  {metrics.get('epoch_seconds', 0):.2f}s"
-        if self.live:
+        if self.live:  # a lasting line per epoch above the bar, the bar restarts for the next epoch
+            self.bar.console.print(line, highlight=False)
             self.bar.update(self.task, description=f"{self.label} epoch {min(epoch + 1, self.epochs)}/{self.epochs}",
-                            info=_fmt(metrics), completed=0)
+                            completed=0)
         else:
             print(line, flush=True)
 
