@@ -122,6 +122,12 @@ def print_summary(summary: dict, cfg) -> None:
     if reg:
         console.print(f"registered {reg['name']} v{reg['version']} ({reg['model']}, test_accuracy "
                       f"{reg['test_accuracy']:.4f}) as [bold]{reg['alias']}[/bold]")
+    for r in summary["results"]:
+        for h in r.get("health", []):
+            what = {"vanishing": "vanishing gradients", "exploding": "exploding gradients",
+                    "dead_units": "dead ReLU units"}[h]
+            console.print(f"[yellow]health[/yellow] {r['name']}: {what} (tag nnlab.health.{h}; "
+                          f"see the run's grad_norm.*, update_ratio and dead_units curves)")
     for f in summary["failed"]:
         console.print(f"[red]failed[/red] {f['name']}: {f['error']}")
     console.print(f"MLflow UI: nnlab ui   (or: mlflow ui --backend-store-uri {tracking_uri()})")

@@ -56,7 +56,7 @@ def experiment(params: str = "params.yaml", sets: list[str] | None = None, model
         try:
             trained = train(cfg, name, data_dir, facts)
             results.append({**evaluate(cfg, name, data_dir), "seconds": round(trained["seconds"], 2),
-                            "resumed": trained["resumed"]})
+                            "resumed": trained["resumed"], "health": trained["health"]})
         except Exception as e:  # one failing architecture never loses the others
             failed.append({"name": name, "error": str(e)})
     registered = register(cfg, results) if results and cfg.register.enabled else None

@@ -50,6 +50,12 @@ class EarlyStoppingConfig(Section):
     restore_best: bool = True  # put back the weights of the best epoch when stopping
 
 
+class DiagnosticsConfig(Section):
+    enabled: bool = True
+    every: int = Field(default=25, ge=1)  # optimizer steps between measurements (cost: see README)
+    probe_size: int = Field(default=256, ge=1)  # validation examples in the fixed dead-unit probe batch
+
+
 class TrainConfig(Section):
     epochs: int = Field(default=20, ge=1, le=10_000)
     batch_size: int = Field(default=64, ge=1, le=65_536)
@@ -66,6 +72,7 @@ class TrainConfig(Section):
     init: Literal["default", "he_normal", "he_uniform", "xavier_normal", "xavier_uniform", "orthogonal"] = "default"
     grad_clip: float | None = Field(default=None, gt=0.0)  # max global grad norm
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool = True  # NHWC memory format for image batches (faster convolutions)

@@ -33,3 +33,46 @@ def save_torch(path: str | Path, obj) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+class BackgroundWriter:
+    """Runs write jobs (checkpoints, metric batches) in order on one background thread, so the training
+    loop does not wait for disk or database. `flush()` waits for everything submitted so far and re-raises
+    the first error a job hit."""
+
+    def __init__(self):
+        import queue
+        import threading
+
+        self._q: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, daemon=True, name="nnlab-writer")
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._q.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:
+                    job()
+            except BaseException as e:  # kept and re-raised by flush()
+                self._error = e
+            finally:
+                self._q.task_done()
+
+    def submit(self, job) -> None:
+        if self._error is not None:
+            self.flush()
+        self._q.put(job)
+
+    def flush(self) -> None:
+        self._q.join()
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()

@@ -17,7 +17,7 @@ from models.registry import Deployed, count_parameters, create_model, get_spec
 from tasks.config import Config, flatten, params_hash
 from tasks.data import load_prepared, prepare
 from tasks.evaluate import classification_metrics, confusion_figure, learning_curve_figure, predict
-from tasks.files import save_torch, write_json
+from tasks.files import BackgroundWriter, save_torch, write_json
 from tasks.progress import EpochProgress
 from tasks.tracking import Run, git_commit
 from tasks.train import Trainer, init_weights, resolve_device, seed_everything, to_device
@@ -41,6 +41,7 @@ class Trained:
     epochs: int
     seconds: float
     resumed: bool
+    health: list[str]  # diagnostics rules that fired: vanishing, exploding, dead_units
 
 
 # ---------------------------------------------------------------- prepare
@@ -93,18 +94,32 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
                              extra_tags)
     progress = EpochProgress(name, tcfg.epochs, trainer.epoch)
 
+    writer = BackgroundWriter()  # disk and database writes overlap the next epoch
+
     def on_epoch(epoch: int, metrics: dict, tr: Trainer) -> None:
-        run.log_epoch(epoch, metrics)  # one batched write per epoch
-        save_torch(ckpt_path, {"run_id": run.run_id, "name": name, "trainer": tr.state_dict()})
+        state = {"run_id": run.run_id, "name": name, "trainer": snapshot(tr.state_dict())}
+        series = tr.diagnostics.drain() if tr.diagnostics is not None else []
+
+        def write():
+            run.log_epoch(epoch, metrics)  # one batched write per epoch
+            run.log_series(series)
+            save_torch(ckpt_path, state)
+
+        writer.submit(write)
         progress.epoch_end(epoch, metrics)
 
     try:
-        result = trainer.fit(train, val, on_epoch=on_epoch, progress=progress.step)
+        try:
+            result = trainer.fit(train, val, on_epoch=on_epoch, progress=progress.step)
+        finally:
+            writer.flush()  # the last checkpoint and metrics are on disk before anything else happens
+            writer.close()
     except KeyboardInterrupt:
         run.finish("KILLED", "interrupted; `nnlab run` with the same params resumes it")
         raise
     except Exception as e:
         reason = f"{type(e).__name__}: {e}"
+        _log_health(run, trainer)
         run.finish("FAILED", reason)
         ckpt_path.unlink(missing_ok=True)  # a diverged run would only diverge again from here
         raise TrainingFailed(name, run.run_id, reason) from e
@@ -124,6 +139,7 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
     model_uri = run.log_model(deployed, example, metadata={"nnlab.arch": arch, "classes": m["classes"]})
     run.log_metrics({"epochs_run": result.epochs, "best_epoch": result.best_epoch,
                      "train_seconds": result.seconds, "parameters": count_parameters(model)})
+    health = _log_health(run, trainer)
     run.log_figure(learning_curve_figure(result.history, f"{name} on {m['source']}"), "plots/learning_curve.png")
     run.log_dict(m, "data/manifest.json")
     final["model_uri"] = model_uri
@@ -132,7 +148,34 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
                                       "epochs": result.epochs, "seconds": round(result.seconds, 3)})
     ckpt_path.unlink(missing_ok=True)
     run.finish("FINISHED")
-    return Trained(name, arch, run.run_id, model_uri, result.epochs, result.seconds, resumed)
+    return Trained(name, arch, run.run_id, model_uri, result.epochs, result.seconds, resumed, health)
+
+
+def snapshot(obj):
+    """A copy of a (nested) state dict that later training steps cannot change under the writer."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _log_health(run: Run, trainer: Trainer) -> list[str]:
+    """Tags nnlab.health.* by the rules in tasks/diagnostics.py; returns the names of those that fired."""
+    d = trainer.diagnostics
+    if d is None:
+        return []
+    if d.records:
+        run.log_series(d.drain())
+    health = d.health()
+    run.set_tags({f"nnlab.health.{k}": str(v).lower() for k, v in health.items()})
+    run.log_metrics(d.summary())
+    fired = [k for k, v in health.items() if v]
+    for k in fired:
+        print(f"{run.run_id}: health warning: {k.replace('_', ' ')} (see nnlab.health.{k})", flush=True)
+    return fired
 
 
 def _open_run(cfg, name, arch, family, manifest, params, phash, ckpt_path, trainer, parent_run_id, extra_tags):

@@ -65,6 +65,7 @@ class Run:
         self.c = client()
         self.run_id = run_id
         self._logged_steps: set[int] | None = None
+        self._series_upto = 0  # step-level series (diagnostics) already logged before a resume
 
     @classmethod
     def start(cls, experiment: str, name: str, tags: dict[str, str], params: dict[str, str],
@@ -86,6 +87,7 @@ class Run:
         r = cls(run_id)
         r.c.update_run(run_id, status="RUNNING")
         r._logged_steps = {m.step for m in r.c.get_metric_history(run_id, "train_loss")}
+        r._series_upto = max((m.step for m in r.c.get_metric_history(run_id, "grad_norm")), default=0)
         return r
 
     def log_epoch(self, step: int, metrics: dict[str, float]) -> None:
@@ -93,6 +95,16 @@ class Run:
         if self._logged_steps and step in self._logged_steps:
             return  # logged before the crash this run resumed from
         self.log_metrics(metrics, step)
+
+    def log_series(self, records: list[tuple[int, dict[str, float]]]) -> None:
+        """Step-level values (e.g. diagnostics) in as few writes as MLflow allows (1000 values each)."""
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for step, rec in records if step > self._series_upto
+                 for k, v in rec.items()]
+        for i in range(0, len(items), 1000):
+            self.c.log_batch(self.run_id, metrics=items[i:i + 1000])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric

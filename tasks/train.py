@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.config import EarlyStoppingConfig, TrainConfig
+from tasks.diagnostics import Diagnostics
 
 
 class NonFiniteLoss(RuntimeError):
@@ -154,8 +155,10 @@ class Trainer:
     stopper: EarlyStopping = field(init=False)
     shuffle: torch.Generator = field(init=False)
     epoch: int = 0
+    step: int = 0  # optimizer steps so far, over all epochs
     history: list = field(default_factory=list)
     seconds: float = 0.0
+    diagnostics: Diagnostics | None = None
 
     def __post_init__(self):
         self.opt = build_optimizer(self.model, self.cfg)
@@ -164,6 +167,8 @@ class Trainer:
         self.shuffle = torch.Generator().manual_seed(self.seed)  # batch order; separate from dropout's RNG
         self.bf16 = use_bf16(self.cfg.precision, self.device)
         self.regularised = bool(self.cfg.l1 or self.cfg.l2)
+        if self.cfg.diagnostics.enabled:
+            self.diagnostics = Diagnostics(self.model, self.cfg.diagnostics.every)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
@@ -184,9 +189,15 @@ class Trainer:
             total = loss + penalty(model, self.cfg.l1, self.cfg.l2) if self.regularised else loss
             self.opt.zero_grad(set_to_none=True)
             total.backward()
+            self.step += 1
+            diag = self.diagnostics is not None and self.diagnostics.due(self.step)
+            if diag:
+                self.diagnostics.before_step(self.step)  # gradient norms before clipping
             if self.cfg.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
             self.opt.step()
+            if diag:
+                self.diagnostics.after_step(self.step)
             losses[i] = loss.detach() * len(yb)
             correct += (out.argmax(1) == yb).sum()
             if progress is not None:
@@ -195,6 +206,8 @@ class Trainer:
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             step = int(bad[0])
+            if self.diagnostics is not None:
+                self.diagnostics.non_finite = True
             raise NonFiniteLoss(self.epoch + 1, step + 1, float(losses[step]))
         return {"train_loss": float(losses.sum()) / n, "train_accuracy": int(correct) / n}
 
@@ -213,6 +226,8 @@ class Trainer:
 
     def fit(self, train: Split, val: Split, on_epoch: Callable | None = None,
             progress: Callable | None = None) -> FitResult:
+        if self.diagnostics is not None and self.diagnostics.probe is None:
+            self.diagnostics.probe = val.x[:self.cfg.diagnostics.probe_size]  # fixed: same examples every time
         stopped = False
         while self.epoch < self.cfg.epochs and not stopped:
             t0 = time.perf_counter()
@@ -236,6 +251,8 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             "epoch": self.epoch,
+            "step": self.step,
+            "diagnostics": self.diagnostics.state_dict() if self.diagnostics is not None else None,
             "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict() if self.sched is not None else None,
@@ -252,7 +269,9 @@ class Trainer:
         }
 
     def load_state_dict(self, s: dict) -> None:
-        self.epoch, self.history, self.seconds = s["epoch"], s["history"], s["seconds"]
+        self.epoch, self.step, self.history, self.seconds = s["epoch"], s["step"], s["history"], s["seconds"]
+        if self.diagnostics is not None and s["diagnostics"] is not None:
+            self.diagnostics.load_state_dict(s["diagnostics"])
         self.model.load_state_dict(s["model"])
         self.opt.load_state_dict(s["optimizer"])
         if self.sched is not None and s["scheduler"] is not None:
