@@ -38,7 +38,11 @@ def boot_prefect_server():
 
     def start():
         try:
-            SubprocessASGIServer().start()
+            server = SubprocessASGIServer()
+            server.start()
+            # process-pool workers (sweeps) inherit this and report to the same server instead of
+            # booting one each
+            os.environ["PREFECT_API_URL"] = server.api_url
         except Exception as e:  # the flow's own start attempt will report it properly
             errors.append(e)
 
@@ -131,6 +135,94 @@ def print_summary(summary: dict, cfg) -> None:
     for f in summary["failed"]:
         console.print(f"[red]failed[/red] {f['name']}: {f['error']}")
     console.print(f"MLflow UI: nnlab ui   (or: mlflow ui --backend-store-uri {tracking_uri()})")
+
+
+@app.command("sweep")
+def sweep_cmd(file: Annotated[Optional[Path], typer.Argument(help="sweep file; default: params.yaml's `sweep`")] = None,
+              params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+              resume: Annotated[Optional[str], typer.Option("--resume", help="parent run id to finish")] = None,
+              workers: Annotated[Optional[int], typer.Option(help="parallel cells (default: cores)")] = None):
+    """Run a grid of training choices in parallel, one child MLflow run per cell, then the report."""
+    from tasks.config import ConfigError, read_yaml
+    from tasks.sweep import default_workers, expand, load_spec
+
+    try:
+        if resume:
+            spec, raw, sets = _sweep_definition(resume)
+        else:
+            raw = read_yaml(params)
+            spec = load_spec(file, raw).model_dump()
+            sets = set_ or []
+        from tasks.config import SweepConfig
+
+        spec_ = SweepConfig.model_validate(spec)
+        if workers:
+            spec_ = spec_.model_copy(update={"workers": workers})
+        cells = expand(spec_, raw, sets)  # every cell validated before anything runs
+    except ConfigError as e:
+        fail(str(e))
+    n = default_workers(spec_, len(cells))
+    typer.echo(f"sweep {spec_.name}: {len(cells)} cells, {n} worker(s)")
+    quiet_prefect()
+    server_ready = boot_prefect_server()
+    from flows.sweep import runner, sweep
+
+    server_ready()
+    with local_flow_settings():
+        out = sweep.with_options(task_runner=runner(n))(spec_.model_dump(), raw, sets, resume)
+    print_sweep(out)
+    raise typer.Exit(1 if out["failed"] else 0)
+
+
+def _sweep_definition(parent_run_id: str):
+    from tasks.config import ConfigError
+    from tasks.tracking import load_artifact_json
+
+    try:
+        d = load_artifact_json(parent_run_id, "sweep/sweep.json")
+    except Exception as e:
+        raise ConfigError(f"--resume {parent_run_id}: not a sweep parent run in {_uri()} ({type(e).__name__})")
+    return d["spec"], d["params"], d["sets"]
+
+
+def _uri() -> str:
+    from tasks.tracking import tracking_uri
+
+    return tracking_uri()
+
+
+def print_sweep(out: dict) -> None:
+    from rich.console import Console
+
+    console = Console() if sys.stdout.isatty() else Console(width=140)
+    console.print(f"sweep parent run {out['parent_run_id']}: {out['cells']} cells, ran {out['ran']} now, "
+                  f"{len(out['failed'])} not finished")
+    console.print(f"report: {out['report']['html']}  (and {out['report']['md']})")
+    reg = out.get("registered")
+    if reg:
+        console.print(f"registered {reg['name']} v{reg['version']} ({reg['cell']}, mean {reg['mean']:.4f}"
+                      f" ± {reg['ci95']:.4f}) as [bold]{reg['alias']}[/bold]: {reg['decision']}")
+    for r in out["failed"]:
+        console.print(f"[red]not finished[/red] {r['cell']}: {r.get('error') or r['status']}")
+    if out["failed"]:
+        console.print(f"finish them with: nnlab sweep --resume {out['parent_run_id']}")
+
+
+@app.command("report")
+def report_cmd(parent_run_id: Annotated[str, typer.Argument(help="the sweep's parent MLflow run id")],
+               out: Annotated[Optional[Path], typer.Option(help="folder (default reports/<sweep>-<id>)")] = None):
+    """(Re)write the comparison report of a sweep."""
+    from tasks.config import ConfigError, SweepConfig
+    from tasks.sweep import expand, report
+
+    try:
+        spec, raw, sets = _sweep_definition(parent_run_id)
+        spec_ = SweepConfig.model_validate(spec)
+        cells = expand(spec_, raw, sets)
+    except ConfigError as e:
+        fail(str(e))
+    paths, rows = report(parent_run_id, spec_, cells, out or Path("reports") / f"{spec_.name}-{parent_run_id[:8]}")
+    typer.echo(f"report: {paths['html']}  (and {paths['md']})")
 
 
 @app.command()

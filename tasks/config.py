@@ -23,6 +23,9 @@ INIT_ALIASES = {"glorot_normal": "xavier_normal", "glorot_uniform": "xavier_unif
                 "kaiming_normal": "he_normal", "kaiming_uniform": "he_uniform"}
 
 
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)  # BaseModel.register is ABC's
+
+
 class ConfigError(ValueError):
     """Invalid params: the message names the key, the value and what is allowed."""
 
@@ -94,13 +97,24 @@ class RegisterConfig(Section):
     enabled: bool = True
     name: str = Field(default="nnlab-classifier", min_length=1)  # registered model name
     metric: Literal["test_accuracy"] = "test_accuracy"  # higher is better
+    min_delta: float = Field(default=0.0, ge=0.0)  # a challenger must beat the champion by more than this
+
+
+class SweepConfig(Section):
+    """A grid of params values (see tasks/sweep.py); also the schema of a sweep file."""
+
+    name: str = Field(default="sweep", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    model: str | None = None  # run name (key of `models`) trained in every cell; default: the first one
+    fixed: dict[str, Any] = Field(default_factory=dict)  # dotted overrides applied to every cell
+    grid: dict[str, list[Any]] = Field(default_factory=dict)  # axis -> levels; cells = cross product
+    presets: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)  # axis -> level -> overrides
+    workers: int | None = Field(default=None, ge=1, le=64)  # parallel cells; default: the number of cores
+    register: bool = True  # register the best cell (by its mean over seeds) at the end
 
 
 class TrackingConfig(Section):
     experiment: str = Field(default="nnlab", min_length=1)
-
-
-warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)  # BaseModel.register is ABC's
 
 
 class Config(Section):
@@ -112,6 +126,7 @@ class Config(Section):
     models: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"mlp": {}, "simple_cnn": {}})
     register: RegisterConfig = RegisterConfig()
     tracking: TrackingConfig = TrackingConfig()
+    sweep: SweepConfig | None = None  # what `nnlab sweep` runs without a sweep file
 
     def model_options(self, name: str) -> tuple[str, dict[str, Any]]:
         """(architecture, options) of run `name`."""

@@ -143,6 +143,7 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
     run.log_figure(learning_curve_figure(result.history, f"{name} on {m['source']}"), "plots/learning_curve.png")
     run.log_dict(m, "data/manifest.json")
     final["model_uri"] = model_uri
+    run.set_tags({"nnlab.model_uri": model_uri})
     save_torch(out_dir / "model.pt", final)
     write_json(out_dir / "run.json", {"name": name, "arch": arch, "run_id": run.run_id, "model_uri": model_uri,
                                       "epochs": result.epochs, "seconds": round(result.seconds, 3)})
@@ -248,7 +249,7 @@ def register_stage(cfg: Config, results: list[dict], out_path: str | Path | None
     """Register the best of `results` (evaluate summaries); alias `champion` only if it beats the current one."""
     from tasks.tracking import register_best
 
-    outcome = register_best(cfg.register.name, cfg.register.metric, results)
+    outcome = register_best(cfg.register.name, cfg.register.metric, results, cfg.register.min_delta)
     if out_path:
         write_json(out_path, outcome)
     return outcome

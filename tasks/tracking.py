@@ -33,7 +33,45 @@ def client():
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri)
+    return _Retrying(MlflowClient(uri))
+
+
+class _Retrying:
+    """MlflowClient whose calls retry for a while when SQLite says the database is locked (parallel cells
+    writing at the same moment); any other error goes straight through."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            for attempt in range(40):
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as e:
+                    if "database is locked" not in str(e) or attempt == 39:
+                        raise
+                    time.sleep(min(0.05 * 2 ** attempt, 1.0))
+
+        return call
+
+
+def prepare_store(experiment: str) -> str:
+    """Create and migrate the store and the experiment once, before parallel writers start (8 processes
+    opening a brand-new SQLite store at once race on its schema migration). Also switches SQLite to WAL,
+    so readers never block the writer. Returns the experiment id."""
+    exp = experiment_id(experiment)
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        import sqlite3
+
+        with sqlite3.connect(uri[len("sqlite:///"):], timeout=30) as con:
+            con.execute("PRAGMA journal_mode=WAL")
+    return exp
 
 
 def experiment_id(name: str) -> str:
@@ -153,27 +191,66 @@ class Run:
 
 
 
-def register_best(name: str, metric: str, results: list[dict]) -> dict:
-    """Register the best result's model under `name`. Alias `champion` moves to it only when it beats the
-    current champion on `metric` (higher is better); otherwise the new version gets alias `challenger`."""
-    import mlflow
-
-    c = client()
+def register_best(name: str, metric: str, results: list[dict], min_delta: float = 0.0) -> dict:
+    """Register the best result's model under `name` (see `register_version`)."""
     ok = [r for r in results if r.get(metric) is not None]
     if not ok:
         raise ValueError(f"nothing to register: no result has {metric!r}")
     best = max(ok, key=lambda r: r[metric])
-    champion_value = None
+    out = register_version(name, best["model_uri"], best[metric], min_delta,
+                           {"nnlab.run": best["name"], "nnlab.run_id": best["run_id"], metric: best[metric]})
+    return {**out, "run_id": best["run_id"], "model": best["name"], metric: best[metric]}
+
+
+def register_version(name: str, model_uri: str, score: float, min_delta: float, tags: dict) -> dict:
+    """New version of `name`; alias `champion` moves to it only when `score` (higher is better) beats the
+    current champion's by more than `min_delta`, else it gets `challenger`. The decision and the numbers
+    behind it are tags of the version."""
+    import mlflow
+
+    c = client()
     try:
         champ = c.get_model_version_by_alias(name, "champion")
-        champion_value = c.get_run(champ.run_id).data.metrics.get(metric)
+        champ_score = float(champ.tags.get("nnlab.score", "nan"))
+        if champ_score != champ_score:  # registered before scores were tagged: its run's metric
+            metric = tags.get("nnlab.metric", "test_accuracy")
+            champ_score = c.get_run(champ.run_id).data.metrics.get(metric, float("nan"))
     except Exception:  # no such model or alias yet
-        champ = None
-    version = mlflow.register_model(best["model_uri"], name)
-    c.set_model_version_tag(name, version.version, metric, str(best[metric]))
-    c.set_model_version_tag(name, version.version, "nnlab.run", best["name"])
-    wins = champion_value is None or best[metric] > champion_value
+        champ, champ_score = None, None
+    version = mlflow.register_model(model_uri, name)
+    wins = champ_score is None or champ_score != champ_score or score > champ_score + min_delta
     alias = "champion" if wins else "challenger"
+    decision = ("first version: champion" if champ is None else
+                f"{score:.4f} vs champion v{champ.version} {champ_score:.4f} (min_delta {min_delta}): {alias}")
+    for k, v in {**tags, "nnlab.score": score, "nnlab.decision": decision,
+                 "nnlab.previous_champion_score": champ_score}.items():
+        c.set_model_version_tag(name, version.version, k, str(v))
     c.set_registered_model_alias(name, alias, version.version)
-    return {"name": name, "version": int(version.version), "alias": alias, "run_id": best["run_id"],
-            "model": best["name"], metric: best[metric], "previous_champion": champion_value}
+    return {"name": name, "version": int(version.version), "alias": alias, "score": score,
+            "previous_champion": champ_score, "decision": decision}
+
+
+# ---------------------------------------------------------------- sweeps
+
+def child_runs(parent_run_id: str) -> list[dict]:
+    """The sweep's child runs, newest first: run id, cell, status, metrics, tags, params."""
+    c = client()
+    parent = c.get_run(parent_run_id)
+    runs = c.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                         order_by=["attributes.start_time DESC"], max_results=5000)
+    return [{"run_id": r.info.run_id, "cell": r.data.tags.get("nnlab.sweep_cell"), "status": r.info.status,
+             "metrics": dict(r.data.metrics), "tags": dict(r.data.tags), "params": dict(r.data.params),
+             "start_time": r.info.start_time} for r in runs]
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client().get_metric_history(run_id, key)]
+
+
+def load_artifact_json(run_id: str, path: str) -> dict:
+    import json
+
+    import mlflow.artifacts
+
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=tracking_uri())
+    return json.loads(Path(local).read_text())

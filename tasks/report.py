@@ -1,0 +1,244 @@
+"""The sweep report: which training choices matter, read off one page.
+
+Input: one row per child run (levels of each factor, seed, status, final metric, per-epoch history).
+Output: report.md and a self-contained report.html (plots embedded as PNG), plus the PNG files.
+No MLflow here: the caller collects the rows and logs the files.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402,F401
+import numpy as np  # noqa: E402
+
+
+def ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% t-interval (nan half-width for a single value)."""
+    from scipy import stats
+
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    if len(v) == 1:
+        return float(v[0]), float("nan")
+    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+def fmt(mean: float, half: float) -> str:
+    if not math.isfinite(mean):
+        return "—"
+    return f"{mean:.4f}" if not math.isfinite(half) else f"{mean:.4f} ± {half:.4f}"
+
+
+def epochs_to_95(history: list[float]) -> int | None:
+    """First epoch whose validation accuracy reaches 95% of the run's best."""
+    if not history:
+        return None
+    best = max(history)
+    return next(i + 1 for i, v in enumerate(history) if v >= 0.95 * best)
+
+
+def cell_table(rows: list[dict], factors: list[str], metric: str) -> list[dict]:
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault(tuple(str(r["levels"][f]) for f in factors), []).append(r)
+    table = []
+    for key, runs in cells.items():
+        ok = [r for r in runs if r["status"] == "FINISHED" and r.get(metric) is not None]
+        mean, half = ci95([r[metric] for r in ok])
+        speed = [e for e in (epochs_to_95(r["history"].get("val_accuracy", [])) for r in ok) if e is not None]
+        table.append({"levels": dict(zip(factors, key)), "n": len(ok), "mean": mean, "ci": half,
+                      "epochs_to_95": float(np.mean(speed)) if speed else float("nan"),
+                      "diverged": sum(r.get("diverged", False) for r in runs),
+                      "failed": sum(r["status"] != "FINISHED" for r in runs)})
+    table.sort(key=lambda c: -c["mean"] if math.isfinite(c["mean"]) else math.inf)
+    return table
+
+
+def main_effects(rows: list[dict], factors: list[str], metric: str) -> dict[str, list[dict]]:
+    """Per factor and level: the mean over every other factor and seed, with its interval."""
+    ok = [r for r in rows if r["status"] == "FINISHED" and r.get(metric) is not None]
+    out = {}
+    for f in factors:
+        levels = list(dict.fromkeys(str(r["levels"][f]) for r in rows))
+        out[f] = [dict(zip(("level", "mean", "ci"), (lv, *ci95([r[metric] for r in ok if str(r["levels"][f]) == lv]))))
+                  for lv in levels]
+    return out
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def curves_figure(rows: list[dict], factor: str, key: str = "val_loss"):
+    """Validation loss per epoch, one line per level of `factor` (mean over everything else, band = ±1 sd)."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    levels = list(dict.fromkeys(str(r["levels"][factor]) for r in rows))
+    for i, lv in enumerate(levels):
+        curves = [r["history"].get(key, []) for r in rows if str(r["levels"][factor]) == lv and r["history"].get(key)]
+        if not curves:
+            continue
+        n = min(map(len, curves))
+        a = np.array([c[:n] for c in curves], dtype=float)
+        a = np.where(np.isfinite(a), a, np.nan)
+        mean, sd = np.nanmean(a, 0), np.nanstd(a, 0)
+        x = np.arange(1, n + 1)
+        ax.plot(x, mean, marker=".", color=f"C{i}", label=f"{lv} (n={len(curves)})")
+        ax.fill_between(x, mean - sd, mean + sd, color=f"C{i}", alpha=0.15)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel(key.replace("_", " "))
+    lo, hi = ax.get_ylim()
+    if key.endswith("loss") and lo > 0 and hi / lo > 10:  # losses spanning decades read better on a log axis
+        ax.set_yscale("log")
+    ax.set_title(f"{key.replace('_', ' ')} by {factor}", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def effects_figure(effects: dict[str, list[dict]], metric: str):
+    n = len(effects)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
+    for ax, (factor, levels) in zip(axes[0], effects.items()):
+        means = [lv["mean"] for lv in levels]
+        errs = [lv["ci"] if math.isfinite(lv["ci"]) else 0 for lv in levels]
+        ax.errorbar(range(len(levels)), means, yerr=errs, fmt="o", capsize=4)
+        ax.set_xticks(range(len(levels)), [lv["level"] for lv in levels], rotation=30, ha="right")
+        ax.set_title(factor, fontsize=10)
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.grid(alpha=0.3)
+    fig.suptitle("main effects (mean, 95% CI over all other factors and seeds)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def activations_figure():
+    """The textbook figure: activations and their derivatives. Sigmoid's derivative never exceeds 0.25,
+    so a gradient shrinks at least 4x per sigmoid layer on its way down."""
+    import torch
+
+    x = torch.linspace(-5, 5, 401, requires_grad=True)
+    fns = {"relu": torch.relu, "leaky_relu": lambda t: torch.nn.functional.leaky_relu(t, 0.01),
+           "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, (name, f) in enumerate(fns.items()):
+        y = f(x)
+        (g,) = torch.autograd.grad(y.sum(), x)
+        axes[0].plot(x.detach(), y.detach(), color=f"C{i}", label=name)
+        axes[1].plot(x.detach(), g, color=f"C{i}", label=name)
+    axes[0].set_title("activation f(x)", fontsize=10)
+    axes[1].set_title("derivative f'(x)  (sigmoid peaks at 0.25)", fontsize=10)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def write_report(title: str, rows: list[dict], factors: list[str], metric: str, out_dir: str | Path,
+                 notes: list[str] | None = None) -> dict[str, Path]:
+    """Write report.md, report.html and the PNGs into out_dir; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = cell_table(rows, factors, metric)
+    effects = main_effects(rows, factors, metric)
+    figures = {"main_effects.png": _png(effects_figure(effects, metric))}
+    for f in factors:
+        figures[f"curves_{f}.png"] = _png(curves_figure(rows, f))
+    if any(f.endswith("activation") for f in factors):
+        figures["activations.png"] = _png(activations_figure())
+    for name, data in figures.items():
+        (out_dir / name).write_bytes(data)
+
+    md = _markdown(title, rows, factors, metric, table, effects, list(figures), notes or [])
+    (out_dir / "report.md").write_text(md)
+    (out_dir / "report.html").write_text(_html(title, md, figures))
+    return {"md": out_dir / "report.md", "html": out_dir / "report.html",
+            **{n: out_dir / n for n in figures}}
+
+
+def _markdown(title, rows, factors, metric, table, effects, figures, notes) -> str:
+    finished = sum(r["status"] == "FINISHED" for r in rows)
+    diverged = sum(r.get("diverged", False) for r in rows)
+    lines = [f"# {title}", "",
+             f"{len(rows)} runs, {finished} finished, {diverged} diverged. Main metric: `{metric}` "
+             f"(test split; mean ± 95% CI over seeds). ★ marks the best cell.", ""]
+    lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+    lines += ["## Cells", "", "| " + " | ".join([*factors, metric, "seeds", "epochs to 95% of best val acc",
+                                                  "diverged"]) + " |",
+              "|" + "---|" * (len(factors) + 4)]
+    for i, c in enumerate(table):
+        star = " ★" if i == 0 and math.isfinite(c["mean"]) else ""
+        speed = f"{c['epochs_to_95']:.1f}" if math.isfinite(c["epochs_to_95"]) else "—"
+        lines.append("| " + " | ".join([*(str(c["levels"][f]) for f in factors), fmt(c["mean"], c["ci"]) + star,
+                                        str(c["n"]), speed, str(c["diverged"])]) + " |")
+    lines += ["", "## Main effects", "", "Each level's mean over all other factors and seeds.", ""]
+    for f, levels in effects.items():
+        best = max((lv for lv in levels if math.isfinite(lv["mean"])), key=lambda lv: lv["mean"], default=None)
+        lines.append(f"**{f}**: " + " · ".join(
+            f"{lv['level']} {fmt(lv['mean'], lv['ci'])}" + (" (best)" if lv is best else "") for lv in levels))
+        lines.append("")
+    lines += ["## Figures", ""] + [f"![{n}]({n})" for n in figures] + [""]
+    failed = [r for r in rows if r["status"] != "FINISHED"]
+    if failed:
+        lines += ["## Failed runs", ""] + [f"- `{r['cell']}`: {r.get('error') or r['status']}" for r in failed] + [""]
+    return "\n".join(lines)
+
+
+def _html(title: str, md: str, figures: dict[str, bytes]) -> str:
+    """Markdown tables and headings to plain HTML, images inlined: one file that opens anywhere."""
+    body, in_table = [], False
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if set(line) <= set("|-"):
+                continue
+            tag = "th" if not in_table else "td"
+            if not in_table:
+                body.append("<table>")
+                in_table = True
+            body.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("!["):
+            name = line[line.index("(") + 1:-1]
+            data = base64.b64encode(figures[name]).decode()
+            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{name}"></figure>')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+        elif line.startswith("- "):
+            body.append(f"<p>• {_inline(line[2:])}</p>")
+        elif line:
+            body.append(f"<p>{_inline(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;"
+             "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+             "img{max-width:100%}code{background:#f3f3f3;padding:1px 4px}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+
+
+def _inline(text: str) -> str:
+    import re
+
+    t = html.escape(text)
+    t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)

@@ -1,0 +1,187 @@
+"""A sweep: a grid of params values on top of params.yaml, expanded into cells, each validated up front.
+
+A sweep file (or the `sweep` section of params.yaml) looks like:
+
+    name: optimizers
+    model: mlp                      # the run (key of `models`) each cell trains
+    fixed: {train.epochs: 10}       # dotted overrides applied to every cell
+    grid:                           # one axis per key; the cells are the cross product
+      train.optimizer: [sgd, adam]
+      seed: [0, 1, 2]
+    presets:                        # axes whose levels are named bundles of overrides
+      regularizer:
+        none: {}
+        dropout: {models.mlp.dropout: 0.5}
+
+`seed` is the replicate axis: the report averages over it.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from tasks.config import Config, ConfigError, SweepConfig, apply_sets, format_errors, read_yaml, select_models, validate
+
+SweepSpec = SweepConfig
+
+
+@dataclass
+class Cell:
+    id: str  # stable: the same levels give the same id, run after run
+    levels: dict[str, Any]  # axis -> level, in grid order
+    sets: list[str]  # dotted.key=value overrides that make this cell
+    cfg: Config
+
+    @property
+    def factors(self) -> dict[str, Any]:
+        return {k: v for k, v in self.levels.items() if k != "seed"}
+
+
+def load_spec(path: str | Path | None, params: dict) -> SweepSpec:
+    raw = read_yaml(path) if path else params.get("sweep")
+    if not raw:
+        raise ConfigError("no sweep given: pass a sweep file (e.g. sweeps/optimizers.yaml) or add a `sweep` "
+                          "section to params.yaml")
+    try:
+        return SweepSpec.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, SweepSpec, prefix="sweep")) from None
+
+
+def _yaml_value(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else str(v)
+
+
+def expand(spec: SweepSpec, params: dict, sets: list[str] | None = None) -> list[Cell]:
+    """All cells of the grid, each a validated Config; any invalid cell is an error before anything runs."""
+    params = dict(params)
+    params.pop("sweep", None)
+    if not spec.grid:
+        raise ConfigError("sweep.grid is empty: give at least one axis, e.g. train.optimizer: [sgd, adam]")
+    for axis, levels in spec.grid.items():
+        if not levels:
+            raise ConfigError(f"sweep.grid.{axis}: no levels given")
+        if axis in spec.presets:
+            unknown = [lv for lv in levels if str(lv) not in spec.presets[axis]]
+            if unknown:
+                raise ConfigError(f"sweep.grid.{axis}: unknown preset(s) {unknown}; "
+                                  f"defined in sweep.presets.{axis}: {', '.join(spec.presets[axis])}")
+    base = apply_sets(params, [f"{k}={_yaml_value(v)}" for k, v in spec.fixed.items()] + list(sets or []))
+    cells = []
+    for combo in itertools.product(*spec.grid.values()):
+        levels = dict(zip(spec.grid, combo))
+        cell_sets = []
+        for axis, level in levels.items():
+            bundle = spec.presets[axis][str(level)] if axis in spec.presets else {axis: level}
+            cell_sets += [f"{k}={_yaml_value(v)}" for k, v in bundle.items()]
+        cell_id = ",".join(f"{k.split('.')[-1] if k not in spec.presets else k}={v}" for k, v in levels.items())
+        try:
+            cfg = validate(apply_sets(base, cell_sets))
+        except ConfigError as e:
+            raise ConfigError(f"sweep cell {cell_id}: {e}") from None
+        model = spec.model or next(iter(cfg.models))
+        cfg = select_models(cfg, [model])
+        cells.append(Cell(cell_id, levels, cell_sets, cfg))
+    ids = [c.id for c in cells]
+    if len(set(ids)) != len(ids):  # two axes ending in the same word: fall back to full keys
+        for c in cells:
+            c.id = ",".join(f"{k}={v}" for k, v in c.levels.items())
+    return cells
+
+
+def spec_hash(spec: SweepSpec, params: dict, sets: list[str] | None) -> str:
+    blob = json.dumps([spec.model_dump(), params, sets or []], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def default_workers(spec: SweepSpec, n_cells: int) -> int:
+    return max(1, min(spec.workers or os.cpu_count() or 1, n_cells))
+
+
+def spec_to_yaml(spec: SweepSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(), sort_keys=False)
+
+
+# ---------------------------------------------------------------- after the cells: rows, report, registration
+
+def collect_rows(parent_run_id: str, cells: list[Cell], metric: str) -> list[dict]:
+    """One row per cell from MLflow (the newest child run of each cell); missing cells count as failed."""
+    from tasks.tracking import child_runs, metric_history
+
+    newest: dict[str, dict] = {}
+    for run in child_runs(parent_run_id):  # newest first
+        newest.setdefault(run["cell"], run)
+    rows = []
+    for cell in cells:
+        run = newest.get(cell.id)
+        row = {"cell": cell.id, "levels": cell.factors, "seed": cell.cfg.seed, "status": "MISSING",
+               metric: None, "history": {}, "diverged": False, "run_id": None}
+        if run is not None:
+            error = run["tags"].get("nnlab.error", "")
+            row.update(status=run["status"], run_id=run["run_id"], error=error,
+                       model_uri=run["tags"].get("nnlab.model_uri"), diverged="non-finite" in error,
+                       history={k: [v for _, v in sorted(metric_history(run["run_id"], k))]
+                                for k in ("val_loss", "val_accuracy")})
+            if run["status"] == "FINISHED":
+                row[metric] = run["metrics"].get(metric)
+        rows.append(row)
+    return rows
+
+
+def todo(parent_run_id: str, cells: list[Cell], metric: str) -> list[Cell]:
+    """Cells with no finished child run yet (missing, failed, or killed midway)."""
+    from tasks.tracking import child_runs
+
+    done = {r["cell"] for r in child_runs(parent_run_id) if r["status"] == "FINISHED" and metric in r["metrics"]}
+    return [c for c in cells if c.id not in done]
+
+
+def report(parent_run_id: str, spec: SweepSpec, cells: list[Cell], out_dir: str | Path) -> tuple[dict, list[dict]]:
+    """Write the report for `parent_run_id` under out_dir, log it to the parent run; returns (paths, rows)."""
+    from tasks.report import write_report
+    from tasks.tracking import Run
+
+    metric = cells[0].cfg.register.metric
+    rows = collect_rows(parent_run_id, cells, metric)
+    factors = [a for a in spec.grid if a != "seed"] or ["seed"]
+    for r in rows:
+        r["levels"] = {**r["levels"], "seed": r["seed"]}
+    notes = [spec.description] if spec.description else []
+    notes.append(f"MLflow parent run `{parent_run_id}`; model `{cells[0].cfg.model_options(next(iter(cells[0].cfg.models)))[0]}`"
+                 f" on `{cells[0].cfg.data.source}`.")
+    paths = write_report(f"Sweep report: {spec.name}", rows, factors, metric, out_dir, notes)
+    run = Run(parent_run_id)
+    for p in paths.values():
+        run.log_file(p, "report")
+    return {k: str(v) for k, v in paths.items()}, rows
+
+
+def register_by_mean(rows: list[dict], spec: SweepSpec, cfg: Config, parent_run_id: str) -> dict | None:
+    """Promotion over seeds: the best cell by its mean over seeds; its best seed's model is registered and
+    becomes `champion` only when that mean beats the champion's score by more than register.min_delta."""
+    from tasks.report import ci95
+    from tasks.tracking import register_version
+
+    metric = cfg.register.metric
+    by_cell: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["status"] == "FINISHED" and r.get(metric) is not None and r.get("model_uri"):
+            by_cell.setdefault(tuple(sorted((k, str(v)) for k, v in r["levels"].items() if k != "seed")), []).append(r)
+    if not by_cell:
+        return None
+    key, runs = max(by_cell.items(), key=lambda kv: ci95([r[metric] for r in kv[1]])[0])
+    mean, half = ci95([r[metric] for r in runs])
+    best = max(runs, key=lambda r: r[metric])
+    tags = {"nnlab.metric": metric, "nnlab.sweep": spec.name, "nnlab.sweep_parent": parent_run_id,
+            "nnlab.cell": ",".join(f"{k}={v}" for k, v in key), f"mean_{metric}": mean, f"ci95_{metric}": half,
+            "n_seeds": len(runs), "nnlab.run_id": best["run_id"]}
+    out = register_version(cfg.register.name, best["model_uri"], mean, cfg.register.min_delta, tags)
+    return {**out, "cell": tags["nnlab.cell"], "mean": mean, "ci95": half, "run_id": best["run_id"]}
