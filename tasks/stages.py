@@ -31,6 +31,9 @@ class TrainingFailed(RuntimeError):
         super().__init__(f"{name}: {reason} (MLflow run {run_id})")
         self.name, self.run_id, self.reason = name, run_id, reason
 
+    def __reduce__(self):  # picklable across process pools
+        return type(self), (self.name, self.run_id, self.reason)
+
 
 @dataclass
 class Trained:

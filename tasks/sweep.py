@@ -137,10 +137,16 @@ def collect_rows(parent_run_id: str, cells: list[Cell], metric: str) -> list[dic
 
 
 def todo(parent_run_id: str, cells: list[Cell], metric: str) -> list[Cell]:
-    """Cells with no finished child run yet (missing, failed, or killed midway)."""
-    from tasks.tracking import child_runs
+    """Cells with no finished child run yet (missing, failed, or killed midway). A child killed between
+    training and evaluation is marked FAILED, so it is never mistaken for a result."""
+    from tasks.tracking import Run, child_runs
 
-    done = {r["cell"] for r in child_runs(parent_run_id) if r["status"] == "FINISHED" and metric in r["metrics"]}
+    done = set()
+    for r in child_runs(parent_run_id):
+        if r["status"] == "FINISHED" and metric in r["metrics"]:
+            done.add(r["cell"])
+        elif r["status"] == "FINISHED":
+            Run(r["run_id"]).finish("FAILED", "interrupted between training and evaluation; cell run again")
     return [c for c in cells if c.id not in done]
 
 

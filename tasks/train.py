@@ -21,9 +21,12 @@ from tasks.diagnostics import Diagnostics
 
 
 class NonFiniteLoss(RuntimeError):
-    def __init__(self, epoch: int, step: int, value: float):
+    def __init__(self, epoch: int, step: int | str, value: float):
         super().__init__(f"non-finite loss ({value}) at epoch {epoch}, step {step}")
         self.epoch, self.step, self.value = epoch, step, value
+
+    def __reduce__(self):  # picklable across process pools
+        return type(self), (self.epoch, self.step, self.value)
 
 
 # ---------------------------------------------------------------- set-up
@@ -233,6 +236,10 @@ class Trainer:
             t0 = time.perf_counter()
             metrics = self.train_one_epoch(train, progress)
             metrics |= self.evaluate(val)
+            if not math.isfinite(metrics["val_loss"]):  # weights blew up without a NaN in training yet
+                if self.diagnostics is not None:
+                    self.diagnostics.non_finite = True
+                raise NonFiniteLoss(self.epoch + 1, "validation", metrics["val_loss"])
             metrics["lr"] = self.opt.param_groups[0]["lr"]
             if self.sched is not None:
                 self.sched.step()

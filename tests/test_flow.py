@@ -79,7 +79,8 @@ def test_failing_architecture_does_not_lose_the_others(project, prefect_harness)
 
     name = f"clf-{uuid.uuid4().hex[:8]}"
     # `diverging` is an mlp with its own training settings: sgd at lr 10 goes NaN in its first epoch
-    models = {"diverging": {"arch": "mlp", "train": {"optimizer": "sgd", "lr": 10.0}}, **SMALL}
+    models = {"diverging": {"arch": "mlp", "activation": "leaky_relu", "train": {"optimizer": "sgd", "lr": 10.0}},
+              **SMALL}
     write_params(project / "params.yaml", train={"epochs": 2}, models=models, register={"name": name})
     with pytest.raises(ExperimentFailed) as e:
         experiment("params.yaml")
@@ -101,7 +102,8 @@ def test_cli_run_prints_summary_and_exits_nonzero_on_failure(project):
     assert "mlp" in ok.stdout and "test accuracy" in ok.stdout and "nnlab ui" in ok.stdout
     assert "Traceback" not in ok.stdout + ok.stderr
     bad = subprocess.run([NNLAB, "run", "--set", "train.optimizer=sgd", "--set", "train.lr=10",
-                          "--set", "models.mlp.hidden=[256, 128]"], cwd=project,
+                          "--set", "models.mlp.hidden=[256, 128]", "--set", "models.mlp.activation=leaky_relu"],
+                         cwd=project,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "failed" in bad.stdout and "non-finite" in bad.stdout
 

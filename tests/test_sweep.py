@@ -1,0 +1,178 @@
+"""Sweeps: expansion and validation, parallel cells into one MLflow store, failures, kill and resume, report."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, write_params
+from tasks.config import ConfigError, read_yaml
+from tasks.report import ci95, epochs_to_95, write_report
+from tasks.sweep import expand, load_spec
+
+NNLAB = str(Path(sys.executable).parent / "nnlab")
+TINY = {"train.epochs": 3, "models.mlp.hidden": [16], "models.mlp.dropout": 0.0}
+
+
+def dump(d: dict) -> str:
+    return yaml.safe_dump(d, sort_keys=False)  # grid order is the cells' id order
+
+
+def spec(**kw):
+    return {"name": "t", "model": "mlp", "fixed": dict(TINY), **kw}
+
+
+def test_expand_cells_presets_and_stable_ids():
+    raw = read_yaml(ROOT / "params.yaml")
+    s = load_spec(None, {"sweep": spec(grid={"train.optimizer": ["sgd", "adam"], "reg": ["none", "l2"],
+                                             "seed": [0, 1]},
+                                       presets={"reg": {"none": {}, "l2": {"train.l2": 0.001}}})})
+    cells = expand(s, raw)
+    assert len(cells) == 8 and len({c.id for c in cells}) == 8
+    c = next(c for c in cells if c.levels == {"train.optimizer": "adam", "reg": "l2", "seed": 1})
+    assert c.id == "optimizer=adam,reg=l2,seed=1"
+    assert c.cfg.train.l2 == 0.001 and c.cfg.seed == 1 and c.cfg.train.epochs == 3 and list(c.cfg.models) == ["mlp"]
+    assert c.factors == {"train.optimizer": "adam", "reg": "l2"}
+    assert [x.id for x in expand(s, raw)] == [x.id for x in cells]  # stable
+
+
+@pytest.mark.parametrize("grid, presets, needle", [
+    ({"train.optimizer": ["sgd", "adamm"]}, {}, "did you mean 'adam'"),
+    ({"train.optimzer": ["sgd"]}, {}, "train.optimizer"),
+    ({"reg": ["none", "l3"]}, {"reg": {"none": {}}}, "l3"),
+    ({}, {}, "grid is empty"),
+])
+def test_invalid_sweeps_are_rejected_up_front(grid, presets, needle):
+    s = load_spec(None, {"sweep": spec(grid=grid, presets=presets)})
+    with pytest.raises(ConfigError, match=needle):
+        expand(s, read_yaml(ROOT / "params.yaml"))
+
+
+def test_cli_rejects_bad_sweep_with_exit_2(tmp_path):
+    write_params(tmp_path / "params.yaml")
+    (tmp_path / "bad.yaml").write_text(dump(spec(grid={"train.lr": [0.1, -1]})))
+    out = subprocess.run([NNLAB, "sweep", "bad.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 2 and "train.lr" in out.stderr
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "data").exists()
+
+
+def test_report_statistics_and_files(tmp_path):
+    assert ci95([1.0, 2.0, 3.0]) == pytest.approx((2.0, 4.302653 * 1.0 / math.sqrt(3)), rel=1e-5)
+    assert math.isnan(ci95([0.5])[1])
+    assert epochs_to_95([0.5, 0.9, 0.96, 1.0]) == 3
+    rows = [{"cell": f"o={o},seed={s}", "levels": {"o": o}, "seed": s, "status": "FINISHED",
+             "test_accuracy": acc + 0.01 * s, "diverged": False,
+             "history": {"val_loss": [1.0, 0.5, 0.3], "val_accuracy": [0.5, 0.8, acc]}}
+            for o, acc in (("sgd", 0.8), ("adam", 0.9)) for s in range(3)]
+    rows.append({"cell": "o=huge,seed=0", "levels": {"o": "huge"}, "seed": 0, "status": "FAILED",
+                 "test_accuracy": None, "diverged": True, "history": {}, "error": "non-finite loss at epoch 1"})
+    paths = write_report("t", rows, ["o"], "test_accuracy", tmp_path)
+    md = paths["md"].read_text()
+    assert "| adam | 0.9100 ± 0.0248 ★ | 3 |" in md and "1 diverged" in md and "non-finite" in md
+    assert "**o**: sgd 0.8100 ± 0.0248 · adam 0.9100 ± 0.0248 (best)" in md
+    html = paths["html"].read_text()
+    assert html.count("data:image/png;base64,") == 2 and "src=\"http" not in html
+    assert (tmp_path / "curves_o.png").stat().st_size > 5000
+
+
+def children(uri, parent):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    exp = c.get_run(parent).info.experiment_id
+    return c, c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1000)
+
+
+def run_sweep(cwd, uri, *args, timeout=600):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    return subprocess.run([NNLAB, "sweep", *args], cwd=cwd, capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def parent_id(stdout: str) -> str:
+    return stdout.split("sweep parent run ")[1].split(":")[0]
+
+
+@pytest.mark.slow
+def test_eight_parallel_cells_lose_nothing_new_store_then_existing(tmp_path):
+    """8 processes logging every epoch into SQLite: a brand-new store (created and migrated once, before the
+    cells start), then the same store again; every metric point is there, nothing 'database is locked'."""
+    name = f"sw-{uuid.uuid4().hex[:8]}"
+    write_params(tmp_path / "params.yaml", register={"name": name})
+    (tmp_path / "s.yaml").write_text(dump(spec(grid={"train.lr": [0.001, 0.003, 0.01, 0.03],
+                                                               "seed": [0, 1]}, workers=8)))
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"  # does not exist yet
+    for round_ in ("new store", "existing store"):
+        out = run_sweep(tmp_path, uri, "s.yaml")
+        assert out.returncode == 0, f"{round_}: {out.stdout[-3000:]}{out.stderr[-3000:]}"
+        assert "database is locked" not in out.stdout + out.stderr
+        parent = parent_id(out.stdout)
+        c, runs = children(uri, parent)
+        assert len(runs) == 8 and {r.data.tags["nnlab.sweep_cell"] for r in runs} == \
+            {f"lr={lr},seed={s}" for lr in (0.001, 0.003, 0.01, 0.03) for s in (0, 1)}
+        for r in runs:
+            assert r.info.status == "FINISHED"
+            for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
+                assert sorted(m.step for m in c.get_metric_history(r.info.run_id, key)) == [1, 2, 3]
+            assert "test_accuracy" in r.data.metrics
+            assert len(c.get_metric_history(r.info.run_id, "grad_norm")) >= 2
+        assert (tmp_path / "reports").exists()
+    # promotion over seeds: the second, identical sweep ties the champion's mean and stays challenger
+    champ = c.get_model_version_by_alias(name, "champion")
+    chall = c.get_model_version_by_alias(name, "challenger")
+    assert float(champ.tags["nnlab.score"]) == pytest.approx(float(chall.tags["nnlab.score"]))
+    assert chall.tags["n_seeds"] == "2" and "challenger" in chall.tags["nnlab.decision"]
+
+
+@pytest.mark.slow
+def test_failing_cell_then_kill_and_resume(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    write_params(tmp_path / "params.yaml", register={"name": f"sw-{uuid.uuid4().hex[:8]}"})
+    # a diverging cell: the others finish, the report counts it, exit code 1
+    (tmp_path / "div.yaml").write_text(dump(spec(
+        fixed={**TINY, "train.optimizer": "sgd", "models.mlp.hidden": [256, 128], "models.mlp.activation": "leaky_relu"},
+        grid={"train.lr": [0.05, 10.0]}, workers=2)))
+    out = run_sweep(tmp_path, uri, "div.yaml")
+    assert out.returncode == 1 and "not finished" in out.stdout and "non-finite" in out.stdout
+    c, runs = children(uri, parent_id(out.stdout))
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
+    report = next((tmp_path / "reports").glob("t-*/report.md")).read_text()
+    assert "1 diverged" in report
+
+    # kill -9 midway through a 6-cell sweep on 1 worker, then resume: only the missing cells run
+    (tmp_path / "s.yaml").write_text(dump(spec(grid={"train.lr": [0.001, 0.002, 0.003, 0.004, 0.005,
+                                                                           0.006]}, workers=1)))
+    p = subprocess.Popen([NNLAB, "sweep", "s.yaml"], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+                         start_new_session=True)
+    from mlflow.tracking import MlflowClient
+
+    cl, deadline, parent = MlflowClient(uri), time.time() + 300, None
+    while time.time() < deadline:
+        assert p.poll() is None, p.stdout.read()[-3000:]
+        parents = [r for r in cl.search_runs([e.experiment_id for e in cl.search_experiments()],
+                                             "tags.`nnlab.sweep` = 't' and attributes.status = 'RUNNING'")]
+        if parents:
+            parent = parents[0].info.run_id
+            if sum("test_accuracy" in r.data.metrics for r in children(uri, parent)[1]) >= 2:
+                break
+        time.sleep(0.3)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    finished_before = sum(r.info.status == "FINISHED" and "test_accuracy" in r.data.metrics
+                          for r in children(uri, parent)[1])
+    assert 2 <= finished_before < 6
+
+    out = run_sweep(tmp_path, uri, "--resume", parent)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"ran {6 - finished_before} now" in out.stdout
+    c, runs = children(uri, parent)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert len({r.data.tags["nnlab.sweep_cell"] for r in finished}) == 6 == len(finished)
+    assert c.get_run(parent).info.status == "FINISHED"
