@@ -176,3 +176,10 @@ def test_failing_cell_then_kill_and_resume(tmp_path):
     finished = [r for r in runs if r.info.status == "FINISHED"]
     assert len({r.data.tags["nnlab.sweep_cell"] for r in finished}) == 6 == len(finished)
     assert c.get_run(parent).info.status == "FINISHED"
+
+    # the report on demand, from MLflow alone
+    rep = subprocess.run([NNLAB, "report", parent, "--out", "again"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    md = (tmp_path / "again" / "report.md").read_text()
+    assert "6 runs, 6 finished" in md and "★" in md
