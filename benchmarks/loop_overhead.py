@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `tasks`, `models` also when the package is not installed
 QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "false"}
 SEED = 0
+EPOCHS_PER_ROUND = 3  # full-epoch comparison: the writes of all but the last epoch of a round overlap training
 CORES = len(os.sched_getaffinity(0))
 
 
@@ -124,37 +125,36 @@ def baseline_loop(model, train, val, cfg, validate: bool):
     return epoch
 
 
-def our_loop(model, train, val, cfg, name: str, tmp: Path, fit: bool, on_epoch_s: list):
-    # Trainer plus what stages.train_stage does per epoch: one MLflow batch, a checkpoint, a progress line.
+def our_loop(model, train, val, cfg, name: str, tmp: Path, epochs: int | None, on_epoch_ms: dict):
+    # Trainer plus the very callback stages.train_stage uses after each epoch (MLflow batch with the
+    # diagnostics series, checkpoint, progress line). epochs=None: Trainer.train_one_epoch alone.
     import torch
 
     from tasks.config import flatten
-    from tasks.files import save_torch
     from tasks.progress import EpochProgress
+    from tasks.stages import epoch_callback
     from tasks.tracking import Run
     from tasks.train import Trainer
 
     trainer = Trainer(model, cfg, SEED, torch.device("cpu"))
     run = Run.start("loop-overhead", name, {"nnlab.run": name}, flatten({"train": cfg.model_dump()}))
     progress = EpochProgress(name, 10_000, live=False)
-    ckpt = tmp / f"{name}.pt"
+    real = epoch_callback(run, tmp / f"{name}.pt", name, progress)
 
     def on_epoch(epoch: int, metrics: dict, tr: Trainer) -> None:
         t0 = time.perf_counter()
-        run.log_epoch(epoch, metrics)
-        save_torch(ckpt, {"run_id": run.run_id, "name": name, "trainer": tr.state_dict()})
-        progress.epoch_end(epoch, metrics)
-        on_epoch_s.append(time.perf_counter() - t0)
+        real(epoch, metrics, tr)
+        on_epoch_ms["main"].append(1000 * (time.perf_counter() - t0))
 
-    def epoch():
+    def one_round():
         with contextlib.redirect_stdout(io.StringIO()):  # the per-epoch progress line: keep our table readable
-            if fit:
-                trainer.cfg = trainer.cfg.model_copy(update={"epochs": trainer.epoch + 1})  # one more epoch
-                trainer.fit(train, val, on_epoch=on_epoch, progress=progress.step)
-            else:
+            if epochs is None:
                 trainer.train_one_epoch(train, progress.step)
+                return
+            trainer.cfg = trainer.cfg.model_copy(update={"epochs": trainer.epoch + epochs})
+            trainer.fit(train, val, on_epoch=on_epoch, progress=progress.step)
 
-    return epoch
+    return one_round
 
 
 # ---------------------------------------------------------------- measuring
@@ -190,21 +190,25 @@ def summarise(times: dict[str, list[float]], n: int, ref: str) -> dict:
 
 def loop_overhead(arch: str, d, mode: str, quick: bool, tmp: Path) -> dict:
     image = len(d.manifest["input_shape"]) == 3
-    cfg = train_config()  # fp32 on CPU (precision auto); channels_last as params.yaml (on for images)
+    cfg = train_config()  # as a run on CPU: fp32 (precision auto), channels_last for images, diagnostics on
     channels_last = image and cfg.channels_last
     train, val, _ = splits(d, channels_last)
-    on_epoch_s: list[float] = []
+    on_epoch_ms: dict[str, list[float]] = {"main": []}
     fit = mode == "epoch"
+    epochs = EPOCHS_PER_ROUND if fit else None
+    baseline = baseline_loop(build(arch, d.manifest, channels_last), train, val, cfg, validate=fit)
     loops = {
-        "ours": our_loop(build(arch, d.manifest, channels_last), train, val, cfg, f"{arch}-{mode}", tmp, fit,
-                         on_epoch_s),
-        "baseline": baseline_loop(build(arch, d.manifest, channels_last), train, val, cfg, validate=fit),
+        "ours": our_loop(build(arch, d.manifest, channels_last), train, val, cfg, f"{arch}-{mode}", tmp, epochs,
+                         on_epoch_ms),
+        "baseline": lambda: [baseline() for _ in range(epochs or 1)],
     }
     times = alternate(loops, rounds=2 if quick else 5, target_s=0 if quick else 8)
-    res = summarise(times, len(train.y), ref="baseline")
-    res["ours"]["on_epoch_ms"] = 1000 * statistics.median(on_epoch_s) if on_epoch_s else 0.0
+    res = summarise(times, len(train.y) * (epochs or 1), ref="baseline")
+    ms = on_epoch_ms["main"]  # per epoch, in the training thread
+    res["ours"]["on_epoch_ms"] = statistics.median(ms) if ms else 0.0
     res["settings"] = {"precision": "fp32", "channels_last": channels_last, "batch_size": cfg.batch_size,
-                       "train_samples": len(train.y), "validation": fit}
+                       "train_samples": len(train.y), "validation": fit, "epochs_per_round": epochs or 1,
+                       "diagnostics_every": cfg.diagnostics.every if cfg.diagnostics.enabled else None}
     return res
 
 
@@ -411,22 +415,25 @@ def load_note(section: dict) -> str:
 
 
 def show_loops(console, results: dict) -> None:
-    labels = {"epoch": "full epoch: train + validation + on_epoch (MLflow batch, checkpoint, progress) "
-                       "vs. train + the same validation pass",
+    labels = {"epoch": "full epoch: train + validation + on_epoch (MLflow batch + checkpoint) vs. train + "
+                       "the same validation pass",
               "train": "train epoch only: Trainer.train_one_epoch vs. the hand-written train loop"}
     for mode, label in labels.items():
         section, rows = results["loop"][mode], []
         for arch, r in section["models"].items():
             o, b = r["ours"], r["baseline"]
+            on_epoch = f"{o['on_epoch_ms']:.1f}" if mode == "epoch" else "-"
             rows.append([arch, f"{b['samples_per_s']:,.0f}", f"{o['samples_per_s']:,.0f}",
-                         f"[bold]{o['ratio']:.3f}[/]", f"{o['ratio_min']:.3f}-{o['ratio_max']:.3f}",
-                         f"{o['on_epoch_ms']:.1f}" if mode == "epoch" else "-", o["rounds"]])
+                         f"[bold]{o['ratio']:.3f}[/]", f"{o['ratio_min']:.3f}-{o['ratio_max']:.3f}", on_epoch,
+                         o["rounds"]])
         s = next(iter(section["models"].values()))["settings"]
+        rounds = f"rounds of {s['epochs_per_round']} epochs, " if s["epochs_per_round"] > 1 else ""
         console.print(table(f"Loop overhead, {label}",
                             ["model", "baseline samples/s", "ours samples/s", "ratio ours/baseline",
                              "ratio range", "on_epoch ms", "rounds"], rows,
                             f"fp32, channels_last={s['channels_last']}, batch {s['batch_size']}, "
-                            f"{s['train_samples']} training samples; {load_note(section)}"))
+                            f"{s['train_samples']} training samples, {rounds}diagnostics every "
+                            f"{s['diagnostics_every']} steps (ours); {load_note(section)}"))
 
 
 def show_precision(console, results: dict) -> None:

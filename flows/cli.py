@@ -34,8 +34,6 @@ def boot_prefect_server():
         return lambda: None
     from prefect.server.api.server import SubprocessASGIServer
 
-    errors = []
-
     def start():
         try:
             server = SubprocessASGIServer()
@@ -43,8 +41,8 @@ def boot_prefect_server():
             # process-pool workers (sweeps) inherit this and report to the same server instead of
             # booting one each
             os.environ["PREFECT_API_URL"] = server.api_url
-        except Exception as e:  # the flow's own start attempt will report it properly
-            errors.append(e)
+        except Exception:  # the flow's own start attempt reports it properly
+            pass
 
     t = threading.Thread(target=start, daemon=True, name="prefect-server-boot")
     t.start()

@@ -19,7 +19,9 @@ import numpy as np
 from PIL import Image
 
 from tasks.config import DataConfig
+from tasks.files import atomic_path
 
+PROCESSED = Path("data/processed")  # where DVC's `prepare` stage writes
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -267,16 +269,9 @@ def _channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
 # ---------------------------------------------------------------- writing
 
 def _atomic_write(path: Path, write) -> None:
-    # write(f) fills a temp file beside `path`; one rename publishes it, so readers never see half a file.
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # write(f) fills a temp file beside `path` through a file object (np.savez would append .npz to a name)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def _sha256(path: Path) -> str:

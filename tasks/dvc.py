@@ -14,9 +14,8 @@ from pathlib import Path
 import yaml
 
 from tasks.config import Config, ConfigError, load_config, params_hash
-from tasks.data import content_hash, prepare
+from tasks.data import PROCESSED, content_hash, prepare
 
-PROCESSED = Path("data/processed")
 VARIANTS = Path("data/variants")
 
 

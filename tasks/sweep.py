@@ -17,7 +17,6 @@ A sweep file (or the `sweep` section of params.yaml) looks like:
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -25,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from tasks.config import Config, ConfigError, SweepConfig, apply_sets, format_errors, read_yaml, select_models, validate
@@ -97,17 +95,8 @@ def expand(spec: SweepSpec, params: dict, sets: list[str] | None = None) -> list
     return cells
 
 
-def spec_hash(spec: SweepSpec, params: dict, sets: list[str] | None) -> str:
-    blob = json.dumps([spec.model_dump(), params, sets or []], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
 def default_workers(spec: SweepSpec, n_cells: int) -> int:
     return max(1, min(spec.workers or os.cpu_count() or 1, n_cells))
-
-
-def spec_to_yaml(spec: SweepSpec) -> str:
-    return yaml.safe_dump(spec.model_dump(), sort_keys=False)
 
 
 # ---------------------------------------------------------------- after the cells: rows, report, registration
