@@ -1,7 +1,10 @@
 """What our training loop costs over plain PyTorch, what bf16/channels_last buy on this CPU, and the fixed
 start-up costs of a run (imports, tracking store, Prefect flow, model logging).
 
-    .venv/bin/python benchmarks/loop_overhead.py [--quick] [--models mlp,simple_cnn] [--dataset mnist5k|digits]
+    .venv/bin/python benchmarks/loop_overhead.py [--quick] [--models mlp,simple_cnn,resnet] [--dataset mnist5k|digits]
+        [--device cpu|cuda]
+
+On CUDA both loops run as a run there would: bf16 autocast and channels_last (the hand-written loop too).
 
 Prints tables and writes benchmarks/results.json (or --out). Everything it writes besides that goes to a temp
 folder: its own MLflow store (MLFLOW_TRACKING_URI) and PREFECT_HOME; never mlruns/ or ~/.prefect.
@@ -34,6 +37,15 @@ QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "
 SEED = 0
 EPOCHS_PER_ROUND = 3  # full-epoch comparison: the writes of all but the last epoch of a round overlap training
 CORES = len(os.sched_getaffinity(0))
+DEVICE = "cpu"  # --device
+BATCH_SIZE = 64  # --batch-size (the params.yaml default)
+
+
+def sync() -> None:  # CUDA work is asynchronous: a round ends when the device is done
+    if DEVICE.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------- machine load
@@ -74,8 +86,8 @@ def splits(d, channels_last: bool):
 
     from tasks.train import to_device
 
-    norm, cpu = d.manifest["normalization"], torch.device("cpu")
-    return [to_device(x, y, norm["mean"], norm["std"], cpu, channels_last)
+    norm, dev = d.manifest["normalization"], torch.device(DEVICE)
+    return [to_device(x, y, norm["mean"], norm["std"], dev, channels_last)
             for x, y in ((d.x_train, d.y_train), (d.x_val, d.y_val), (d.x_test, d.y_test))]
 
 
@@ -87,14 +99,14 @@ def build(arch: str, manifest: dict, channels_last: bool):
 
     seed_everything(SEED)  # same seed -> same initial weights for every loop that builds this arch
     model = create_model(arch, input_shape=tuple(manifest["input_shape"]), num_classes=manifest["num_classes"])
-    return model.to(memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    return model.to(DEVICE, memory_format=torch.channels_last if channels_last else torch.preserve_format)
 
 
 def train_config(**over):
     from tasks.config import TrainConfig
 
     # TrainConfig's defaults are params.yaml's train section (adam, lr 1e-3, batch 64, no l1/l2/clip/schedule)
-    return TrainConfig(**{"device": "cpu", "epochs": 1, **over})
+    return TrainConfig(**{"device": DEVICE, "epochs": 1, "batch_size": BATCH_SIZE, **over})
 
 
 # ---------------------------------------------------------------- the two loops
@@ -106,20 +118,24 @@ def baseline_loop(model, train, val, cfg, validate: bool):
 
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen, bs, n = torch.Generator().manual_seed(SEED), cfg.batch_size, len(train.y)
+    cuda = DEVICE.startswith("cuda")
+    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)  # noqa: E731
 
     def epoch():
         model.train()
-        perm = torch.randperm(n, generator=gen)
+        perm = torch.randperm(n, generator=gen).to(DEVICE)
         for i in range(0, n, bs):
             idx = perm[i:i + bs]
-            loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
+            with autocast():
+                loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
         if validate:  # the same pass Trainer.evaluate makes: batches of 1024, loss and accuracy
             model.eval()
             with torch.no_grad():
-                out = torch.cat([model(val.x[i:i + 1024]) for i in range(0, len(val.y), 1024)])
+                with autocast():
+                    out = torch.cat([model(val.x[i:i + 1024]) for i in range(0, len(val.y), 1024)]).float()
                 float(F.cross_entropy(out, val.y)), int((out.argmax(1) == val.y).sum())  # to host, as there
 
     return epoch
@@ -136,10 +152,11 @@ def our_loop(model, train, val, cfg, name: str, tmp: Path, epochs: int | None, o
     from tasks.tracking import Run
     from tasks.train import Trainer
 
-    trainer = Trainer(model, cfg, SEED, torch.device("cpu"))
-    run = Run.start("loop-overhead", name, {"nnlab.run": name}, flatten({"train": cfg.model_dump()}))
+    trainer = Trainer(model, cfg, SEED, torch.device(DEVICE))
     progress = EpochProgress(name, 10_000, live=False)
-    real = epoch_callback(run, tmp / f"{name}.pt", name, progress)
+    if epochs is not None:  # only whole epochs write to MLflow (training steps alone need no store)
+        run = Run.start("loop-overhead", name, {"nnlab.run": name}, flatten({"train": cfg.model_dump()}))
+        real = epoch_callback(run, tmp / f"{name}.pt", name, progress)
 
     def on_epoch(epoch: int, metrics: dict, tr: Trainer) -> None:
         t0 = time.perf_counter()
@@ -166,6 +183,7 @@ def alternate(loops: dict, rounds: int, target_s: float) -> dict[str, list[float
     for name, epoch in loops.items():
         t0 = time.perf_counter()
         epoch()
+        sync()
         warm[name] = time.perf_counter() - t0
     rounds = max(rounds, min(60, int(target_s / max(max(warm.values()), 1e-3))))
     times = {name: [] for name in loops}
@@ -173,6 +191,7 @@ def alternate(loops: dict, rounds: int, target_s: float) -> dict[str, list[float
         for name, epoch in loops.items():
             t0 = time.perf_counter()
             epoch()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return times
 
@@ -190,7 +209,7 @@ def summarise(times: dict[str, list[float]], n: int, ref: str) -> dict:
 
 def loop_overhead(arch: str, d, mode: str, quick: bool, tmp: Path) -> dict:
     image = len(d.manifest["input_shape"]) == 3
-    cfg = train_config()  # as a run on CPU: fp32 (precision auto), channels_last for images, diagnostics on
+    cfg = train_config()  # as a run: precision auto (fp32 on CPU, bf16 on CUDA), channels_last, diagnostics on
     channels_last = image and cfg.channels_last
     train, val, _ = splits(d, channels_last)
     on_epoch_ms: dict[str, list[float]] = {"main": []}
@@ -206,7 +225,7 @@ def loop_overhead(arch: str, d, mode: str, quick: bool, tmp: Path) -> dict:
     res = summarise(times, len(train.y) * (epochs or 1), ref="baseline")
     ms = on_epoch_ms["main"]  # per epoch, in the training thread
     res["ours"]["on_epoch_ms"] = statistics.median(ms) if ms else 0.0
-    res["settings"] = {"precision": "fp32", "channels_last": channels_last, "batch_size": cfg.batch_size,
+    res["settings"] = {"precision": "bf16" if DEVICE.startswith("cuda") else "fp32", "device": DEVICE, "channels_last": channels_last, "batch_size": cfg.batch_size,
                        "train_samples": len(train.y), "validation": fit, "epochs_per_round": epochs or 1,
                        "diagnostics_every": cfg.diagnostics.every if cfg.diagnostics.enabled else None}
     return res
@@ -225,7 +244,7 @@ def precision_formats(arch: str, d, quick: bool) -> dict:
             if channels_last and not image:
                 continue
             cfg = train_config(precision=precision, channels_last=channels_last)
-            trainer = Trainer(build(arch, d.manifest, channels_last), cfg, SEED, torch.device("cpu"))
+            trainer = Trainer(build(arch, d.manifest, channels_last), cfg, SEED, torch.device(DEVICE))
             train = splits(d, channels_last)[0]
             loops[f"{precision} {'channels_last' if channels_last else 'contiguous'}"] = (
                 lambda t=trainer, s=train: t.train_one_epoch(s))
@@ -247,7 +266,7 @@ def bf16_accuracy(arch: str, d, epochs: int) -> dict:
         test = splits(d, False)[2]
         model = build(arch, d.manifest, channels_last)
         trainer = Trainer(model, train_config(precision=precision, channels_last=channels_last, epochs=epochs),
-                          SEED, torch.device("cpu"))
+                          SEED, torch.device(DEVICE))
         res = trainer.fit(train, val)
         model = model.float().to(memory_format=torch.contiguous_format)
         metrics, _ = classification_metrics(predict(model, test.x), test.y, d.manifest["num_classes"])
@@ -419,6 +438,8 @@ def show_loops(console, results: dict) -> None:
                        "the same validation pass",
               "train": "train epoch only: Trainer.train_one_epoch vs. the hand-written train loop"}
     for mode, label in labels.items():
+        if mode not in results["loop"]:
+            continue
         section, rows = results["loop"][mode], []
         for arch, r in section["models"].items():
             o, b = r["ours"], r["baseline"]
@@ -431,7 +452,7 @@ def show_loops(console, results: dict) -> None:
         console.print(table(f"Loop overhead, {label}",
                             ["model", "baseline samples/s", "ours samples/s", "ratio ours/baseline",
                              "ratio range", "on_epoch ms", "rounds"], rows,
-                            f"fp32, channels_last={s['channels_last']}, batch {s['batch_size']}, "
+                            f"{s['precision']} on {s['device']}, channels_last={s['channels_last']}, batch {s['batch_size']}, "
                             f"{s['train_samples']} training samples, {rounds}diagnostics every "
                             f"{s['diagnostics_every']} steps (ours); {load_note(section)}"))
 
@@ -442,7 +463,7 @@ def show_precision(console, results: dict) -> None:
         for variant, v in r.items():
             rows.append([f"{arch} {variant}", f"{v['samples_per_s']:,.0f}", f"[bold]{v['ratio']:.3f}[/]",
                          f"{v['ratio_min']:.3f}-{v['ratio_max']:.3f}", v["rounds"]])
-    console.print(table("Precision / memory format on CPU (Trainer.train_one_epoch, train only)",
+    console.print(table(f"Precision / memory format on {DEVICE}, batch {BATCH_SIZE} (Trainer.train_one_epoch, train only)",
                         ["model, setting", "samples/s", "speed vs fp32 contiguous", "range", "rounds"], rows,
                         load_note(results["precision"])))
     if results.get("accuracy"):
@@ -473,6 +494,9 @@ def parse_args(argv=None):
                    help="smoke test: 2 rounds on 1024 training samples, 1 fixed-cost run, no accuracy training")
     p.add_argument("--models", default="mlp,simple_cnn", help="comma-separated registered architectures")
     p.add_argument("--dataset", default="mnist5k", choices=["mnist5k", "digits"])
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--modes", default="epoch,train", help="loop section: epoch (with MLflow writes), train (steps only)")
     p.add_argument("--threads", type=int, default=CORES, help="torch threads (all loops)")
     p.add_argument("--sections", default="loop,precision,fixed", help="any of loop,precision,fixed")
     p.add_argument("--epochs", type=int, default=5, help="epochs of the bf16 accuracy comparison (full mode)")
@@ -491,7 +515,7 @@ def measure(args, results: dict, tmp: Path, console) -> None:
         results["data"] = {"sizes": d.manifest["sizes"], "input_shape": d.manifest["input_shape"]}
     if "loop" in sections:
         results["loop"] = {}
-        for mode in ("epoch", "train"):
+        for mode in args.modes.split(","):
             section = results["loop"][mode] = {"models": {}}
             with foreign_load(section):
                 for arch in models:
@@ -502,7 +526,7 @@ def measure(args, results: dict, tmp: Path, console) -> None:
         with foreign_load(section):
             for arch in models:
                 section["models"][arch] = precision_formats(arch, d, args.quick)
-        if not args.quick and "simple_cnn" in models and len(d.manifest["input_shape"]) == 3:
+        if not args.quick and "simple_cnn" in models and DEVICE == "cpu" and len(d.manifest["input_shape"]) == 3:
             results["accuracy"] = {"arch": "simple_cnn", "epochs": args.epochs}
             with foreign_load(results["accuracy"]):
                 results["accuracy"]["runs"] = bf16_accuracy("simple_cnn", d, args.epochs)
@@ -515,7 +539,9 @@ def measure(args, results: dict, tmp: Path, console) -> None:
 
 
 def main(argv=None) -> dict:
+    global DEVICE, BATCH_SIZE
     args = parse_args(argv)
+    DEVICE, BATCH_SIZE = args.device, args.batch_size
     if args.child:
         print(json.dumps(child(*args.child)))
         return {}
@@ -527,9 +553,10 @@ def main(argv=None) -> dict:
     import torch
     from rich.console import Console
 
-    import mlflow  # noqa: F401  (it sets its own log level on import: quiet it after)
+    if "epoch" in args.modes or "fixed" in args.sections:
+        import mlflow  # noqa: F401  (it sets its own log level on import: quiet it after)
 
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
     torch.set_num_threads(args.threads)
     console = Console(width=150)
     command = shlex.join([sys.executable, *sys.argv])
@@ -537,7 +564,8 @@ def main(argv=None) -> dict:
     results = {"command": command, "quick": args.quick, "dataset": args.dataset,
                "models": [m.strip() for m in args.models.split(",") if m.strip()],
                "machine": {"cpu": _cpu_name(), "cores": CORES, "torch_threads": args.threads,
-                           "torch": torch.__version__, "python": platform.python_version(),
+                           "torch": torch.__version__, "device": DEVICE,
+                           "gpu": torch.cuda.get_device_name() if DEVICE.startswith("cuda") else None, "python": platform.python_version(),
                            "load_average_at_start": os.getloadavg()}}
     try:
         measure(args, results, tmp, console)

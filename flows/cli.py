@@ -224,11 +224,11 @@ def report_cmd(parent_run_id: Annotated[str, typer.Argument(help="the sweep's pa
 
 
 @app.command()
-def stage(name: Annotated[str, typer.Argument(help="prepare | train | evaluate | register")],
+def stage(name: Annotated[str, typer.Argument(help="prepare | augment | train | evaluate | register")],
           model: Annotated[Optional[str], typer.Option("--model", help="run name (train, evaluate)")] = None,
           params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None):
     """Run one pipeline stage (what dvc.yaml calls)."""
-    stages = ("prepare", "train", "evaluate", "register")
+    stages = ("prepare", "augment", "train", "evaluate", "register")
     if name not in stages:
         fail(f"unknown stage {name!r}; allowed: {', '.join(stages)}")
     cfg, _ = load(params, set_)
@@ -240,8 +240,10 @@ def stage(name: Annotated[str, typer.Argument(help="prepare | train | evaluate |
     try:
         if name == "prepare":
             st.prepare_stage(cfg)
+        elif name == "augment":
+            st.augment_stage(cfg)
         elif name == "train":
-            st.train_stage(cfg, model)
+            st.train_stage(cfg, model, st.training_data(cfg))
         elif name == "evaluate":
             st.evaluate_stage(cfg, model)
         else:
@@ -258,24 +260,32 @@ def stage(name: Annotated[str, typer.Argument(help="prepare | train | evaluate |
 @app.command("models")
 def models_cmd(input_shape: Annotated[str, typer.Option(help="C,H,W of the input")] = "1,28,28",
                classes: Annotated[int, typer.Option(help="number of classes")] = 10):
-    """List the registered architectures with their family and parameter count."""
+    """List the registered architectures: family, parameters, MACs and receptive field for this input."""
     from rich.console import Console
     from rich.table import Table
 
+    from models.analysis import count_macs, format_count, receptive_field
     from models.registry import count_parameters, create_model, get_spec, list_models
 
     shape = tuple(int(s) for s in input_shape.split(","))
     table = Table(title=f"registered architectures (input {shape}, {classes} classes)")
-    for col in ("name", "family", "parameters", "description"):
+    for col in ("name", "family", "parameters", "MACs", "receptive field", "description"):
         table.add_column(col)
     for name in list_models():
         spec = get_spec(name)
         try:
-            n = f"{count_parameters(create_model(name, input_shape=shape, num_classes=classes)):,}"
-        except ValueError as e:
-            n = f"n/a ({e})"
-        table.add_row(name, spec.family, n, spec.description)
-    Console().print(table)
+            model = create_model(name, input_shape=shape, num_classes=classes)
+        except Exception as e:  # any family may reject a shape (an MLP never does, an RNN might)
+            table.add_row(name, spec.family, f"n/a ({e})", "-", "-", spec.description)
+            continue
+        try:
+            macs = format_count(count_macs(model, shape))  # MACs per example
+            rf = receptive_field(model, shape)
+        except Exception as e:  # e.g. a model that does not take float images
+            macs, rf = f"n/a ({type(e).__name__})", None
+        table.add_row(name, spec.family, f"{count_parameters(model):,}", macs,
+                      "-" if rf is None else f"{rf}x{rf}", spec.description)
+    (Console() if sys.stdout.isatty() else Console(width=160)).print(table)
 
 
 @app.command()

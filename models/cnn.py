@@ -1,34 +1,96 @@
-"""Convolutional networks. `simple_cnn` is the classic Conv32-Pool-Conv64-Pool-Conv64-Dense64-Dense(classes)."""
+"""Convolutional networks: `simple_cnn` (Conv32-Pool-Conv64-Pool-Conv64-Dense64-Dense), `vgg`, `resnet`,
+`inception` and `mobilenet`.
+
+Every CNN here is `head(features(x))`: `features` is an nn.Sequential of successive blocks (the stem, or the
+first conv block, first: `features[0]` holds the first-layer kernels, also reachable as `first_conv`), and
+`head` is the classifier (global pooling or flatten, then linear layers). Transfer learning and the
+visualisations rely on that split.
+
+All of them take 1 or 3 channels and 8x8 to 64x64 inputs: they halve the map only while it is at least
+MIN_DOWNSAMPLE wide, so 8x8 digits end at 2x2 instead of vanishing.
+"""
 from __future__ import annotations
 
-from typing import Literal
+from functools import partial
+from typing import Annotated, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
+from torchvision.models.mobilenetv2 import InvertedResidual
+from torchvision.models.resnet import BasicBlock
+from torchvision.ops import Conv2dNormActivation
 
 from models.mlp import ACTIVATIONS, Activation
 from models.registry import Options, register_model
 
+MIN_DOWNSAMPLE = 4  # halve a map only while it is at least this wide (so it ends >= 2x2)
+
+
+class CNN(nn.Module):
+    """Base of the CNNs: forward = head(features(x))."""
+
+    features: nn.Sequential
+    head: nn.Sequential
+
+    @property
+    def first_conv(self) -> nn.Conv2d:
+        return next(m for m in self.features.modules() if isinstance(m, nn.Conv2d))
+
+    def forward(self, x):  # (B, C, H, W) -> (B, classes)
+        return self.head(self.features(x))
+
+
+def gap_head(channels: int, num_classes: int, dropout: float = 0.0, dense: int = 0,
+             activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """Global average pooling -> (Dropout) -> (Linear(dense) -> activation) -> Linear(classes)."""
+    layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]  # (B, C, H, W) -> (B, C)
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    if dense:
+        layers += [nn.Linear(channels, dense), activation()]
+        channels = dense
+    layers.append(nn.Linear(channels, num_classes))
+    return nn.Sequential(*layers)
+
+
+def image_shape(name: str, input_shape) -> tuple[int, int]:
+    """(channels, smaller side) of a (C, H, W) input; anything else is an error naming the model."""
+    if len(input_shape) != 3:
+        raise ValueError(f"{name} needs image inputs (C, H, W), got shape {tuple(input_shape)}")
+    return input_shape[0], min(input_shape[1:])
+
+
+def adapt_stride(stride: int, size: int) -> int:
+    return stride if size >= 4 * MIN_DOWNSAMPLE else 1  # a small input keeps its resolution
+
+
+def conv_act(activation: str) -> dict:
+    # Conv2dNormActivation passes inplace= to the activation; only ReLU-like ones accept it
+    return {"activation_layer": ACTIVATIONS[activation], "inplace": True if activation in ("relu", "leaky_relu") else None}
+
+
+# ---------------------------------------------------------------- simple_cnn
 
 class SimpleCNNOptions(Options):
     filters: list[int] = Field(default=[32, 64, 64], min_length=1)  # one conv per entry, pooling between
-    kernel_size: int = Field(default=3, ge=1, le=7)
+    kernel_size: int = Field(default=3, ge=1, le=7)  # of every conv
     padding: Literal["same", "valid"] = "same"  # `same` keeps 8x8 digits from shrinking to nothing
-    stride: int = Field(default=1, ge=1, le=2)
-    pooling: Literal["max", "avg"] = "max"
+    stride: int = Field(default=1, ge=1, le=2)  # of every conv
+    pooling: Literal["max", "avg"] = "max"  # between convs
     dense: int = Field(default=64, ge=1)  # width of the hidden dense layer
-    activation: Activation = "relu"
+    activation: Activation = "relu"  # after each conv and the hidden dense layer
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # before the hidden dense layer
     batch_norm: bool = False  # BatchNorm2d after each conv
 
 
-class SimpleCNN(nn.Module):
+class SimpleCNN(CNN):
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, o: SimpleCNNOptions):
         super().__init__()
         channels, size = input_shape[0], min(input_shape[1:])
-        layers: list[nn.Module] = []
+        blocks: list[nn.Module] = []
         for i, width in enumerate(o.filters):
+            layers: list[nn.Module] = []  # one block: (pool) conv (bn) activation
             if i > 0 and size >= 2:  # pool between convs, as long as there is something left to pool
                 layers.append(nn.MaxPool2d(2) if o.pooling == "max" else nn.AvgPool2d(2))
                 size //= 2
@@ -42,9 +104,10 @@ class SimpleCNN(nn.Module):
             if o.batch_norm:
                 layers.append(nn.BatchNorm2d(width))
             layers.append(ACTIVATIONS[o.activation]())
+            blocks.append(nn.Sequential(*layers))
             size = (size + 2 * pad - o.kernel_size) // o.stride + 1
             channels = width
-        self.features = nn.Sequential(*layers)
+        self.features = nn.Sequential(*blocks)
         with torch.no_grad():
             flat = self.features(torch.zeros(1, *input_shape)).numel()
         self.head = nn.Sequential(
@@ -55,13 +118,227 @@ class SimpleCNN(nn.Module):
             nn.Linear(o.dense, num_classes),
         )
 
-    def forward(self, x):  # (B, C, H, W) -> (B, classes)
-        return self.head(self.features(x))
-
 
 @register_model("simple_cnn", family="cnn", options=SimpleCNNOptions)
 def simple_cnn(*, input_shape, num_classes, options: SimpleCNNOptions) -> nn.Module:
     """The classic small CNN: three convolutions with pooling, then two dense layers."""
-    if len(input_shape) != 3:
-        raise ValueError(f"simple_cnn needs image inputs (C, H, W), got shape {tuple(input_shape)}")
+    image_shape("simple_cnn", input_shape)
     return SimpleCNN(input_shape, num_classes, options)
+
+
+# ---------------------------------------------------------------- vgg
+
+class VGGOptions(Options):
+    blocks: list[Annotated[int, Field(ge=1)]] = Field(default=[32, 64, 128], min_length=1)  # conv width of each stage
+    convs_per_block: int = Field(default=2, ge=1, le=8)  # 3x3 convs per stage
+    padding: Literal["same", "valid"] = "same"  # `valid` shrinks every conv by 2: for large inputs only
+    pooling: Literal["max", "avg", "stride"] = "max"  # how a stage halves the map; stride: its first conv strides 2
+    batch_norm: bool = True  # BatchNorm2d after each conv (VGG trains poorly from scratch without it)
+    activation: Activation = "relu"  # after each conv (and the hidden dense layer)
+    dense: int = Field(default=0, ge=0)  # hidden dense layer after global pooling; 0 = none
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # before the head's linear layers
+
+
+class VGG(CNN):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, o: VGGOptions):
+        super().__init__()
+        channels, size = image_shape("vgg", input_shape)
+        pad = 1 if o.padding == "same" else 0
+        norm = nn.BatchNorm2d if o.batch_norm else None
+        stages: list[nn.Module] = []
+        for i, width in enumerate(o.blocks):
+            layers: list[nn.Module] = []  # one stage: (pool) [conv3x3 (bn) activation] x convs_per_block
+            down = i > 0 and size >= MIN_DOWNSAMPLE
+            if down and o.pooling != "stride":
+                layers.append(nn.MaxPool2d(2) if o.pooling == "max" else nn.AvgPool2d(2))
+                size //= 2
+            for j in range(o.convs_per_block):
+                stride = 2 if down and o.pooling == "stride" and j == 0 else 1
+                if size + 2 * pad < 3:
+                    raise ValueError(f"vgg: input {tuple(input_shape)} is too small for {len(o.blocks)} stages of "
+                                     f"{o.convs_per_block} 'valid' 3x3 convolutions; use padding 'same' or fewer blocks")
+                layers.append(Conv2dNormActivation(channels, width, 3, stride=stride, padding=pad, norm_layer=norm,
+                                                   **conv_act(o.activation)))
+                size = (size + 2 * pad - 3) // stride + 1
+                channels = width
+            stages.append(nn.Sequential(*layers))
+        self.features = nn.Sequential(*stages)
+        self.head = gap_head(channels, num_classes, o.dropout, o.dense, ACTIVATIONS[o.activation])
+
+
+@register_model("vgg", family="cnn", options=VGGOptions)
+def vgg(*, input_shape, num_classes, options: VGGOptions) -> nn.Module:
+    """VGG: stages of stacked 3x3 convolutions, halved by pooling, global average pooling head."""
+    return VGG(input_shape, num_classes, options)
+
+
+# ---------------------------------------------------------------- resnet
+
+RESNET_DEPTHS = (8, 14, 20, 26, 32, 44, 56, 110)  # 6n + 2: CIFAR ResNets (He et al. 2016, section 4.2)
+
+
+class ResNetOptions(Options):
+    depth: int = 14  # 6n + 2 layers: stem conv + 3 stages of n two-conv blocks + the linear head
+    width: int = Field(default=16, ge=1)  # channels of the first stage; doubled at each later stage
+    skip: bool = True  # False drops every shortcut: the same stack as a plain net, to show what skips fix
+    stem_stride: int = Field(default=1, ge=1, le=2)  # 2 halves the input at the stem (ignored below 16x16)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # before the linear head
+
+    @field_validator("depth")
+    @classmethod
+    def _depth(cls, v: int) -> int:
+        if v < 8 or (v - 2) % 6:
+            raise ValueError(f"resnet depth must be 6n+2 (n >= 1), e.g. {', '.join(map(str, RESNET_DEPTHS))}; got {v}")
+        return v
+
+
+class PlainBlock(BasicBlock):
+    """BasicBlock without its shortcut: relu(bn2(conv2(relu(bn1(conv1(x))))))."""
+
+    def forward(self, x):
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+
+
+class ResNet(CNN):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, o: ResNetOptions):
+        super().__init__()
+        channels, size = image_shape("resnet", input_shape)
+        stride = adapt_stride(o.stem_stride, size)
+        stem = Conv2dNormActivation(channels, o.width, 3, stride=stride)
+        size = (size - 1) // stride + 1
+        stages: list[nn.Module] = [stem]
+        channels, n = o.width, (o.depth - 2) // 6
+        for i in range(3):
+            planes = o.width * 2 ** i
+            blocks = []
+            for j in range(n):
+                stride = 2 if i > 0 and j == 0 and size >= MIN_DOWNSAMPLE else 1
+                if not o.skip:
+                    blocks.append(PlainBlock(channels, planes, stride))
+                else:
+                    project = stride != 1 or channels != planes  # 1x1 conv shortcut where the shape changes
+                    down = nn.Sequential(nn.Conv2d(channels, planes, 1, stride, bias=False),
+                                         nn.BatchNorm2d(planes)) if project else None
+                    blocks.append(BasicBlock(channels, planes, stride, down))
+                size = (size - 1) // stride + 1
+                channels = planes
+            stages.append(nn.Sequential(*blocks))
+        self.features = nn.Sequential(*stages)
+        self.head = gap_head(channels, num_classes, o.dropout)
+
+
+@register_model("resnet", family="cnn", options=ResNetOptions)
+def resnet(*, input_shape, num_classes, options: ResNetOptions) -> nn.Module:
+    """CIFAR-style ResNet (6n+2 layers of basic residual blocks); skip=false gives the plain twin."""
+    return ResNet(input_shape, num_classes, options)
+
+
+# ---------------------------------------------------------------- inception
+
+class InceptionOptions(Options):
+    stem: int = Field(default=32, ge=1)  # channels of the 3x3 stem conv
+    stem_stride: int = Field(default=1, ge=1, le=2)  # 2 halves the input at the stem (ignored below 16x16)
+    # output channels of the blocks of each stage (pooling between stages); split over the branches as
+    # 1x1: 1/4, 3x3: 1/2 (after a 1/4 reduce), 5x5: 1/8 (after a 1/16 reduce), pool-proj: 1/8
+    stages: list[Annotated[int, Field(ge=16, multiple_of=16)]] = Field(default=[64, 128, 256], min_length=1)
+    blocks_per_stage: int = Field(default=2, ge=1, le=8)  # inception blocks per stage, all of that stage's width
+    pooling: Literal["max", "avg"] = "max"  # between stages
+    batch_norm: bool = True  # BatchNorm2d after each conv (GoogLeNet v1 had none; it trains faster with it)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # before the linear head
+
+
+class InceptionBlock(nn.Module):
+    """GoogLeNet's block: parallel 1x1, 1x1->3x3, 1x1->5x5 and maxpool3x3->1x1 branches, concatenated."""
+
+    def __init__(self, in_ch: int, out_ch: int, batch_norm: bool):
+        super().__init__()
+        cna = partial(Conv2dNormActivation, norm_layer=nn.BatchNorm2d if batch_norm else None)
+        q = out_ch // 16
+        self.branch1 = cna(in_ch, 4 * q, 1)
+        self.branch3 = nn.Sequential(cna(in_ch, 4 * q, 1), cna(4 * q, 8 * q, 3))
+        self.branch5 = nn.Sequential(cna(in_ch, q, 1), cna(q, 2 * q, 5))
+        self.branch_pool = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1), cna(in_ch, 2 * q, 1))
+
+    def forward(self, x):  # (B, in, H, W) -> (B, out, H, W)
+        return torch.cat([self.branch1(x), self.branch3(x), self.branch5(x), self.branch_pool(x)], dim=1)
+
+
+class Inception(CNN):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, o: InceptionOptions):
+        super().__init__()
+        channels, size = image_shape("inception", input_shape)
+        stride = adapt_stride(o.stem_stride, size)
+        norm = nn.BatchNorm2d if o.batch_norm else None
+        stages: list[nn.Module] = [Conv2dNormActivation(channels, o.stem, 3, stride=stride, norm_layer=norm)]
+        size, channels = (size - 1) // stride + 1, o.stem
+        for i, width in enumerate(o.stages):
+            layers: list[nn.Module] = []
+            if i > 0 and size >= MIN_DOWNSAMPLE:
+                layers.append(nn.MaxPool2d(2) if o.pooling == "max" else nn.AvgPool2d(2))
+                size //= 2
+            for _ in range(o.blocks_per_stage):
+                layers.append(InceptionBlock(channels, width, o.batch_norm))
+                channels = width
+            stages.append(nn.Sequential(*layers))
+        self.features = nn.Sequential(*stages)
+        self.head = gap_head(channels, num_classes, o.dropout)
+
+
+@register_model("inception", family="cnn", options=InceptionOptions)
+def inception(*, input_shape, num_classes, options: InceptionOptions) -> nn.Module:
+    """GoogLeNet-style: blocks of parallel 1x1/3x3/5x5/pool branches, pooling between stages, GAP head."""
+    return Inception(input_shape, num_classes, options)
+
+
+# ---------------------------------------------------------------- mobilenet
+
+def make_divisible(v: float, divisor: int = 8) -> int:
+    """Round channels to a multiple of `divisor`, never more than 10% down (MobileNet's rule)."""
+    out = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * v else out
+
+
+class MobileNetOptions(Options):
+    width_mult: float = Field(default=1.0, gt=0.0, le=4.0)  # scales every layer's channels (rounded to 8)
+    expand_ratio: int = Field(default=6, ge=1, le=8)  # inverted residual's hidden/input channels (1st stage: 1)
+    stem: int = Field(default=32, ge=8)  # channels of the 3x3 stem conv
+    stem_stride: int = Field(default=1, ge=1, le=2)  # 2 halves the input at the stem (ignored below 16x16)
+    # [channels, blocks, stride of the stage's first block]: MobileNetV2's table, cut for small images
+    stages: list[list[int]] = Field(default=[[16, 1, 1], [24, 2, 2], [32, 3, 2], [64, 3, 2], [96, 2, 1]], min_length=1)
+    last: int = Field(default=256, ge=8)  # channels of the final 1x1 conv before pooling
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # before the linear head
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v):
+        for stage in v:
+            if len(stage) != 3 or stage[0] < 1 or stage[1] < 1 or stage[2] not in (1, 2):
+                raise ValueError(f"each stage is [channels >= 1, blocks >= 1, stride 1 or 2]; got {stage}")
+        return v
+
+
+class MobileNet(CNN):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, o: MobileNetOptions):
+        super().__init__()
+        channels, size = image_shape("mobilenet", input_shape)
+        stride = adapt_stride(o.stem_stride, size)
+        width = make_divisible(o.stem * o.width_mult)
+        stages: list[nn.Module] = [Conv2dNormActivation(channels, width, 3, stride=stride, activation_layer=nn.ReLU6)]
+        size, channels = (size - 1) // stride + 1, width
+        for i, (c, n, s) in enumerate(o.stages):
+            width, blocks = make_divisible(c * o.width_mult), []
+            for j in range(n):
+                stride = s if j == 0 and size >= MIN_DOWNSAMPLE else 1
+                blocks.append(InvertedResidual(channels, width, stride, 1 if i == 0 else o.expand_ratio))
+                size, channels = (size - 1) // stride + 1, width
+            stages.append(nn.Sequential(*blocks))
+        last = make_divisible(o.last * max(1.0, o.width_mult))  # as torchvision: never thinner than `last`
+        stages.append(Conv2dNormActivation(channels, last, 1, activation_layer=nn.ReLU6))
+        self.features = nn.Sequential(*stages)
+        self.head = gap_head(last, num_classes, o.dropout)
+
+
+@register_model("mobilenet", family="cnn", options=MobileNetOptions)
+def mobilenet(*, input_shape, num_classes, options: MobileNetOptions) -> nn.Module:
+    """MobileNetV2-style: inverted residuals of depthwise-separable convs, width multiplier, GAP head."""
+    return MobileNet(input_shape, num_classes, options)

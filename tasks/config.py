@@ -43,6 +43,12 @@ class DataConfig(Section):
     image_size: int | None = Field(default=None, ge=4, le=512)  # resize to this square size (image_folder default 32)
     channels: Literal[1, 3] | None = None  # image_folder colour mode; None = as the first image
     max_train: int | None = Field(default=None, ge=10)  # stratified subset of the training split (small-data studies)
+    classes: list[str] | None = Field(default=None, min_length=2)  # keep only these classes (names; digits: "0".."9")
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _class_names(cls, v):  # `[0, 1, 2]` in YAML means the classes named "0", "1", "2"
+        return [str(c) for c in v] if isinstance(v, list) else v
 
 
 class EarlyStoppingConfig(Section):
@@ -113,6 +119,20 @@ class SweepConfig(Section):
     register: bool = True  # register the best cell (by its mean over seeds) at the end
 
 
+class AugmentConfig(Section):
+    """On-the-fly augmentation of each training batch (tasks/augment.py); the `augment` stage previews it."""
+
+    enabled: bool = False
+    rotation: float = Field(default=10.0, ge=0.0, le=180.0)  # max degrees, either way
+    width_shift: float = Field(default=0.1, ge=0.0, lt=1.0)  # max horizontal shift, fraction of the width
+    height_shift: float = Field(default=0.1, ge=0.0, lt=1.0)  # max vertical shift, fraction of the height
+    zoom: float = Field(default=0.1, ge=0.0, lt=1.0)  # scale drawn from [1 - zoom, 1 + zoom]
+    horizontal_flip: bool | Literal["auto"] = "auto"  # auto: on for cifar10/fashion_mnist, off for digits
+    color_jitter: float = Field(default=0.2, ge=0.0, le=1.0)  # RGB only: brightness/contrast/saturation in [1-j, 1+j]
+    preview: int = Field(default=10, ge=1, le=64)  # images in the preview grid (one per class first)
+    offline_copies: int = Field(default=0, ge=0, le=20)  # >0: train on originals + k augmented copies, written once
+
+
 class TrackingConfig(Section):
     experiment: str = Field(default="nnlab", min_length=1)
 
@@ -121,6 +141,7 @@ class Config(Section):
     seed: int = Field(default=0, ge=0)
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    augment: AugmentConfig = AugmentConfig()
     # run name -> options of a registered architecture; `arch` defaults to the run name; an optional
     # `train` mapping overrides the shared train settings for this run only
     models: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"mlp": {}, "simple_cnn": {}})

@@ -243,6 +243,23 @@ def _take(idx: np.ndarray, y: np.ndarray, size: float | int, seed: int, what: st
     return rest, taken
 
 
+def _keep_classes(x, y, test, classes: list[str], keep: list[str]):
+    """Only the examples of classes `keep`, relabelled 0..k-1 in the order given (transfer-learning splits)."""
+    unknown = [c for c in keep if c not in classes]
+    if unknown:
+        raise DataError(f"data.classes: {', '.join(map(repr, unknown))} not in this source's classes: {', '.join(classes)}")
+    old = np.array([classes.index(c) for c in keep])
+    remap = np.full(len(classes), -1, dtype=np.int64)
+    remap[old] = np.arange(len(keep))
+
+    def pick(xs, ys):
+        mask = np.isin(ys, old)
+        return xs[mask], remap[ys[mask]]
+
+    x, y = pick(x, y)
+    return x, y, (pick(*test) if test is not None else None), list(keep)
+
+
 def _split(x, y, test, cfg: DataConfig, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     idx = np.arange(len(y))
     if test is None:  # no official test split: hold out test_fraction of everything
@@ -313,6 +330,8 @@ def _manifest(cfg: DataConfig, seed: int, classes: list[str], splits: dict, file
 def prepare(cfg: DataConfig, seed: int, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     x, y, test, classes = SOURCES[cfg.source](cfg)  # a failing source raises before out_dir is touched
+    if cfg.classes:
+        x, y, test, classes = _keep_classes(x, y, test, classes, cfg.classes)
     x = _conform(x, cfg.image_size, cfg.channels)  # no-op for image_folder, read at its target shape
     if test is not None:
         test = _conform(test[0], cfg.image_size, cfg.channels), test[1]

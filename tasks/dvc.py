@@ -47,7 +47,9 @@ def dvc_md5(out: str) -> str | None:
 
 
 def _data_key(cfg: Config) -> dict:
-    return {"seed": cfg.seed, "data": cfg.data.model_dump()}
+    # the augment settings shape the data only when they write an offline training set
+    offline = {"augment": cfg.augment.model_dump()} if cfg.augment.offline_copies else {}
+    return {"seed": cfg.seed, "data": cfg.data.model_dump(), **offline}
 
 
 def matches_params_yaml(cfg: Config, params_file: str | Path = "params.yaml") -> bool:
@@ -60,15 +62,26 @@ def matches_params_yaml(cfg: Config, params_file: str | Path = "params.yaml") ->
 
 def ensure_data(cfg: Config) -> tuple[Path, dict]:
     """Path of the prepared data for `cfg`, and facts to record about it (hashes, how it was obtained)."""
+    from tasks.augment import AUGMENTED, expand_offline
+
+    offline = cfg.augment.offline_copies > 0
     if is_dvc_repo() and matches_params_yaml(cfg):
-        repro("prepare")
-        return PROCESSED, {"nnlab.data_source": "dvc", "nnlab.dvc_md5": dvc_md5(str(PROCESSED)) or "",
-                           "nnlab.data_hash": content_hash(PROCESSED)}
+        repro("prepare", "augment")  # augment: the preview plot, and the offline copies when asked for
+        out = AUGMENTED if offline else PROCESSED
+        return out, {"nnlab.data_source": "dvc", "nnlab.dvc_md5": dvc_md5(str(out)) or "",
+                     "nnlab.data_hash": content_hash(out)}
     out = VARIANTS / params_hash(_data_key(cfg))
-    try:
-        current = content_hash(out)
-    except Exception:
-        current = None
-    if current is None:
+    if _hash_or_none(out) is None:
         prepare(cfg.data, cfg.seed, out)
+    if offline:
+        if _hash_or_none(out / "augmented") is None:
+            expand_offline(cfg.augment, out, out / "augmented", cfg.seed)
+        out = out / "augmented"
     return out, {"nnlab.data_source": "variant", "nnlab.data_hash": content_hash(out)}
+
+
+def _hash_or_none(out: Path) -> str | None:
+    try:
+        return content_hash(out)
+    except Exception:
+        return None

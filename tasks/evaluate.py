@@ -1,4 +1,4 @@
-"""Test metrics and the plots people look at: learning curves and the confusion matrix."""
+"""Test metrics and the plots people look at: learning curves, the confusion matrix, what a CNN learned."""
 from __future__ import annotations
 
 import matplotlib
@@ -69,5 +69,65 @@ def learning_curve_figure(history: list[dict], title: str):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- what a CNN learned
+
+def kernels_figure(weight: torch.Tensor, title: str, max_kernels: int = 64):
+    """First-layer kernels (out, in, kh, kw): one tile each, RGB when the input is RGB, else the mean over inputs."""
+    w = weight.detach().float().cpu()[:max_kernels]
+    tiles = w.permute(0, 2, 3, 1) if w.shape[1] == 3 else w.mean(1, keepdim=True).permute(0, 2, 3, 1)
+    lo, hi = tiles.amin((1, 2, 3), keepdim=True), tiles.amax((1, 2, 3), keepdim=True)
+    tiles = ((tiles - lo) / (hi - lo).clamp_min(1e-8)).numpy()  # each kernel stretched to [0, 1]
+    cols = min(8, len(tiles))
+    rows = -(-len(tiles) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.0 * cols, 1.0 * rows + 0.4), dpi=110, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(tiles):
+            t = tiles[i]
+            ax.imshow(t[..., 0] if t.shape[-1] == 1 else t, cmap="gray", interpolation="nearest")
+    fig.suptitle(f"{title} ({tuple(weight.shape[-2:])}, {weight.shape[0]} filters)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def feature_maps(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Outputs (C, H, W) of the first and the last of `model.features`' blocks for one input (1, C, H, W)."""
+    blocks = list(model.features.children())
+    wanted = {"early (block 1)": blocks[0], f"late (block {len(blocks)})": blocks[-1]}
+    out: dict[str, torch.Tensor] = {}
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: out.__setitem__(k, o[0].float().cpu()))
+             for k, b in wanted.items()]
+    try:
+        model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def feature_maps_figure(image: np.ndarray, maps: dict[str, torch.Tensor], title: str, per_row: int = 8):
+    """The input image, then up to `per_row` channels of each feature map (those with the most activation)."""
+    rows = len(maps)
+    fig, axes = plt.subplots(rows, per_row + 1, figsize=(1.1 * (per_row + 1), 1.25 * rows + 0.4), dpi=110,
+                             squeeze=False)
+    img = image.astype(np.float32)
+    for r, (name, fm) in enumerate(maps.items()):
+        axes[r, 0].imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0) / img.max(), cmap="gray")
+        axes[r, 0].set_title("input", fontsize=7)
+        top = fm.abs().mean((1, 2)).argsort(descending=True)[:per_row]
+        for c in range(per_row):
+            ax = axes[r, c + 1]
+            if c < len(top):
+                ax.imshow(fm[top[c]].numpy(), cmap="viridis", interpolation="nearest")
+                ax.set_title(f"{name.split(' ')[0]} ch {int(top[c])}", fontsize=6)
+        axes[r, 1].set_ylabel(f"{name}\n{tuple(fm.shape)}", fontsize=7)
+        for ax in axes[r]:
+            ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig

@@ -15,6 +15,7 @@ import torch
 
 from models.registry import Deployed, count_parameters, create_model, get_spec
 from tasks.config import Config, flatten, params_hash
+from tasks.augment import AUGMENTED, BatchAugment
 from tasks.data import PROCESSED, load_prepared, prepare
 from tasks.evaluate import classification_metrics, confusion_figure, learning_curve_figure, predict
 from tasks.files import atomic_path, save_torch, write_json
@@ -52,6 +53,34 @@ def prepare_stage(cfg: Config, out_dir: str | Path = PROCESSED) -> dict:
     return prepare(cfg.data, cfg.seed, out_dir)
 
 
+# ---------------------------------------------------------------- augment
+
+def augment_stage(cfg: Config, data_dir: str | Path = PROCESSED, out_dir: str | Path = AUGMENTED,
+                  preview_path: str | Path | None = "plots/augment/preview.png") -> dict:
+    """The augmentation preview (a DVC plot) and, with `augment.offline_copies` > 0, the expanded training
+    set in `out_dir`. With no offline copies `out_dir` holds only a note, so DVC always has its output."""
+    from tasks.augment import expand_offline, preview
+
+    data = load_prepared(data_dir)
+    if preview_path:
+        fig = preview(cfg.augment, data, cfg.seed)
+        with atomic_path(preview_path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    if cfg.augment.offline_copies:
+        return expand_offline(cfg.augment, data_dir, out_dir, cfg.seed)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for p in Path(out_dir).glob("*.npz"):
+        p.unlink()
+    (Path(out_dir) / "manifest.json").unlink(missing_ok=True)
+    write_json(Path(out_dir) / "augment.json", {"offline_copies": 0, "note": "training augments on the fly"})
+    return {"offline_copies": 0}
+
+
+def training_data(cfg: Config, data_dir: str | Path = PROCESSED, augmented_dir: str | Path = AUGMENTED) -> Path:
+    """Where a run's training data lives: the offline-augmented set when there is one, else the prepared."""
+    return Path(augmented_dir if cfg.augment.offline_copies else data_dir)
+
+
 # ---------------------------------------------------------------- train
 
 def run_params(cfg: Config, name: str) -> dict:
@@ -82,11 +111,13 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
     device = resolve_device(tcfg.device)
     seed_everything(cfg.seed)
     model = build(arch, options, m)
-    init_weights(model, tcfg.init)
+    options = getattr(model, "resolved_options", options)  # e.g. a transfer base pinned to its version
+    init_weights(getattr(model, "fresh", model), tcfg.init)  # `fresh`: only the untrained part (transfer's head)
     image = len(m["input_shape"]) == 3
     channels_last = image and tcfg.channels_last
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    trainer = Trainer(model, tcfg, cfg.seed, device)
+    augment = BatchAugment.for_data(cfg.augment, m, cfg.seed) if cfg.augment.enabled and image else None
+    trainer = Trainer(model, tcfg, cfg.seed, device, augment=augment)
 
     mean, std = m["normalization"]["mean"], m["normalization"]["std"]
     train = to_device(data.x_train, data.y_train, mean, std, device, channels_last)
@@ -127,9 +158,16 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
     health = _log_health(run, trainer)
     run.log_figure(learning_curve_figure(result.history, f"{name} on {m['source']}"), "plots/learning_curve.png")
     run.log_dict(m, "data/manifest.json")
+    if augment is not None:
+        from tasks.augment import preview
+
+        run.log_figure(preview(cfg.augment, data, cfg.seed), "plots/augment_preview.png")
+    if image and isinstance(getattr(model, "features", None), torch.nn.Sequential):
+        _log_what_it_learned(run, model, data.x_test[:1], mean, std, name)
     final["model_uri"] = model_uri
     run.set_tags({"nnlab.model_uri": model_uri})
     save_torch(out_dir / "model.pt", final)
+    run.log_file(out_dir / "model.pt", "checkpoint")  # self-describing: what transfer learning rebuilds from
     write_json(out_dir / "run.json", {"name": name, "arch": arch, "run_id": run.run_id, "model_uri": model_uri,
                                       "epochs": result.epochs, "seconds": round(result.seconds, 3)})
     ckpt_path.unlink(missing_ok=True)
@@ -150,6 +188,18 @@ def epoch_callback(run: Run, ckpt_path: Path, name: str, progress: EpochProgress
         progress.epoch_end(epoch, metrics)
 
     return on_epoch
+
+
+def _log_what_it_learned(run: Run, model, x_raw: np.ndarray, mean, std, name: str) -> None:
+    """CNNs: the first-layer kernels, and the feature maps of one test image after an early and a late block."""
+    from tasks.evaluate import feature_maps, feature_maps_figure, kernels_figure
+
+    first = getattr(model, "first_conv", None) or next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    run.log_figure(kernels_figure(first.weight, f"{name}: first-layer kernels"), "plots/kernels.png")
+    x = to_device(x_raw, np.zeros(1), mean, std, next(model.parameters()).device, channels_last=False).x
+    maps = feature_maps(model, x)
+    run.log_figure(feature_maps_figure(x_raw[0], maps, f"{name}: feature maps of one test image"),
+                   "plots/feature_maps.png")
 
 
 def _log_health(run: Run, trainer: Trainer) -> list[str]:

@@ -254,3 +254,50 @@ def load_artifact_json(run_id: str, path: str) -> dict:
 
     local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=tracking_uri())
     return json.loads(Path(local).read_text())
+
+
+# ---------------------------------------------------------------- reuse of logged models
+
+def resolve_model_uri(ref: str) -> str:
+    """A pinned URI for `ref`: models:/<name>@<alias> -> models:/<name>/<version> (an alias may move later),
+    a bare run id -> runs:/<id>/model; other models:/ and runs:/ URIs unchanged."""
+    import re
+
+    if re.fullmatch(r"[0-9a-f]{32}", ref):
+        return f"runs:/{ref}/model"
+    m = re.fullmatch(r"models:/([^@/]+)@([\w.-]+)", ref)
+    if m:
+        try:
+            version = client().get_model_version_by_alias(m[1], m[2]).version
+        except Exception as e:
+            raise LookupError(f"{ref}: no registered model {m[1]!r} with alias {m[2]!r} in {tracking_uri()} "
+                              f"({type(e).__name__})") from None
+        return f"models:/{m[1]}/{version}"
+    if ref.startswith(("models:/", "runs:/")):
+        return ref
+    raise ValueError(f"{ref!r} is not a model reference: use models:/<name>@<alias>, models:/<name>/<version>, "
+                     "runs:/<run id>/model or a run id")
+
+
+def load_checkpoint(ref: str) -> tuple[dict, str]:
+    """(the self-describing checkpoint a training run logged under checkpoint/model.pt, the pinned URI of `ref`)."""
+    import mlflow.artifacts
+    import torch
+
+    uri = resolve_model_uri(ref)
+    c = client()
+    if uri.startswith("runs:/"):
+        run_id = uri[len("runs:/"):].split("/")[0]
+    else:
+        name, version = uri[len("models:/"):].split("/")[:2]
+        try:
+            run_id = c.get_model_version(name, version).run_id
+        except Exception as e:
+            raise LookupError(f"{uri}: no such model version in {tracking_uri()} ({type(e).__name__})") from None
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint/model.pt",
+                                                    tracking_uri=tracking_uri())
+    except Exception as e:
+        raise LookupError(f"{uri}: run {run_id} has no checkpoint/model.pt artifact (not trained by nnlab?): "
+                          f"{type(e).__name__}") from None
+    return torch.load(local, map_location="cpu", weights_only=False), uri

@@ -69,7 +69,10 @@ def init_weights(model: nn.Module, scheme: str) -> None:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    p, lr, wd = model.parameters(), cfg.lr, cfg.weight_decay
+    # A model may split its parameters into groups with their own learning rates (transfer learning's
+    # fine-tuned base); every other model is one group at `lr`.
+    groups = getattr(model, "param_groups", None)
+    p, lr, wd = (groups(cfg.lr) if groups else model.parameters()), cfg.lr, cfg.weight_decay
     return {
         "sgd": lambda: torch.optim.SGD(p, lr=lr, weight_decay=wd),
         "momentum": lambda: torch.optim.SGD(p, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd),
@@ -162,6 +165,7 @@ class Trainer:
     history: list = field(default_factory=list)
     seconds: float = 0.0
     diagnostics: Diagnostics | None = None
+    augment: Callable | None = None  # (B, C, H, W) batch -> augmented batch, applied to training batches only
 
     def __post_init__(self):
         self.opt = build_optimizer(self.model, self.cfg)
@@ -186,6 +190,8 @@ class Trainer:
         for i in range(steps):
             idx = perm[i * bs:(i + 1) * bs]
             xb, yb = data.x[idx], data.y[idx]
+            if self.augment is not None:
+                xb = self.augment(xb)
             with self.autocast():
                 out = model(xb)
                 loss = F.cross_entropy(out, yb)
@@ -234,6 +240,7 @@ class Trainer:
         stopped = False
         while self.epoch < self.cfg.epochs and not stopped:
             t0 = time.perf_counter()
+            self.epoch_start()
             metrics = self.train_one_epoch(train, progress)
             metrics |= self.evaluate(val)
             if not math.isfinite(metrics["val_loss"]):  # weights blew up without a NaN in training yet
@@ -254,6 +261,13 @@ class Trainer:
             self.model.load_state_dict(self.stopper.best_state)
         return FitResult(self.history, self.epoch, self.stopper.best_epoch, stopped, self.seconds)
 
+    def epoch_start(self) -> None:
+        # Models whose trainable parts change over time (transfer learning's fine-tune phase) set them from
+        # the epoch number alone, so a resumed run is in the same phase.
+        hook = getattr(self.model, "on_epoch_start", None)
+        if hook is not None:
+            hook(self.epoch)
+
     # -- checkpoint support: everything needed to continue bit-for-bit
     def state_dict(self) -> dict:
         return {
@@ -272,6 +286,7 @@ class Trainer:
                 "shuffle": self.shuffle.get_state(),
                 "numpy": np.random.get_state(),
                 "python": random.getstate(),
+                "augment": self.augment.generator.get_state() if self.augment is not None else None,
             },
         }
 
@@ -290,6 +305,8 @@ class Trainer:
         self.shuffle.set_state(s["rng"]["shuffle"])
         np.random.set_state(s["rng"]["numpy"])
         random.setstate(s["rng"]["python"])
+        if self.augment is not None and s["rng"].get("augment") is not None:
+            self.augment.generator.set_state(s["rng"]["augment"])
 
 
 def to_device(x: np.ndarray, y: np.ndarray, mean, std, device: torch.device, channels_last: bool) -> Split:

@@ -41,7 +41,7 @@ def repo(tmp_path_factory):
 
 def test_repro_then_nothing_to_do(repo):
     first = sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
-    for stage in ("prepare", "train@mlp", "train@simple_cnn", "evaluate@mlp", "evaluate@simple_cnn", "register"):
+    for stage in ("prepare", "augment", "train@mlp", "train@simple_cnn", "evaluate@mlp", "evaluate@simple_cnn", "register"):
         assert f"Running stage '{stage}'" in first.stdout
     assert (repo / "data/processed/manifest.json").exists() and (repo / "metrics/mlp.json").exists()
     assert (repo / "plots/simple_cnn/confusion_matrix.png").exists()
@@ -52,7 +52,24 @@ def test_repro_then_nothing_to_do(repo):
     assert "metrics/mlp.json" in metrics and "test_accuracy" in metrics
     assert "champion" in (repo / "data/register.json").read_text()
     sh(sys.executable, "-m", "dvc", "plots", "show", "-o", "dvc_plots", cwd=repo)
-    assert (repo / "dvc_plots/index.html").exists()
+    html = (repo / "dvc_plots/index.html").read_text()
+    assert "preview.png" in html  # the augmentation preview grid is a DVC plot
+    assert (repo / "data/augmented/augment.json").exists()
+
+
+def test_offline_augmented_copies_are_a_dvc_output_and_what_training_reads(repo):
+    sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
+    params = (repo / "params.yaml").read_text().replace("offline_copies: 0", "offline_copies: 1")
+    (repo / "params.yaml").write_text(params)
+    out = sh(sys.executable, "-m", "dvc", "repro", cwd=repo).stdout
+    assert "Running stage 'augment'" in out and "Running stage 'train@mlp'" in out
+    assert "Running stage 'prepare'" not in out
+    import json
+
+    aug = json.loads((repo / "data/augmented/manifest.json").read_text())
+    base = json.loads((repo / "data/processed/manifest.json").read_text())
+    assert aug["sizes"]["train"] == 2 * base["sizes"]["train"]
+    (repo / "params.yaml").write_text(params.replace("offline_copies: 1", "offline_copies: 0"))
 
 
 def test_changing_one_model_reruns_only_its_stages(repo):

@@ -1,0 +1,67 @@
+"""The CUDA paths: bf16 autocast + channels_last training of every CNN, augmentation on the device, resume.
+Skipped where no GPU is present (CI); run them on a GPU machine with `pytest tests/test_cuda.py`."""
+import pytest
+import torch
+
+from models.registry import create_model
+from tasks.augment import BatchAugment
+from tasks.config import AugmentConfig, TrainConfig
+from tasks.train import Split, Trainer, seed_everything
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CNNS = ["simple_cnn", "vgg", "resnet", "inception", "mobilenet", "transfer"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0 - 0.5, dtype=torch.float32).view(-1, 1, 8, 8).cuda()
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.tensor(y).cuda()
+    return Split(x[:1400], y[:1400]), Split(x[1400:], y[1400:])
+
+
+@pytest.mark.parametrize("arch", CNNS)
+def test_cnn_trains_in_bf16_channels_last(arch, digits):
+    seed_everything(0)
+    options = {"trainable": True} if arch == "transfer" else {}
+    model = create_model(arch, input_shape=(1, 8, 8), num_classes=10, **options)
+    model = model.cuda().to(memory_format=torch.channels_last)
+    t = Trainer(model, TrainConfig(epochs=8, device="cuda"), 0, torch.device("cuda"))
+    assert t.bf16  # precision auto on CUDA
+    res = t.fit(*digits)
+    assert res.history[-1]["val_accuracy"] > 0.85, res.history[-1]
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: weights stay fp32
+
+
+def test_augmentation_runs_on_the_device_and_matches_the_cpu():
+    cfg = AugmentConfig(enabled=True, rotation=20, width_shift=0.2, height_shift=0.2, zoom=0.2,
+                        horizontal_flip=True, color_jitter=0.3)
+    x = torch.rand(32, 3, 16, 16)
+    make = lambda: BatchAugment(cfg, flip=True, mean=[0.5] * 3, std=[0.2] * 3, max_value=255, seed=3)  # noqa: E731
+    cpu, gpu = make()(x), make()(x.cuda())
+    assert gpu.device.type == "cuda"
+    assert torch.allclose(cpu, gpu.cpu(), atol=1e-3)  # same draws, same warp
+
+
+def test_resume_on_cuda_is_exact(digits):
+    def fresh():
+        seed_everything(0)
+        model = create_model("resnet", input_shape=(1, 8, 8), num_classes=10).cuda()
+        aug = BatchAugment(AugmentConfig(enabled=True), flip=False, mean=[0.0], std=[1.0], max_value=1.0, seed=0)
+        return Trainer(model, TrainConfig(epochs=2, device="cuda", precision="fp32"), 0, torch.device("cuda"),
+                       augment=aug)
+
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    straight = fresh()
+    straight.fit(*digits)
+    first = fresh()
+    first.cfg.epochs = 1
+    first.fit(*digits)
+    resumed = fresh()
+    resumed.load_state_dict(first.state_dict())
+    resumed.fit(*digits)
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
