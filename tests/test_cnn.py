@@ -225,7 +225,7 @@ DIGITS_RUNS = {  # architecture -> (options, epochs): ~1-2 s each on an idle 2-c
     "simple_cnn": ({}, 8),
     "vgg": ({"blocks": [16, 32, 64]}, 5),
     "resnet": ({"depth": 8}, 5),
-    "inception": ({"stages": [32, 64]}, 6),
+    "inception": ({"stages": [32, 64], "blocks_per_stage": 1}, 6),
     "mobilenet": ({"stages": [[16, 1, 1], [24, 2, 2], [32, 2, 2]], "last": 128}, 6),
 }
 
