@@ -108,22 +108,26 @@ def print_summary(summary: dict, cfg) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from tasks.config import main_metric
     from tasks.tracking import tracking_uri
 
+    metric = main_metric(cfg)
+    forecast = metric == "test_rmse"
     console = Console() if sys.stdout.isatty() else Console(width=140)
     table = Table(title=f"nnlab experiment on {cfg.data.source}")
-    for col in ("architecture", "test accuracy", "epochs", "seconds"):
+    for col in ("architecture", metric.replace("_", " "), *(["naive rmse"] if forecast else []), "epochs", "seconds"):
         table.add_column(col)
     table.add_column("MLflow run id", no_wrap=True, min_width=32)
     for r in summary["results"]:
-        table.add_row(r["name"], f"{r['test_accuracy']:.4f}", str(r["epochs"]), f"{r['seconds']:.1f}", r["run_id"])
+        naive = [f"{r['naive_test_rmse']:.4f}"] if forecast else []
+        table.add_row(r["name"], f"{r[metric]:.4f}", *naive, str(r["epochs"]), f"{r['seconds']:.1f}", r["run_id"])
     for f in summary["failed"]:
-        table.add_row(f["name"], "[red]FAILED[/red]", "-", "-", f["error"][:60])
+        table.add_row(f["name"], "[red]FAILED[/red]", *(["-"] if forecast else []), "-", "-", f["error"][:60])
     console.print(table)
     reg = summary.get("registered")
     if reg:
-        console.print(f"registered {reg['name']} v{reg['version']} ({reg['model']}, test_accuracy "
-                      f"{reg['test_accuracy']:.4f}) as [bold]{reg['alias']}[/bold]")
+        console.print(f"registered {reg['name']} v{reg['version']} ({reg['model']}, {metric} "
+                      f"{reg[metric]:.4f}) as [bold]{reg['alias']}[/bold]")
     for r in summary["results"]:
         for h in r.get("health", []):
             what = {"vanishing": "vanishing gradients", "exploding": "exploding gradients",

@@ -12,7 +12,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from tasks.config import Config, SweepConfig, flatten
+from tasks.config import Config, SweepConfig, flatten, main_metric
 from tasks.dvc import ensure_data
 from tasks.stages import evaluate_stage, train_stage
 from tasks.sweep import expand, register_by_mean, report, todo
@@ -68,7 +68,7 @@ def sweep(spec: dict, params: dict, sets: list[str] | None = None, resume: str |
         parent.log_dict({"spec": spec, "params": params, "sets": sets or [],
                          "cells": [{"id": c.id, "levels": c.levels, "sets": c.sets} for c in cells]},
                         "sweep/sweep.json")
-    metric = cells[0].cfg.register.metric
+    metric = main_metric(cells[0].cfg)
     pending = todo(parent.run_id, cells, metric)
 
     data = {}

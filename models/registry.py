@@ -56,7 +56,7 @@ def register_model(name: str, *, family: str, options: type[Options]):
 
 def _load_families() -> None:
     # Importing the family modules runs their @register_model decorators.
-    from models import cnn, mlp, transfer  # noqa: F401
+    from models import cnn, mlp, sequence, transfer  # noqa: F401
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -85,15 +85,20 @@ def count_parameters(model: nn.Module) -> int:
 
 
 class Deployed(nn.Module):
-    """What gets logged and served: raw inputs -> normalisation -> network -> class probabilities."""
+    """What gets logged and served: raw inputs -> normalisation -> network -> class probabilities, or for a
+    forecaster, raw windows (B, L, 1) -> the next H values in the series' units."""
 
-    def __init__(self, net: nn.Module, mean: list[float], std: list[float]):
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float], task: str = "classification",
+                 input_dims: int = 3):
         super().__init__()
-        self.net = net
-        shape = (1, -1, 1, 1)  # per channel
+        self.net, self.regression = net, task == "regression"
+        shape = (1, -1, 1, 1) if input_dims == 3 else (1, 1, -1) if input_dims == 2 else (1, -1)  # per channel/feature
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(shape))
 
     def forward(self, x):  # (B, C, H, W) raw pixel values -> (B, classes) probabilities
         x = (x.float() - self.mean) / self.std
-        return torch.softmax(self.net(x).float(), dim=1)
+        out = self.net(x).float()
+        if self.regression:  # standardised forecasts back to the series' units
+            return out * self.std.flatten()[0] + self.mean.flatten()[0]
+        return torch.softmax(out, dim=1)

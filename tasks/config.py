@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-SOURCES = ("digits", "mnist5k", "mnist", "fashion_mnist", "cifar10", "image_folder")
+SOURCES = ("digits", "mnist5k", "mnist", "fashion_mnist", "cifar10", "image_folder", "sunspots", "co2")
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw")
 INITS = ("default", "he_normal", "he_uniform", "xavier_normal", "xavier_uniform", "orthogonal")
 INIT_ALIASES = {"glorot_normal": "xavier_normal", "glorot_uniform": "xavier_uniform",
@@ -35,7 +35,7 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    source: Literal["digits", "mnist5k", "mnist", "fashion_mnist", "cifar10", "image_folder"] = "digits"
+    source: Literal["digits", "mnist5k", "mnist", "fashion_mnist", "cifar10", "image_folder", "sunspots", "co2"] = "digits"
     path: str = "data/raw"  # folder holding the standard files of mnist/fashion_mnist/cifar10, or image_folder's classes
     download: bool = False  # allow torchvision to download missing files into `path`
     val_fraction: float = Field(default=0.15, gt=0.0, lt=0.5)  # of the training pool
@@ -43,6 +43,9 @@ class DataConfig(Section):
     image_size: int | None = Field(default=None, ge=4, le=512)  # resize to this square size (image_folder default 32)
     channels: Literal[1, 3] | None = None  # image_folder colour mode; None = as the first image
     max_train: int | None = Field(default=None, ge=10)  # stratified subset of the training split (small-data studies)
+    lookback: int = Field(default=24, ge=2, le=1000)  # sunspots/co2: values in each input window
+    horizon: int = Field(default=1, ge=1, le=100)  # sunspots/co2: values to forecast after it
+    season: int | None = Field(default=None, ge=2)  # seasonal-naive period (default: sunspots 11, co2 12)
     classes: list[str] | None = Field(default=None, min_length=2)  # keep only these classes (names; digits: "0".."9")
 
     @field_validator("classes", mode="before")
@@ -102,7 +105,7 @@ class TrainConfig(Section):
 class RegisterConfig(Section):
     enabled: bool = True
     name: str = Field(default="nnlab-classifier", min_length=1)  # registered model name
-    metric: Literal["test_accuracy"] = "test_accuracy"  # higher is better
+    metric: Literal["auto", "test_accuracy", "test_rmse"] = "auto"  # auto: accuracy (higher wins), forecasts: rmse (lower wins)
     min_delta: float = Field(default=0.0, ge=0.0)  # a challenger must beat the champion by more than this
 
 
@@ -158,6 +161,17 @@ class Config(Section):
     def train_for(self, name: str) -> TrainConfig:
         """The shared `train` section with run `name`'s own `train` overrides on top."""
         return TrainConfig.model_validate(deep_merge(self.train.model_dump(), self.models[name].get("train") or {}))
+
+
+FORECAST_SOURCES = ("sunspots", "co2")
+LOWER_IS_BETTER = ("test_rmse",)
+
+
+def main_metric(cfg: "Config") -> str:
+    """The metric registration and sweeps compare: register.metric, or by task when it is `auto`."""
+    if cfg.register.metric != "auto":
+        return cfg.register.metric
+    return "test_rmse" if cfg.data.source in FORECAST_SOURCES else "test_accuracy"
 
 
 # ---------------------------------------------------------------- loading

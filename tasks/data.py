@@ -20,6 +20,7 @@ from PIL import Image
 
 from tasks.config import DataConfig
 from tasks.files import atomic_path
+from tasks.series import SERIES, prepare_series
 
 PROCESSED = Path("data/processed")  # where DVC's `prepare` stage writes
 SPLITS = ("train", "val", "test")
@@ -36,8 +37,8 @@ class DataError(ValueError):
 
 @dataclass
 class Dataset:
-    x_train: np.ndarray  # (N, C, H, W) uint8, raw units
-    y_train: np.ndarray  # (N,) int64 class index
+    x_train: np.ndarray  # (N, C, H, W) uint8, raw units; forecasting: (N, L, 1) float32
+    y_train: np.ndarray  # (N,) int64 class index; forecasting: (N, H) float32
     x_val: np.ndarray
     y_val: np.ndarray
     x_test: np.ndarray
@@ -329,6 +330,8 @@ def _manifest(cfg: DataConfig, seed: int, classes: list[str], splits: dict, file
 
 def prepare(cfg: DataConfig, seed: int, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
+    if cfg.source in SERIES:  # forecasting windows, split by time
+        return prepare_series(cfg, seed, out_dir)
     x, y, test, classes = SOURCES[cfg.source](cfg)  # a failing source raises before out_dir is touched
     if cfg.classes:
         x, y, test, classes = _keep_classes(x, y, test, classes, cfg.classes)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from models.registry import Deployed, count_parameters, create_model, get_spec
-from tasks.config import Config, flatten, params_hash
+from tasks.config import Config, flatten, main_metric, params_hash
 from tasks.augment import AUGMENTED, BatchAugment
 from tasks.data import PROCESSED, load_prepared, prepare
 from tasks.evaluate import classification_metrics, confusion_figure, learning_curve_figure, predict
@@ -117,7 +117,7 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
     channels_last = image and tcfg.channels_last
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     augment = BatchAugment.for_data(cfg.augment, m, cfg.seed) if cfg.augment.enabled and image else None
-    trainer = Trainer(model, tcfg, cfg.seed, device, augment=augment)
+    trainer = Trainer(model, tcfg, cfg.seed, device, task=m.get("task", "classification"), augment=augment)
 
     mean, std = m["normalization"]["mean"], m["normalization"]["std"]
     train = to_device(data.x_train, data.y_train, mean, std, device, channels_last)
@@ -146,11 +146,13 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
         "name": name, "arch": arch, "family": spec.family, "options": options,
         "input_shape": m["input_shape"], "num_classes": m["num_classes"], "classes": m["classes"],
         "normalization": m["normalization"], "config": cfg.model_dump(), "data_hash": m["data_hash"],
+        "task": m.get("task", "classification"), "series": m.get("series"),
         "run_id": run.run_id, "history": result.history, "epochs": result.epochs, "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early, "seconds": result.seconds,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    deployed = Deployed(copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format), mean, std)
+    deployed = Deployed(copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format), mean, std,
+                        m.get("task", "classification"), len(m["input_shape"]))
     example = data.x_test[:4].astype(np.float32)
     model_uri = run.log_model(deployed, example, metadata={"nnlab.arch": arch, "classes": m["classes"]})
     run.log_metrics({"epochs_run": result.epochs, "best_epoch": result.best_epoch,
@@ -257,19 +259,47 @@ def evaluate_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, tra
     data = load_prepared(data_dir)
     norm = final["normalization"]
     test = to_device(data.x_test, data.y_test, norm["mean"], norm["std"], device, channels_last=False)
-    metrics, cm = classification_metrics(predict(model, test.x), test.y, final["num_classes"])
-
     run = Run(final["run_id"])
+    if final.get("task") == "regression":
+        metrics, fig, artifact = _forecast_evaluation(name, model, test, data, final, run)
+    else:
+        metrics, cm = classification_metrics(predict(model, test.x), test.y, final["num_classes"])
+        fig = confusion_figure(cm, final["classes"], f"{name}: test accuracy {metrics['test_accuracy']:.4f}")
+        artifact = "plots/confusion_matrix.png"
     run.log_metrics(metrics)
-    fig = confusion_figure(cm, final["classes"], f"{name}: test accuracy {metrics['test_accuracy']:.4f}")
-    run.log_figure(fig, "plots/confusion_matrix.png")
+    run.log_figure(fig, artifact)
     plots_dir.mkdir(parents=True, exist_ok=True)
-    fig.savefig(plots_dir / "confusion_matrix.png")
+    with atomic_path(plots_dir / "test.png") as tmp:  # DVC's plot: confusion matrix, or forecast vs actual
+        fig.savefig(tmp, format="png")
     _write_history(plots_dir / "history.csv", final["history"])
     summary = {**metrics, "name": name, "arch": final["arch"], "run_id": final["run_id"],
                "model_uri": final["model_uri"], "epochs": final["epochs"], "seconds": round(final["seconds"], 3)}
     write_json(metrics_path, summary)
     return summary
+
+
+def _forecast_evaluation(name: str, model, test, data, final: dict, run: Run):
+    """Test RMSE/MAE in the series' units beside the naive and seasonal-naive forecasts of the same windows."""
+    from tasks.series import arima_reference, baselines, forecast_figure, forecast_metrics
+
+    norm, season = final["normalization"], final["series"]["season"]
+    pred = predict(model, test.x).cpu().numpy() * norm["std"][0] + norm["mean"][0]
+    metrics = forecast_metrics(pred, data.y_test, data.x_test, season)
+    metrics |= arima_reference(data.manifest, data.y_test)
+    if "arima_test_rmse" in metrics:
+        metrics["test_rmse_vs_arima"] = metrics["test_rmse"] / max(metrics["arima_test_rmse"], 1e-12)
+    beats = metrics["test_rmse"] < metrics["naive_test_rmse"]
+    run.set_tags({"nnlab.beats_naive": str(beats).lower()})
+    verdict = "beats" if beats else "does NOT beat"
+    print(f"{name}: test RMSE {metrics['test_rmse']:.4g} {verdict} the naive forecast's "
+          f"{metrics['naive_test_rmse']:.4g} (ratio {metrics['test_rmse_vs_naive']:.3f})"
+          + (f"; seasonal naive {metrics['seasonal_naive_test_rmse']:.4g}" if "seasonal_naive_test_rmse" in metrics
+             else "") + (f"; ARIMA {metrics['arima_test_rmse']:.4g}" if "arima_test_rmse" in metrics else ""),
+          flush=True)
+    naive = baselines(data.x_test, pred.shape[1], season)["naive"]
+    fig = forecast_figure(data.x_test, data.y_test, pred, naive,
+                          f"{name}: test RMSE {metrics['test_rmse']:.4g} vs naive {metrics['naive_test_rmse']:.4g}")
+    return metrics, fig, "plots/forecast.png"
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
@@ -286,7 +316,7 @@ def register_stage(cfg: Config, results: list[dict], out_path: str | Path | None
     """Register the best of `results` (evaluate summaries); alias `champion` only if it beats the current one."""
     from tasks.tracking import register_best
 
-    outcome = register_best(cfg.register.name, cfg.register.metric, results, cfg.register.min_delta)
+    outcome = register_best(cfg.register.name, main_metric(cfg), results, cfg.register.min_delta)
     if out_path:
         write_json(out_path, outcome)
     return outcome

@@ -26,7 +26,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tasks.config import Config, ConfigError, SweepConfig, apply_sets, format_errors, read_yaml, select_models, validate
+from tasks.config import (Config, ConfigError, SweepConfig, apply_sets, format_errors, main_metric, read_yaml,
+                          select_models, validate)
 
 SweepSpec = SweepConfig
 
@@ -144,7 +145,7 @@ def report(parent_run_id: str, spec: SweepSpec, cells: list[Cell], out_dir: str 
     from tasks.report import write_report
     from tasks.tracking import Run
 
-    metric = cells[0].cfg.register.metric
+    metric = main_metric(cells[0].cfg)
     rows = collect_rows(parent_run_id, cells, metric)
     factors = [a for a in spec.grid if a != "seed"] or ["seed"]
     for r in rows:
@@ -165,7 +166,7 @@ def register_by_mean(rows: list[dict], spec: SweepSpec, cfg: Config, parent_run_
     from tasks.report import ci95
     from tasks.tracking import register_version
 
-    metric = cfg.register.metric
+    metric = main_metric(cfg)
     by_cell: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["status"] == "FINISHED" and r.get(metric) is not None and r.get("model_uri"):

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 DEFAULT_STORE = Path("mlruns")
+LOWER_IS_BETTER = ("test_rmse",)  # every other registered metric: higher is better
 RUN_TAGS = ("nnlab.model", "nnlab.family", "nnlab.dataset", "nnlab.git_commit", "nnlab.data_hash", "nnlab.params_hash")
 
 
@@ -196,16 +197,19 @@ def register_best(name: str, metric: str, results: list[dict], min_delta: float 
     ok = [r for r in results if r.get(metric) is not None]
     if not ok:
         raise ValueError(f"nothing to register: no result has {metric!r}")
-    best = max(ok, key=lambda r: r[metric])
+    higher = metric not in LOWER_IS_BETTER
+    best = (max if higher else min)(ok, key=lambda r: r[metric])
     out = register_version(name, best["model_uri"], best[metric], min_delta,
-                           {"nnlab.run": best["name"], "nnlab.run_id": best["run_id"], metric: best[metric]})
+                           {"nnlab.run": best["name"], "nnlab.run_id": best["run_id"], metric: best[metric],
+                            "nnlab.metric": metric}, higher=higher)
     return {**out, "run_id": best["run_id"], "model": best["name"], metric: best[metric]}
 
 
-def register_version(name: str, model_uri: str, score: float, min_delta: float, tags: dict) -> dict:
-    """New version of `name`; alias `champion` moves to it only when `score` (higher is better) beats the
-    current champion's by more than `min_delta`, else it gets `challenger`. The decision and the numbers
-    behind it are tags of the version."""
+def register_version(name: str, model_uri: str, score: float, min_delta: float, tags: dict,
+                     higher: bool = True) -> dict:
+    """New version of `name`; alias `champion` moves to it only when `score` beats the current champion's by
+    more than `min_delta` (higher is better, or lower with higher=False: test_rmse), else it gets
+    `challenger`. The decision and the numbers behind it are tags of the version."""
     import mlflow
 
     c = client()
@@ -218,7 +222,10 @@ def register_version(name: str, model_uri: str, score: float, min_delta: float, 
     except Exception:  # no such model or alias yet
         champ, champ_score = None, None
     version = mlflow.register_model(model_uri, name)
-    wins = champ_score is None or champ_score != champ_score or score > champ_score + min_delta
+    if champ_score is None or champ_score != champ_score:
+        wins = True
+    else:
+        wins = score > champ_score + min_delta if higher else score < champ_score - min_delta
     alias = "champion" if wins else "challenger"
     decision = ("first version: champion" if champ is None else
                 f"{score:.4f} vs champion v{champ.version} {champ_score:.4f} (min_delta {min_delta}): {alias}")

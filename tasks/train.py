@@ -51,7 +51,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 
 def init_weights(model: nn.Module, scheme: str) -> None:
-    """Re-initialise weight matrices and kernels of Linear/Conv layers; biases to zero."""
+    """Re-initialise weight matrices and kernels of Linear/Conv/RNN/attention layers; biases to zero."""
     if scheme == "default":
         return
     fill = {
@@ -66,6 +66,35 @@ def init_weights(model: nn.Module, scheme: str) -> None:
             fill(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.RNNBase):
+            # RNN/LSTM/GRU: each gate's block of a stacked matrix on its own, so fans are the gate's (H, in) and
+            # not (gates * H, in). Input-to-hidden: the scheme; hidden-to-hidden: orthogonal whatever the
+            # scheme (its singular values 1 keep the state's norm over many steps: Saxe et al. 2014); biases
+            # zero, except the LSTM forget gate's at 1 so the cell remembers from the start (Jozefowicz
+            # et al. 2015; Keras's unit_forget_bias). PyTorch adds bias_ih and bias_hh: the 1 goes in bias_ih.
+            gates = {"LSTM": 4, "GRU": 3}.get(m.mode, 1)
+            with torch.no_grad():
+                for name, p in m.named_parameters():
+                    if name.startswith("weight_ih"):
+                        for block in p.chunk(gates):
+                            fill(block)
+                    elif name.startswith("weight_hh"):
+                        for block in p.chunk(gates):
+                            nn.init.orthogonal_(block)
+                    elif name.startswith("weight_hr"):  # LSTM projection (proj_size > 0)
+                        fill(p)
+                    elif name.startswith("bias"):
+                        nn.init.zeros_(p)
+                        if m.mode == "LSTM" and name.startswith("bias_ih"):
+                            p.chunk(4)[1].fill_(1.0)  # gate order: input, forget, cell, output
+        elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+            # Transformer attention: the packed query/key/value projection, one (E, E) block each (the output
+            # projection is an nn.Linear, handled above).
+            with torch.no_grad():
+                for block in m.in_proj_weight.chunk(3):
+                    fill(block)
+            if m.in_proj_bias is not None:
+                nn.init.zeros_(m.in_proj_bias)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -165,6 +194,7 @@ class Trainer:
     history: list = field(default_factory=list)
     seconds: float = 0.0
     diagnostics: Diagnostics | None = None
+    task: str = "classification"  # or "regression" (forecasting): the loss and metrics, never the model type
     augment: Callable | None = None  # (B, C, H, W) batch -> augmented batch, applied to training batches only
 
     def __post_init__(self):
@@ -174,6 +204,8 @@ class Trainer:
         self.shuffle = torch.Generator().manual_seed(self.seed)  # batch order; separate from dropout's RNG
         self.bf16 = use_bf16(self.cfg.precision, self.device)
         self.regularised = bool(self.cfg.l1 or self.cfg.l2)
+        self.classify = self.task == "classification"
+        self.loss_fn = F.cross_entropy if self.classify else F.mse_loss  # mse on standardised targets
         if self.cfg.diagnostics.enabled:
             self.diagnostics = Diagnostics(self.model, self.cfg.diagnostics.every)
 
@@ -194,7 +226,7 @@ class Trainer:
                 xb = self.augment(xb)
             with self.autocast():
                 out = model(xb)
-                loss = F.cross_entropy(out, yb)
+                loss = self.loss_fn(out.float() if not self.classify else out, yb)
             total = loss + penalty(model, self.cfg.l1, self.cfg.l2) if self.regularised else loss
             self.opt.zero_grad(set_to_none=True)
             total.backward()
@@ -208,7 +240,8 @@ class Trainer:
             if diag:
                 self.diagnostics.after_step(self.step)
             losses[i] = loss.detach() * len(yb)
-            correct += (out.argmax(1) == yb).sum()
+            if self.classify:
+                correct += (out.argmax(1) == yb).sum()
             if progress is not None:
                 progress(i + 1, steps)
         losses = losses.cpu()
@@ -218,7 +251,8 @@ class Trainer:
             if self.diagnostics is not None:
                 self.diagnostics.non_finite = True
             raise NonFiniteLoss(self.epoch + 1, step + 1, float(losses[step]))
-        return {"train_loss": float(losses.sum()) / n, "train_accuracy": int(correct) / n}
+        out = {"train_loss": float(losses.sum()) / n}
+        return out | {"train_accuracy": int(correct) / n} if self.classify else out
 
     @torch.no_grad()
     def evaluate(self, data: Split, prefix: str = "val", batch_size: int = 1024) -> dict:
@@ -228,10 +262,11 @@ class Trainer:
             xb, yb = data.x[i:i + batch_size], data.y[i:i + batch_size]
             with self.autocast():
                 out = self.model(xb)
-            loss += float(F.cross_entropy(out.float(), yb, reduction="sum"))
-            correct += int((out.argmax(1) == yb).sum())
+            loss += float(self.loss_fn(out.float(), yb, reduction="sum")) / (yb[0].numel() if not self.classify else 1)
+            if self.classify:
+                correct += int((out.argmax(1) == yb).sum())
         n = len(data.y)
-        return {f"{prefix}_loss": loss / n, f"{prefix}_accuracy": correct / n}
+        return {f"{prefix}_loss": loss / n} | ({f"{prefix}_accuracy": correct / n} if self.classify else {})
 
     def fit(self, train: Split, val: Split, on_epoch: Callable | None = None,
             progress: Callable | None = None) -> FitResult:
@@ -319,4 +354,8 @@ def to_device(x: np.ndarray, y: np.ndarray, mean, std, device: torch.device, cha
             xt = xt.contiguous(memory_format=torch.channels_last)
     else:
         xt = (xt - torch.tensor(mean)) / torch.tensor(std)
-    return Split(xt.to(device), torch.as_tensor(y, dtype=torch.long).to(device))
+    if np.issubdtype(np.asarray(y).dtype, np.floating):  # forecasting targets: the same units as the inputs
+        yt = (torch.as_tensor(y, dtype=torch.float32) - mean[0]) / std[0]
+    else:
+        yt = torch.as_tensor(y, dtype=torch.long)
+    return Split(xt.to(device), yt.to(device))

@@ -44,7 +44,7 @@ def test_repro_then_nothing_to_do(repo):
     for stage in ("prepare", "augment", "train@mlp", "train@simple_cnn", "evaluate@mlp", "evaluate@simple_cnn", "register"):
         assert f"Running stage '{stage}'" in first.stdout
     assert (repo / "data/processed/manifest.json").exists() and (repo / "metrics/mlp.json").exists()
-    assert (repo / "plots/simple_cnn/confusion_matrix.png").exists()
+    assert (repo / "plots/simple_cnn/test.png").exists()
     second = sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
     assert "Running stage" not in second.stdout
     assert "up to date" in second.stdout

@@ -1,0 +1,154 @@
+"""Time series -> windowed forecasting data: lookback L values in, the next H values out.
+
+The split is chronological (train, then val, then test; never shuffled across time); a val or test window may
+look back into the part before it, but its targets lie inside its own part. Scaling statistics come from the
+training part only. Files and manifest have the layout `prepare` writes for images (task "regression"):
+x (N, L, 1) float32 and y (N, H) float32, both in the series' own units.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tasks.config import DataConfig
+
+SEASON = {"sunspots": 11, "co2": 12}  # the solar cycle in years; months in a year
+
+
+def _sunspots() -> tuple[np.ndarray, str]:
+    import statsmodels.api as sm  # bundled datasets, no download
+
+    d = sm.datasets.sunspots.load_pandas().data  # yearly, 1700-2008
+    return d["SUNACTIVITY"].to_numpy(np.float64), "yearly mean sunspot number, 1700-2008"
+
+
+def _co2() -> tuple[np.ndarray, str]:
+    import statsmodels.api as sm
+
+    d = sm.datasets.co2.load_pandas().data  # weekly Mauna Loa CO2 (ppm), 1958-2001, with gaps
+    monthly = d["co2"].resample("MS").mean().interpolate("linear")
+    return monthly.to_numpy(np.float64), "monthly mean CO2 at Mauna Loa (ppm), 1958-2001"
+
+
+SERIES = {"sunspots": _sunspots, "co2": _co2}
+
+
+def windows(series: np.ndarray, lookback: int, horizon: int, targets: range) -> tuple[np.ndarray, np.ndarray]:
+    """Windows whose first target index is in `targets`: x (N, L, 1), y (N, H)."""
+    starts = [t for t in targets if t - lookback >= 0 and t + horizon <= len(series)]
+    x = np.stack([series[t - lookback:t] for t in starts])[:, :, None]
+    y = np.stack([series[t:t + horizon] for t in starts])
+    return x.astype(np.float32), y.astype(np.float32)
+
+
+def split_series(cfg: DataConfig, series: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from tasks.data import DataError
+
+    n, L, H = len(series), cfg.lookback, cfg.horizon
+    n_test, n_val = int(round(n * cfg.test_fraction)), int(round(n * cfg.val_fraction))
+    val_start, test_start = n - n_test - n_val, n - n_test
+    if val_start - L < 10 or min(n_val, n_test) < H:
+        raise DataError(f"data.lookback={L} / data.horizon={H} leave too few windows in a {n}-value series; "
+                        "use a shorter lookback or horizon, or smaller val/test fractions")
+    return {"train": windows(series, L, H, range(L, val_start - H + 1)),
+            "val": windows(series, L, H, range(val_start, test_start - H + 1)),
+            "test": windows(series, L, H, range(test_start, n - H + 1))}
+
+
+def prepare_series(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
+    from tasks.data import MANIFEST, _atomic_write, _clear, _data_hash, _sha256
+
+    series, description = SERIES[cfg.source]()
+    splits = split_series(cfg, series)  # raises before out_dir is touched
+    n_train = len(series) - int(round(len(series) * cfg.test_fraction)) - int(round(len(series) * cfg.val_fraction))
+    fit = series[:n_train]  # scaling from the training part only
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clear(out_dir)
+    files = {}
+    for name, (xs, ys) in splits.items():
+        path = out_dir / f"{name}.npz"
+        _atomic_write(path, lambda f: np.savez(f, x=xs, y=ys))
+        files[path.name] = _sha256(path)
+    manifest = {
+        "source": cfg.source, "task": "regression", "description": description,
+        "input_shape": [cfg.lookback, 1], "num_classes": cfg.horizon,  # outputs: one per forecast step
+        "classes": [], "sizes": {s: len(y) for s, (_, y) in splits.items()},
+        "normalization": {"mean": [float(fit.mean())], "std": [float(max(fit.std(), 1e-8))]},
+        "series": {"length": len(series), "lookback": cfg.lookback, "horizon": cfg.horizon,
+                   "season": cfg.season or SEASON[cfg.source], "train_values": n_train},
+        "files": files, "data_hash": _data_hash(files), "config": cfg.model_dump(), "seed": seed,
+    }
+    text = json.dumps(manifest, indent=2) + "\n"
+    _atomic_write(out_dir / MANIFEST, lambda f: f.write(text.encode()))
+    return manifest
+
+
+# ---------------------------------------------------------------- baselines and metrics (raw units)
+
+def baselines(x: np.ndarray, horizon: int, season: int) -> dict[str, np.ndarray]:
+    """Naive (the last value, repeated) and seasonal naive (the value one season before each target) forecasts
+    from windows x (N, L, 1); seasonal naive needs a lookback of at least one season."""
+    last = x[:, -1, 0]
+    out = {"naive": np.repeat(last[:, None], horizon, axis=1)}
+    L = x.shape[1]
+    if season <= L and horizon <= season:
+        out["seasonal_naive"] = np.stack([x[:, L - season + h, 0] for h in range(horizon)], axis=1)
+    return out
+
+
+def forecast_metrics(pred: np.ndarray, y: np.ndarray, x: np.ndarray, season: int) -> dict:
+    rmse = lambda p: float(np.sqrt(np.mean((p - y) ** 2)))  # noqa: E731
+    m = {"test_rmse": rmse(pred), "test_mae": float(np.mean(np.abs(pred - y)))}
+    for name, p in baselines(x, y.shape[1], season).items():
+        m[f"{name}_test_rmse"] = rmse(p)
+        m[f"test_rmse_vs_{name}"] = m["test_rmse"] / max(m[f"{name}_test_rmse"], 1e-12)  # < 1: beats it
+    return m
+
+
+ARIMA_ORDERS = {"sunspots": ((9, 0, 0), (0, 0, 0, 0)),  # AR(9), the classic sunspot model
+                "co2": ((1, 1, 1), (1, 0, 1, 12))}  # trend by differencing, yearly seasonality
+
+
+def arima_reference(manifest: dict, y_test: np.ndarray) -> dict:
+    """statsmodels' (seasonal) ARIMA fitted on everything before the test part, then one-step-ahead forecasts
+    over the test part with those parameters: the same targets as the test windows (horizon 1 only)."""
+    import time
+    import warnings
+
+    from statsmodels.tsa.arima.model import ARIMA
+
+    s = manifest["series"]
+    if s["horizon"] != 1:
+        return {}
+    series, _ = SERIES[manifest["source"]]()
+    test_start = len(series) - len(y_test)
+    order, seasonal = ARIMA_ORDERS[manifest["source"]]
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence chatter
+        fitted = ARIMA(series[:test_start], order=order, seasonal_order=seasonal).fit()
+        pred = fitted.apply(series).get_prediction(start=test_start).predicted_mean
+    rmse = float(np.sqrt(np.mean((pred - y_test[:, 0]) ** 2)))
+    return {"arima_test_rmse": rmse, "arima_fit_seconds": time.perf_counter() - t0}
+
+
+def forecast_figure(series_x: np.ndarray, y: np.ndarray, pred: np.ndarray, naive: np.ndarray, title: str):
+    """One-step-ahead forecasts over the test part against the actual values and the naive forecast."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.4), dpi=110)
+    t = np.arange(len(y))
+    ax.plot(t, y[:, 0], color="black", lw=1.4, label="actual")
+    ax.plot(t, pred[:, 0], color="tab:blue", lw=1.2, label="model")
+    ax.plot(t, naive[:, 0], color="tab:gray", lw=1.0, ls="--", label="naive (last value)")
+    ax.set_xlabel("test window")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,106 @@
+"""Forecasting data (sunspots, co2): chronological windows, training-only scaling, honest baselines."""
+import json
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.config import ConfigError, DataConfig, TrainConfig, load_config, main_metric, validate
+from tasks.data import DataError, load_prepared, prepare
+from tasks.series import baselines, forecast_metrics, split_series, windows
+from tasks.train import Trainer, seed_everything, to_device
+
+
+def test_windows_and_chronological_split_never_cross_time():
+    series = np.arange(100, dtype=np.float64)
+    cfg = DataConfig(source="sunspots", lookback=5, horizon=2, val_fraction=0.15, test_fraction=0.2)
+    parts = split_series(cfg, series)
+    x, y = parts["train"]
+    assert x.shape[1:] == (5, 1) and y.shape[1:] == (2,)
+    assert np.array_equal(x[0, :, 0], [0, 1, 2, 3, 4]) and np.array_equal(y[0], [5, 6])  # the values right after
+    train_last, val_first, val_last, test_first = parts["train"][1].max(), parts["val"][1].min(), parts["val"][1].max(), parts["test"][1].min()
+    assert train_last < val_first and val_last < test_first  # targets in time order, never shuffled
+    assert parts["val"][1].min() == 65 and parts["test"][1].min() == 80  # 100 - 20 - 15, 100 - 20
+    assert parts["test"][0].min() >= 75  # test windows may look back into val, never further
+
+
+def test_prepare_sunspots_scales_on_the_training_part_only(tmp_path):
+    m = prepare(DataConfig(source="sunspots", lookback=12), 0, tmp_path)
+    d = load_prepared(tmp_path)
+    assert m["task"] == "regression" and m["input_shape"] == [12, 1] and m["num_classes"] == 1
+    assert m["series"]["season"] == 11 and d.x_train.dtype == np.float32
+    import statsmodels.api as sm
+
+    series = sm.datasets.sunspots.load_pandas().data["SUNACTIVITY"].to_numpy()
+    train_part = series[:m["series"]["train_values"]]
+    assert m["normalization"]["mean"][0] == pytest.approx(train_part.mean())
+    assert m["normalization"]["mean"][0] != pytest.approx(series.mean(), rel=1e-3)
+    assert json.loads((tmp_path / "manifest.json").read_text())["sizes"]["test"] == len(d.y_test)
+
+
+def test_co2_is_monthly_without_gaps(tmp_path):
+    m = prepare(DataConfig(source="co2"), 0, tmp_path)
+    d = load_prepared(tmp_path)
+    assert m["series"]["season"] == 12 and m["series"]["length"] > 500
+    assert np.isfinite(d.x_train).all() and np.isfinite(d.y_test).all()
+
+
+def test_too_long_a_lookback_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="data.lookback"):
+        prepare(DataConfig(source="sunspots", lookback=400), 0, tmp_path)
+    assert not (tmp_path / "manifest.json").exists()
+    p = tmp_path / "params.yaml"
+    p.write_text("data:\n  source: sunspot\n")
+    with pytest.raises(ConfigError, match="did you mean 'sunspots'"):
+        load_config(p)
+
+
+def test_baselines():
+    x = np.array([[[1.0], [2.0], [3.0], [4.0]]])  # one window of 4 values
+    b = baselines(x, horizon=2, season=3)
+    assert np.array_equal(b["naive"], [[4.0, 4.0]])  # last value repeated
+    assert np.array_equal(b["seasonal_naive"], [[2.0, 3.0]])  # one season (3 steps) before each target
+    assert "seasonal_naive" not in baselines(x, horizon=1, season=12)  # lookback shorter than a season
+    m = forecast_metrics(np.array([[5.0, 6.0]]), np.array([[5.0, 6.0]]), x, 3)
+    assert m["test_rmse"] == 0 and m["test_rmse_vs_naive"] == 0 and m["naive_test_rmse"] > 0
+
+
+def test_regression_training_uses_mse_on_standardised_targets(tmp_path):
+    from models.registry import create_model
+
+    prepare(DataConfig(source="sunspots"), 0, tmp_path)
+    d = load_prepared(tmp_path)
+    n, cpu = d.manifest["normalization"], torch.device("cpu")
+    train, val = (to_device(x, y, n["mean"], n["std"], cpu, False) for x, y in ((d.x_train, d.y_train), (d.x_val, d.y_val)))
+    assert train.y.dtype == torch.float32 and abs(float(train.y.mean())) < 0.5  # standardised
+    seed_everything(0)
+    model = create_model("mlp", input_shape=(24, 1), num_classes=1, hidden=[32], dropout=0.0)
+    t = Trainer(model, TrainConfig(epochs=30, device="cpu", lr=3e-3), 0, cpu, task="regression")
+    res = t.fit(train, val)
+    assert "val_accuracy" not in res.history[-1] and res.history[-1]["val_loss"] < 0.5 * res.history[0]["val_loss"]
+
+
+def test_register_metric_follows_the_task():
+    assert main_metric(validate({"data": {"source": "sunspots"}})) == "test_rmse"
+    assert main_metric(validate({})) == "test_accuracy"
+    assert main_metric(validate({"data": {"source": "co2"}, "register": {"metric": "test_accuracy"}})) == "test_accuracy"
+
+
+def test_lower_rmse_wins_the_champion_alias(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from tasks.stages import evaluate_stage, register_stage, train_stage
+
+    cfg = validate({"data": {"source": "sunspots"}, "train": {"epochs": 2, "device": "cpu"},
+                    "register": {"name": f"fc-{uuid.uuid4().hex[:6]}"},
+                    "models": {"mlp": {"hidden": [16], "dropout": 0.0}}})
+    prepare(cfg.data, 0, "d")
+    train_stage(cfg, "mlp", "d", "out")
+    r = evaluate_stage(cfg, "mlp", "d", "out", "m.json", "p")
+    assert {"test_rmse", "test_mae", "naive_test_rmse", "seasonal_naive_test_rmse", "test_rmse_vs_naive",
+            "arima_test_rmse", "test_rmse_vs_arima"} <= set(r)
+    assert 10 < r["arima_test_rmse"] < r["naive_test_rmse"]  # AR(9) beats the naive forecast on sunspots
+    first = register_stage(cfg, [r], None)
+    worse = register_stage(cfg, [{**r, "test_rmse": r["test_rmse"] + 5}], None)
+    better = register_stage(cfg, [{**r, "test_rmse": r["test_rmse"] - 1}], None)
+    assert (first["alias"], worse["alias"], better["alias"]) == ("champion", "challenger", "champion")
