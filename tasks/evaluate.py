@@ -131,3 +131,15 @@ def feature_maps_figure(image: np.ndarray, maps: dict[str, torch.Tensor], title:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def attention_figure(weights: np.ndarray, labels: list[str], title: str, step_name: str = "time step"):
+    """Attention over time steps (rows: examples), one heat-map row per example."""
+    fig, ax = plt.subplots(figsize=(min(12, 1.5 + 0.3 * weights.shape[1]), 0.9 + 0.45 * len(weights)), dpi=110)
+    im = ax.imshow(weights, aspect="auto", cmap="magma", vmin=0)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xlabel(step_name)
+    fig.colorbar(im, ax=ax, fraction=0.03, label="weight")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig

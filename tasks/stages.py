@@ -166,6 +166,8 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
         run.log_figure(preview(cfg.augment, data, cfg.seed), "plots/augment_preview.png")
     if image and isinstance(getattr(model, "features", None), torch.nn.Sequential):
         _log_what_it_learned(run, model, data.x_test[:1], mean, std, name)
+    if hasattr(model, "attention_weights"):  # attention models: where they looked, for a few test examples
+        _log_attention(run, model, data, mean, std, name)
     final["model_uri"] = model_uri
     run.set_tags({"nnlab.model_uri": model_uri})
     save_torch(out_dir / "model.pt", final)
@@ -202,6 +204,20 @@ def _log_what_it_learned(run: Run, model, x_raw: np.ndarray, mean, std, name: st
     maps = feature_maps(model, x)
     run.log_figure(feature_maps_figure(x_raw[0], maps, f"{name}: feature maps of one test image"),
                    "plots/feature_maps.png")
+
+
+def _log_attention(run: Run, model, data, mean, std, name: str, n: int = 6) -> None:
+    from tasks.evaluate import attention_figure
+
+    dev = next(model.parameters()).device
+    x = to_device(data.x_test[:n], data.y_test[:n], mean, std, dev, channels_last=False).x
+    model.eval()
+    with torch.no_grad():
+        w = model.attention_weights(x).float().cpu().numpy()
+    classes = data.manifest.get("classes") or []
+    labels = [f"#{i}" + (f" ({classes[int(y)]})" if classes else "") for i, y in enumerate(data.y_test[:n])]
+    step = "image row" if len(data.manifest["input_shape"]) == 3 else "time step"
+    run.log_figure(attention_figure(w, labels, f"{name}: attention over {step}s", step), "plots/attention.png")
 
 
 def _log_health(run: Run, trainer: Trainer) -> list[str]:

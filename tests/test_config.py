@@ -18,8 +18,9 @@ def error_of(*sets):
 def test_defaults_and_repository_params_validate():
     cfg = load_config(ROOT / "params.yaml")
     assert cfg.data.source == "digits"
-    assert set(cfg.models) == {"mlp", "simple_cnn"}
+    assert set(cfg.models) == {"mlp", "simple_cnn", "vgg", "resnet", "inception", "mobilenet"}
     assert cfg.models["mlp"]["arch"] == "mlp"
+    assert cfg.train_for("resnet").schedule == "cosine" and cfg.train_for("mlp").schedule == "none"
 
 
 def test_misspelt_key_names_it_and_suggests():

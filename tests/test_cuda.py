@@ -1,4 +1,4 @@
-"""The CUDA paths: bf16 autocast + channels_last training of every CNN, augmentation on the device, resume.
+"""The CUDA paths: bf16 autocast + channels_last training of every CNN and sequence model, augmentation on the device, resume.
 Skipped where no GPU is present (CI); run them on a GPU machine with `pytest tests/test_cuda.py`."""
 import pytest
 import torch
@@ -10,6 +10,7 @@ from tasks.train import Split, Trainer, seed_everything
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CNNS = ["simple_cnn", "vgg", "resnet", "inception", "mobilenet", "transfer"]
+SEQUENCE = ["rnn", "lstm", "gru", "attention", "transformer"]  # digits read row by row: 8 steps of 8 values
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +24,8 @@ def digits():
     return Split(x[:1400], y[:1400]), Split(x[1400:], y[1400:])
 
 
-@pytest.mark.parametrize("arch", CNNS)
-def test_cnn_trains_in_bf16_channels_last(arch, digits):
+@pytest.mark.parametrize("arch", CNNS + SEQUENCE)
+def test_trains_in_bf16_channels_last(arch, digits):
     seed_everything(0)
     options = {"trainable": True} if arch == "transfer" else {}
     model = create_model(arch, input_shape=(1, 8, 8), num_classes=10, **options)

@@ -1,5 +1,4 @@
 import math
-import time
 
 import pytest
 import torch
@@ -24,6 +23,16 @@ VARIANTS = [  # (arch, options): every pooling / score / cell, bidirectional and
     ("transformer", {"pooling": "cls"}),
 ]
 VOCAB = 20
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Small recurrent steps gain nothing from a second thread, and on a busy 2-core machine two threads spinning
+    # for each other made the sequential MNIST test 18x slower (295 s against ~16 s).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def small(arch, input_shape, num_classes=3, **options):
@@ -141,6 +150,14 @@ def test_attention_weights_sum_to_one_over_valid_steps(options):
     assert img.attention_weights(torch.randn(2, 1, 8, 8)).shape == (2, 8)  # one weight per image row
 
 
+def test_recurrence_stays_fp32_under_bf16_autocast():
+    m = small("gru", (6, 4), pooling="mean")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, final, _ = m.encode(torch.randn(2, 6, 4))
+        logits = m(torch.randn(2, 6, 4))
+    assert out.dtype == final.dtype == torch.float32 and logits.shape == (2, 3)
+
+
 # ---------------------------------------------------------------- initialisation
 
 def test_init_schemes_reach_recurrent_and_attention_weights():
@@ -191,6 +208,9 @@ def test_each_arch_learns_a_token_task(arch):
 
 @pytest.mark.slow
 def test_lstm_reads_mnist_row_by_row(tmp_path):
+    # The cheapest reliable setting measured (1 CPU thread, ~16 s of training): a bidirectional LSTM of 128 units,
+    # 10 epochs of Adam 3e-3 with a cosine schedule: 0.964-0.966 test accuracy over seeds 0-2. One direction of
+    # 128 units stays at 0.946-0.955 even after 20 epochs; 64 units both ways reach 0.958 in 15 epochs.
     from tasks.data import load_prepared, prepare
     from tasks.evaluate import predict
     from tasks.train import to_device
@@ -202,13 +222,9 @@ def test_lstm_reads_mnist_row_by_row(tmp_path):
     train, val, test = (to_device(x, y, norm["mean"], norm["std"], cpu, channels_last=False)
                         for x, y in ((d.x_train, d.y_train), (d.x_val, d.y_val), (d.x_test, d.y_test)))
     seed_everything(0)
-    model = create_model("lstm", input_shape=tuple(m["input_shape"]), num_classes=m["num_classes"], hidden=HIDDEN)
-    cfg = TrainConfig(epochs=EPOCHS, lr=LR, schedule="cosine", device="cpu", diagnostics={"enabled": False})
-    t0 = time.perf_counter()
+    model = create_model("lstm", input_shape=tuple(m["input_shape"]), num_classes=m["num_classes"], hidden=128,
+                         bidirectional=True)
+    cfg = TrainConfig(epochs=10, lr=3e-3, schedule="cosine", device="cpu", diagnostics={"enabled": False})
     Trainer(model, cfg, 0, cpu).fit(train, val)
     acc = (predict(model, test.x).argmax(1) == test.y).float().mean().item()
-    print(f"sequential mnist5k, lstm hidden {HIDDEN}: test accuracy {acc:.4f} in {time.perf_counter() - t0:.1f} s")
-    assert acc >= 0.95
-
-
-HIDDEN, EPOCHS, LR = 128, 10, 3e-3  # measured: see the report of this test's settings in the README
+    assert acc >= 0.95, f"sequential mnist5k test accuracy {acc:.4f}"
