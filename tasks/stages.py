@@ -66,6 +66,9 @@ def augment_stage(cfg: Config, data_dir: str | Path = PROCESSED, out_dir: str | 
         fig = preview(cfg.augment, data, cfg.seed)
         with atomic_path(preview_path) as tmp:
             fig.savefig(tmp, format="png", dpi=110)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
     if cfg.augment.offline_copies:
         return expand_offline(cfg.augment, data_dir, out_dir, cfg.seed)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -283,10 +286,10 @@ def evaluate_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, tra
         fig = confusion_figure(cm, final["classes"], f"{name}: test accuracy {metrics['test_accuracy']:.4f}")
         artifact = "plots/confusion_matrix.png"
     run.log_metrics(metrics)
-    run.log_figure(fig, artifact)
     plots_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(plots_dir / "test.png") as tmp:  # DVC's plot: confusion matrix, or forecast vs actual
         fig.savefig(tmp, format="png")
+    run.log_figure(fig, artifact)
     _write_history(plots_dir / "history.csv", final["history"])
     summary = {**metrics, "name": name, "arch": final["arch"], "run_id": final["run_id"],
                "model_uri": final["model_uri"], "epochs": final["epochs"], "seconds": round(final["seconds"], 3)}

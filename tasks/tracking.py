@@ -156,8 +156,12 @@ class Run:
 
         self.c.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_figure(self, fig, path: str) -> None:
+    def log_figure(self, fig, path: str, close: bool = True) -> None:
+        import matplotlib.pyplot as plt
+
         self.c.log_figure(self.run_id, fig, path)
+        if close:  # pyplot keeps every open figure alive: a sweep worker would pile them up
+            plt.close(fig)
 
     def log_dict(self, d: dict, path: str) -> None:
         self.c.log_dict(self.run_id, d, path)
