@@ -10,9 +10,7 @@ training set with k augmented copies of every image.
 """
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +19,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from tasks.config import AugmentConfig
-from tasks.data import MANIFEST, load_prepared
-from tasks.files import atomic_path
+from tasks.data import load_prepared
 
 AUGMENTED = Path("data/augmented")
 RAW_MAX = {"digits": 16.0}  # largest raw pixel value per source (uint8 sources: 255)
@@ -150,25 +147,16 @@ def preview(cfg: AugmentConfig, data, seed: int, versions: int = 3):
 
 def expand_offline(cfg: AugmentConfig, data_dir: str | Path, out_dir: str | Path, seed: int) -> dict:
     """A prepared-data folder whose training split holds the originals plus `offline_copies` augmented copies
-    of each; val and test are copied unchanged. Written like `prepare`: arrays first, manifest last."""
-    from tasks.data import _atomic_write, _data_hash, _sha256
+    of each; val and test unchanged."""
+    from tasks.data import write_prepared
 
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
     data = load_prepared(data_dir)
-    m = dict(data.manifest)
+    m = data.manifest
     aug = BatchAugment.for_data(cfg, m, seed, normalised=False)
     x = np.concatenate([data.x_train] + [augment_raw(aug, data.x_train) for _ in range(cfg.offline_copies)])
     y = np.concatenate([data.y_train] * (cfg.offline_copies + 1))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)
-    _atomic_write(out_dir / "train.npz", lambda f: np.savez(f, x=x, y=y))
-    for split in ("val", "test"):
-        with atomic_path(out_dir / f"{split}.npz") as tmp:
-            shutil.copyfile(data_dir / f"{split}.npz", tmp)
-    files = {p: _sha256(out_dir / p) for p in ("train.npz", "val.npz", "test.npz")}
-    m.update(files=files, data_hash=_data_hash(files), sizes={**m["sizes"], "train": len(y)},
-             augment={"offline_copies": cfg.offline_copies, "from": m["data_hash"], **cfg.model_dump()})
+    splits = {"train": (x, y), "val": (data.x_val, data.y_val), "test": (data.x_test, data.y_test)}
     # normalisation stays the original training split's: the statistics of the images the model will see
-    text = json.dumps(m, indent=2) + "\n"
-    _atomic_write(out_dir / MANIFEST, lambda f: f.write(text.encode()))
-    return m
+    return write_prepared(Path(out_dir), splits, {
+        **m, "sizes": {**m["sizes"], "train": len(y)},
+        "augment": {"offline_copies": cfg.offline_copies, "from": m["data_hash"], **cfg.model_dump()}})

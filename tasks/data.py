@@ -308,7 +308,7 @@ def _data_hash(files: dict[str, str]) -> str:
     return hashlib.sha256("".join(f"{name}\0{sha}\n" for name, sha in sorted(files.items())).encode()).hexdigest()
 
 
-def _manifest(cfg: DataConfig, seed: int, classes: list[str], splits: dict, files: dict[str, str]) -> dict:
+def _manifest(cfg: DataConfig, seed: int, classes: list[str], splits: dict) -> dict:
     x_train = splits["train"][0]
     mean, std = _channel_stats(x_train)
     return {
@@ -321,8 +321,6 @@ def _manifest(cfg: DataConfig, seed: int, classes: list[str], splits: dict, file
                    for s, (_, y) in splits.items()},
         "sizes": {s: len(y) for s, (_, y) in splits.items()},
         "normalization": {"mean": mean, "std": std},  # raw units, training split only
-        "files": files,
-        "data_hash": _data_hash(files),
         "config": cfg.model_dump(),
         "seed": seed,
     }
@@ -339,7 +337,12 @@ def prepare(cfg: DataConfig, seed: int, out_dir: str | Path) -> dict:
     if test is not None:
         test = _conform(test[0], cfg.image_size, cfg.channels), test[1]
     splits = _split(x, y, test, cfg, seed)
+    return write_prepared(out_dir, splits, _manifest(cfg, seed, classes, splits))
 
+
+def write_prepared(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], manifest: dict) -> dict:
+    """The one writer of prepared-data folders (prepare, forecasting windows, offline augmentation): each split
+    as an npz, then `manifest` plus the files' sha256 and the data hash, last: its presence means complete."""
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear(out_dir)
     files = {}
@@ -347,9 +350,9 @@ def prepare(cfg: DataConfig, seed: int, out_dir: str | Path) -> dict:
         path = out_dir / f"{name}.npz"
         _atomic_write(path, lambda f: np.savez(f, x=xs, y=ys))  # uncompressed; zip entries carry a fixed date
         files[path.name] = _sha256(path)
-    manifest = _manifest(cfg, seed, classes, splits, files)
+    manifest = {**manifest, "files": files, "data_hash": _data_hash(files)}
     text = json.dumps(manifest, indent=2) + "\n"
-    _atomic_write(out_dir / MANIFEST, lambda f: f.write(text.encode()))  # last: its presence means complete
+    _atomic_write(out_dir / MANIFEST, lambda f: f.write(text.encode()))
     return manifest
 
 

@@ -7,7 +7,6 @@ x (N, L, 1) float32 and y (N, H) float32, both in the series' own units.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -58,31 +57,21 @@ def split_series(cfg: DataConfig, series: np.ndarray) -> dict[str, tuple[np.ndar
 
 
 def prepare_series(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
-    from tasks.data import MANIFEST, _atomic_write, _clear, _data_hash, _sha256
+    from tasks.data import write_prepared
 
     series, description = SERIES[cfg.source]()
     splits = split_series(cfg, series)  # raises before out_dir is touched
     n_train = len(series) - int(round(len(series) * cfg.test_fraction)) - int(round(len(series) * cfg.val_fraction))
     fit = series[:n_train]  # scaling from the training part only
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _clear(out_dir)
-    files = {}
-    for name, (xs, ys) in splits.items():
-        path = out_dir / f"{name}.npz"
-        _atomic_write(path, lambda f: np.savez(f, x=xs, y=ys))
-        files[path.name] = _sha256(path)
-    manifest = {
+    return write_prepared(out_dir, splits, {
         "source": cfg.source, "task": "regression", "description": description,
         "input_shape": [cfg.lookback, 1], "num_classes": cfg.horizon,  # outputs: one per forecast step
         "classes": [], "sizes": {s: len(y) for s, (_, y) in splits.items()},
         "normalization": {"mean": [float(fit.mean())], "std": [float(max(fit.std(), 1e-8))]},
         "series": {"length": len(series), "lookback": cfg.lookback, "horizon": cfg.horizon,
                    "season": cfg.season or SEASON[cfg.source], "train_values": n_train},
-        "files": files, "data_hash": _data_hash(files), "config": cfg.model_dump(), "seed": seed,
-    }
-    text = json.dumps(manifest, indent=2) + "\n"
-    _atomic_write(out_dir / MANIFEST, lambda f: f.write(text.encode()))
-    return manifest
+        "config": cfg.model_dump(), "seed": seed,
+    })
 
 
 # ---------------------------------------------------------------- baselines and metrics (raw units)

@@ -69,6 +69,10 @@ def test_offline_augmented_copies_are_a_dvc_output_and_what_training_reads(repo)
     aug = json.loads((repo / "data/augmented/manifest.json").read_text())
     base = json.loads((repo / "data/processed/manifest.json").read_text())
     assert aug["sizes"]["train"] == 2 * base["sizes"]["train"]
+    import torch
+
+    trained = torch.load(repo / "data/train/mlp/model.pt", weights_only=False)
+    assert trained["data_hash"] == aug["data_hash"] != base["data_hash"]  # training read the expanded set
     (repo / "params.yaml").write_text(params.replace("offline_copies: 1", "offline_copies: 0"))
 
 
