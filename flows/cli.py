@@ -261,6 +261,40 @@ def stage(name: Annotated[str, typer.Argument(help="prepare | augment | train | 
         fail(str(e), code=1)
 
 
+@app.command()
+def predict(model: Annotated[str, typer.Argument(help="models:/<name>@<alias>, models:/<name>/<version> or a run id")],
+            text: Annotated[Optional[list[str]], typer.Option("--text", "-t", help="a text to classify (repeatable)")] = None,
+            file: Annotated[Optional[Path], typer.Option("--file", "-f", help="texts to classify, one per line")] = None,
+            top: Annotated[int, typer.Option(help="classes shown per text")] = 3):
+    """Classify new text with a logged or registered text model (it carries its own vocabulary)."""
+    texts = list(text or [])
+    if file is not None:
+        if not file.is_file():
+            fail(f"--file: {file} is not a file")
+        texts += [line for line in file.read_text().splitlines() if line.strip()]
+    if not texts:
+        fail("give texts to classify with --text or --file")
+    import torch
+
+    from tasks.text import Vocab
+    from tasks.tracking import load_served
+
+    try:
+        net, vocab, classes, uri = load_served(model)
+    except (LookupError, ValueError) as e:
+        fail(str(e))
+    if vocab is None:
+        fail(f"{uri} was not trained on text (it has no extra_files/vocab.json); predict reads text models only")
+    v = Vocab.from_dict(vocab)
+    with torch.no_grad():
+        probs = net(torch.as_tensor(v.encode(texts)))
+    for t, p in zip(texts, probs):
+        best = torch.topk(p, min(top, len(p)))
+        shown = ", ".join(f"{classes[i] if i < len(classes) else i} {float(q):.3f}"
+                          for q, i in zip(best.values, best.indices.tolist()))
+        typer.echo(f"{shown}\t{t[:80]}")
+
+
 @app.command("models")
 def models_cmd(input_shape: Annotated[str, typer.Option(help="C,H,W of the input")] = "1,28,28",
                classes: Annotated[int, typer.Option(help="number of classes")] = 10):

@@ -19,7 +19,8 @@ _ACTIVATIONS = (nn.ReLU, nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Multiply-accumulates of one forward pass of one example: convolutions (grouped and depthwise
-    too) and linear layers; biases, normalisation, activations and pooling are not counted."""
+    too), linear layers, recurrent cells (RNN/LSTM/GRU) and multi-head attention; biases, normalisation,
+    activations, gate nonlinearities and pooling are not counted."""
     total = 0
 
     def conv(m: _ConvNd, inp, out):
@@ -34,14 +35,33 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         nonlocal total
         total += out.numel() * m.in_features
 
+    def recurrent(m: nn.RNNBase, inp, out):  # per step, layer and direction: gates x (input + hidden) x hidden
+        nonlocal total
+        x = inp[0]
+        steps = int(x.batch_sizes.sum()) if isinstance(x, nn.utils.rnn.PackedSequence) else x.shape[1] * x.shape[0]
+        gates = {"LSTM": 4, "GRU": 3}.get(m.mode, 1)
+        directions = 2 if m.bidirectional else 1
+        for layer in range(m.num_layers):
+            width = m.input_size if layer == 0 else m.hidden_size * directions
+            total += steps * directions * gates * (width + m.hidden_size) * m.hidden_size
+
+    def attention(m: nn.MultiheadAttention, inp, out):  # q/k/v and output projections, scores, weighted sum
+        nonlocal total  # (the functional path uses out_proj's weight without calling it as a module)
+        q, k = inp[0], inp[1]  # batch_first (B, T, E) as in models/sequence.py
+        b, tq, tk, e = q.shape[0], q.shape[1], k.shape[1], m.embed_dim
+        total += b * (2 * tq + 2 * tk) * e * e + 2 * b * tq * tk * e
+
     handles = [m.register_forward_hook(conv) for m in model.modules() if isinstance(m, _ConvNd)]
     handles += [m.register_forward_hook(linear) for m in model.modules() if isinstance(m, nn.Linear)]
+    handles += [m.register_forward_hook(recurrent) for m in model.modules() if isinstance(m, nn.RNNBase)]
+    handles += [m.register_forward_hook(attention) for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
     param = next(model.parameters(), None)
-    x = torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu")
+    dtype = torch.long if getattr(getattr(model, "adapter", None), "tokens", False) else None  # token ids
+    x = torch.ones(1, *input_shape, device=param.device if param is not None else "cpu", dtype=dtype)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.enable_grad():  # with grad off, eval-mode transformer layers take a fused path past the hooks
             model(x)
     finally:
         model.train(was_training)

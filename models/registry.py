@@ -96,7 +96,9 @@ class Deployed(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(shape))
 
-    def forward(self, x):  # (B, C, H, W) raw pixel values -> (B, classes) probabilities
+    def forward(self, x):  # (B, C, H, W) raw pixel values | (B, T) token ids -> (B, classes) probabilities
+        if not x.is_floating_point():  # token ids: indices, not measurements
+            return torch.softmax(self.net(x).float(), dim=1)
         x = (x.float() - self.mean) / self.std
         out = self.net(x).float()
         if self.regression:  # standardised forecasts back to the series' units

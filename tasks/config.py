@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-SOURCES = ("digits", "mnist5k", "mnist", "fashion_mnist", "cifar10", "image_folder", "sunspots", "co2")
+SOURCES = ("digits", "mnist5k", "mnist", "fashion_mnist", "cifar10", "image_folder", "sunspots", "co2", "text_csv",
+           "imdb", "charlm")
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw")
 INITS = ("default", "he_normal", "he_uniform", "xavier_normal", "xavier_uniform", "orthogonal")
 INIT_ALIASES = {"glorot_normal": "xavier_normal", "glorot_uniform": "xavier_uniform",
@@ -35,8 +36,11 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    source: Literal["digits", "mnist5k", "mnist", "fashion_mnist", "cifar10", "image_folder", "sunspots", "co2"] = "digits"
-    path: str = "data/raw"  # folder holding the standard files of mnist/fashion_mnist/cifar10, or image_folder's classes
+    source: Literal["digits", "mnist5k", "mnist", "fashion_mnist", "cifar10", "image_folder", "sunspots", "co2",
+                    "text_csv", "imdb", "charlm"] = "digits"
+    # folder of mnist/fashion_mnist/cifar10/imdb's standard files or image_folder's classes (default data/raw);
+    # text_csv: the CSV/TSV file (required); charlm: a text file (default: the bundled pydoc topics corpus)
+    path: str | None = None
     download: bool = False  # allow torchvision to download missing files into `path`
     val_fraction: float = Field(default=0.15, gt=0.0, lt=0.5)  # of the training pool
     test_fraction: float = Field(default=0.2, gt=0.0, lt=0.5)  # ignored where the source has an official test split
@@ -47,6 +51,22 @@ class DataConfig(Section):
     horizon: int = Field(default=1, ge=1, le=100)  # sunspots/co2: values to forecast after it
     season: int | None = Field(default=None, ge=2)  # seasonal-naive period (default: sunspots 11, co2 12)
     classes: list[str] | None = Field(default=None, min_length=2)  # keep only these classes (names; digits: "0".."9")
+    text_column: str = "text"  # text_csv: column holding the text
+    label_column: str = "label"  # text_csv: column holding the label (strings or integers)
+    tokenizer: Literal["word", "char"] = "word"  # text_csv/imdb: lowercased words and punctuation, or characters
+    max_length: int | None = Field(default=None, ge=2, le=10_000)  # tokens per text (None: 200), charlm context (64)
+    min_freq: int = Field(default=2, ge=1)  # a token enters the vocabulary when seen this often in training texts
+    max_vocab: int = Field(default=20_000, ge=3)  # vocabulary size cap, padding and out-of-vocabulary ids included
+
+    @model_validator(mode="after")
+    def _path_needed(self):
+        if self.source == "text_csv" and not self.path:
+            raise ValueError("data.path: text_csv needs the CSV or TSV file to read (e.g. --set data.path=reviews.csv)")
+        return self
+
+    @property
+    def folder(self) -> str:
+        return self.path or "data/raw"
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -105,7 +125,8 @@ class TrainConfig(Section):
 class RegisterConfig(Section):
     enabled: bool = True
     name: str = Field(default="nnlab-classifier", min_length=1)  # registered model name
-    metric: Literal["auto", "test_accuracy", "test_rmse"] = "auto"  # auto: accuracy (higher wins), forecasts: rmse (lower wins)
+    # auto: accuracy (higher wins); forecasts: rmse, charlm: perplexity (lower wins)
+    metric: Literal["auto", "test_accuracy", "test_rmse", "test_perplexity"] = "auto"
     min_delta: float = Field(default=0.0, ge=0.0)  # a challenger must beat the champion by more than this
 
 
@@ -164,14 +185,16 @@ class Config(Section):
 
 
 FORECAST_SOURCES = ("sunspots", "co2")
-LOWER_IS_BETTER = ("test_rmse",)
+LOWER_IS_BETTER = ("test_rmse", "test_perplexity")
 
 
 def main_metric(cfg: "Config") -> str:
     """The metric registration and sweeps compare: register.metric, or by task when it is `auto`."""
     if cfg.register.metric != "auto":
         return cfg.register.metric
-    return "test_rmse" if cfg.data.source in FORECAST_SOURCES else "test_accuracy"
+    if cfg.data.source in FORECAST_SOURCES:
+        return "test_rmse"
+    return "test_perplexity" if cfg.data.source == "charlm" else "test_accuracy"
 
 
 # ---------------------------------------------------------------- loading

@@ -21,6 +21,7 @@ from PIL import Image
 from tasks.config import DataConfig
 from tasks.files import atomic_path
 from tasks.series import SERIES, prepare_series
+from tasks.text import TEXT_SOURCES, VOCAB, prepare_text
 
 PROCESSED = Path("data/processed")  # where DVC's `prepare` stage writes
 SPLITS = ("train", "val", "test")
@@ -128,8 +129,8 @@ def _torchvision(cfg: DataConfig, cls, folder: Path, expected, gz: bool):
             f"{cfg.source}: {', '.join(missing)} not found in folder {folder}; expected the files "
             f"{', '.join(expected)}{' (or their .gz)' if gz else ''}. Put them there, or {DOWNLOAD_HINT}")
     try:
-        train = cls(cfg.path, train=True, download=cfg.download)
-        test = cls(cfg.path, train=False, download=False)
+        train = cls(cfg.folder, train=True, download=cfg.download)
+        test = cls(cfg.folder, train=False, download=False)
     except Exception as e:  # torchvision raises RuntimeError, URLError, AssertionError, pickle errors ...
         raise DataError(f"{cfg.source}: could not load from {folder}: {e}") from e
     return (_nchw(train.data), np.asarray(train.targets, np.int64),
@@ -142,21 +143,21 @@ def _nchw(data) -> np.ndarray:  # torchvision keeps (N, H, W) tensors (MNIST) or
 
 
 def _mnist(cfg: DataConfig):
-    return _torchvision(cfg, _torchvision_classes()["mnist"], Path(cfg.path) / "MNIST" / "raw", IDX_FILES, gz=True)
+    return _torchvision(cfg, _torchvision_classes()["mnist"], Path(cfg.folder) / "MNIST" / "raw", IDX_FILES, gz=True)
 
 
 def _fashion_mnist(cfg: DataConfig):
     cls = _torchvision_classes()["fashion_mnist"]
-    return _torchvision(cfg, cls, Path(cfg.path) / "FashionMNIST" / "raw", IDX_FILES, gz=True)
+    return _torchvision(cfg, cls, Path(cfg.folder) / "FashionMNIST" / "raw", IDX_FILES, gz=True)
 
 
 def _cifar10(cfg: DataConfig):
-    return _torchvision(cfg, _torchvision_classes()["cifar10"], Path(cfg.path) / "cifar-10-batches-py", CIFAR_FILES,
+    return _torchvision(cfg, _torchvision_classes()["cifar10"], Path(cfg.folder) / "cifar-10-batches-py", CIFAR_FILES,
                         gz=False)
 
 
 def _image_folder(cfg: DataConfig):
-    root = Path(cfg.path)
+    root = Path(cfg.folder)
     layout = f"expected {root}/<class name>/<image>, one sub-folder per class"
     if not root.is_dir():
         raise DataError(f"image_folder: folder {root} not found; {layout}")
@@ -300,8 +301,8 @@ def _sha256(path: Path) -> str:
 def _clear(out_dir: Path) -> None:
     # Manifest first: a folder without one is visibly incomplete until the new manifest lands.
     (out_dir / MANIFEST).unlink(missing_ok=True)
-    for p in [*out_dir.glob("*.npz"), *out_dir.glob("*.tmp")]:
-        p.unlink()
+    for p in [*out_dir.glob("*.npz"), *out_dir.glob("*.tmp"), out_dir / VOCAB]:
+        p.unlink(missing_ok=True)
 
 
 def _data_hash(files: dict[str, str]) -> str:
@@ -330,6 +331,8 @@ def prepare(cfg: DataConfig, seed: int, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     if cfg.source in SERIES:  # forecasting windows, split by time
         return prepare_series(cfg, seed, out_dir)
+    if cfg.source in TEXT_SOURCES:  # token ids and a vocabulary fitted on the training texts
+        return prepare_text(cfg, seed, out_dir)
     x, y, test, classes = SOURCES[cfg.source](cfg)  # a failing source raises before out_dir is touched
     if cfg.classes:
         x, y, test, classes = _keep_classes(x, y, test, classes, cfg.classes)
@@ -340,9 +343,11 @@ def prepare(cfg: DataConfig, seed: int, out_dir: str | Path) -> dict:
     return write_prepared(out_dir, splits, _manifest(cfg, seed, classes, splits))
 
 
-def write_prepared(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], manifest: dict) -> dict:
-    """The one writer of prepared-data folders (prepare, forecasting windows, offline augmentation): each split
-    as an npz, then `manifest` plus the files' sha256 and the data hash, last: its presence means complete."""
+def write_prepared(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], manifest: dict,
+                   extra: dict[str, str] | None = None) -> dict:
+    """The one writer of prepared-data folders (prepare, forecasting windows, text, offline augmentation): each
+    split as an npz and each `extra` file (name -> text, e.g. a vocabulary), then `manifest` plus the files'
+    sha256 and the data hash, last: its presence means complete."""
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear(out_dir)
     files = {}
@@ -350,6 +355,9 @@ def write_prepared(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray
         path = out_dir / f"{name}.npz"
         _atomic_write(path, lambda f: np.savez(f, x=xs, y=ys))  # uncompressed; zip entries carry a fixed date
         files[path.name] = _sha256(path)
+    for name, text in (extra or {}).items():
+        _atomic_write(out_dir / name, lambda f: f.write(text.encode()))
+        files[name] = _sha256(out_dir / name)
     manifest = {**manifest, "files": files, "data_hash": _data_hash(files)}
     text = json.dumps(manifest, indent=2) + "\n"
     _atomic_write(out_dir / MANIFEST, lambda f: f.write(text.encode()))

@@ -73,6 +73,22 @@ def learning_curve_figure(history: list[dict], title: str):
     return fig
 
 
+def perplexity_figure(history: list[dict], title: str):
+    """Language models: train and validation perplexity per epoch (log axis: it falls by orders at first)."""
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=110)
+    epochs = range(1, len(history) + 1)
+    for split in ("train", "val"):
+        ax.plot(epochs, [h[f"{split}_perplexity"] for h in history], marker=".", label=split)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("perplexity")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 # ---------------------------------------------------------------- what a CNN learned
 
 def kernels_figure(weight: torch.Tensor, title: str, max_kernels: int = 64):

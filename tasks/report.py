@@ -19,6 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
+from tasks.config import LOWER_IS_BETTER  # noqa: E402
+
 
 def ci95(values: list[float]) -> tuple[float, float]:
     """Mean and half-width of the 95% t-interval (nan half-width for a single value)."""
@@ -59,7 +61,8 @@ def cell_table(rows: list[dict], factors: list[str], metric: str) -> list[dict]:
                       "epochs_to_95": float(np.mean(speed)) if speed else float("nan"),
                       "diverged": sum(r.get("diverged", False) for r in runs),
                       "failed": sum(r["status"] != "FINISHED" for r in runs)})
-    table.sort(key=lambda c: -c["mean"] if math.isfinite(c["mean"]) else math.inf)
+    sign = 1 if metric in LOWER_IS_BETTER else -1  # best first: lowest error, or highest accuracy
+    table.sort(key=lambda c: sign * c["mean"] if math.isfinite(c["mean"]) else math.inf)
     return table
 
 
@@ -175,7 +178,8 @@ def _markdown(title, rows, factors, metric, table, effects, figures, notes) -> s
     diverged = sum(r.get("diverged", False) for r in rows)
     lines = [f"# {title}", "",
              f"{len(rows)} runs, {finished} finished, {diverged} diverged. Main metric: `{metric}` "
-             f"(test split; mean ± 95% CI over seeds). ★ marks the best cell.", ""]
+             f"(test split; mean ± 95% CI over seeds; {'lower' if metric in LOWER_IS_BETTER else 'higher'} is better). "
+             "★ marks the best cell.", ""]
     lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     lines += ["## Cells", "", "| " + " | ".join([*factors, metric, "seeds", "epochs to 95% of best val acc",
                                                   "diverged"]) + " |",
@@ -187,7 +191,8 @@ def _markdown(title, rows, factors, metric, table, effects, figures, notes) -> s
                                         str(c["n"]), speed, str(c["diverged"])]) + " |")
     lines += ["", "## Main effects", "", "Each level's mean over all other factors and seeds.", ""]
     for f, levels in effects.items():
-        best = max((lv for lv in levels if math.isfinite(lv["mean"])), key=lambda lv: lv["mean"], default=None)
+        pick = min if metric in LOWER_IS_BETTER else max
+        best = pick((lv for lv in levels if math.isfinite(lv["mean"])), key=lambda lv: lv["mean"], default=None)
         lines.append(f"**{f}**: " + " · ".join(
             f"{lv['level']} {fmt(lv['mean'], lv['ci'])}" + (" (best)" if lv is best else "") for lv in levels))
         lines.append("")

@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.registry import Deployed, count_parameters, create_model, get_spec
+from models.registry import Deployed, count_parameters, create_model, get_spec, list_models
 from tasks.config import Config, flatten, main_metric, params_hash
 from tasks.augment import AUGMENTED, BatchAugment
 from tasks.data import PROCESSED, load_prepared, prepare
 from tasks.evaluate import classification_metrics, confusion_figure, learning_curve_figure, predict
 from tasks.files import atomic_path, save_torch, write_json
 from tasks.progress import EpochProgress
+from tasks.text import VOCAB, Vocab, sample_text
 from tasks.tracking import Run, git_commit
 from tasks.train import Trainer, init_weights, resolve_device, seed_everything, to_device
 
@@ -62,13 +63,17 @@ def augment_stage(cfg: Config, data_dir: str | Path = PROCESSED, out_dir: str | 
     from tasks.augment import expand_offline, preview
 
     data = load_prepared(data_dir)
+    image = len(data.manifest["input_shape"]) == 3
     if preview_path:
-        fig = preview(cfg.augment, data, cfg.seed)
+        fig = preview(cfg.augment, data, cfg.seed) if image else _no_augmentation_figure(data.manifest["source"])
         with atomic_path(preview_path) as tmp:
             fig.savefig(tmp, format="png", dpi=110)
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+    if cfg.augment.offline_copies and not image:
+        raise ValueError(f"augment.offline_copies: {data.manifest['source']} holds no images; image augmentation "
+                         "applies to image sources only (set augment.offline_copies: 0)")
     if cfg.augment.offline_copies:
         return expand_offline(cfg.augment, data_dir, out_dir, cfg.seed)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -77,6 +82,18 @@ def augment_stage(cfg: Config, data_dir: str | Path = PROCESSED, out_dir: str | 
     (Path(out_dir) / "manifest.json").unlink(missing_ok=True)
     write_json(Path(out_dir) / "augment.json", {"offline_copies": 0, "note": "training augments on the fly"})
     return {"offline_copies": 0}
+
+
+def _no_augmentation_figure(source: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 1.2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, f"{source}: not images, nothing to augment", ha="center", va="center", fontsize=9)
+    return fig
 
 
 def training_data(cfg: Config, data_dir: str | Path = PROCESSED, augmented_dir: str | Path = AUGMENTED) -> Path:
@@ -95,6 +112,13 @@ def run_params(cfg: Config, name: str) -> dict:
 
 
 def build(arch: str, options: dict, manifest: dict) -> torch.nn.Module:
+    """create_model for the data `manifest` describes; token data hands its vocabulary size to the embedding."""
+    if manifest.get("vocab_size"):
+        if "vocab_size" not in get_spec(arch).options.model_fields:
+            takes = [n for n in list_models() if "vocab_size" in get_spec(n).options.model_fields]
+            raise ValueError(f"model {arch!r} does not read token ids ({manifest.get('source', 'the data')} is text); "
+                             f"models that do: {', '.join(takes)}")
+        options = {**options, "vocab_size": manifest["vocab_size"]}
     return create_model(arch, input_shape=tuple(manifest["input_shape"]), num_classes=manifest["num_classes"], **options)
 
 
@@ -149,15 +173,19 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
         "name": name, "arch": arch, "family": spec.family, "options": options,
         "input_shape": m["input_shape"], "num_classes": m["num_classes"], "classes": m["classes"],
         "normalization": m["normalization"], "config": cfg.model_dump(), "data_hash": m["data_hash"],
-        "task": m.get("task", "classification"), "series": m.get("series"),
+        "task": m.get("task", "classification"), "series": m.get("series"), "source": m["source"],
+        "vocab_size": m.get("vocab_size"),
         "run_id": run.run_id, "history": result.history, "epochs": result.epochs, "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early, "seconds": result.seconds,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     deployed = Deployed(copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format), mean, std,
                         m.get("task", "classification"), len(m["input_shape"]))
-    example = data.x_test[:4].astype(np.float32)
-    model_uri = run.log_model(deployed, example, metadata={"nnlab.arch": arch, "classes": m["classes"]})
+    tokens = m.get("vocab_size") is not None
+    example = data.x_test[:4] if tokens else data.x_test[:4].astype(np.float32)
+    vocab = Path(data_dir) / VOCAB
+    model_uri = run.log_model(deployed, example, metadata={"nnlab.arch": arch, "classes": m["classes"]},
+                              extra_files=[vocab] if tokens else None)  # the registered model encodes new text
     run.log_metrics({"epochs_run": result.epochs, "best_epoch": result.best_epoch,
                      "train_seconds": result.seconds, "parameters": count_parameters(model)})
     health = _log_health(run, trainer)
@@ -171,6 +199,10 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
         _log_what_it_learned(run, model, data.x_test[:1], mean, std, name)
     if hasattr(model, "attention_weights"):  # attention models: where they looked, for a few test examples
         _log_attention(run, model, data, mean, std, name)
+    if tokens:
+        run.log_file(vocab, "data")
+    if m.get("task") == "language_model":
+        _log_samples(run, model, Vocab.load(vocab), cfg.seed, name)
     final["model_uri"] = model_uri
     run.set_tags({"nnlab.model_uri": model_uri})
     save_torch(out_dir / "model.pt", final)
@@ -221,6 +253,15 @@ def _log_attention(run: Run, model, data, mean, std, name: str, n: int = 6) -> N
     labels = [f"#{i}" + (f" ({classes[int(y)]})" if classes else "") for i, y in enumerate(data.y_test[:n])]
     step = "image row" if len(data.manifest["input_shape"]) == 3 else "time step"
     run.log_figure(attention_figure(w, labels, f"{name}: attention over {step}s", step), "plots/attention.png")
+
+
+def _log_samples(run: Run, model, vocab: Vocab, seed: int, name: str, temperatures=(0.5, 0.8, 1.2),
+                 length: int = 300, prompt: str = "The ") -> None:
+    """Language models: text drawn from the trained model at a few temperatures (samples.txt)."""
+    samples = sample_text(model, vocab, prompt, length, list(temperatures), seed)
+    text = "".join(f"--- temperature {t} ---\n{s}\n\n" for t, s in samples.items())
+    run.log_text(text, "samples.txt")
+    print(f"{name}: sample at temperature {temperatures[1]}: {samples[temperatures[1]][:160]!r}", flush=True)
 
 
 def _log_health(run: Run, trainer: Trainer) -> list[str]:
@@ -281,6 +322,8 @@ def evaluate_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, tra
     run = Run(final["run_id"])
     if final.get("task") == "regression":
         metrics, fig, artifact = _forecast_evaluation(name, model, test, data, final, run)
+    elif final.get("task") == "language_model":
+        metrics, fig, artifact = _language_model_evaluation(name, model, test, final)
     else:
         metrics, cm = classification_metrics(predict(model, test.x), test.y, final["num_classes"])
         fig = confusion_figure(cm, final["classes"], f"{name}: test accuracy {metrics['test_accuracy']:.4f}")
@@ -319,6 +362,25 @@ def _forecast_evaluation(name: str, model, test, data, final: dict, run: Run):
     fig = forecast_figure(data.x_test, data.y_test, pred, naive,
                           f"{name}: test RMSE {metrics['test_rmse']:.4g} vs naive {metrics['naive_test_rmse']:.4g}")
     return metrics, fig, "plots/forecast.png"
+
+
+def _language_model_evaluation(name: str, model, test, final: dict):
+    """Next-character accuracy and perplexity (exp of the mean cross-entropy) on the held-out end of the text."""
+    import math
+
+    import torch.nn.functional as F
+
+    from tasks.evaluate import perplexity_figure
+
+    logits = predict(model, test.x)
+    ce = float(F.cross_entropy(logits.float(), test.y))
+    metrics = {"test_accuracy": float((logits.argmax(1) == test.y).float().mean()), "test_loss": ce,
+               "test_perplexity": math.exp(ce)}
+    print(f"{name}: test perplexity {metrics['test_perplexity']:.3f} over {final['num_classes']} characters "
+          f"(uniform guessing: {final['num_classes']}), next-character accuracy {metrics['test_accuracy']:.4f}",
+          flush=True)
+    fig = perplexity_figure(final["history"], f"{name}: test perplexity {metrics['test_perplexity']:.3f}")
+    return metrics, fig, "plots/perplexity.png"
 
 
 def _write_history(path: Path, history: list[dict]) -> None:

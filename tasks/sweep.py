@@ -26,8 +26,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tasks.config import (Config, ConfigError, SweepConfig, apply_sets, format_errors, main_metric, read_yaml,
-                          select_models, validate)
+from tasks.config import (LOWER_IS_BETTER, Config, ConfigError, SweepConfig, apply_sets, format_errors, main_metric,
+                          read_yaml, select_models, validate)
 
 SweepSpec = SweepConfig
 
@@ -173,11 +173,13 @@ def register_by_mean(rows: list[dict], spec: SweepSpec, cfg: Config, parent_run_
             by_cell.setdefault(tuple(sorted((k, str(v)) for k, v in r["levels"].items() if k != "seed")), []).append(r)
     if not by_cell:
         return None
-    key, runs = max(by_cell.items(), key=lambda kv: ci95([r[metric] for r in kv[1]])[0])
+    higher = metric not in LOWER_IS_BETTER
+    pick = max if higher else min
+    key, runs = pick(by_cell.items(), key=lambda kv: ci95([r[metric] for r in kv[1]])[0])
     mean, half = ci95([r[metric] for r in runs])
-    best = max(runs, key=lambda r: r[metric])
+    best = pick(runs, key=lambda r: r[metric])
     tags = {"nnlab.metric": metric, "nnlab.sweep": spec.name, "nnlab.sweep_parent": parent_run_id,
             "nnlab.cell": ",".join(f"{k}={v}" for k, v in key), f"mean_{metric}": mean, f"ci95_{metric}": half,
             "n_seeds": len(runs), "nnlab.run_id": best["run_id"]}
-    out = register_version(cfg.register.name, best["model_uri"], mean, cfg.register.min_delta, tags)
+    out = register_version(cfg.register.name, best["model_uri"], mean, cfg.register.min_delta, tags, higher=higher)
     return {**out, "cell": tags["nnlab.cell"], "mean": mean, "ci95": half, "run_id": best["run_id"]}

@@ -6,8 +6,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from tasks.config import LOWER_IS_BETTER  # every other registered metric: higher is better
+
 DEFAULT_STORE = Path("mlruns")
-LOWER_IS_BETTER = ("test_rmse",)  # every other registered metric: higher is better
 RUN_TAGS = ("nnlab.model", "nnlab.family", "nnlab.dataset", "nnlab.git_commit", "nnlab.data_hash", "nnlab.params_hash")
 
 
@@ -169,12 +170,16 @@ class Run:
     def log_file(self, local: str | Path, folder: str | None = None) -> None:
         self.c.log_artifact(self.run_id, str(local), folder)
 
-    def log_model(self, module, example, metadata: dict | None = None) -> str:
+    def log_text(self, text: str, path: str) -> None:
+        self.c.log_text(self.run_id, text, path)
+
+    def log_model(self, module, example, metadata: dict | None = None, extra_files: list | None = None) -> str:
         """Log `module` (raw inputs -> class probabilities) with signature and input example; returns its URI."""
         import mlflow
         import mlflow.pytorch
         from mlflow.models import infer_signature
 
+        import numpy as np
         import torch
 
         with torch.no_grad():
@@ -184,6 +189,9 @@ class Run:
             info = mlflow.pytorch.log_model(
                 module, name="model", signature=signature, input_example=example,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], metadata=metadata,
+                extra_files=[str(f) for f in extra_files] if extra_files else None,
+                # torch.export cannot trace packed sequences (their lengths are data): those models are pickled
+                serialization_format="pickle" if not np.issubdtype(np.asarray(example).dtype, np.floating) else None,
             )
             self.c.update_run(self.run_id, status="RUNNING")  # leaving the context marked it FINISHED
         return info.model_uri
@@ -312,3 +320,24 @@ def load_checkpoint(ref: str) -> tuple[dict, str]:
         raise LookupError(f"{uri}: run {run_id} has no checkpoint/model.pt artifact (not trained by nnlab?): "
                           f"{type(e).__name__}") from None
     return torch.load(local, map_location="cpu", weights_only=False), uri
+
+
+def load_served(ref: str):
+    """(the logged model: raw inputs -> probabilities, its vocabulary dict or None, its class names, pinned URI)."""
+    import json
+
+    import mlflow.artifacts
+    import mlflow.pytorch
+    from mlflow.models import get_model_info
+
+    uri = resolve_model_uri(ref)
+    try:
+        info = get_model_info(uri)
+        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+    except Exception as e:
+        raise LookupError(f"{uri}: cannot load the model from {tracking_uri()} ({type(e).__name__}: {e})") from None
+    try:
+        vocab = json.loads(Path(mlflow.artifacts.download_artifacts(f"{uri}/extra_files/vocab.json")).read_text())
+    except Exception:  # image and series models carry no vocabulary
+        vocab = None
+    return model.eval(), vocab, (info.metadata or {}).get("classes") or [], uri

@@ -194,7 +194,7 @@ class Trainer:
     history: list = field(default_factory=list)
     seconds: float = 0.0
     diagnostics: Diagnostics | None = None
-    task: str = "classification"  # or "regression" (forecasting): the loss and metrics, never the model type
+    task: str = "classification"  # "regression" (forecasting), "language_model": the loss and metrics, never the model
     augment: Callable | None = None  # (B, C, H, W) batch -> augmented batch, applied to training batches only
 
     def __post_init__(self):
@@ -204,7 +204,8 @@ class Trainer:
         self.shuffle = torch.Generator().manual_seed(self.seed)  # batch order; separate from dropout's RNG
         self.bf16 = use_bf16(self.cfg.precision, self.device)
         self.regularised = bool(self.cfg.l1 or self.cfg.l2)
-        self.classify = self.task == "classification"
+        self.classify = self.task in ("classification", "language_model")
+        self.perplexity = self.task == "language_model"  # exp(cross-entropy per predicted token)
         self.loss_fn = F.cross_entropy if self.classify else F.mse_loss  # mse on standardised targets
         if self.cfg.diagnostics.enabled:
             self.diagnostics = Diagnostics(self.model, self.cfg.diagnostics.every)
@@ -252,6 +253,8 @@ class Trainer:
                 self.diagnostics.non_finite = True
             raise NonFiniteLoss(self.epoch + 1, step + 1, float(losses[step]))
         out = {"train_loss": float(losses.sum()) / n}
+        if self.perplexity:
+            out["train_perplexity"] = math.exp(min(out["train_loss"], 50.0))
         return out | {"train_accuracy": int(correct) / n} if self.classify else out
 
     @torch.no_grad()
@@ -266,7 +269,10 @@ class Trainer:
             if self.classify:
                 correct += int((out.argmax(1) == yb).sum())
         n = len(data.y)
-        return {f"{prefix}_loss": loss / n} | ({f"{prefix}_accuracy": correct / n} if self.classify else {})
+        out = {f"{prefix}_loss": loss / n} | ({f"{prefix}_accuracy": correct / n} if self.classify else {})
+        if self.perplexity:
+            out[f"{prefix}_perplexity"] = math.exp(min(loss / n, 50.0))
+        return out
 
     def fit(self, train: Split, val: Split, on_epoch: Callable | None = None,
             progress: Callable | None = None) -> FitResult:
@@ -345,7 +351,10 @@ class Trainer:
 
 
 def to_device(x: np.ndarray, y: np.ndarray, mean, std, device: torch.device, channels_last: bool) -> Split:
-    """Raw arrays -> normalised float32 tensors on `device` (whole split preloaded)."""
+    """Raw arrays -> normalised float32 tensors on `device` (whole split preloaded); token ids (N, T) integers
+    stay int64 ids."""
+    if np.issubdtype(np.asarray(x).dtype, np.integer) and np.ndim(x) == 2:  # token ids: indices, never scaled
+        return Split(torch.as_tensor(x, dtype=torch.long).to(device), torch.as_tensor(y, dtype=torch.long).to(device))
     xt = torch.as_tensor(x, dtype=torch.float32)
     if xt.dim() == 4:  # (N, C, H, W): per-channel statistics
         shape = (1, -1, 1, 1)

@@ -228,3 +228,16 @@ def test_lstm_reads_mnist_row_by_row(tmp_path):
     Trainer(model, cfg, 0, cpu).fit(train, val)
     acc = (predict(model, test.x).argmax(1) == test.y).float().mean().item()
     assert acc >= 0.95, f"sequential mnist5k test accuracy {acc:.4f}"
+
+
+def test_count_macs_counts_recurrent_cells_and_attention():
+    from models.analysis import count_macs
+
+    m = create_model("lstm", input_shape=(28, 28), num_classes=10, hidden=32)
+    assert count_macs(m, (28, 28)) == 28 * 4 * (28 + 32) * 32 + 32 * 10  # steps x gates x (in + hidden) x hidden
+    m = create_model("gru", input_shape=(50,), num_classes=2, hidden=16, vocab_size=100, embedding_dim=8,
+                     bidirectional=True, layers=2)
+    assert count_macs(m, (50,)) == 50 * 2 * 3 * ((8 + 16) * 16 + (32 + 16) * 16) + 32 * 2  # layer 2 reads both ways
+    m = create_model("transformer", input_shape=(10, 4), num_classes=3, d_model=8, heads=2, layers=1, ff=16)
+    projection, qkvo, scores, ff, head = 10 * 4 * 8, 4 * 10 * 8 * 8, 2 * 10 * 10 * 8, 2 * 10 * 8 * 16, 8 * 3
+    assert count_macs(m, (10, 4)) == projection + qkvo + scores + ff + head

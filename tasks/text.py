@@ -1,0 +1,289 @@
+"""Text -> token ids: a tokenizer, a vocabulary fitted on the training split only, fixed-length right-padded ids.
+
+Sources:
+  text_csv  a user's CSV/TSV (`data.path`) with a text and a label column; labels may be strings or integers;
+  imdb      the IMDB reviews archive (aclImdb/{train,test}/{neg,pos}/*.txt), read from `data.path`;
+  charlm    next-character prediction on a text file, by default the standard library's documentation text
+            (`pydoc_data.topics`, ~465k characters of English that every Python ships).
+Prepared folders have the layout `prepare` writes for images, plus `vocab.json` (a DVC output beside the
+splits, logged to MLflow with the model so new text can be encoded the same way):
+x (N, T) int64 token ids, 0 = padding (always at the end), 1 = out of vocabulary; y (N,) int64.
+"""
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tasks.config import DataConfig
+
+PAD, UNK = "<pad>", "<unk>"  # ids 0 and 1
+VOCAB = "vocab.json"
+TEXT_SOURCES = ("text_csv", "imdb", "charlm")
+DEFAULT_LENGTH = {"text_csv": 200, "imdb": 200, "charlm": 64}  # tokens per example; charlm: context characters
+WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")  # lowercased words (with 's, n't), each other mark alone
+IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
+IMDB_ARCHIVE = "aclImdb_v1.tar.gz"
+
+
+def tokenize(text: str, kind: str = "word") -> list[str]:
+    if kind == "char":
+        return list(text)
+    return WORD.findall(text.replace("<br />", " ").lower())  # IMDB marks line breaks with <br />
+
+
+@dataclass
+class Vocab:
+    tokens: list[str]  # id -> token; 0 padding, 1 out of vocabulary
+    tokenizer: str = "word"
+    max_length: int = 200  # encode() cuts longer texts and pads shorter ones to this many ids
+    index: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.index = {t: i for i, t in enumerate(self.tokens)}
+
+    @classmethod
+    def fit(cls, texts, tokenizer: str, max_length: int, min_freq: int = 1, max_size: int | None = None) -> "Vocab":
+        """The most frequent tokens of `texts` seen at least `min_freq` times, at most `max_size` ids in all
+        (padding and out-of-vocabulary included); ties broken alphabetically so the ids are reproducible."""
+        counts = Counter(tok for t in texts for tok in tokenize(t, tokenizer))
+        keep = sorted((t for t, c in counts.items() if c >= min_freq and t not in (PAD, UNK)),
+                      key=lambda t: (-counts[t], t))
+        if max_size is not None:
+            keep = keep[:max_size - 2]
+        return cls([PAD, UNK, *keep], tokenizer, max_length)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def ids(self, text: str) -> list[int]:
+        return [self.index.get(t, 1) for t in tokenize(text, self.tokenizer)]
+
+    def encode(self, texts) -> np.ndarray:
+        """(N,) texts -> (N, max_length) int64 ids, cut at max_length, right-padded with 0."""
+        out = np.zeros((len(texts), self.max_length), dtype=np.int64)
+        for i, t in enumerate(texts):
+            ids = self.ids(t)[:self.max_length]
+            out[i, :len(ids)] = ids
+        return out
+
+    def decode(self, ids) -> str:
+        toks = [self.tokens[int(i)] for i in ids if int(i) != 0]
+        return ("" if self.tokenizer == "char" else " ").join(toks)
+
+    def to_dict(self) -> dict:
+        return {"tokenizer": self.tokenizer, "max_length": self.max_length, "pad_id": 0, "unk_id": 1,
+                "size": len(self.tokens), "tokens": self.tokens}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Vocab":
+        return cls(d["tokens"], d["tokenizer"], d["max_length"])
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Vocab":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# ---------------------------------------------------------------- sources: (texts, labels, test, classes)
+
+def _error(msg: str):
+    from tasks.data import DataError
+
+    return DataError(msg)
+
+
+def class_names(labels) -> tuple[np.ndarray, list[str]]:
+    """Labels as strings or integers -> (class index per example, class names); integer labels sort as numbers."""
+    names = sorted({str(v).strip() for v in labels})
+    if all(re.fullmatch(r"-?\d+", n) for n in names):
+        names = sorted(names, key=int)
+    index = {n: i for i, n in enumerate(names)}
+    return np.array([index[str(v).strip()] for v in labels], dtype=np.int64), names
+
+
+def _text_csv(cfg: DataConfig):
+    import pandas as pd
+
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise _error(f"data.path: {path} is not a file; text_csv reads a CSV or TSV file with columns "
+                     f"{cfg.text_column!r} and {cfg.label_column!r}")
+    sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    try:
+        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    except Exception as e:  # malformed quoting, binary file, ...
+        raise _error(f"data.path: cannot read {path} as {'TSV' if sep == chr(9) else 'CSV'}: {e}") from e
+    for key, col in (("data.text_column", cfg.text_column), ("data.label_column", cfg.label_column)):
+        if col not in df.columns:
+            raise _error(f"{key}: no column {col!r} in {path}; its columns are: {', '.join(map(str, df.columns))}")
+    df = df[df[cfg.label_column].str.strip() != ""]  # rows without a label cannot be learned from
+    y, classes = class_names(df[cfg.label_column])
+    if len(classes) < 2:
+        raise _error(f"{path}: column {cfg.label_column!r} holds {len(classes)} distinct label(s); "
+                     "classification needs at least 2")
+    return df[cfg.text_column].to_numpy(dtype=object), y, None, classes
+
+
+def imdb_folder(cfg: DataConfig) -> Path:
+    """The aclImdb folder under data.path: extracted from aclImdb_v1.tar.gz there if needed, downloaded into it
+    first only when data.download is true."""
+    root = Path(cfg.path)
+    for cand in (root / "aclImdb", root):
+        if (cand / "train").is_dir() and (cand / "test").is_dir():
+            return cand
+    archive = root / IMDB_ARCHIVE
+    if not archive.is_file():
+        if not cfg.download:
+            from tasks.data import DOWNLOAD_HINT
+
+            raise _error(f"IMDB reviews not found in {root} (expected {root / 'aclImdb'}/train/pos/*.txt ... or "
+                         f"{archive}); {DOWNLOAD_HINT} (84 MB from {IMDB_URL})")
+        _download(IMDB_URL, archive)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".extract-") as tmp:  # extract, then rename: never half there
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith("aclImdb/") and "/unsup/" not in m.name]
+            tar.extractall(tmp, members=members, filter="data")
+        (Path(tmp) / "aclImdb").rename(root / "aclImdb")
+    return root / "aclImdb"
+
+
+def _download(url: str, dest: Path) -> None:
+    import urllib.request
+
+    from tasks.files import atomic_path
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    print(f"downloading {url} -> {dest}", flush=True)
+    with urllib.request.urlopen(url) as r, atomic_path(dest) as tmp, open(tmp, "wb") as f:
+        while chunk := r.read(1 << 20):
+            f.write(chunk)
+
+
+def _imdb(cfg: DataConfig):
+    from tasks.data import _progress
+
+    folder = imdb_folder(cfg)
+    classes = ["neg", "pos"]
+
+    def read(split: str):
+        files = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / split / c).glob("*.txt"))]
+        if not files or len({i for _, i in files}) < 2:
+            raise _error(f"{folder / split}: expected review files in both neg/ and pos/")
+        texts = [p.read_text(encoding="utf-8", errors="replace")
+                 for p, _ in _progress(files, f"reading {len(files)} {split} reviews")]
+        return np.array(texts, dtype=object), np.array([i for _, i in files], dtype=np.int64)
+
+    x, y = read("train")
+    return x, y, read("test"), classes
+
+
+def corpus(cfg: DataConfig) -> tuple[str, str]:
+    """charlm's text and a description: data.path, or the standard library's pydoc topics."""
+    if cfg.path is not None:
+        path = Path(cfg.path)
+        if not path.is_file():
+            raise _error(f"data.path: {path} is not a text file (charlm reads one; leave data.path unset for the "
+                         "bundled corpus)")
+        return path.read_text(encoding="utf-8", errors="replace"), str(path)
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics)), "Python's documentation topics (pydoc_data.topics)"
+
+
+# ---------------------------------------------------------------- prepare
+
+def prepare_text(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
+    if cfg.source == "charlm":
+        return _prepare_charlm(cfg, seed, out_dir)
+    from tasks.data import _keep_classes, _split, write_prepared
+
+    x, y, test, classes = {"text_csv": _text_csv, "imdb": _imdb}[cfg.source](cfg)
+    if cfg.classes:
+        x, y, test, classes = _keep_classes(x, y, test, classes, cfg.classes)
+    splits = _split(x, y, test, cfg, seed)
+    train_texts = splits["train"][0]
+    lengths = np.array([len(tokenize(t, cfg.tokenizer)) for t in train_texts])
+    cap = cfg.max_length or DEFAULT_LENGTH[cfg.source]
+    steps = int(min(cap, max(lengths.max(initial=1), 1)))  # no longer than the longest training text
+    vocab = Vocab.fit(train_texts, cfg.tokenizer, steps, cfg.min_freq, cfg.max_vocab)  # training split only
+    encoded = {s: (vocab.encode(t), lab) for s, (t, lab) in splits.items()}
+    val_tokens = [tok for t in splits["val"][0] for tok in tokenize(t, cfg.tokenizer)]
+    oov = sum(tok not in vocab.index for tok in val_tokens) / max(len(val_tokens), 1)
+    return write_prepared(out_dir, encoded, {
+        "source": cfg.source, "task": "classification",
+        "input_shape": [steps], "num_classes": len(classes), "classes": classes, "vocab_size": len(vocab),
+        "counts": {s: {c: int(n) for c, n in zip(classes, np.bincount(lab, minlength=len(classes)))}
+                   for s, (_, lab) in encoded.items()},
+        "sizes": {s: len(lab) for s, (_, lab) in encoded.items()},
+        "normalization": {"mean": [0.0], "std": [1.0]},  # token ids are indices, never scaled
+        "text": {"tokenizer": cfg.tokenizer, "max_length": steps, "vocab_size": len(vocab),
+                 "mean_tokens": round(float(lengths.mean()), 1), "truncated": round(float((lengths > steps).mean()), 4),
+                 "val_oov_rate": round(oov, 4)},
+        "config": cfg.model_dump(), "seed": seed,
+    }, extra={VOCAB: json.dumps(vocab.to_dict(), ensure_ascii=False) + "\n"})
+
+
+def char_windows(ids: np.ndarray, steps: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Windows of `steps` ids and the id that follows each, evenly spaced to at most `limit` of them:
+    x (N, steps), y (N,)."""
+    n = len(ids) - steps
+    if n < 1:
+        return np.zeros((0, steps), np.int64), np.zeros(0, np.int64)
+    starts = np.arange(0, n, max(1, -(-n // limit)))
+    return np.stack([ids[s:s + steps] for s in starts]), ids[starts + steps]
+
+
+def _prepare_charlm(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
+    from tasks.data import write_prepared
+
+    text, description = corpus(cfg)
+    steps = cfg.max_length or DEFAULT_LENGTH["charlm"]
+    n = len(text)
+    n_test, n_val = int(n * cfg.test_fraction), int(n * cfg.val_fraction)
+    parts = {"train": text[:n - n_val - n_test], "val": text[n - n_val - n_test:n - n_test], "test": text[n - n_test:]}
+    if min(len(p) for p in parts.values()) <= steps + 1:
+        raise _error(f"{description}: {n} characters leave too few for {steps}-character windows in every split; "
+                     "use a longer text or a smaller data.max_length")
+    vocab = Vocab.fit([parts["train"]], "char", steps, min_freq=1, max_size=cfg.max_vocab)  # chronological split
+    limit = cfg.max_train or 50_000  # windows per epoch; val/test in proportion
+    splits = {}
+    for s, part in parts.items():
+        ids = np.array(vocab.ids(part), dtype=np.int64)
+        splits[s] = char_windows(ids, steps, limit if s == "train" else max(limit // 5, 100))
+    return write_prepared(out_dir, splits, {
+        "source": "charlm", "task": "language_model", "description": description,
+        "input_shape": [steps], "num_classes": len(vocab), "classes": [], "vocab_size": len(vocab),
+        "sizes": {s: len(y) for s, (_, y) in splits.items()},
+        "normalization": {"mean": [0.0], "std": [1.0]},
+        "text": {"tokenizer": "char", "max_length": steps, "vocab_size": len(vocab), "characters": n,
+                 "split_characters": {s: len(p) for s, p in parts.items()}},
+        "config": cfg.model_dump(), "seed": seed,
+    }, extra={VOCAB: json.dumps(vocab.to_dict(), ensure_ascii=False) + "\n"})
+
+
+# ---------------------------------------------------------------- language-model sampling
+
+def sample_text(model, vocab: Vocab, prompt: str, length: int, temperatures: list[float], seed: int = 0) -> dict:
+    """Characters drawn one at a time from a next-character model, one stream per temperature (batched):
+    each step feeds the last `vocab.max_length` ids. Lower temperature: safer, more repetitive text."""
+    import torch
+
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    start = vocab.ids(prompt)[-vocab.max_length:] or [1]
+    ids = torch.tensor([start] * len(temperatures), device=dev)  # (K, t)
+    temps = torch.tensor(temperatures, device=dev, dtype=torch.float32)[:, None]
+    model.eval()
+    with torch.no_grad():
+        for _ in range(length):
+            logits = model(ids[:, -vocab.max_length:]).float()  # (K, V)
+            logits[:, 0] = -torch.inf  # never padding
+            nxt = torch.multinomial(torch.softmax(logits / temps, 1), 1, generator=gen)
+            ids = torch.cat([ids, nxt], 1)
+    return {t: prompt + vocab.decode(row[len(start):].tolist()) for t, row in zip(temperatures, ids.cpu())}
