@@ -295,6 +295,15 @@ def predict(model: Annotated[str, typer.Argument(help="models:/<name>@<alias>, m
         typer.echo(f"{shown}\t{t[:80]}")
 
 
+@app.command("example-csv")
+def example_csv(out: Annotated[Path, typer.Argument(help="CSV file to write")] = Path("docstrings.csv")):
+    """Write a real text CSV to try `text_csv` offline: standard-library docstrings (text) labelled by module (label)."""
+    from tasks.text import DOC_MODULES, docstrings_csv
+
+    n = docstrings_csv(out)
+    typer.echo(f"{out}: {n} docstrings of {', '.join(DOC_MODULES)} (columns text, label)")
+
+
 @app.command("models")
 def models_cmd(input_shape: Annotated[str, typer.Option(help="C,H,W of the input")] = "1,28,28",
                classes: Annotated[int, typer.Option(help="number of classes")] = 10):

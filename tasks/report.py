@@ -181,14 +181,16 @@ def _markdown(title, rows, factors, metric, table, effects, figures, notes) -> s
              f"(test split; mean ± 95% CI over seeds; {'lower' if metric in LOWER_IS_BETTER else 'higher'} is better). "
              "★ marks the best cell.", ""]
     lines += [f"- {n}" for n in notes] + ([""] if notes else [])
-    lines += ["## Cells", "", "| " + " | ".join([*factors, metric, "seeds", "epochs to 95% of best val acc",
+    accuracy = any(math.isfinite(c["epochs_to_95"]) for c in table)  # classifiers: how fast, too
+    lines += ["## Cells", "", "| " + " | ".join([*factors, metric, "seeds",
+                                                  *(["epochs to 95% of best val acc"] if accuracy else []),
                                                   "diverged"]) + " |",
-              "|" + "---|" * (len(factors) + 4)]
+              "|" + "---|" * (len(factors) + 3 + accuracy)]
     for i, c in enumerate(table):
         star = " ★" if i == 0 and math.isfinite(c["mean"]) else ""
-        speed = f"{c['epochs_to_95']:.1f}" if math.isfinite(c["epochs_to_95"]) else "—"
+        speed = [f"{c['epochs_to_95']:.1f}" if math.isfinite(c["epochs_to_95"]) else "—"] if accuracy else []
         lines.append("| " + " | ".join([*(str(c["levels"][f]) for f in factors), fmt(c["mean"], c["ci"]) + star,
-                                        str(c["n"]), speed, str(c["diverged"])]) + " |")
+                                        str(c["n"]), *speed, str(c["diverged"])]) + " |")
     lines += ["", "## Main effects", "", "Each level's mean over all other factors and seeds.", ""]
     for f, levels in effects.items():
         pick = min if metric in LOWER_IS_BETTER else max

@@ -151,8 +151,10 @@ def report(parent_run_id: str, spec: SweepSpec, cells: list[Cell], out_dir: str 
     for r in rows:
         r["levels"] = {**r["levels"], "seed": r["seed"]}
     notes = [spec.description] if spec.description else []
-    notes.append(f"MLflow parent run `{parent_run_id}`; model `{cells[0].cfg.model_options(next(iter(cells[0].cfg.models)))[0]}`"
-                 f" on `{cells[0].cfg.data.source}`.")
+    archs = sorted({c.cfg.model_options(next(iter(c.cfg.models)))[0] for c in cells})
+    sources = sorted({c.cfg.data.source for c in cells})
+    notes.append(f"MLflow parent run `{parent_run_id}`; {'models' if len(archs) > 1 else 'model'} "
+                 f"{', '.join(f'`{a}`' for a in archs)} on {', '.join(f'`{s}`' for s in sources)}.")
     paths = write_report(f"Sweep report: {spec.name}", rows, factors, metric, out_dir, notes)
     run = Run(parent_run_id)
     for p in paths.values():

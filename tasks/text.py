@@ -267,6 +267,38 @@ def _prepare_charlm(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
     }, extra={VOCAB: json.dumps(vocab.to_dict(), ensure_ascii=False) + "\n"})
 
 
+# ---------------------------------------------------------------- a real text CSV every Python ships
+
+DOC_MODULES = ("os", "socket", "statistics", "decimal", "datetime", "math", "random", "pathlib", "collections", "time")
+
+
+def docstrings_csv(path: str | Path, modules=DOC_MODULES) -> int:
+    """Write a text_csv demo file: the docstrings of the public functions, classes and methods of a few
+    standard-library modules (text), labelled by module (label). Real English with a real signal (which API
+    is this text about?), offline. Returns the number of rows."""
+    import csv
+    import importlib
+    import inspect
+
+    from tasks.files import atomic_path
+
+    rows, seen = [], set()
+    for name in modules:
+        mod = importlib.import_module(name)
+        objs = [o for k, o in sorted(vars(mod).items()) if not k.startswith("_") and callable(o)]
+        objs += [f for o in objs if inspect.isclass(o) for k, f in sorted(vars(o).items()) if not k.startswith("_")]
+        for o in objs:
+            doc = inspect.getdoc(o)
+            if doc and len(doc) > 20 and doc not in seen:  # inherited or shared docstrings once only
+                seen.add(doc)
+                rows.append({"text": " ".join(doc.split()), "label": name})
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["text", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    return len(rows)
+
+
 # ---------------------------------------------------------------- language-model sampling
 
 def sample_text(model, vocab: Vocab, prompt: str, length: int, temperatures: list[float], seed: int = 0) -> dict:
