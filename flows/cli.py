@@ -280,12 +280,12 @@ def predict(model: Annotated[str, typer.Argument(help="models:/<name>@<alias>, m
     from tasks.tracking import load_served
 
     try:
-        net, vocab, classes, uri = load_served(model)
+        net, vocab, meta, uri = load_served(model)
     except (LookupError, ValueError) as e:
         fail(str(e))
     if vocab is None:
         fail(f"{uri} was not trained on text (it has no extra_files/vocab.json); predict reads text models only")
-    v = Vocab.from_dict(vocab)
+    v, classes = Vocab.from_dict(vocab), meta.get("classes") or []
     with torch.no_grad():
         probs = net(torch.as_tensor(v.encode(texts)))
     for t, p in zip(texts, probs):
@@ -293,6 +293,37 @@ def predict(model: Annotated[str, typer.Argument(help="models:/<name>@<alias>, m
         shown = ", ".join(f"{classes[i] if i < len(classes) else i} {float(q):.3f}"
                           for q, i in zip(best.values, best.indices.tolist()))
         typer.echo(f"{shown}\t{t[:80]}")
+
+
+@app.command()
+def sample(model: Annotated[str, typer.Option("--model", help="generator: models:/<name>@<alias>, "
+                                               "models:/<name>/<version> or a run id")] = "models:/nnlab-generator@champion",
+           n: Annotated[int, typer.Option("-n", min=1, max=4096, help="samples to draw")] = 64,
+           out: Annotated[Path, typer.Option("-o", "--out", help="PNG to write")] = Path("samples.png"),
+           seed: Annotated[int, typer.Option(help="seed of the noise")] = 0):
+    """Draw samples from a logged or registered GAN generator into a PNG grid (a scatter plot for 2-D data)."""
+    import torch
+
+    from tasks.files import atomic_path
+    from tasks.gan import points_figure, sample_grid_figure
+    from tasks.tracking import load_served
+
+    try:
+        net, _, meta, uri = load_served(model)
+    except (LookupError, ValueError) as e:
+        fail(str(e))
+    if meta.get("nnlab.kind") != "generator":
+        fail(f"{uri} is not a GAN generator (train one with e.g. `nnlab run --models dcgan`)")
+    z = torch.randn(n, int(meta["latent_dim"]), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        x = torch.cat([net(z[i:i + 256]) for i in range(0, n, 256)]).numpy()
+    if meta["image"]:
+        fig = sample_grid_figure(x / float(meta["max_value"]), max(1, int(round(n ** 0.5))), f"{n} samples from {uri}")
+    else:
+        fig = points_figure(None, x, None, f"{n} samples from {uri}")
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    typer.echo(f"{out}: {n} samples from {uri}")
 
 
 @app.command("example-csv")

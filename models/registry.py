@@ -56,7 +56,7 @@ def register_model(name: str, *, family: str, options: type[Options]):
 
 def _load_families() -> None:
     # Importing the family modules runs their @register_model decorators.
-    from models import cnn, mlp, sequence, transfer  # noqa: F401
+    from models import cnn, gan, mlp, sequence, transfer  # noqa: F401
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SOURCES = ("digits", "mnist5k", "mnist", "fashion_mnist", "cifar10", "image_folder", "sunspots", "co2", "text_csv",
-           "imdb", "charlm")
+           "imdb", "charlm", "ring8")
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw")
 INITS = ("default", "he_normal", "he_uniform", "xavier_normal", "xavier_uniform", "orthogonal")
 INIT_ALIASES = {"glorot_normal": "xavier_normal", "glorot_uniform": "xavier_uniform",
@@ -37,7 +37,7 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     source: Literal["digits", "mnist5k", "mnist", "fashion_mnist", "cifar10", "image_folder", "sunspots", "co2",
-                    "text_csv", "imdb", "charlm"] = "digits"
+                    "text_csv", "imdb", "charlm", "ring8"] = "digits"
     # folder of mnist/fashion_mnist/cifar10/imdb's standard files or image_folder's classes (default data/raw);
     # text_csv: the CSV/TSV file (required); charlm: a text file (default: the bundled pydoc topics corpus)
     path: str | None = None
@@ -57,6 +57,7 @@ class DataConfig(Section):
     max_length: int | None = Field(default=None, ge=2, le=10_000)  # tokens per text (None: 200), charlm context (64)
     min_freq: int = Field(default=2, ge=1)  # a token enters the vocabulary when seen this often in training texts
     max_vocab: int = Field(default=20_000, ge=3)  # vocabulary size cap, padding and out-of-vocabulary ids included
+    ring8_size: int = Field(default=8_000, ge=100)  # ring8: points drawn from the 8 Gaussians (all splits)
 
     @model_validator(mode="after")
     def _path_needed(self):
@@ -125,8 +126,11 @@ class TrainConfig(Section):
 class RegisterConfig(Section):
     enabled: bool = True
     name: str = Field(default="nnlab-classifier", min_length=1)  # registered model name
-    # auto: accuracy (higher wins); forecasts: rmse, charlm: perplexity (lower wins)
-    metric: Literal["auto", "test_accuracy", "test_rmse", "test_perplexity"] = "auto"
+    # auto: accuracy (higher wins); forecasts: rmse, charlm: perplexity, image GANs: classifier Frechet distance
+    # (lower wins); ring8 GANs: mode_overlap (higher wins)
+    metric: Literal["auto", "test_accuracy", "test_rmse", "test_perplexity", "classifier_fid", "mode_overlap",
+                    "frechet_distance"] = "auto"
+    generator_name: str = Field(default="nnlab-generator", min_length=1)  # where GAN generators are registered
     min_delta: float = Field(default=0.0, ge=0.0)  # a challenger must beat the champion by more than this
 
 
@@ -185,13 +189,27 @@ class Config(Section):
 
 
 FORECAST_SOURCES = ("sunspots", "co2")
-LOWER_IS_BETTER = ("test_rmse", "test_perplexity")
+LOWER_IS_BETTER = ("test_rmse", "test_perplexity", "classifier_fid", "frechet_distance")
+
+
+def is_generative(cfg: "Config") -> bool:
+    """Every model of `cfg` is a GAN (they are compared on the Frechet distance, registered as generators)."""
+    from models.registry import get_spec
+
+    return all(get_spec(cfg.model_options(n)[0]).family == "gan" for n in cfg.models)
+
+
+def register_name(cfg: "Config") -> str:
+    """Registered-model name of this experiment's winner: GAN generators go under their own name."""
+    return cfg.register.generator_name if cfg.models and is_generative(cfg) else cfg.register.name
 
 
 def main_metric(cfg: "Config") -> str:
     """The metric registration and sweeps compare: register.metric, or by task when it is `auto`."""
     if cfg.register.metric != "auto":
         return cfg.register.metric
+    if cfg.models and is_generative(cfg):  # ring8: how the samples share out over the modes; images: FID
+        return "mode_overlap" if cfg.data.source == "ring8" else "classifier_fid"
     if cfg.data.source in FORECAST_SOURCES:
         return "test_rmse"
     return "test_perplexity" if cfg.data.source == "charlm" else "test_accuracy"

@@ -333,6 +333,8 @@ def prepare(cfg: DataConfig, seed: int, out_dir: str | Path) -> dict:
         return prepare_series(cfg, seed, out_dir)
     if cfg.source in TEXT_SOURCES:  # token ids and a vocabulary fitted on the training texts
         return prepare_text(cfg, seed, out_dir)
+    if cfg.source == "ring8":  # 2-D points, for GANs
+        return _prepare_ring8(cfg, seed, out_dir)
     x, y, test, classes = SOURCES[cfg.source](cfg)  # a failing source raises before out_dir is touched
     if cfg.classes:
         x, y, test, classes = _keep_classes(x, y, test, classes, cfg.classes)
@@ -341,6 +343,23 @@ def prepare(cfg: DataConfig, seed: int, out_dir: str | Path) -> dict:
         test = _conform(test[0], cfg.image_size, cfg.channels), test[1]
     splits = _split(x, y, test, cfg, seed)
     return write_prepared(out_dir, splits, _manifest(cfg, seed, classes, splits))
+
+
+def _prepare_ring8(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
+    from tasks.gan import centers, ring8
+
+    ring = {"radius": 2.0, "std": 0.02, "centers": centers(8, 2.0).tolist()}  # the benchmark's usual ring
+    x, y = ring8(cfg.ring8_size, seed, ring["radius"], ring["std"])
+    splits = _split(x, y, None, cfg, seed)
+    classes = [f"mode {k}" for k in range(8)]
+    return write_prepared(out_dir, splits, {
+        "source": "ring8", "task": "generation", "description": "8 Gaussians on a circle (mode-collapse benchmark)",
+        "input_shape": [2], "num_classes": 8, "classes": classes,
+        "counts": {s: {c: int(n) for c, n in zip(classes, np.bincount(ys, minlength=8))} for s, (_, ys) in splits.items()},
+        "sizes": {s: len(ys) for s, (_, ys) in splits.items()},
+        "normalization": {"mean": [0.0, 0.0], "std": [1.0, 1.0]},  # the points' own units
+        "ring8": ring, "config": cfg.model_dump(), "seed": seed,
+    })
 
 
 def write_prepared(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], manifest: dict,

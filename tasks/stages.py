@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from models.registry import Deployed, count_parameters, create_model, get_spec, list_models
-from tasks.config import Config, flatten, main_metric, params_hash
+from tasks.config import Config, flatten, main_metric, params_hash, register_name
 from tasks.augment import AUGMENTED, BatchAugment
 from tasks.data import PROCESSED, load_prepared, prepare
 from tasks.evaluate import classification_metrics, confusion_figure, learning_curve_figure, predict
@@ -125,6 +125,10 @@ def build(arch: str, options: dict, manifest: dict) -> torch.nn.Module:
 def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_dir: str | Path | None = None,
                 parent_run_id: str | None = None, extra_tags: dict | None = None) -> Trained:
     """Train run `name`; resumes its unfinished checkpoint (same params, same data) into the same MLflow run."""
+    if get_spec(cfg.model_options(name)[0]).family == "gan":  # two networks, their own step and measurements
+        from tasks.gan_stages import train_gan_stage
+
+        return train_gan_stage(cfg, name, data_dir, out_dir, parent_run_id, extra_tags)
     out_dir = Path(out_dir or f"data/train/{name}")
     data = load_prepared(data_dir)
     m = data.manifest
@@ -311,6 +315,10 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[
 
 def evaluate_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, train_dir: str | Path | None = None,
                    metrics_path: str | Path | None = None, plots_dir: str | Path | None = None) -> dict:
+    if get_spec(cfg.model_options(name)[0]).family == "gan":
+        from tasks.gan_stages import evaluate_gan_stage
+
+        return evaluate_gan_stage(cfg, name, data_dir, train_dir, metrics_path, plots_dir)
     train_dir = Path(train_dir or f"data/train/{name}")
     metrics_path = Path(metrics_path or f"metrics/{name}.json")
     plots_dir = Path(plots_dir or f"plots/{name}")
@@ -397,7 +405,7 @@ def register_stage(cfg: Config, results: list[dict], out_path: str | Path | None
     """Register the best of `results` (evaluate summaries); alias `champion` only if it beats the current one."""
     from tasks.tracking import register_best
 
-    outcome = register_best(cfg.register.name, main_metric(cfg), results, cfg.register.min_delta)
+    outcome = register_best(register_name(cfg), main_metric(cfg), results, cfg.register.min_delta)
     if out_path:
         write_json(out_path, outcome)
     return outcome

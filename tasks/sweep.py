@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from tasks.config import (LOWER_IS_BETTER, Config, ConfigError, SweepConfig, apply_sets, format_errors, main_metric,
-                          read_yaml, select_models, validate)
+                          read_yaml, register_name, select_models, validate)
 
 SweepSpec = SweepConfig
 
@@ -183,5 +183,6 @@ def register_by_mean(rows: list[dict], spec: SweepSpec, cfg: Config, parent_run_
     tags = {"nnlab.metric": metric, "nnlab.sweep": spec.name, "nnlab.sweep_parent": parent_run_id,
             "nnlab.cell": ",".join(f"{k}={v}" for k, v in key), f"mean_{metric}": mean, f"ci95_{metric}": half,
             "n_seeds": len(runs), "nnlab.run_id": best["run_id"]}
-    out = register_version(cfg.register.name, best["model_uri"], mean, cfg.register.min_delta, tags, higher=higher)
+    out = register_version(register_name(cfg), best["model_uri"], mean, cfg.register.min_delta, tags,
+                           higher=higher)
     return {**out, "cell": tags["nnlab.cell"], "mean": mean, "ci95": half, "run_id": best["run_id"]}

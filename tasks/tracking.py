@@ -323,7 +323,7 @@ def load_checkpoint(ref: str) -> tuple[dict, str]:
 
 
 def load_served(ref: str):
-    """(the logged model: raw inputs -> probabilities, its vocabulary dict or None, its class names, pinned URI)."""
+    """(the logged model, its vocabulary dict or None, its metadata (classes, arch, ...), the pinned URI)."""
     import json
 
     import mlflow.artifacts
@@ -340,4 +340,8 @@ def load_served(ref: str):
         vocab = json.loads(Path(mlflow.artifacts.download_artifacts(f"{uri}/extra_files/vocab.json")).read_text())
     except Exception:  # image and series models carry no vocabulary
         vocab = None
-    return model.eval(), vocab, (info.metadata or {}).get("classes") or [], uri
+    try:
+        model.eval()
+    except NotImplementedError:  # a torch.export program (the default format): already in inference form
+        pass
+    return model, vocab, info.metadata or {}, uri

@@ -183,3 +183,10 @@ def test_failing_cell_then_kill_and_resume(tmp_path):
     assert rep.returncode == 0, rep.stderr[-2000:]
     md = (tmp_path / "again" / "report.md").read_text()
     assert "6 runs, 6 finished" in md and "★" in md
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_file_is_valid(path):
+    params = read_yaml(ROOT / "params.yaml")
+    cells = expand(load_spec(path, params), params)
+    assert len(cells) >= 2 and len({c.id for c in cells}) == len(cells)

@@ -251,3 +251,11 @@ def test_charlm_logs_perplexity_per_epoch_and_samples(tmp_path, monkeypatch):
     text = client().download_artifacts(trained.run_id, "samples.txt", str(tmp_path))
     samples = open(text).read()
     assert samples.count("--- temperature") == 3 and len(samples) > 900
+
+
+def test_example_csv_is_real_text_labelled_by_module(tmp_path):
+    out = subprocess.run([NNLAB, "example-csv", str(tmp_path / "docs.csv")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    m = prepare(DataConfig(source="text_csv", path=str(tmp_path / "docs.csv")), 0, tmp_path / "d")
+    assert len(m["classes"]) == 10 and "os" in m["classes"] and sum(m["sizes"].values()) > 500
+    assert "directory" in Vocab.load(tmp_path / "d" / VOCAB).index  # the os docstrings' words

@@ -1,0 +1,370 @@
+"""GAN training beside the shared loop, and the measurements that tell a GAN worked.
+
+`GanTrainer` has `tasks.train.Trainer`'s interface (fit / state_dict / load_state_dict, the same FitResult and
+NonFiniteLoss), so the train stage swaps it in for the `gan` family; the shared loop never branches on it.
+Its step is written out as in pytorch/examples' dcgan: the discriminator (critic) update on real and
+`fake.detach()`, then the generator update through the just-updated discriminator.
+
+Measurements (plain numpy/scipy): the ring of 8 Gaussians and its mode coverage, class coverage and label
+entropy of a classifier's verdict on generated images, the Frechet distance between feature sets, the
+mode-collapse rule, and the figures (sample grids, point clouds, evolution over epochs).
+No MLflow, no Prefect.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import linalg
+from torch import nn
+
+from tasks.config import TrainConfig
+from tasks.train import FitResult, NonFiniteLoss, Split, build_scheduler, use_bf16
+
+FIXED_NOISE = 64  # vectors in the fixed noise batch: the same z every epoch shows how samples evolve
+
+
+# ---------------------------------------------------------------- training
+
+
+def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    # E[(||grad D(x^)||_2 - 1)^2] on x^ = eps x + (1 - eps) G(z), eps ~ U[0, 1] per example (Gulrajani et al. eq. 3):
+    # the 1-Lipschitz constraint enforced softly, along lines between real and generated samples.
+    eps = torch.rand(len(real), *[1] * (real.dim() - 1), device=real.device)  # (B, 1, 1, 1) or (B, 1)
+    mixed = (eps * real + (1 - eps) * fake).requires_grad_(True)
+    grad, = torch.autograd.grad(critic(mixed).float().sum(), mixed, create_graph=True)  # keep graph: it is a loss
+    return ((grad.float().flatten(1).norm(dim=1) - 1) ** 2).mean()
+
+
+@dataclass
+class GanTrainer:
+    """The GAN's step, with Trainer's interface. Always Adam (the options' betas and per-network lrs,
+    weight decay from train.weight_decay, train.schedule on both); train.optimizer, early stopping and l1/l2
+    do not apply.
+    `step` counts discriminator (critic) updates; the generator steps on every n_critic-th."""
+
+    model: nn.Module  # models.gan.GAN
+    cfg: TrainConfig
+    seed: int
+    device: torch.device
+    opt_g: torch.optim.Optimizer = field(init=False)
+    opt_d: torch.optim.Optimizer = field(init=False)
+    scheds: list = field(init=False)
+    shuffle: torch.Generator = field(init=False)
+    fixed_noise: torch.Tensor = field(init=False)
+    epoch: int = 0
+    step: int = 0
+    history: list = field(default_factory=list)
+    seconds: float = 0.0
+    diagnostics: None = None  # the gradient diagnostics follow one network; a GAN has two
+
+    def __post_init__(self):
+        o = self.model.options
+        lr_g, lr_d = o.lr_g or self.cfg.lr, o.lr_d or self.cfg.lr
+        wd = self.cfg.weight_decay
+        self.opt_g = torch.optim.Adam(self.model.generator.parameters(), lr=lr_g, betas=o.betas, weight_decay=wd)
+        self.opt_d = torch.optim.Adam(self.model.discriminator.parameters(), lr=lr_d, betas=o.betas, weight_decay=wd)
+        # train.schedule (step | cosine) moves both lrs together; a decaying lr settles the oscillation at the end
+        self.scheds = [s for s in (build_scheduler(self.opt_g, self.cfg), build_scheduler(self.opt_d, self.cfg)) if s]
+        self.shuffle = torch.Generator().manual_seed(self.seed)  # batch order; separate from the noise's RNG
+        self.fixed_noise = self.model.noise(FIXED_NOISE, torch.Generator().manual_seed(self.seed + 1))
+        # bf16 autocast for images only: its 8-bit mantissa would quantise a point near 2.0 in steps of 0.016,
+        # the size of ring8's std, and dense nets on 2-D points gain nothing from it
+        self.bf16 = use_bf16(self.cfg.precision, self.device) and len(self.model.generator.out_shape) == 3
+        self.wasserstein = self.model.kind == "wasserstein"
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def clip(self, net: nn.Module) -> None:
+        if self.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(net.parameters(), self.cfg.grad_clip)
+
+    def train_one_epoch(self, data: Split, progress: Callable | None = None) -> dict:
+        G, D, o = self.model.generator, self.model.discriminator, self.model.options
+        bs, n = self.cfg.batch_size, len(data.x)
+        self.model.train()
+        perm = torch.randperm(n, generator=self.shuffle).to(self.device)
+        steps = math.ceil(n / bs)
+        # per-step values kept on the device, read once at the end of the epoch (no host sync per step)
+        d_losses, g_losses = torch.zeros(steps, device=self.device), torch.zeros(steps, device=self.device)
+        stats = torch.zeros(3, device=self.device)  # sums over examples of D(x), D(G(z)), and the penalty
+        g_steps: list[int] = []
+        for i in range(steps):
+            xb = data.x[perm[i * bs:(i + 1) * bs]]  # (B, *shape) real samples; labels are not used
+            b = len(xb)
+            with self.autocast():
+                fake = G(self.model.noise(b))  # (B, *shape); G's graph kept for its own step below
+
+                # -- discriminator / critic: real up, fake down; fake.detach() keeps G out of this update
+                real_out, fake_out = D(xb).float(), D(fake.detach()).float()  # (B, 1) logits or critic scores
+                if self.wasserstein:  # critic maximises E[D(x)] - E[D(G(z))], kept 1-Lipschitz by the penalty
+                    gp = gradient_penalty(D, xb, fake.detach())
+                    loss_d = fake_out.mean() - real_out.mean() + o.gp_weight * gp
+                else:  # BCE; one-sided label smoothing: real target 1 - s, fake target stays 0
+                    real_target = torch.full_like(real_out, 1 - o.label_smoothing)
+                    loss_d = (F.binary_cross_entropy_with_logits(real_out, real_target)
+                              + F.binary_cross_entropy_with_logits(fake_out, torch.zeros_like(fake_out)))
+            self.opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            self.clip(D)
+            self.opt_d.step()
+            self.step += 1
+            d_losses[i] = loss_d.detach()
+            if self.wasserstein:  # raw critic scores
+                stats += torch.stack([real_out.detach().sum(), fake_out.detach().sum(), gp.detach() * b])
+            else:  # probabilities
+                stats[:2] += torch.sigmoid(torch.stack([real_out.detach(), fake_out.detach()])).sum((1, 2))
+
+            # -- generator: every n_critic-th discriminator step, through the updated discriminator
+            if self.step % o.n_critic == 0:
+                with self.autocast():
+                    if o.feature_matching:  # match D's mean penultimate features of real data (Salimans et al. 2016)
+                        with torch.no_grad():
+                            target = D.features(xb).float().mean(0)  # (F,)
+                        loss_g = (D.features(fake).float().mean(0) - target).pow(2).sum()
+                    elif self.wasserstein:
+                        loss_g = -D(fake).float().mean()
+                    else:  # non-saturating: maximise log D(G(z)) (target 1) instead of minimising log(1 - D(G(z)))
+                        out = D(fake).float()
+                        loss_g = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
+                self.opt_g.zero_grad(set_to_none=True)
+                loss_g.backward()  # also fills D's grads: cleared by the next D step's zero_grad
+                self.clip(G)
+                self.opt_g.step()
+                g_losses[i] = loss_g.detach()
+                g_steps.append(i)
+            if progress is not None:
+                progress(i + 1, steps)
+
+        d_losses, g_losses, stats = d_losses.cpu(), g_losses[g_steps].cpu(), stats.cpu()
+        for name, losses, at in (("discriminator", d_losses, range(steps)), ("generator", g_losses, g_steps)):
+            bad = (~torch.isfinite(losses)).nonzero()
+            if len(bad):
+                raise NonFiniteLoss(self.epoch + 1, f"{at[int(bad[0])] + 1} ({name})", float(losses[int(bad[0])]))
+        metrics = {
+            "d_loss": float(d_losses.mean()),
+            "g_loss": float(g_losses.mean()) if g_steps else float("nan"),  # an epoch shorter than n_critic steps
+            "d_real": float(stats[0]) / n,  # mean D(x): probability for BCE, critic score for Wasserstein
+            "d_fake": float(stats[1]) / n,  # mean D(G(z))
+        }
+        if self.wasserstein:
+            metrics["critic_gap"] = metrics["d_real"] - metrics["d_fake"]  # the Wasserstein-1 estimate
+            metrics["gradient_penalty"] = float(stats[2]) / n
+        return metrics
+
+    def fit(self, train: Split, val: Split, on_epoch: Callable | None = None,
+            progress: Callable | None = None) -> FitResult:
+        # `val` is unused (kept for the interface): no held-out loss of a GAN tracks sample quality;
+        # the evaluate stage measures the samples instead.
+        while self.epoch < self.cfg.epochs:
+            t0 = time.perf_counter()
+            metrics = self.train_one_epoch(train, progress)
+            metrics["lr_g"], metrics["lr_d"] = self.opt_g.param_groups[0]["lr"], self.opt_d.param_groups[0]["lr"]
+            for s in self.scheds:
+                s.step()
+            self.epoch += 1
+            self.seconds += time.perf_counter() - t0
+            metrics["epoch_seconds"] = time.perf_counter() - t0
+            self.history.append(metrics)
+            if on_epoch is not None:
+                on_epoch(self.epoch, metrics, self)
+        return FitResult(self.history, self.epoch, self.epoch, False, self.seconds)
+
+    @torch.no_grad()
+    def fixed_samples(self) -> torch.Tensor:
+        G = self.model.generator
+        G.eval()  # batch norm's running statistics: a sample does not depend on the rest of the batch
+        x = G(self.fixed_noise)
+        G.train()
+        return x  # (FIXED_NOISE, *shape); images in [-1, 1]
+
+    # -- checkpoint support: everything needed to continue bit-for-bit
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "diagnostics": None,
+            "model": self.model.state_dict(),  # both networks: generator.* and discriminator.*
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "schedulers": [s.state_dict() for s in self.scheds],
+            "fixed_noise": self.fixed_noise,
+            "history": self.history,
+            "seconds": self.seconds,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "shuffle": self.shuffle.get_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+        }
+
+    def load_state_dict(self, s: dict) -> None:
+        self.epoch, self.step, self.history, self.seconds = s["epoch"], s["step"], s["history"], s["seconds"]
+        self.model.load_state_dict(s["model"])
+        self.opt_g.load_state_dict(s["opt_g"])
+        self.opt_d.load_state_dict(s["opt_d"])
+        for sched, state in zip(self.scheds, s["schedulers"]):
+            sched.load_state_dict(state)
+        self.fixed_noise = s["fixed_noise"].to(self.device)
+        torch.set_rng_state(s["rng"]["torch"])
+        if s["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(s["rng"]["cuda"])
+        self.shuffle.set_state(s["rng"]["shuffle"])
+        np.random.set_state(s["rng"]["numpy"])
+        random.setstate(s["rng"]["python"])
+
+
+# ---------------------------------------------------------------- the ring of Gaussians
+
+
+def centers(k: int = 8, radius: float = 2.0) -> np.ndarray:
+    angles = 2 * np.pi * np.arange(k) / k
+    return (radius * np.stack([np.cos(angles), np.sin(angles)], 1)).astype(np.float32)  # (k, 2)
+
+
+RING8_CENTERS = centers()
+
+
+def ring8(n: int, seed: int, radius: float = 2.0, std: float = 0.02) -> tuple[np.ndarray, np.ndarray]:
+    # The mode-collapse benchmark (Metz et al. 2017, unrolled GANs): a mixture of 8 equally likely Gaussians of
+    # std `std` on a circle of `radius`. Labels say which Gaussian drew each point.
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 8, n)
+    points = centers(8, radius)[labels] + rng.normal(0.0, std, (n, 2))
+    return points.astype(np.float32), labels.astype(np.int64)  # (n, 2), (n,)
+
+
+def mode_coverage(samples: np.ndarray, centers: np.ndarray, std: float, min_share: float = 0.01) -> dict:
+    # A sample is high quality when within 3 std of some mode's centre; a mode is covered when at least
+    # `min_share` of all samples are high-quality samples of it (the rule of Srivastava et al. 2017, VEEGAN).
+    # Euclidean distance: in 2-D a perfect generator scores 1 - exp(-4.5) = 0.989, not 0.997.
+    samples = np.asarray(samples, dtype=np.float64)
+    d = np.linalg.norm(samples[:, None, :] - np.asarray(centers)[None], axis=2)  # (N, K)
+    close = d.min(1) <= 3 * std
+    counts = np.bincount(d.argmin(1)[close], minlength=len(centers))  # high-quality samples per mode
+    # mode_overlap: 1 - total variation between the generated and the true distribution over the modes (samples
+    # far from every mode form one more bin, where the truth has nothing). 1: every mode gets its 1/K and every
+    # sample is high quality; a perfect collapse onto one mode scores 1/K. One number that falls with missing
+    # modes and with off-mode samples alike, so it ranks ring8 generators (a Frechet distance between 2-D
+    # Gaussian fits does not: a ring and a blob around it can share mean and covariance).
+    share = counts / len(samples)
+    overlap = float(np.minimum(share, 1.0 / len(centers)).sum())
+    return {"modes_covered": int((counts >= min_share * len(samples)).sum()),
+            "high_quality_fraction": float(close.mean()), "mode_overlap": overlap}
+
+
+# ---------------------------------------------------------------- generated images, judged by a classifier
+
+
+def class_coverage(probs: np.ndarray, min_share: float = 0.02) -> int:
+    # classes that receive at least `min_share` of the argmax assignments of a classifier trained on real data
+    counts = np.bincount(np.asarray(probs).argmax(1), minlength=np.asarray(probs).shape[1])
+    return int((counts >= min_share * len(probs)).sum())
+
+
+def label_entropy(probs: np.ndarray) -> float:
+    # entropy (nats) of the histogram of predicted labels: ln(classes) when every class is drawn equally, 0 when
+    # the generator makes one class only
+    counts = np.bincount(np.asarray(probs).argmax(1), minlength=np.asarray(probs).shape[1])
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6) -> float:
+    # ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussians fitted to two (N, F) feature sets
+    # (FID's formula, Heusel et al. 2017). eps on both diagonals keeps a singular covariance (N < F, dead
+    # features) square-rootable; sqrtm's tiny imaginary parts from rounding are dropped.
+    a, b = np.asarray(feats_a, dtype=np.float64), np.asarray(feats_b, dtype=np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    eye = eps * np.eye(a.shape[1])
+    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)) + eye, np.atleast_2d(np.cov(b, rowvar=False)) + eye
+    covmean = linalg.sqrtm(s_a @ s_b).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean))
+
+
+def mode_collapse(covered: int, total: int) -> bool:
+    # The rule: a GAN has collapsed when it covers fewer than half of the modes. On ring8: modes_covered < 4
+    # of 8 Gaussians (mode_coverage). On images: class_coverage < half the classes (5 of 10 digits).
+    return covered < total / 2
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never opens a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def tile(images, nrow: int = 8) -> np.ndarray:
+    # (N, C, H, W) in [0, 1] -> one (H', W', 3) image, nrow images per row, 1-pixel white borders
+    from torchvision.utils import make_grid
+
+    grid = make_grid(torch.as_tensor(np.asarray(images, dtype=np.float32)), nrow=nrow, padding=1, pad_value=1.0)
+    return grid.clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def sample_grid_figure(images, nrow: int, title: str):
+    plt = _plt()
+    grid = tile(images, nrow)
+    fig, ax = plt.subplots(figsize=(max(2.5, grid.shape[1] / 40), max(2.5, grid.shape[0] / 40) + 0.4), dpi=110)
+    ax.imshow(grid, interpolation="nearest")
+    ax.axis("off")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _points(ax, real, fake, centers) -> None:
+    if real is not None:
+        ax.scatter(*np.asarray(real)[:, :2].T, s=2, c="0.6", alpha=0.5, label="real")
+    ax.scatter(*np.asarray(fake)[:, :2].T, s=2, c="tab:red", alpha=0.5, label="generated")
+    if centers is not None:
+        ax.scatter(*np.asarray(centers).T, s=40, marker="x", c="k", label="mode centres")
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+
+
+def points_figure(real, fake, centers, title: str):
+    # 2-D data: real points (grey), generated (red), the mixture's centres (x)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.2, 4.4), dpi=110)
+    _points(ax, real, fake, centers)
+    ax.legend(fontsize=7, loc="upper right", markerscale=3)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def evolution_strip(samples: list, epochs: list[int], title: str = "", nrow: int = 8, centers=None):
+    # One panel per epoch, left to right: an image batch (N, C, H, W) in [0, 1] as a grid, or 2-D points (N, 2)
+    # as a scatter (with `centers` marked). Drawn from the fixed noise, so a panel differs only by training.
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(samples), figsize=(2.6 * len(samples), 2.9), dpi=110, squeeze=False)
+    for ax, s, e in zip(axes[0], samples, epochs):
+        s = np.asarray(s)
+        if s.ndim == 4:
+            ax.imshow(tile(s, nrow), interpolation="nearest")
+            ax.axis("off")
+        else:
+            _points(ax, None, s, centers)
+            ax.tick_params(labelsize=6)
+        ax.set_title(f"epoch {e}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
