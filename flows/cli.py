@@ -136,16 +136,23 @@ def print_summary(summary: dict, cfg) -> None:
                           f"see the run's grad_norm.*, update_ratio and dead_units curves)")
     for f in summary["failed"]:
         console.print(f"[red]failed[/red] {f['name']}: {f['error']}")
-    console.print(f"MLflow UI: nnlab ui   (or: mlflow ui --backend-store-uri {tracking_uri()})")
+    uri = tracking_uri()
+    console.print(f"MLflow UI: {uri}" if uri.startswith(("http://", "https://")) else
+                  f"MLflow UI: nnlab ui   (or: mlflow ui --backend-store-uri {uri})")
 
 
 @app.command("sweep")
 def sweep_cmd(file: Annotated[Optional[Path], typer.Argument(help="sweep file; default: params.yaml's `sweep`")] = None,
               params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
               resume: Annotated[Optional[str], typer.Option("--resume", help="parent run id to finish")] = None,
-              workers: Annotated[Optional[int], typer.Option(help="parallel cells (default: cores)")] = None):
+              workers: Annotated[Optional[int], typer.Option(help="parallel cells (default: cores)")] = None,
+              engine: Annotated[Optional[str], typer.Option(help="local | dask (default: sweep.engine)")] = None,
+              address: Annotated[Optional[str], typer.Option(help="Dask scheduler tcp://host:port "
+                                                                  "(default: sweep.address)")] = None):
     """Run a grid of training choices in parallel, one child MLflow run per cell, then the report."""
-    from tasks.config import ConfigError, read_yaml
+    from pydantic import ValidationError
+
+    from tasks.config import ConfigError, SweepConfig, format_errors, read_yaml
     from tasks.sweep import default_workers, expand, load_spec
 
     try:
@@ -155,23 +162,33 @@ def sweep_cmd(file: Annotated[Optional[Path], typer.Argument(help="sweep file; d
             raw = read_yaml(params)
             spec = load_spec(file, raw).model_dump()
             sets = set_ or []
-        from tasks.config import SweepConfig
-
-        spec_ = SweepConfig.model_validate(spec)
-        if workers:
-            spec_ = spec_.model_copy(update={"workers": workers})
+        flags = {k: v for k, v in {"workers": workers, "engine": engine, "address": address}.items() if v}
+        try:
+            spec_ = SweepConfig.model_validate({**spec, **flags})
+        except ValidationError as e:
+            raise ConfigError(format_errors(e, SweepConfig, prefix="sweep")) from None
         cells = expand(spec_, raw, sets)  # every cell validated before anything runs
     except ConfigError as e:
         fail(str(e))
+    if spec_.engine == "dask":  # fail now, not after Dask's 30 s connect timeout with a parent run open
+        import socket
+
+        host, port = spec_.address[len("tcp://"):].rsplit(":", 1)
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        except OSError as e:
+            fail(f"sweep.address {spec_.address}: no Dask scheduler answers there ({e.strerror or e}); start one "
+                 f"with `dask scheduler`, or run with --engine local")
     n = default_workers(spec_, len(cells))
-    typer.echo(f"sweep {spec_.name}: {len(cells)} cells, {n} worker(s)")
+    where = f"the Dask cluster at {spec_.address}" if spec_.engine == "dask" else f"{n} worker(s)"
+    typer.echo(f"sweep {spec_.name}: {len(cells)} cells, {where}")
     quiet_prefect()
     server_ready = boot_prefect_server()
-    from flows.sweep import runner, sweep
+    from flows.sweep import sweep, task_runner
 
     server_ready()
     with local_flow_settings():
-        out = sweep.with_options(task_runner=runner(n))(spec_.model_dump(), raw, sets, resume)
+        out = sweep.with_options(task_runner=task_runner(spec_, n))(spec_.model_dump(), raw, sets, resume)
     print_sweep(out)
     raise typer.Exit(1 if out["failed"] else 0)
 
@@ -326,6 +343,40 @@ def sample(model: Annotated[str, typer.Option("--model", help="generator: models
     typer.echo(f"{out}: {n} samples from {uri}")
 
 
+@app.command("tracking-server", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def tracking_server(
+        ctx: typer.Context,
+        backend_store_uri: Annotated[str, typer.Option(
+            help="PostgreSQL database for runs and the registry (created if missing)")]
+        = "postgresql://postgres@127.0.0.1:5432/mlflow",
+        artifacts_destination: Annotated[str, typer.Option(
+            help="folder (or s3://... URI) where the server keeps artifacts; clients go through the server")]
+        = "mlruns/server-artifacts",
+        host: Annotated[str, typer.Option(help="interface to bind; 0.0.0.0: every one (then add authentication)")]
+        = "127.0.0.1",
+        port: int = 5000,
+        workers: Annotated[Optional[int], typer.Option(help="server processes (default: MLflow's, 4)")] = None):
+    """A shared MLflow tracking server: runs and models in PostgreSQL, artifacts served through it.
+    Further `mlflow server` options go after `--`, e.g. `-- --app-name basic-auth`."""
+    from tasks.tracking import StoreUnreachable, ensure_database, server_client_uri, server_command, server_env
+
+    try:
+        if ensure_database(backend_store_uri):
+            typer.echo(f"created database {backend_store_uri.rsplit('/', 1)[-1].split('?')[0]}")
+    except StoreUnreachable as e:
+        fail(str(e))
+    cmd = server_command(backend_store_uri, artifacts_destination, host, port, workers, ctx.args)
+    uri = server_client_uri(host, port)
+    typer.echo(f"MLflow tracking server on {uri}, artifacts in {cmd[cmd.index('--artifacts-destination') + 1]}"
+               " (Ctrl-C to stop)")
+    typer.echo(f"clients: export MLFLOW_TRACKING_URI={uri}")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.secho(f"bound to {host}: whoever reaches this port can read and write every run and model; put it "
+                    "behind authentication (README: a shared tracking server)", fg="yellow", err=True)
+    sys.stdout.flush()
+    os.execve(cmd[0], cmd, {**os.environ, **server_env()})
+
+
 @app.command("example-csv")
 def example_csv(out: Annotated[Path, typer.Argument(help="CSV file to write")] = Path("docstrings.csv")):
     """Write a real text CSV to try `text_csv` offline: standard-library docstrings (text) labelled by module (label)."""
@@ -372,9 +423,31 @@ def ui(port: int = 5000, host: str = "127.0.0.1"):
     from tasks.tracking import tracking_uri
 
     uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):  # a tracking server serves its own UI
+        typer.echo(f"MLflow UI: {uri} (the tracking server in MLFLOW_TRACKING_URI serves it)")
+        raise typer.Exit(0)
     typer.echo(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C to stop)")
     os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                "--host", host, "--port", str(port)])
+
+
+@app.command("deploy")
+def deploy_cmd(gpus: Annotated[Optional[int], typer.Option(help="flow runs the gpu pool runs at once "
+                                                                 "(default: the GPUs torch sees, at least 1)")] = None):
+    """Create the `cpu` and `gpu` work pools and deploy prefect.yaml's flows to the Prefect server at
+    PREFECT_API_URL (then start a worker: `prefect worker start --pool cpu`)."""
+    quiet_prefect()
+    from flows.deploy import DeployError, deploy
+
+    try:
+        out = deploy(".", gpus)
+    except DeployError as e:
+        fail(str(e))
+    typer.echo(out["output"].strip()[-2000:])
+    limits = ", ".join(f"{p} ({'no limit' if n is None else f'{n} at once'})" for p, n in out["pools"].items())
+    typer.echo(f"\nwork pools on {out['api_url']}: {limits}\n"
+               "next: prefect worker start --pool cpu      (and --pool gpu on a GPU machine)\n"
+               "      prefect deployment run nnlab-experiment/nightly   (or wait for 02:00 UTC)")
 
 
 if __name__ == "__main__":

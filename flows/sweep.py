@@ -1,11 +1,14 @@
 """The sweep flow: data prepared once per distinct data config, one Prefect task per cell in a process pool
-(every cell a child MLflow run of one parent), then the report and registration by the mean over seeds.
+or on a Dask cluster (every cell a child MLflow run of one parent), then the report and registration by the
+mean over seeds.
 
 `resume=PARENT_RUN_ID` runs only the cells that are missing or did not finish, into the same parent.
 """
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from pathlib import Path
 
 from prefect import flow, task
@@ -35,6 +38,48 @@ def runner(workers: int) -> ProcessPoolTaskRunner:
     return ProcessPoolTaskRunner(max_workers=workers, initializer=limit_threads, initargs=(threads,))
 
 
+def task_runner(spec: SweepConfig, workers: int):
+    """Where the cells run: `workers` local processes, or the existing Dask cluster at `sweep.address` (its
+    workers set the parallelism; `dask worker`'s nanny starts each worker process with OMP_NUM_THREADS=1, so
+    torch uses one thread per cell there too)."""
+    if spec.engine == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=spec.address)
+    return runner(workers)
+
+
+def origin() -> dict:
+    """What a cell needs to run as if started here: this checkout and this MLflow store."""
+    from tasks.tracking import tracking_uri
+
+    return {"cwd": os.getcwd(), "tracking_uri": tracking_uri()}
+
+
+def enter_origin(where: dict) -> None:
+    """Run this cell in the client's checkout when this worker sees it (same machine, or a shared filesystem
+    at the same path; otherwise the worker's own working directory, which must then be a checkout with the
+    data), and log to the client's MLflow store, whatever the worker's own environment says. Not undone
+    afterwards: every cell of a sweep sets the same values (one checkout per Dask cluster at a time)."""
+    if os.path.isdir(where["cwd"]):
+        os.chdir(where["cwd"])
+    elif os.getcwd() != where["cwd"]:
+        print(f"{where['cwd']} is not on this worker: the cell runs in {os.getcwd()}", flush=True)
+    os.environ["MLFLOW_TRACKING_URI"] = where["tracking_uri"]
+
+
+def worker_name() -> str:
+    """The Dask worker's address when this runs under Dask, else host:pid (a local pool process)."""
+    if "distributed" in sys.modules:
+        from distributed import get_worker
+
+        try:
+            return get_worker().address
+        except ValueError:  # not inside a Dask worker
+            pass
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 @task(name="prepare-data", cache_policy=NO_CACHE)
 def prepare_data(cfg: Config) -> tuple[str, dict]:
     path, facts = ensure_data(cfg)
@@ -42,19 +87,28 @@ def prepare_data(cfg: Config) -> tuple[str, dict]:
 
 
 @task(name="cell", cache_policy=NO_CACHE, task_run_name="cell-{cell_id}")
-def run_cell(cfg: Config, cell_id: str, data_dir: str, parent_run_id: str, tags: dict) -> dict:
+def run_cell(cfg: Config, cell_id: str, data_dir: str, parent_run_id: str, tags: dict, where: dict) -> dict:
+    from tasks.tracking import Run, child_runs
+
+    enter_origin(where)
+    done = [r for r in child_runs(parent_run_id) if r["cell"] == cell_id and r["status"] == "FINISHED"
+            and main_metric(cfg) in r["metrics"]]
+    if done:  # Dask recomputes a finished cell whose result died with its worker: never train a cell twice
+        return {"cell": cell_id, "run_id": done[0]["run_id"], "health": []}
     name = next(iter(cfg.models))
     out = SWEEPS / parent_run_id / cell_id.replace("/", "_")
+    worker = {"nnlab.worker": worker_name()}
     trained = train_stage(cfg, name, data_dir, out / "train", parent_run_id=parent_run_id,
-                          extra_tags={**tags, "nnlab.sweep_cell": cell_id})
+                          extra_tags={**tags, "nnlab.sweep_cell": cell_id, **worker})
     summary = evaluate_stage(cfg, name, data_dir, out / "train", out / "metrics.json", out / "plots")
+    Run(summary["run_id"]).set_tags(worker)  # a cell resumed from its checkpoint: the worker that finished it
     return {**summary, "cell": cell_id, "health": trained.health}
 
 
 @flow(name="nnlab-sweep", log_prints=False)
 def sweep(spec: dict, params: dict, sets: list[str] | None = None, resume: str | None = None) -> dict:
     """`spec` is a sweep file's content, `params` the params.yaml content it applies to."""
-    from tasks.tracking import Run, prepare_store
+    from tasks.tracking import Run, child_runs, prepare_store
 
     spec_ = SweepConfig.model_validate(spec)
     cells = expand(spec_, params, sets)
@@ -76,12 +130,16 @@ def sweep(spec: dict, params: dict, sets: list[str] | None = None, resume: str |
         key = cell.cfg.data.model_dump_json() + str(cell.cfg.seed)
         if key not in data:
             data[key] = prepare_data(cell.cfg)
-    futures = []
+    futures, where = [], origin()
     for c in pending:
         data_dir, facts = data[c.cfg.data.model_dump_json() + str(c.cfg.seed)]
-        futures.append(run_cell.submit(c.cfg, c.id, data_dir, parent.run_id, facts))
+        futures.append(run_cell.submit(c.cfg, c.id, data_dir, parent.run_id, facts, where))
     for f in futures:  # a failing cell is recorded (child run FAILED with its reason); the others go on
         f.wait()
+    for r in child_runs(parent.run_id):  # every cell is over: a run still RUNNING lost its process mid-cell
+        if r["status"] == "RUNNING":  # (Dask ran the cell again elsewhere, from its checkpoint if it had one)
+            Run(r["run_id"]).finish("FAILED", f"its worker ({r['tags'].get('nnlab.worker', '?')}) died mid-cell; "
+                                              f"a newer run of the cell or `nnlab sweep --resume` finishes it")
 
     paths, rows = report(parent.run_id, spec_, cells, REPORTS / f"{spec_.name}-{parent.run_id[:8]}")
     failed = [r for r in rows if r["status"] != "FINISHED"]
@@ -91,3 +149,18 @@ def sweep(spec: dict, params: dict, sets: list[str] | None = None, resume: str |
                   f"{len(failed)} cell(s) did not finish; `nnlab sweep --resume {parent.run_id}`" if failed else None)
     return {"parent_run_id": parent.run_id, "cells": len(cells), "ran": len(pending), "failed": failed,
             "report": paths, "registered": registered, "rows": rows}
+
+
+@flow(name="nnlab-sweep-file", log_prints=False)
+def sweep_file(file: str = "sweeps/optimizers.yaml", params: str = "params.yaml", workers: int | None = None) -> dict:
+    """A sweep file run the way `nnlab sweep FILE` runs it (the deployment's entry point)."""
+    from tasks.config import read_yaml
+    from tasks.sweep import default_workers, load_spec
+
+    raw = read_yaml(params)
+    spec = load_spec(file, raw)
+    if workers:
+        spec = spec.model_copy(update={"workers": workers})
+    n = default_workers(spec, len(expand(spec, raw)))
+    out = sweep.with_options(task_runner=task_runner(spec, n))(spec.model_dump(), raw, [], None)
+    return {k: v for k, v in out.items() if k != "rows"}

@@ -145,6 +145,22 @@ class SweepConfig(Section):
     presets: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)  # axis -> level -> overrides
     workers: int | None = Field(default=None, ge=1, le=64)  # parallel cells; default: the number of cores
     register: bool = True  # register the best cell (by its mean over seeds) at the end
+    engine: Literal["local", "dask"] = "local"  # where cells run: a local process pool, or an existing Dask cluster
+    # the Dask scheduler (engine: dask), tcp://host:port; the cluster's workers then set the parallelism
+    address: str | None = Field(default=None, validate_default=True)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None, info):
+        if v is None:
+            if info.data.get("engine") == "dask":
+                raise ValueError("required when sweep.engine is dask: the scheduler's tcp://host:port "
+                                 "(e.g. tcp://127.0.0.1:8786, as `dask scheduler` prints it)")
+            return v
+        m = re.fullmatch(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})", v)
+        if not m or not 0 < int(m.group(2)) < 65536:
+            raise ValueError("must look like tcp://host:port, e.g. tcp://127.0.0.1:8786")
+        return v
 
 
 class AugmentConfig(Section):

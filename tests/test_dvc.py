@@ -26,7 +26,7 @@ def sh(*cmd, cwd, check=True):
 def repo(tmp_path_factory):
     """A fresh copy of the pipeline: git init, dvc init, tiny models and 3 epochs."""
     d = tmp_path_factory.mktemp("repo")
-    for name in ("dvc.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, d / name)
     for folder in ("tasks", "models"):
         shutil.copytree(ROOT / folder, d / folder, ignore=shutil.ignore_patterns("__pycache__"))
@@ -35,8 +35,16 @@ def repo(tmp_path_factory):
                  register={"name": f"dvc-{uuid.uuid4().hex[:8]}"})
     sh("git", "init", "-q", cwd=d)
     sh(sys.executable, "-m", "dvc", "init", "-q", cwd=d)
-    sh(sys.executable, "-m", "dvc", "config", "core.analytics", "false", cwd=d)
+    shutil.copy(ROOT / ".dvc/config", d / ".dvc/config")  # the shipped settings: default remote `local`
     return d
+
+
+def hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file the stages write (data/, metrics/, plots/), by path relative to `root`."""
+    import hashlib
+
+    files = (p for top in ("data", "metrics", "plots") for p in sorted((root / top).rglob("*")) if p.is_file())
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def test_repro_then_nothing_to_do(repo):
@@ -55,6 +63,25 @@ def test_repro_then_nothing_to_do(repo):
     html = (repo / "dvc_plots/index.html").read_text()
     assert "preview.png" in html  # the augmentation preview grid is a DVC plot
     assert (repo / "data/augmented/augment.json").exists()
+
+
+def test_push_then_a_clone_pulls_everything_and_has_nothing_to_reproduce(repo, tmp_path):
+    dvc = (sys.executable, "-m", "dvc")
+    git_commit = ("git", "-c", "user.name=nnlab-test", "-c", "user.email=nnlab-test@localhost", "commit", "-q")
+    remote = Path(sh(*dvc, "remote", "list", cwd=repo).stdout.split()[1])
+    assert remote == repo.parent / "nnlab-dvc-remote"  # the shipped default: a folder beside the checkout
+    sh(*dvc, "repro", cwd=repo)
+    sh("git", "add", "-A", cwd=repo)
+    sh(*git_commit, "-m", "pipeline and dvc.lock", cwd=repo)
+    sh(*dvc, "push", cwd=repo)
+    clone = tmp_path / "elsewhere" / "nnlab"
+    sh("git", "clone", "-q", str(repo), str(clone), cwd=tmp_path)
+    sh(*dvc, "remote", "modify", "--local", "local", "url", str(remote), cwd=clone)
+    sh(*dvc, "pull", cwd=clone)
+    assert hashes(clone) == hashes(repo)  # data, checkpoints, metrics and plots, byte for byte
+    assert "Data and pipelines are up to date." in sh(*dvc, "status", cwd=clone).stdout
+    assert "Running stage" not in sh(*dvc, "repro", cwd=clone).stdout
+    assert sh("git", "status", "--porcelain", cwd=clone).stdout == ""  # pulled outputs and config.local: ignored
 
 
 def test_offline_augmented_copies_are_a_dvc_output_and_what_training_reads(repo):
