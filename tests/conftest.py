@@ -24,6 +24,26 @@ def mlflow_store(tmp_path_factory):
         os.environ["MLFLOW_TRACKING_URI"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server(tmp_path_factory):
+    """One Prefect server (temp PREFECT_HOME, 127.0.0.1) for every `nnlab run` / `nnlab sweep` the tests start:
+    their own temporary server would boot again in each (~4 s apiece). Exported as PREFECT_API_URL, which the
+    CLI uses instead of booting one; tests that need no server or their own remove it from their env."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
+        return
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-shared"))
+    os.environ.setdefault("PREFECT_UI_ENABLED", "false")
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start(timeout=120)
+    os.environ["PREFECT_API_URL"] = server.api_url
+    yield server.api_url
+    os.environ.pop("PREFECT_API_URL", None)
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
     from prefect.testing.utilities import prefect_test_harness

@@ -42,7 +42,7 @@ def alive(pgids: set[int]) -> list[str]:
 
 class Cluster:
     def __init__(self, root: Path):
-        self.address = f"tcp://127.0.0.1:{free_port()}"
+        self.address = ""  # the scheduler picks its port and writes it to scheduler.json (no race for a port)
         self.root, self.procs, self.logs_open, self.workers = root, [], [], {}
         # the workers' own environment points elsewhere: the cells must still log to the sweep's store
         self.wrong_store = root / "worker-own" / "mlflow.db"
@@ -58,18 +58,28 @@ class Cluster:
         return p
 
     def up(self):
-        self.start("scheduler", "scheduler", "--host", "127.0.0.1", "--port", self.address.rsplit(":", 1)[1],
+        info = self.root / "scheduler.json"
+        self.start("scheduler", "scheduler", "--host", "127.0.0.1", "--port", "0", "--scheduler-file", str(info),
                    "--no-dashboard", "--no-show", "--idle-timeout", "600")
+        procs = {}
         for i in (1, 2):  # started at once: they wait for the scheduler; preload = torch imported while idle
-            addr = f"tcp://127.0.0.1:{free_port()}"
-            self.workers[addr] = self.start(
-                f"worker{i}", "worker", self.address, "--nworkers", "1", "--nthreads", "1", "--host", "127.0.0.1",
-                "--worker-port", addr.rsplit(":", 1)[1], "--no-dashboard", "--preload", "flows.sweep",
+            procs[f"w{i}"] = self.start(
+                f"worker{i}", "worker", "--scheduler-file", str(info), "--name", f"w{i}", "--nworkers", "1",
+                "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard", "--preload", "flows.sweep",
                 "--death-timeout", "60")
+        deadline = time.time() + 60
+        while not info.exists():
+            assert time.time() < deadline, self.logs()
+            time.sleep(0.1)
+        import json
+
         from distributed import Client
 
+        self.address = json.loads(info.read_text())["address"]
         with Client(self.address, timeout=60) as c:
             c.wait_for_workers(2, timeout=120)
+            # each worker's address (what the cells record) -> the process group to kill
+            self.workers = {addr: procs[w["name"]] for addr, w in c.scheduler_info()["workers"].items()}
 
     def logs(self) -> str:
         return "".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(self.root.glob("*.log")))

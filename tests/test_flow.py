@@ -119,7 +119,7 @@ def _checkpoint_epoch(folder: Path) -> int:
 
 def test_killed_run_resumes_into_the_same_mlflow_run(tmp_path):
     sets = ["--set", "train.epochs=4", "--set", "train.batch_size=2", "--set", "register.enabled=false",
-            "--set", "models.simple_cnn.dropout=0.3"]
+            "--set", "models.simple_cnn.dropout=0.3", "--set", "data.max_train=400"]  # ~200 steps an epoch
     runs = {}
     for label in ("killed", "straight"):
         d = tmp_path / label
