@@ -67,3 +67,41 @@ def test_resume_on_cuda_is_exact(digits):
     resumed.fit(*digits)
     for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["lstm", "transformer"])
+def test_token_models_train_on_the_device(arch):
+    """Text: int64 token ids on the GPU (packed sequences / masks), bf16 autocast; the cue token decides the label."""
+    from tasks.train import to_device
+
+    seed_everything(0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 50, (1200, 20), generator=g)
+    lengths = torch.randint(3, 21, (1200,), generator=g)
+    ids[torch.arange(20)[None, :] >= lengths[:, None]] = 0  # right padding
+    y = (ids == 7).any(1).long()
+    train = to_device(ids[:1000].numpy(), y[:1000].numpy(), [0.0], [1.0], torch.device("cuda"), False)
+    val = to_device(ids[1000:].numpy(), y[1000:].numpy(), [0.0], [1.0], torch.device("cuda"), False)
+    assert train.x.dtype == torch.long and train.x.is_cuda
+    model = create_model(arch, input_shape=(20,), num_classes=2, vocab_size=50).cuda()
+    tr = Trainer(model, TrainConfig(epochs=8, lr=3e-3, device="cuda", precision="bf16"), 0, torch.device("cuda"))
+    tr.fit(train, val)
+    assert tr.history[-1]["val_accuracy"] > 0.9, tr.history[-1]
+
+
+def test_gan_trains_and_resumes_on_the_device(digits):
+    from tasks.gan import GanTrainer
+
+    seed_everything(0)
+    train, _ = digits
+    x = (train.x.contiguous() * 2).clamp(-1, 1)  # roughly [-1, 1], as the GAN stage scales images
+    model = create_model("dcgan", input_shape=(1, 8, 8), num_classes=10, channels=16).cuda()
+    tr = GanTrainer(model, TrainConfig(epochs=2, lr=2e-4, device="cuda", precision="bf16"), 0, torch.device("cuda"))
+    tr.fit(Split(x, train.y), None)
+    assert all(torch.isfinite(torch.tensor([h["d_loss"], h["g_loss"]])).all() for h in tr.history)
+    state = tr.state_dict()
+    again = GanTrainer(create_model("dcgan", input_shape=(1, 8, 8), num_classes=10, channels=16).cuda(),
+                       TrainConfig(epochs=2, lr=2e-4, device="cuda", precision="bf16"), 0, torch.device("cuda"))
+    again.load_state_dict(state)
+    assert again.epoch == 2 and torch.equal(again.fixed_noise, tr.fixed_noise)
+    assert tr.fixed_samples().shape == (64, 1, 8, 8)
