@@ -13,7 +13,6 @@ No MLflow, no Prefect.
 from __future__ import annotations
 
 import math
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from scipy import linalg
 from torch import nn
 
 from tasks.config import TrainConfig
-from tasks.train import FitResult, NonFiniteLoss, Split, build_scheduler, use_bf16
+from tasks.train import FitResult, NonFiniteLoss, Split, build_scheduler, rng_state, set_rng_state, use_bf16
 
 FIXED_NOISE = 64  # vectors in the fixed noise batch: the same z every epoch shows how samples evolve
 
@@ -199,13 +198,7 @@ class GanTrainer:
             "fixed_noise": self.fixed_noise,
             "history": self.history,
             "seconds": self.seconds,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "shuffle": self.shuffle.get_state(),
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-            },
+            "rng": rng_state(self.shuffle),
         }
 
     def load_state_dict(self, s: dict) -> None:
@@ -216,12 +209,7 @@ class GanTrainer:
         for sched, state in zip(self.scheds, s["schedulers"]):
             sched.load_state_dict(state)
         self.fixed_noise = s["fixed_noise"].to(self.device)
-        torch.set_rng_state(s["rng"]["torch"])
-        if s["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(s["rng"]["cuda"])
-        self.shuffle.set_state(s["rng"]["shuffle"])
-        np.random.set_state(s["rng"]["numpy"])
-        random.setstate(s["rng"]["python"])
+        set_rng_state(s["rng"], self.shuffle)
 
 
 # ---------------------------------------------------------------- the ring of Gaussians

@@ -321,14 +321,8 @@ class Trainer:
             "early_stopping": self.stopper.state_dict(),
             "history": self.history,
             "seconds": self.seconds,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "shuffle": self.shuffle.get_state(),
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-                "augment": self.augment.generator.get_state() if self.augment is not None else None,
-            },
+            "rng": {**rng_state(self.shuffle),
+                    "augment": self.augment.generator.get_state() if self.augment is not None else None},
         }
 
     def load_state_dict(self, s: dict) -> None:
@@ -340,14 +334,25 @@ class Trainer:
         if self.sched is not None and s["scheduler"] is not None:
             self.sched.load_state_dict(s["scheduler"])
         self.stopper.load_state_dict(s["early_stopping"])
-        torch.set_rng_state(s["rng"]["torch"])
-        if s["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(s["rng"]["cuda"])
-        self.shuffle.set_state(s["rng"]["shuffle"])
-        np.random.set_state(s["rng"]["numpy"])
-        random.setstate(s["rng"]["python"])
+        set_rng_state(s["rng"], self.shuffle)
         if self.augment is not None and s["rng"].get("augment") is not None:
             self.augment.generator.set_state(s["rng"]["augment"])
+
+
+def rng_state(shuffle: torch.Generator) -> dict:
+    """Every random stream a resumed run must continue: torch (CPU, CUDA), numpy, python, the batch order."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "shuffle": shuffle.get_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(rng: dict, shuffle: torch.Generator) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    shuffle.set_state(rng["shuffle"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
 
 
 def to_device(x: np.ndarray, y: np.ndarray, mean, std, device: torch.device, channels_last: bool) -> Split:
