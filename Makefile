@@ -9,18 +9,23 @@ PIP_QUIET := --quiet --disable-pip-version-check
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install run test test-fast bench dvc-repro ui clean
+.PHONY: install run compare test test-fast bench dvc-repro ui lock clean
 
 install: $(STAMP)
 
-# Re-install only when pyproject.toml changed (the stamp is older than it).
-$(STAMP): pyproject.toml
+# Re-install only when pyproject.toml or constraints.txt changed (the stamp is older than them). The exact
+# versions come from constraints.txt, so a new MLflow or Prefect release changes nothing until `make lock`.
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	set -o pipefail; $(BIN)/python -m pip install $(PIP_QUIET) -e '.[dev]' 2>&1 | { grep -v "is ignored" || true; }
+	set -o pipefail; $(BIN)/python -m pip install $(PIP_QUIET) -c constraints.txt -e '.[dev]' 2>&1 | { grep -v "is ignored" || true; }
 	@touch $(STAMP)
 
 run: install
 	$(BIN)/nnlab run
+
+# The six image architectures side by side on digits (params.yaml's settings for each).
+compare: install
+	$(BIN)/nnlab run --models mlp,simple_cnn,vgg,resnet,inception,mobilenet
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -36,6 +41,13 @@ dvc-repro: install
 
 ui: install
 	$(BIN)/nnlab ui
+
+# Refresh constraints.txt: the newest versions pyproject.toml allows, resolved in a scratch venv; then `make test`.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install $(PIP_QUIET) -e '.[dev]'
+	{ head -n 2 constraints.txt; .venv-lock/bin/python -m pip freeze --exclude-editable; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt && rm -rf .venv-lock
 
 clean:
 	rm -rf .nnlab data metrics plots reports

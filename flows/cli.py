@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -24,29 +25,27 @@ def quiet_prefect() -> None:
 
 
 def boot_prefect_server():
-    """Start Prefect's temporary local server in the background (when no PREFECT_API_URL is set), so its
-    ~4 s boot overlaps the torch/MLflow imports. Returns a join() to call before the flow starts."""
-    import threading
+    """Start the temporary local Prefect server now (unless the user set PREFECT_API_URL), so its boot overlaps
+    the torch/MLflow imports. `with prefect_api(server):` around the flow waits for it and stops it however
+    the block is left (flows/prefect_server.py; atexit and SIGTERM stop it too)."""
+    from flows.prefect_server import PrefectServerError, start
 
-    from prefect.settings import PREFECT_API_URL
+    try:
+        return start()
+    except PrefectServerError as e:
+        fail(str(e), code=1)
 
-    if PREFECT_API_URL.value():
-        return lambda: None
-    from prefect.server.api.server import SubprocessASGIServer
 
-    def start():
-        try:
-            server = SubprocessASGIServer()
-            server.start()
-            # process-pool workers (sweeps) inherit this and report to the same server instead of
-            # booting one each
-            os.environ["PREFECT_API_URL"] = server.api_url
-        except Exception:  # the flow's own start attempt reports it properly
-            pass
+@contextmanager
+def prefect_api(server):
+    """Wait for the server boot_prefect_server() started and make it the flow's API; stop it on the way out."""
+    from flows.prefect_server import PrefectServerError
 
-    t = threading.Thread(target=start, daemon=True, name="prefect-server-boot")
-    t.start()
-    return t.join
+    try:
+        with server:
+            yield
+    except PrefectServerError as e:
+        fail(str(e), code=1)
 
 
 def local_flow_settings():
@@ -66,14 +65,15 @@ def fail(msg: str, code: int = 2):
     raise typer.Exit(code)
 
 
-def load(params: Path, sets: list[str] | None, models: str | None = None):
+def load(params: Path, sets: list[str] | None, models: str | None = None, runs: bool = False):
+    """Validated config; with `models` (a,b) only those runs, with `runs` else params.yaml's `run`."""
     from tasks.config import ConfigError, load_config, select_models
 
     try:
         cfg = load_config(params, sets or [])
         names = [m.strip() for m in models.split(",") if m.strip()] if models else None
-        if names:
-            cfg = select_models(cfg, names)
+        if names or runs:
+            cfg = select_models(cfg, names or cfg.runs())
         return cfg, names
     except ConfigError as e:
         fail(str(e))
@@ -83,23 +83,23 @@ def load(params: Path, sets: list[str] | None, models: str | None = None):
 def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
         models: Annotated[Optional[str], typer.Option("--models", "-m", help="comma-separated runs to train")] = None):
     """Run the experiment flow: prepare data, train each model, evaluate, register the best."""
-    cfg, names = load(params, set_, models)  # validate before anything runs: no MLflow run, no data written
+    cfg, names = load(params, set_, models, runs=True)  # validate before anything runs: no MLflow run, no data
     quiet_prefect()
-    server_ready = boot_prefect_server()
+    server = boot_prefect_server()
     from flows.experiment import ExperimentFailed, experiment
     from tasks.data import DataError
     from tasks.stages import train_stage  # noqa: F401  (torch, matplotlib: imported while the server boots)
     from tasks.tracking import client  # noqa: F401
 
-    server_ready()
-    try:
-        with local_flow_settings():
-            summary = experiment(str(params), set_ or [], names)
-        code = 0
-    except ExperimentFailed as e:
-        summary, code = e.summary, 1
-    except DataError as e:
-        fail(str(e))
+    with prefect_api(server):
+        try:
+            with local_flow_settings():
+                summary = experiment(str(params), set_ or [], names)
+            code = 0
+        except ExperimentFailed as e:
+            summary, code = e.summary, 1
+        except DataError as e:
+            fail(str(e))
     print_summary(summary, cfg)
     raise typer.Exit(code)
 
@@ -108,32 +108,33 @@ def print_summary(summary: dict, cfg) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tasks.config import main_metric
+    from tasks.kinds import experiment_kind, main_metric
     from tasks.tracking import tracking_uri
 
-    metric = main_metric(cfg)
-    forecast = metric == "test_rmse"
+    metric, more = main_metric(cfg), experiment_kind(cfg).summary_columns  # e.g. a forecast's naive RMSE beside it
     console = Console() if sys.stdout.isatty() else Console(width=140)
     table = Table(title=f"nnlab experiment on {cfg.data.source}")
-    for col in ("architecture", metric.replace("_", " "), *(["naive rmse"] if forecast else []), "epochs", "seconds"):
-        table.add_column(col)
+    for col in ("architecture", metric, *more, "epochs", "seconds"):
+        table.add_column(col.replace("_", " "))
     table.add_column("MLflow run id", no_wrap=True, min_width=32)
     for r in summary["results"]:
-        naive = [f"{r['naive_test_rmse']:.4f}"] if forecast else []
-        table.add_row(r["name"], f"{r[metric]:.4f}", *naive, str(r["epochs"]), f"{r['seconds']:.1f}", r["run_id"])
+        values = [f"{r[k]:.4f}" if isinstance(r.get(k), (int, float)) else "-" for k in (metric, *more)]
+        table.add_row(r["name"], *values, str(r["epochs"]), f"{r['seconds']:.1f}", r["run_id"])
     for f in summary["failed"]:
-        table.add_row(f["name"], "[red]FAILED[/red]", *(["-"] if forecast else []), "-", "-", f["error"][:60])
+        table.add_row(f["name"], "[red]FAILED[/red]", *["-"] * len(more), "-", "-", f["error"][:60])
     console.print(table)
     reg = summary.get("registered")
     if reg:
         console.print(f"registered {reg['name']} v{reg['version']} ({reg['model']}, {metric} "
-                      f"{reg[metric]:.4f}) as [bold]{reg['alias']}[/bold]")
+                      f"{reg[metric]:.4f}) as [bold]{reg['alias']}[/bold]"
+                      + (f" ({reg['decision']})" if reg.get("decision", "").startswith("health") else ""))
     for r in summary["results"]:
         for h in r.get("health", []):
-            what = {"vanishing": "vanishing gradients", "exploding": "exploding gradients",
-                    "dead_units": "dead ReLU units"}[h]
-            console.print(f"[yellow]health[/yellow] {r['name']}: {what} (tag nnlab.health.{h}; "
-                          f"see the run's grad_norm.*, update_ratio and dead_units curves)")
+            what = {"vanishing": "vanishing gradients (see the run's grad_norm and layers/grad_norm.* curves)",
+                    "exploding": "exploding gradients (see the run's grad_norm and layers/grad_norm.* curves)",
+                    "dead_units": "dead ReLU units (see the run's dead_units curve)",
+                    "mode_collapse": "mode collapse (see the run's samples/ and plots/samples.png)"}.get(h, h)
+            console.print(f"[yellow]health[/yellow] {r['name']}: {what}; tag nnlab.health.{h}")
     for f in summary["failed"]:
         console.print(f"[red]failed[/red] {f['name']}: {f['error']}")
     uri = tracking_uri()
@@ -183,11 +184,10 @@ def sweep_cmd(file: Annotated[Optional[Path], typer.Argument(help="sweep file; d
     where = f"the Dask cluster at {spec_.address}" if spec_.engine == "dask" else f"{n} worker(s)"
     typer.echo(f"sweep {spec_.name}: {len(cells)} cells, {where}")
     quiet_prefect()
-    server_ready = boot_prefect_server()
+    server = boot_prefect_server()
     from flows.sweep import sweep, task_runner
 
-    server_ready()
-    with local_flow_settings():
+    with prefect_api(server), local_flow_settings():
         out = sweep.with_options(task_runner=task_runner(spec_, n))(spec_.model_dump(), raw, sets, resume)
     print_sweep(out)
     raise typer.Exit(1 if out["failed"] else 0)
@@ -270,7 +270,7 @@ def stage(name: Annotated[str, typer.Argument(help="prepare | augment | train | 
         else:
             import json
 
-            results = [json.loads(Path(f"metrics/{n}.json").read_text()) for n in cfg.models]
+            results = [json.loads(Path(f"metrics/{n}.json").read_text()) for n in cfg.runs()]
             st.register_stage(cfg, results)
     except DataError as e:
         fail(str(e))
@@ -358,7 +358,7 @@ def tracking_server(
         workers: Annotated[Optional[int], typer.Option(help="server processes (default: MLflow's, 4)")] = None):
     """A shared MLflow tracking server: runs and models in PostgreSQL, artifacts served through it.
     Further `mlflow server` options go after `--`, e.g. `-- --app-name basic-auth`."""
-    from tasks.tracking import StoreUnreachable, ensure_database, server_client_uri, server_command, server_env
+    from flows.tracking_server import StoreUnreachable, ensure_database, server_client_uri, server_command, server_env
 
     try:
         if ensure_database(backend_store_uri):

@@ -48,15 +48,14 @@ def register(cfg: Config, results: list[dict]) -> dict:
 @flow(name="nnlab-experiment", log_prints=False)
 def experiment(params: str = "params.yaml", sets: list[str] | None = None, models: list[str] | None = None) -> dict:
     cfg = load_config(params, sets or [])
-    if models:
-        cfg = select_models(cfg, models)
+    cfg = select_models(cfg, models or cfg.runs())  # params.yaml's `run` unless told which
     data_dir, facts = prepare_data(cfg)
     results, failed = [], []
     for name in cfg.models:  # one after another: two trainings would fight over 2 cores and the global RNG
         try:
             trained = train(cfg, name, data_dir, facts)
             results.append({**evaluate(cfg, name, data_dir), "seconds": round(trained["seconds"], 2),
-                            "resumed": trained["resumed"], "health": trained["health"]})
+                            "resumed": trained["resumed"]})
         except Exception as e:  # one failing architecture never loses the others
             failed.append({"name": name, "error": str(e)})
     registered = register(cfg, results) if results and cfg.register.enabled else None

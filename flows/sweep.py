@@ -15,8 +15,9 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from tasks.config import Config, SweepConfig, flatten, main_metric
-from tasks.dvc import ensure_data
+from flows.experiment import prepare_data
+from tasks.config import Config, SweepConfig, flatten
+from tasks.kinds import main_metric
 from tasks.stages import evaluate_stage, train_stage
 from tasks.sweep import expand, register_by_mean, report, todo
 
@@ -78,12 +79,6 @@ def worker_name() -> str:
         except ValueError:  # not inside a Dask worker
             pass
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-@task(name="prepare-data", cache_policy=NO_CACHE)
-def prepare_data(cfg: Config) -> tuple[str, dict]:
-    path, facts = ensure_data(cfg)
-    return str(path), facts
 
 
 @task(name="cell", cache_policy=NO_CACHE, task_run_name="cell-{cell_id}")

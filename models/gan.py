@@ -215,7 +215,7 @@ def is_image(shape: tuple[int, ...]) -> bool:
 # ---------------------------------------------------------------- registered variants
 
 
-@register_model("gan_mlp", family="gan", options=GANMLPOptions)
+@register_model("gan_mlp", family="gan", options=GANMLPOptions, kind="generation")
 def gan_mlp(*, input_shape, num_classes, options: GANMLPOptions) -> nn.Module:
     """Textbook GAN: dense generator and LeakyReLU discriminator, non-saturating BCE loss."""
     image = is_image(input_shape)
@@ -225,7 +225,7 @@ def gan_mlp(*, input_shape, num_classes, options: GANMLPOptions) -> nn.Module:
     return GAN(g, d, options.latent_dim, options, "bce")
 
 
-@register_model("dcgan", family="gan", options=DCGANOptions)
+@register_model("dcgan", family="gan", options=DCGANOptions, kind="generation")
 def dcgan(*, input_shape, num_classes, options: DCGANOptions) -> nn.Module:
     """DCGAN: transposed-conv generator with batch norm, strided-conv LeakyReLU discriminator (dense on points)."""
     if is_image(input_shape):
@@ -237,7 +237,7 @@ def dcgan(*, input_shape, num_classes, options: DCGANOptions) -> nn.Module:
     return dcgan_init(GAN(g, d, options.latent_dim, options, "bce"))
 
 
-@register_model("wgan_gp", family="gan", options=WGANGPOptions)
+@register_model("wgan_gp", family="gan", options=WGANGPOptions, kind="generation")
 def wgan_gp(*, input_shape, num_classes, options: WGANGPOptions) -> nn.Module:
     """WGAN-GP: DCGAN-shaped networks, a critic without sigmoid or batch norm, trained with a gradient penalty."""
     if is_image(input_shape):

@@ -30,6 +30,7 @@ class ModelSpec:
     options: type[Options]
     build: Callable[..., nn.Module]
     description: str
+    kind: str | None = None  # the kind of run it makes whatever the data (GANs: "generation"); None: the data's
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -40,7 +41,7 @@ class UnknownModelError(KeyError):
         return str(self.args[0])
 
 
-def register_model(name: str, *, family: str, options: type[Options]):
+def register_model(name: str, *, family: str, options: type[Options], kind: str | None = None):
     if family not in FAMILIES:
         raise ValueError(f"family {family!r} is not one of {', '.join(FAMILIES)}")
 
@@ -48,7 +49,7 @@ def register_model(name: str, *, family: str, options: type[Options]):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered; known models: {', '.join(sorted(_REGISTRY))}")
         doc = (build.__doc__ or "").strip().splitlines()
-        _REGISTRY[name] = ModelSpec(name, family, options, build, doc[0] if doc else "")
+        _REGISTRY[name] = ModelSpec(name, family, options, build, doc[0] if doc else "", kind)
         return build
 
     return wrap
@@ -88,10 +89,10 @@ class Deployed(nn.Module):
     """What gets logged and served: raw inputs -> normalisation -> network -> class probabilities, or for a
     forecaster, raw windows (B, L, 1) -> the next H values in the series' units."""
 
-    def __init__(self, net: nn.Module, mean: list[float], std: list[float], task: str = "classification",
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float], regression: bool = False,
                  input_dims: int = 3):
         super().__init__()
-        self.net, self.regression = net, task == "regression"
+        self.net, self.regression = net, regression
         shape = (1, -1, 1, 1) if input_dims == 3 else (1, 1, -1) if input_dims == 2 else (1, -1)  # per channel/feature
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(shape))

@@ -1,17 +1,18 @@
 """Transfer learning: the convolutional blocks of a trained network, frozen, under a new head.
 
 The base is (a) a network this pipeline logged to MLflow (`models:/<name>@champion`, `models:/<name>/<v>`,
-`runs:/<id>/model` or a run id), (b) a torchvision model with pretrained weights (`torchvision:resnet18`),
+`runs:/<id>/model` or a run id; the caller fetches its checkpoint and passes it as `base_checkpoint`), (b) a torchvision model with pretrained weights (`torchvision:resnet18`),
 from the local torch cache unless `download` is allowed, or (c) nothing: an untrained `base_arch`, the
 from-scratch reference with the same architecture. An optional fine-tune phase unfreezes the base's last
 `fine_tune_blocks` blocks after `fine_tune_after` epochs, at `fine_tune_lr` x the head's learning rate.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from models.registry import Options, create_model, register_model
@@ -28,6 +29,17 @@ class TransferOptions(Options):
     hidden: int = Field(default=0, ge=0)  # width of a hidden dense layer in the new head (0: linear head)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # before the head's last layer
     download: bool = False  # torchvision bases: allow downloading pretrained weights into the torch cache
+    # the checkpoint of a `base` this pipeline trained, already fetched by the caller (tasks.stages.build resolves
+    # models:/... through the tracking module): its self-describing dict, or the path of its model.pt
+    base_checkpoint: dict | str | None = Field(default=None, exclude=True, repr=False)
+
+    @field_validator("base")
+    @classmethod
+    def _reference(cls, v: str | None):
+        if v is None or re.fullmatch(r"models:/[^@/]+(@[\w.-]+|/\d+)|runs:/[0-9a-f]{32}/\S+|[0-9a-f]{32}|torchvision:\w+", v):
+            return v
+        raise ValueError(f"{v!r} is not a model reference: use models:/<name>@<alias>, models:/<name>/<version>, "
+                         "runs:/<run id>/model, a run id or torchvision:<arch>")
 
 
 class TransferNet(nn.Module):
@@ -95,18 +107,20 @@ class TransferNet(nn.Module):
         return self
 
 
-def _logged_features(ref: str) -> tuple[nn.Sequential, str, int]:
-    from tasks.tracking import load_checkpoint
-
-    final, uri = load_checkpoint(ref)
+def _logged_features(ref: str, checkpoint: dict | str | None) -> tuple[nn.Sequential, int]:
+    if checkpoint is None:
+        raise ValueError(f"transfer: base {ref!r} names a logged model; build it through the pipeline "
+                         "(tasks.stages.build fetches its checkpoint) or pass base_checkpoint")
+    final = checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location="cpu",
+                                                                       weights_only=False)
     net = create_model(final["arch"], input_shape=tuple(final["input_shape"]), num_classes=final["num_classes"],
                        **final["options"])
     net.load_state_dict(final["model"])
     if not isinstance(getattr(net, "features", None), nn.Sequential):
-        raise ValueError(f"transfer: {uri} is a {final['arch']} without convolutional `features` blocks; "
+        raise ValueError(f"transfer: {ref} is a {final['arch']} without convolutional `features` blocks; "
                          "use a CNN trained by this pipeline")
     first = next(m for m in net.features.modules() if isinstance(m, nn.Conv2d))
-    return net.features, uri, first.in_channels
+    return net.features, first.in_channels
 
 
 def torchvision_weights_path(arch: str) -> tuple[object, Path]:
@@ -154,7 +168,5 @@ def transfer(*, input_shape, num_classes, options: TransferOptions) -> nn.Module
     if o.base.startswith("torchvision:"):
         return TransferNet(_torchvision_features(o.base.split(":", 1)[1], o.download), input_shape, num_classes,
                            o, base_channels=3)
-    features, uri, channels = _logged_features(o.base)
-    net = TransferNet(features, input_shape, num_classes, o, base_channels=channels)
-    net.resolved_options = {**net.resolved_options, "base": uri}
-    return net
+    features, channels = _logged_features(o.base, o.base_checkpoint)
+    return TransferNet(features, input_shape, num_classes, o, base_channels=channels)

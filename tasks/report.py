@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
-from tasks.config import LOWER_IS_BETTER  # noqa: E402
+from tasks.kinds import lower_is_better  # noqa: E402
 
 
 def ci95(values: list[float]) -> tuple[float, float]:
@@ -61,7 +61,7 @@ def cell_table(rows: list[dict], factors: list[str], metric: str) -> list[dict]:
                       "epochs_to_95": float(np.mean(speed)) if speed else float("nan"),
                       "diverged": sum(r.get("diverged", False) for r in runs),
                       "failed": sum(r["status"] != "FINISHED" for r in runs)})
-    sign = 1 if metric in LOWER_IS_BETTER else -1  # best first: lowest error, or highest accuracy
+    sign = 1 if lower_is_better(metric) else -1  # best first: lowest error, or highest accuracy
     table.sort(key=lambda c: sign * c["mean"] if math.isfinite(c["mean"]) else math.inf)
     return table
 
@@ -178,7 +178,7 @@ def _markdown(title, rows, factors, metric, table, effects, figures, notes) -> s
     diverged = sum(r.get("diverged", False) for r in rows)
     lines = [f"# {title}", "",
              f"{len(rows)} runs, {finished} finished, {diverged} diverged. Main metric: `{metric}` "
-             f"(test split; mean ± 95% CI over seeds; {'lower' if metric in LOWER_IS_BETTER else 'higher'} is better). "
+             f"(test split; mean ± 95% CI over seeds; {'lower' if lower_is_better(metric) else 'higher'} is better). "
              "★ marks the best cell.", ""]
     lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     accuracy = any(math.isfinite(c["epochs_to_95"]) for c in table)  # classifiers: how fast, too
@@ -193,7 +193,7 @@ def _markdown(title, rows, factors, metric, table, effects, figures, notes) -> s
                                         str(c["n"]), *speed, str(c["diverged"])]) + " |")
     lines += ["", "## Main effects", "", "Each level's mean over all other factors and seeds.", ""]
     for f, levels in effects.items():
-        pick = min if metric in LOWER_IS_BETTER else max
+        pick = min if lower_is_better(metric) else max
         best = pick((lv for lv in levels if math.isfinite(lv["mean"])), key=lambda lv: lv["mean"], default=None)
         lines.append(f"**{f}**: " + " · ".join(
             f"{lv['level']} {fmt(lv['mean'], lv['ci'])}" + (" (best)" if lv is best else "") for lv in levels))

@@ -16,22 +16,20 @@ from tasks.config import DataConfig
 SEASON = {"sunspots": 11, "co2": 12}  # the solar cycle in years; months in a year
 
 
-def _sunspots() -> tuple[np.ndarray, str]:
+def read_sunspots(cfg: DataConfig | None = None) -> tuple[np.ndarray, str]:
     import statsmodels.api as sm  # bundled datasets, no download
 
     d = sm.datasets.sunspots.load_pandas().data  # yearly, 1700-2008
     return d["SUNACTIVITY"].to_numpy(np.float64), "yearly mean sunspot number, 1700-2008"
 
 
-def _co2() -> tuple[np.ndarray, str]:
+def read_co2(cfg: DataConfig | None = None) -> tuple[np.ndarray, str]:
     import statsmodels.api as sm
 
     d = sm.datasets.co2.load_pandas().data  # weekly Mauna Loa CO2 (ppm), 1958-2001, with gaps
     monthly = d["co2"].resample("MS").mean().interpolate("linear")
     return monthly.to_numpy(np.float64), "monthly mean CO2 at Mauna Loa (ppm), 1958-2001"
 
-
-SERIES = {"sunspots": _sunspots, "co2": _co2}
 
 
 def windows(series: np.ndarray, lookback: int, horizon: int, targets: range) -> tuple[np.ndarray, np.ndarray]:
@@ -56,10 +54,10 @@ def split_series(cfg: DataConfig, series: np.ndarray) -> dict[str, tuple[np.ndar
             "test": windows(series, L, H, range(test_start, n - H + 1))}
 
 
-def prepare_series(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
+def prepare_series(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
     from tasks.data import write_prepared
 
-    series, description = SERIES[cfg.source]()
+    series, description = read(cfg)
     splits = split_series(cfg, series)  # raises before out_dir is touched
     n_train = len(series) - int(round(len(series) * cfg.test_fraction)) - int(round(len(series) * cfg.val_fraction))
     fit = series[:n_train]  # scaling from the training part only
@@ -111,7 +109,9 @@ def arima_reference(manifest: dict, y_test: np.ndarray) -> dict:
     s = manifest["series"]
     if s["horizon"] != 1:
         return {}
-    series, _ = SERIES[manifest["source"]]()
+    from tasks.sources import reader
+
+    series, _ = reader(manifest["source"])()
     test_start = len(series) - len(y_test)
     order, seasonal = ARIMA_ORDERS[manifest["source"]]
     t0 = time.perf_counter()

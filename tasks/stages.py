@@ -5,24 +5,22 @@ and writes its outputs atomically. MLflow is reached only through tasks.tracking
 """
 from __future__ import annotations
 
-import copy
 import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from models.registry import Deployed, count_parameters, create_model, get_spec, list_models
-from tasks.config import Config, flatten, main_metric, params_hash, register_name
-from tasks.augment import AUGMENTED, BatchAugment
+from models.registry import count_parameters, create_model, get_spec, list_models
+from tasks.augment import AUGMENTED, BatchAugment, raw_max
+from tasks.config import Config, flatten, params_hash
 from tasks.data import PROCESSED, load_prepared, prepare
-from tasks.evaluate import classification_metrics, confusion_figure, learning_curve_figure, predict
 from tasks.files import atomic_path, save_torch, write_json
+from tasks.kinds import Job, Kind, get_kind, kind_of, main_metric, register_name
 from tasks.progress import EpochProgress
-from tasks.text import VOCAB, Vocab, sample_text
 from tasks.tracking import Run, git_commit
-from tasks.train import Trainer, init_weights, resolve_device, seed_everything, to_device
+from tasks.train import (CheckpointFormatError, FitResult, Trainer, init_weights, resolve_device, seed_everything,
+                         to_device)
 
 CHECKPOINTS = Path(".nnlab/checkpoints")  # resume state of unfinished runs; never a DVC output (DVC wipes those)
 
@@ -112,28 +110,32 @@ def run_params(cfg: Config, name: str) -> dict:
 
 
 def build(arch: str, options: dict, manifest: dict) -> torch.nn.Module:
-    """create_model for the data `manifest` describes; token data hands its vocabulary size to the embedding."""
+    """create_model for the data `manifest` describes: token data hands its vocabulary size to the embedding;
+    a base named by a tracking reference (transfer learning) is fetched here and handed over loaded."""
+    spec = get_spec(arch)
     if manifest.get("vocab_size"):
-        if "vocab_size" not in get_spec(arch).options.model_fields:
+        if "vocab_size" not in spec.options.model_fields:
             takes = [n for n in list_models() if "vocab_size" in get_spec(n).options.model_fields]
             raise ValueError(f"model {arch!r} does not read token ids ({manifest.get('source', 'the data')} is text); "
                              f"models that do: {', '.join(takes)}")
         options = {**options, "vocab_size": manifest["vocab_size"]}
+    base = options.get("base")
+    if "base_checkpoint" in spec.options.model_fields and base and not base.startswith("torchvision:"):
+        from tasks.tracking import load_checkpoint
+
+        checkpoint, uri = load_checkpoint(base)
+        options = {**options, "base": uri, "base_checkpoint": checkpoint}
     return create_model(arch, input_shape=tuple(manifest["input_shape"]), num_classes=manifest["num_classes"], **options)
 
 
 def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_dir: str | Path | None = None,
                 parent_run_id: str | None = None, extra_tags: dict | None = None) -> Trained:
-    """Train run `name`; resumes its unfinished checkpoint (same params, same data) into the same MLflow run."""
-    if get_spec(cfg.model_options(name)[0]).family == "gan":  # two networks, their own step and measurements
-        from tasks.gan_stages import train_gan_stage
-
-        return train_gan_stage(cfg, name, data_dir, out_dir, parent_run_id, extra_tags)
-    out_dir = Path(out_dir or f"data/train/{name}")
+    """Train run `name` the way its kind says; resumes its unfinished checkpoint (same params, same data) into
+    the same MLflow run."""
     data = load_prepared(data_dir)
     m = data.manifest
     arch, options = cfg.model_options(name)
-    spec = get_spec(arch)
+    kind = kind_of(arch, m["source"])
     params = run_params(cfg, name)
     phash = params_hash(params)
     ckpt_path = CHECKPOINTS / f"{name}-{params_hash([phash, m['data_hash'], parent_run_id])}.pt"
@@ -145,22 +147,28 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
     options = getattr(model, "resolved_options", options)  # e.g. a transfer base pinned to its version
     init_weights(getattr(model, "fresh", model), tcfg.init)  # `fresh`: only the untrained part (transfer's head)
     image = len(m["input_shape"]) == 3
-    channels_last = image and tcfg.channels_last
+    channels_last = image and tcfg.channels_last and kind.channels_last
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     augment = BatchAugment.for_data(cfg.augment, m, cfg.seed) if cfg.augment.enabled and image else None
-    trainer = Trainer(model, tcfg, cfg.seed, device, task=m.get("task", "classification"), augment=augment)
+    trainer = Trainer(model, tcfg, cfg.seed, device, kind.step(model, tcfg, cfg.seed, device), augment)
 
-    mean, std = m["normalization"]["mean"], m["normalization"]["std"]
+    mean, std = kind.scaling(m)
     train = to_device(data.x_train, data.y_train, mean, std, device, channels_last)
     val = to_device(data.x_val, data.y_val, mean, std, device, channels_last)
+    run, resumed = _open_run(cfg, name, arch, m, params, phash, ckpt_path, trainer, parent_run_id, extra_tags)
+    job = Job(cfg, name, arch, data, Path(data_dir), model, trainer, run, mean, std)
+    result = _fit(job, kind, train, val, ckpt_path)
+    return _finish(job, kind, result, options, Path(out_dir or f"data/train/{name}"), ckpt_path, resumed)
 
-    run, resumed = _open_run(cfg, name, arch, spec.family, m, params, phash, ckpt_path, trainer, parent_run_id,
-                             extra_tags)
-    progress = EpochProgress(name, tcfg.epochs, trainer.epoch)
 
-    on_epoch = epoch_callback(run, ckpt_path, name, progress)
+def _fit(job: Job, kind: Kind, train, val, ckpt_path: Path) -> FitResult:
+    """The trainer's fit, recorded: an interrupted run stays resumable, a failed one is FAILED with its reason."""
+    run, trainer = job.run, job.trainer
+    progress = EpochProgress(job.name, trainer.cfg.epochs, trainer.epoch)
+    on_epoch = epoch_callback(run, ckpt_path, job.name, progress,
+                              lambda epoch, metrics, tr: kind.on_epoch(job, epoch, metrics, tr))
     try:
-        result = trainer.fit(train, val, on_epoch=on_epoch, progress=progress.step)
+        return trainer.fit(train, val, on_epoch=on_epoch, progress=progress.step)
     except KeyboardInterrupt:
         run.finish("KILLED", "interrupted; `nnlab run` with the same params resumes it")
         raise
@@ -169,61 +177,54 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
         _log_health(run, trainer)
         run.finish("FAILED", reason)
         ckpt_path.unlink(missing_ok=True)  # a diverged run would only diverge again from here
-        raise TrainingFailed(name, run.run_id, reason) from e
+        raise TrainingFailed(job.name, run.run_id, reason) from e
     finally:
         progress.close()
 
-    final = {
-        "name": name, "arch": arch, "family": spec.family, "options": options,
-        "input_shape": m["input_shape"], "num_classes": m["num_classes"], "classes": m["classes"],
-        "normalization": m["normalization"], "config": cfg.model_dump(), "data_hash": m["data_hash"],
-        "task": m.get("task", "classification"), "series": m.get("series"), "source": m["source"],
-        "vocab_size": m.get("vocab_size"),
-        "run_id": run.run_id, "history": result.history, "epochs": result.epochs, "best_epoch": result.best_epoch,
-        "stopped_early": result.stopped_early, "seconds": result.seconds,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
-    deployed = Deployed(copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format), mean, std,
-                        m.get("task", "classification"), len(m["input_shape"]))
-    tokens = m.get("vocab_size") is not None
-    example = data.x_test[:4] if tokens else data.x_test[:4].astype(np.float32)
-    vocab = Path(data_dir) / VOCAB
-    model_uri = run.log_model(deployed, example, metadata={"nnlab.arch": arch, "classes": m["classes"]},
-                              extra_files=[vocab] if tokens else None)  # the registered model encodes new text
-    run.log_metrics({"epochs_run": result.epochs, "best_epoch": result.best_epoch,
-                     "train_seconds": result.seconds, "parameters": count_parameters(model)})
-    health = _log_health(run, trainer)
-    run.log_figure(learning_curve_figure(result.history, f"{name} on {m['source']}"), "plots/learning_curve.png")
-    run.log_dict(m, "data/manifest.json")
-    if augment is not None:
+
+def _finish(job: Job, kind: Kind, result: FitResult, options: dict, out_dir: Path, ckpt_path: Path,
+            resumed: bool) -> Trained:
+    """After training: the kind's figures, the served model, the self-describing checkpoint, the run closed."""
+    run, model, m, cfg = job.run, job.model, job.data.manifest, job.cfg
+    kind.after_fit(job, result)
+    if job.trainer.augment is not None:
         from tasks.augment import preview
 
-        run.log_figure(preview(cfg.augment, data, cfg.seed), "plots/augment_preview.png")
-    if image and isinstance(getattr(model, "features", None), torch.nn.Sequential):
-        _log_what_it_learned(run, model, data.x_test[:1], mean, std, name)
-    if hasattr(model, "attention_weights"):  # attention models: where they looked, for a few test examples
-        _log_attention(run, model, data, mean, std, name)
-    if tokens:
-        run.log_file(vocab, "data")
-    if m.get("task") == "language_model":
-        _log_samples(run, model, Vocab.load(vocab), cfg.seed, name)
-    final["model_uri"] = model_uri
+        run.log_figure(preview(cfg.augment, job.data, cfg.seed), "plots/augment_preview.png")
+    served, example, metadata, extra_files = kind.served(job)
+    model_uri = run.log_model(served, example, {"nnlab.arch": job.arch, **metadata}, extra_files)
+    run.log_metrics({"epochs_run": result.epochs, "best_epoch": result.best_epoch,
+                     "train_seconds": result.seconds, "parameters": count_parameters(model)})
+    health = _log_health(run, job.trainer)
+    run.log_dict(m, "data/manifest.json")
+    final = {
+        "name": job.name, "arch": job.arch, "family": get_spec(job.arch).family, "options": options,
+        "input_shape": m["input_shape"], "num_classes": m["num_classes"], "classes": m["classes"],
+        "normalization": {"mean": job.mean, "std": job.std}, "config": cfg.model_dump(),
+        "data_hash": m["data_hash"], "task": kind.name, "series": m.get("series"), "source": m["source"],
+        "vocab_size": m.get("vocab_size"), "max_value": raw_max(m) if len(m["input_shape"]) == 3 else 0.0,
+        "run_id": run.run_id, "history": result.history, "epochs": result.epochs, "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early, "seconds": result.seconds, "model_uri": model_uri,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
     run.set_tags({"nnlab.model_uri": model_uri})
     save_torch(out_dir / "model.pt", final)
     run.log_file(out_dir / "model.pt", "checkpoint")  # self-describing: what transfer learning rebuilds from
-    write_json(out_dir / "run.json", {"name": name, "arch": arch, "run_id": run.run_id, "model_uri": model_uri,
+    write_json(out_dir / "run.json", {"name": job.name, "arch": job.arch, "run_id": run.run_id, "model_uri": model_uri,
                                       "epochs": result.epochs, "seconds": round(result.seconds, 3)})
     ckpt_path.unlink(missing_ok=True)
     run.finish("FINISHED")
-    return Trained(name, arch, run.run_id, model_uri, result.epochs, result.seconds, resumed, health)
+    return Trained(job.name, job.arch, run.run_id, model_uri, result.epochs, result.seconds, resumed, health)
 
 
-def epoch_callback(run: Run, ckpt_path: Path, name: str, progress: EpochProgress):
-    """What a real run does after each epoch: one batched MLflow write (epoch metrics and the diagnostics
-    series), the resume checkpoint, the progress line. Inline: on 2 cores a writer thread only competed with
-    the training threads (measured: no gain)."""
+def epoch_callback(run: Run, ckpt_path: Path, name: str, progress: EpochProgress, measure=None):
+    """What a real run does after each epoch: the kind's own measurements and figures (`measure`), one batched
+    MLflow write (epoch metrics and the diagnostics series), the resume checkpoint, the progress line. Inline:
+    on 2 cores a writer thread only competed with the training threads (measured: no gain)."""
 
     def on_epoch(epoch: int, metrics: dict, tr: Trainer) -> None:
+        if measure is not None:
+            measure(epoch, metrics, tr)
         run.log_epoch(epoch, metrics)
         if tr.diagnostics is not None:
             run.log_series(tr.diagnostics.drain())
@@ -231,41 +232,6 @@ def epoch_callback(run: Run, ckpt_path: Path, name: str, progress: EpochProgress
         progress.epoch_end(epoch, metrics)
 
     return on_epoch
-
-
-def _log_what_it_learned(run: Run, model, x_raw: np.ndarray, mean, std, name: str) -> None:
-    """CNNs: the first-layer kernels, and the feature maps of one test image after an early and a late block."""
-    from tasks.evaluate import feature_maps, feature_maps_figure, kernels_figure
-
-    first = getattr(model, "first_conv", None) or next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
-    run.log_figure(kernels_figure(first.weight, f"{name}: first-layer kernels"), "plots/kernels.png")
-    x = to_device(x_raw, np.zeros(1), mean, std, next(model.parameters()).device, channels_last=False).x
-    maps = feature_maps(model, x)
-    run.log_figure(feature_maps_figure(x_raw[0], maps, f"{name}: feature maps of one test image"),
-                   "plots/feature_maps.png")
-
-
-def _log_attention(run: Run, model, data, mean, std, name: str, n: int = 6) -> None:
-    from tasks.evaluate import attention_figure
-
-    dev = next(model.parameters()).device
-    x = to_device(data.x_test[:n], data.y_test[:n], mean, std, dev, channels_last=False).x
-    model.eval()
-    with torch.no_grad():
-        w = model.attention_weights(x).float().cpu().numpy()
-    classes = data.manifest.get("classes") or []
-    labels = [f"#{i}" + (f" ({classes[int(y)]})" if classes else "") for i, y in enumerate(data.y_test[:n])]
-    step = "image row" if len(data.manifest["input_shape"]) == 3 else "time step"
-    run.log_figure(attention_figure(w, labels, f"{name}: attention over {step}s", step), "plots/attention.png")
-
-
-def _log_samples(run: Run, model, vocab: Vocab, seed: int, name: str, temperatures=(0.5, 0.8, 1.2),
-                 length: int = 300, prompt: str = "The ") -> None:
-    """Language models: text drawn from the trained model at a few temperatures (samples.txt)."""
-    samples = sample_text(model, vocab, prompt, length, list(temperatures), seed)
-    text = "".join(f"--- temperature {t} ---\n{s}\n\n" for t, s in samples.items())
-    run.log_text(text, "samples.txt")
-    print(f"{name}: sample at temperature {temperatures[1]}: {samples[temperatures[1]][:160]!r}", flush=True)
 
 
 def _log_health(run: Run, trainer: Trainer) -> list[str]:
@@ -284,7 +250,7 @@ def _log_health(run: Run, trainer: Trainer) -> list[str]:
     return fired
 
 
-def _open_run(cfg, name, arch, family, manifest, params, phash, ckpt_path, trainer, parent_run_id, extra_tags):
+def _open_run(cfg, name, arch, manifest, params, phash, ckpt_path, trainer, parent_run_id, extra_tags):
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=trainer.device, weights_only=False)
         try:
@@ -292,11 +258,18 @@ def _open_run(cfg, name, arch, family, manifest, params, phash, ckpt_path, train
         except Exception:  # the run was deleted from the store: start over
             ckpt_path.unlink()
         else:
-            trainer.load_state_dict(state["trainer"])
-            print(f"{name}: resuming MLflow run {run.run_id} after epoch {trainer.epoch}", flush=True)
-            return run, True
+            try:
+                trainer.load_state_dict(state["trainer"])
+            except CheckpointFormatError as e:  # written by an older nnlab: its run ends, a new one starts
+                run.finish("FAILED", f"not resumed: {e}; retrained from scratch")
+                print(f"{name}: {ckpt_path} is {e}: MLflow run {run.run_id} marked FAILED, training from scratch",
+                      flush=True)
+                ckpt_path.unlink()
+            else:
+                print(f"{name}: resuming MLflow run {run.run_id} after epoch {trainer.epoch}", flush=True)
+                return run, True
     tags = {
-        "nnlab.model": arch, "nnlab.family": family, "nnlab.dataset": manifest["source"],
+        "nnlab.model": arch, "nnlab.family": get_spec(arch).family, "nnlab.dataset": manifest["source"],
         "nnlab.git_commit": git_commit(), "nnlab.data_hash": manifest["data_hash"], "nnlab.params_hash": phash,
         "nnlab.run": name, **(extra_tags or {}),
     }
@@ -315,80 +288,29 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[
 
 def evaluate_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, train_dir: str | Path | None = None,
                    metrics_path: str | Path | None = None, plots_dir: str | Path | None = None) -> dict:
-    if get_spec(cfg.model_options(name)[0]).family == "gan":
-        from tasks.gan_stages import evaluate_gan_stage
-
-        return evaluate_gan_stage(cfg, name, data_dir, train_dir, metrics_path, plots_dir)
+    """The trained run's test measurements, as its kind takes them, into its MLflow run and metrics/<name>.json."""
     train_dir = Path(train_dir or f"data/train/{name}")
     metrics_path = Path(metrics_path or f"metrics/{name}.json")
     plots_dir = Path(plots_dir or f"plots/{name}")
     device = resolve_device(cfg.train.device)
     model, final = load_trained(train_dir / "model.pt", device)
     data = load_prepared(data_dir)
-    norm = final["normalization"]
-    test = to_device(data.x_test, data.y_test, norm["mean"], norm["std"], device, channels_last=False)
+    ev = get_kind(final.get("task", "classification")).evaluate(cfg, name, model, final, data, Path(data_dir), device)
     run = Run(final["run_id"])
-    if final.get("task") == "regression":
-        metrics, fig, artifact = _forecast_evaluation(name, model, test, data, final, run)
-    elif final.get("task") == "language_model":
-        metrics, fig, artifact = _language_model_evaluation(name, model, test, final)
-    else:
-        metrics, cm = classification_metrics(predict(model, test.x), test.y, final["num_classes"])
-        fig = confusion_figure(cm, final["classes"], f"{name}: test accuracy {metrics['test_accuracy']:.4f}")
-        artifact = "plots/confusion_matrix.png"
-    run.log_metrics(metrics)
+    run.log_metrics(ev.metrics)
+    if ev.tags:
+        run.set_tags(ev.tags)
     plots_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(plots_dir / "test.png") as tmp:  # DVC's plot: confusion matrix, or forecast vs actual
-        fig.savefig(tmp, format="png")
-    run.log_figure(fig, artifact)
+    with atomic_path(plots_dir / "test.png") as tmp:  # DVC's plot: confusion matrix, forecast, samples
+        ev.figure.savefig(tmp, format="png")
+    run.log_figure(ev.figure, ev.artifact)
     _write_history(plots_dir / "history.csv", final["history"])
-    summary = {**metrics, "name": name, "arch": final["arch"], "run_id": final["run_id"],
-               "model_uri": final["model_uri"], "epochs": final["epochs"], "seconds": round(final["seconds"], 3)}
+    summary = {**ev.metrics, **ev.summary, "health": run.health(), "name": name, "arch": final["arch"],
+               "family": final["family"],
+               "run_id": final["run_id"], "model_uri": final["model_uri"], "epochs": final["epochs"],
+               "seconds": round(final["seconds"], 3)}
     write_json(metrics_path, summary)
     return summary
-
-
-def _forecast_evaluation(name: str, model, test, data, final: dict, run: Run):
-    """Test RMSE/MAE in the series' units beside the naive and seasonal-naive forecasts of the same windows."""
-    from tasks.series import arima_reference, baselines, forecast_figure, forecast_metrics
-
-    norm, season = final["normalization"], final["series"]["season"]
-    pred = predict(model, test.x).cpu().numpy() * norm["std"][0] + norm["mean"][0]
-    metrics = forecast_metrics(pred, data.y_test, data.x_test, season)
-    metrics |= arima_reference(data.manifest, data.y_test)
-    if "arima_test_rmse" in metrics:
-        metrics["test_rmse_vs_arima"] = metrics["test_rmse"] / max(metrics["arima_test_rmse"], 1e-12)
-    beats = metrics["test_rmse"] < metrics["naive_test_rmse"]
-    run.set_tags({"nnlab.beats_naive": str(beats).lower()})
-    verdict = "beats" if beats else "does NOT beat"
-    print(f"{name}: test RMSE {metrics['test_rmse']:.4g} {verdict} the naive forecast's "
-          f"{metrics['naive_test_rmse']:.4g} (ratio {metrics['test_rmse_vs_naive']:.3f})"
-          + (f"; seasonal naive {metrics['seasonal_naive_test_rmse']:.4g}" if "seasonal_naive_test_rmse" in metrics
-             else "") + (f"; ARIMA {metrics['arima_test_rmse']:.4g}" if "arima_test_rmse" in metrics else ""),
-          flush=True)
-    naive = baselines(data.x_test, pred.shape[1], season)["naive"]
-    fig = forecast_figure(data.x_test, data.y_test, pred, naive,
-                          f"{name}: test RMSE {metrics['test_rmse']:.4g} vs naive {metrics['naive_test_rmse']:.4g}")
-    return metrics, fig, "plots/forecast.png"
-
-
-def _language_model_evaluation(name: str, model, test, final: dict):
-    """Next-character accuracy and perplexity (exp of the mean cross-entropy) on the held-out end of the text."""
-    import math
-
-    import torch.nn.functional as F
-
-    from tasks.evaluate import perplexity_figure
-
-    logits = predict(model, test.x)
-    ce = float(F.cross_entropy(logits.float(), test.y))
-    metrics = {"test_accuracy": float((logits.argmax(1) == test.y).float().mean()), "test_loss": ce,
-               "test_perplexity": math.exp(ce)}
-    print(f"{name}: test perplexity {metrics['test_perplexity']:.3f} over {final['num_classes']} characters "
-          f"(uniform guessing: {final['num_classes']}), next-character accuracy {metrics['test_accuracy']:.4f}",
-          flush=True)
-    fig = perplexity_figure(final["history"], f"{name}: test perplexity {metrics['test_perplexity']:.3f}")
-    return metrics, fig, "plots/perplexity.png"
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
@@ -403,9 +325,13 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 def register_stage(cfg: Config, results: list[dict], out_path: str | Path | None = "data/register.json") -> dict:
     """Register the best of `results` (evaluate summaries); alias `champion` only if it beats the current one."""
+    from tasks.diagnostics import BLOCKS_CHAMPION
+    from tasks.kinds import lower_is_better
     from tasks.tracking import register_best
 
-    outcome = register_best(register_name(cfg), main_metric(cfg), results, cfg.register.min_delta)
+    metric = main_metric(cfg)
+    outcome = register_best(register_name(cfg), metric, results, cfg.register.min_delta, not lower_is_better(metric),
+                            BLOCKS_CHAMPION)
     if out_path:
         write_json(out_path, outcome)
     return outcome

@@ -26,8 +26,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tasks.config import (LOWER_IS_BETTER, Config, ConfigError, SweepConfig, apply_sets, format_errors, main_metric,
-                          read_yaml, register_name, select_models, validate)
+from tasks.config import (Config, ConfigError, SweepConfig, apply_sets, format_errors, read_yaml,
+                          select_models, validate)
+from tasks.kinds import lower_is_better, main_metric, register_name
 
 SweepSpec = SweepConfig
 
@@ -117,6 +118,8 @@ def collect_rows(parent_run_id: str, cells: list[Cell], metric: str) -> list[dic
         if run is not None:
             error = run["tags"].get("nnlab.error", "")
             row.update(status=run["status"], run_id=run["run_id"], error=error,
+                       health=sorted(k[len("nnlab.health."):] for k, v in run["tags"].items()
+                                     if k.startswith("nnlab.health.") and v == "true"),
                        model_uri=run["tags"].get("nnlab.model_uri"), diverged="non-finite" in error,
                        history={k: [v for _, v in sorted(metric_history(run["run_id"], k))]
                                 for k in ("val_loss", "val_accuracy")})
@@ -165,6 +168,7 @@ def report(parent_run_id: str, spec: SweepSpec, cells: list[Cell], out_dir: str 
 def register_by_mean(rows: list[dict], spec: SweepSpec, cfg: Config, parent_run_id: str) -> dict | None:
     """Promotion over seeds: the best cell by its mean over seeds; its best seed's model is registered and
     becomes `champion` only when that mean beats the champion's score by more than register.min_delta."""
+    from tasks.diagnostics import BLOCKS_CHAMPION
     from tasks.report import ci95
     from tasks.tracking import register_version
 
@@ -175,14 +179,16 @@ def register_by_mean(rows: list[dict], spec: SweepSpec, cfg: Config, parent_run_
             by_cell.setdefault(tuple(sorted((k, str(v)) for k, v in r["levels"].items() if k != "seed")), []).append(r)
     if not by_cell:
         return None
-    higher = metric not in LOWER_IS_BETTER
+    higher = not lower_is_better(metric)
     pick = max if higher else min
     key, runs = pick(by_cell.items(), key=lambda kv: ci95([r[metric] for r in kv[1]])[0])
     mean, half = ci95([r[metric] for r in runs])
-    best = pick(runs, key=lambda r: r[metric])
+    healthy = [r for r in runs if not set(r.get("health") or []) & set(BLOCKS_CHAMPION)]
+    best = pick(healthy or runs, key=lambda r: r[metric])
     tags = {"nnlab.metric": metric, "nnlab.sweep": spec.name, "nnlab.sweep_parent": parent_run_id,
             "nnlab.cell": ",".join(f"{k}={v}" for k, v in key), f"mean_{metric}": mean, f"ci95_{metric}": half,
             "n_seeds": len(runs), "nnlab.run_id": best["run_id"]}
+    blocked = sorted(set(best.get("health") or []) & set(BLOCKS_CHAMPION))
     out = register_version(register_name(cfg), best["model_uri"], mean, cfg.register.min_delta, tags,
-                           higher=higher)
+                           higher=higher, blocked=blocked)
     return {**out, "cell": tags["nnlab.cell"], "mean": mean, "ci95": half, "run_id": best["run_id"]}

@@ -25,7 +25,6 @@ from tasks.config import DataConfig
 
 PAD, UNK = "<pad>", "<unk>"  # ids 0 and 1
 VOCAB = "vocab.json"
-TEXT_SOURCES = ("text_csv", "imdb", "charlm")
 DEFAULT_LENGTH = {"text_csv": 200, "imdb": 200, "charlm": 64}  # tokens per example; charlm: context characters
 WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")  # lowercased words (with 's, n't), each other mark alone
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
@@ -107,7 +106,7 @@ def class_names(labels) -> tuple[np.ndarray, list[str]]:
     return np.array([index[str(v).strip()] for v in labels], dtype=np.int64), names
 
 
-def _text_csv(cfg: DataConfig):
+def read_text_csv(cfg: DataConfig):
     import pandas as pd
 
     path = Path(cfg.path)
@@ -165,7 +164,7 @@ def _download(url: str, dest: Path) -> None:
             f.write(chunk)
 
 
-def _imdb(cfg: DataConfig):
+def read_imdb(cfg: DataConfig):
     from tasks.data import _progress
 
     folder = imdb_folder(cfg)
@@ -198,12 +197,10 @@ def corpus(cfg: DataConfig) -> tuple[str, str]:
 
 # ---------------------------------------------------------------- prepare
 
-def prepare_text(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
-    if cfg.source == "charlm":
-        return _prepare_charlm(cfg, seed, out_dir)
+def prepare_texts(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
     from tasks.data import _keep_classes, _split, write_prepared
 
-    x, y, test, classes = {"text_csv": _text_csv, "imdb": _imdb}[cfg.source](cfg)
+    x, y, test, classes = read(cfg)
     if cfg.classes:
         x, y, test, classes = _keep_classes(x, y, test, classes, cfg.classes)
     splits = _split(x, y, test, cfg, seed)
@@ -239,11 +236,11 @@ def char_windows(ids: np.ndarray, steps: int, limit: int) -> tuple[np.ndarray, n
     return np.stack([ids[s:s + steps] for s in starts]), ids[starts + steps]
 
 
-def _prepare_charlm(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
+def prepare_characters(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
     from tasks.data import write_prepared
 
-    text, description = corpus(cfg)
-    steps = cfg.max_length or DEFAULT_LENGTH["charlm"]
+    text, description = read(cfg)
+    steps = cfg.max_length or DEFAULT_LENGTH[cfg.source]
     n = len(text)
     n_test, n_val = int(n * cfg.test_fraction), int(n * cfg.val_fraction)
     parts = {"train": text[:n - n_val - n_test], "val": text[n - n_val - n_test:n - n_test], "test": text[n - n_test:]}
@@ -257,7 +254,7 @@ def _prepare_charlm(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
         ids = np.array(vocab.ids(part), dtype=np.int64)
         splits[s] = char_windows(ids, steps, limit if s == "train" else max(limit // 5, 100))
     return write_prepared(out_dir, splits, {
-        "source": "charlm", "task": "language_model", "description": description,
+        "source": cfg.source, "task": "language_model", "description": description,
         "input_shape": [steps], "num_classes": len(vocab), "classes": [], "vocab_size": len(vocab),
         "sizes": {s: len(y) for s, (_, y) in splits.items()},
         "normalization": {"mean": [0.0], "std": [1.0]},

@@ -6,7 +6,6 @@ import subprocess
 import time
 from pathlib import Path
 
-from tasks.config import LOWER_IS_BETTER  # every other registered metric: higher is better
 
 # Offline, MLflow's telemetry thread deletes an environment variable while a REST call's proxy lookup iterates
 # os.environ: a random KeyError in log_batch against a tracking server. MLflow is imported below this line only.
@@ -156,6 +155,14 @@ class Run:
         ts = int(time.time() * 1000)
         self.c.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
 
+    def tags(self) -> dict[str, str]:
+        return dict(self.c.get_run(self.run_id).data.tags)
+
+    def health(self) -> list[str]:
+        """The health rules that fired for this run (its nnlab.health.* tags set to true)."""
+        return sorted(k[len("nnlab.health."):] for k, v in self.tags().items()
+                      if k.startswith("nnlab.health.") and v == "true")
+
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
@@ -208,24 +215,28 @@ class Run:
 
 
 
-def register_best(name: str, metric: str, results: list[dict], min_delta: float = 0.0) -> dict:
-    """Register the best result's model under `name` (see `register_version`)."""
+def register_best(name: str, metric: str, results: list[dict], min_delta: float = 0.0, higher: bool = True,
+                  blocking: tuple[str, ...] = ()) -> dict:
+    """Register the best result's model under `name` (see `register_version`): the highest `metric`, or the
+    lowest with higher=False. A result whose `health` holds one of `blocking` competes only when no healthy
+    result has the metric, and then as `challenger`."""
     ok = [r for r in results if r.get(metric) is not None]
     if not ok:
         raise ValueError(f"nothing to register: no result has {metric!r}")
-    higher = metric not in LOWER_IS_BETTER
-    best = (max if higher else min)(ok, key=lambda r: r[metric])
+    unhealthy = lambda r: [h for h in r.get("health") or [] if h in blocking]  # noqa: E731
+    best = (max if higher else min)([r for r in ok if not unhealthy(r)] or ok, key=lambda r: r[metric])
     out = register_version(name, best["model_uri"], best[metric], min_delta,
                            {"nnlab.run": best["name"], "nnlab.run_id": best["run_id"], metric: best[metric],
-                            "nnlab.metric": metric}, higher=higher)
+                            "nnlab.metric": metric}, higher=higher, blocked=unhealthy(best))
     return {**out, "run_id": best["run_id"], "model": best["name"], metric: best[metric]}
 
 
 def register_version(name: str, model_uri: str, score: float, min_delta: float, tags: dict,
-                     higher: bool = True) -> dict:
+                     higher: bool = True, blocked: list[str] | tuple = ()) -> dict:
     """New version of `name`; alias `champion` moves to it only when `score` beats the current champion's by
     more than `min_delta` (higher is better, or lower with higher=False: test_rmse), else it gets
-    `challenger`. The decision and the numbers behind it are tags of the version."""
+    `challenger`. A version `blocked` by health rules (mode collapse, vanishing or exploding gradients) is
+    never champion, even as the first. The decision and the numbers behind it are tags of the version."""
     import mlflow
 
     c = client()
@@ -238,13 +249,20 @@ def register_version(name: str, model_uri: str, score: float, min_delta: float, 
     except Exception:  # no such model or alias yet
         champ, champ_score = None, None
     version = mlflow.register_model(model_uri, name)
-    if champ_score is None or champ_score != champ_score:
+    if blocked:
+        wins = False
+    elif champ_score is None or champ_score != champ_score:
         wins = True
     else:
         wins = score > champ_score + min_delta if higher else score < champ_score - min_delta
     alias = "champion" if wins else "challenger"
-    decision = ("first version: champion" if champ is None else
-                f"{score:.4f} vs champion v{champ.version} {champ_score:.4f} (min_delta {min_delta}): {alias}")
+    if blocked:
+        decision = f"health: {', '.join(blocked)}: never champion, registered as challenger"
+        tags = {**tags, "nnlab.not_champion": ", ".join(blocked)}
+    elif champ is None:
+        decision = "first version: champion"
+    else:
+        decision = f"{score:.4f} vs champion v{champ.version} {champ_score:.4f} (min_delta {min_delta}): {alias}"
     for k, v in {**tags, "nnlab.score": score, "nnlab.decision": decision,
                  "nnlab.previous_champion_score": champ_score}.items():
         c.set_model_version_tag(name, version.version, k, str(v))
@@ -349,108 +367,3 @@ def load_served(ref: str):
     except NotImplementedError:  # a torch.export program (the default format): already in inference form
         pass
     return model, vocab, info.metadata or {}, uri
-
-
-# ---------------------------------------------------------------- a shared tracking server
-
-class StoreUnreachable(Exception):
-    """The server's database cannot be reached or created."""
-
-
-def _postgres_url(uri: str):
-    """The SQLAlchemy URL of a PostgreSQL `uri` (postgres://, postgresql://, postgresql+driver://), else None."""
-    from sqlalchemy.engine import make_url
-
-    if not uri.startswith(("postgres://", "postgresql://", "postgresql+")):
-        return None
-    url = make_url(uri.replace("postgres://", "postgresql://", 1))
-    if url.drivername == "postgresql":
-        # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the project ships psycopg2(-binary)
-        url = url.set(drivername="postgresql+psycopg2")
-    return url
-
-
-def server_store_uri(uri: str) -> str:
-    """`uri` as MLflow's server must get it: a bare PostgreSQL URI names the psycopg2 driver."""
-    url = _postgres_url(uri)
-    return uri if url is None else url.render_as_string(hide_password=False)
-
-
-def ensure_database(uri: str) -> bool:
-    """Create the PostgreSQL database `uri` names when it does not exist (True: created). MLflow creates
-    its tables in it on start, but not the database itself. Other stores are left to MLflow."""
-    url = _postgres_url(uri)
-    if url is None:
-        return False
-    import psycopg2
-    from psycopg2 import sql
-
-    shown = url.set(drivername="postgresql").render_as_string(hide_password=True)
-    args = {**url.translate_connect_args(username="user", database="dbname"), **dict(url.query),
-            "connect_timeout": 5}
-    db = args.get("dbname") or "postgres"
-
-    def unreachable(e: Exception) -> StoreUnreachable:
-        where = f"-h {url.host or '127.0.0.1'} -p {url.port or 5432}"
-        return StoreUnreachable(
-            f"cannot connect to PostgreSQL for {shown}: {str(e).strip().splitlines()[0]}. Is it running? Check "
-            f"with `pg_isready {where}`; start it with `sudo pg_ctlcluster <version> main start` (Debian/Ubuntu; "
-            "versions in /etc/postgresql) or `sudo systemctl start postgresql`, or pass another --backend-store-uri")
-
-    try:
-        psycopg2.connect(**args).close()
-        return False
-    except psycopg2.OperationalError as e:
-        if f'database "{db}" does not exist' not in str(e):
-            raise unreachable(e) from None
-    try:  # the maintenance database of the same server
-        con = psycopg2.connect(**{**args, "dbname": "postgres"})
-    except psycopg2.OperationalError as e:
-        raise unreachable(e) from None
-    try:
-        con.autocommit = True  # CREATE DATABASE cannot run inside a transaction
-        with con.cursor() as cur:
-            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
-    except psycopg2.errors.DuplicateDatabase:  # created meanwhile
-        return False
-    except psycopg2.Error as e:
-        raise StoreUnreachable(f"cannot create database {db!r} for {shown}: {str(e).strip()}") from None
-    finally:
-        con.close()
-    return True
-
-
-def server_command(backend_store_uri: str, artifacts_destination: str | Path, host: str, port: int,
-                   workers: int | None = None, extra: list[str] | tuple = ()) -> list[str]:
-    """`mlflow server` on `backend_store_uri`, artifacts uploaded and downloaded through the server
-    (clients need no access to the folder; runs record mlflow-artifacts:/ URIs). `extra`: further
-    `mlflow server` options (--app-name basic-auth, --allowed-hosts ...)."""
-    import sys
-
-    dest = str(artifacts_destination)
-    if "://" not in dest:  # a local folder: absolute, so the server's working directory does not matter
-        dest = str(Path(dest).expanduser().resolve())
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", server_store_uri(backend_store_uri),
-           "--serve-artifacts", "--artifacts-destination", dest, "--host", host, "--port", str(port)]
-    if workers:
-        cmd += ["--workers", str(workers)]
-    return cmd + list(extra)
-
-
-def server_env() -> dict[str, str]:
-    """Environment for the server; a user's own settings win. MLflow 3 starts a job runner and 7 consumer
-    processes (GenAI scorers and judges, ~1 GB) beside any SQL-backed server: nnlab uses none of it. MLflow
-    reads DO_NOT_TRACK only when it is "true": the project's DO_NOT_TRACK=1 is passed on explicitly."""
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    if os.environ.get("DO_NOT_TRACK", "").lower() in ("1", "true", "yes"):
-        env["MLFLOW_DISABLE_TELEMETRY"] = "true"
-    return {k: v for k, v in env.items() if k not in os.environ}
-
-
-def server_client_uri(host: str, port: int) -> str:
-    """The MLFLOW_TRACKING_URI clients set for a server bound to `host`."""
-    import socket
-
-    if host in ("0.0.0.0", "::", ""):  # every interface: clients use the machine's name
-        host = socket.getfqdn()
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -97,18 +97,20 @@ def init_weights(model: nn.Module, scheme: str) -> None:
                 nn.init.zeros_(m.in_proj_bias)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # A model may split its parameters into groups with their own learning rates (transfer learning's
-    # fine-tuned base); every other model is one group at `lr`.
-    groups = getattr(model, "param_groups", None)
-    p, lr, wd = (groups(cfg.lr) if groups else model.parameters()), cfg.lr, cfg.weight_decay
+def build_optimizer(params, cfg: TrainConfig, lr: float | None = None,
+                    betas: tuple[float, float] | None = None) -> torch.optim.Optimizer:
+    """train.optimizer over `params` (tensors or param groups) at `lr` (default train.lr); `betas` are Adam's
+    and AdamW's (a GAN's own), unused by the others."""
+    lr, wd = lr or cfg.lr, cfg.weight_decay
+    adam = {"betas": betas} if betas else {}
     return {
-        "sgd": lambda: torch.optim.SGD(p, lr=lr, weight_decay=wd),
-        "momentum": lambda: torch.optim.SGD(p, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd),
-        "adagrad": lambda: torch.optim.Adagrad(p, lr=lr, weight_decay=wd),
-        "rmsprop": lambda: torch.optim.RMSprop(p, lr=lr, weight_decay=wd),
-        "adam": lambda: torch.optim.Adam(p, lr=lr, weight_decay=wd),
-        "adamw": lambda: torch.optim.AdamW(p, lr=lr, weight_decay=wd),
+        "sgd": lambda: torch.optim.SGD(params, lr=lr, weight_decay=wd),
+        "momentum": lambda: torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                            weight_decay=wd),
+        "adagrad": lambda: torch.optim.Adagrad(params, lr=lr, weight_decay=wd),
+        "rmsprop": lambda: torch.optim.RMSprop(params, lr=lr, weight_decay=wd),
+        "adam": lambda: torch.optim.Adam(params, lr=lr, weight_decay=wd, **adam),
+        "adamw": lambda: torch.optim.AdamW(params, lr=lr, weight_decay=wd, **adam),
     }[cfg.optimizer]()
 
 
@@ -142,7 +144,10 @@ class EarlyStopping:
     best_state: dict | None = None
 
     def update(self, epoch: int, metrics: dict, model: nn.Module) -> bool:
-        """Record `epoch`; True when training should stop."""
+        """Record `epoch`; True when training should stop. A step without held-out metrics (a GAN's) is never
+        stopped (config validation refuses early stopping there)."""
+        if self.cfg.monitor not in metrics:
+            return False
         sign = -1.0 if self.cfg.monitor.endswith("accuracy") else 1.0  # always minimise sign * value
         value = sign * metrics[self.cfg.monitor]
         if value < self.best - self.cfg.min_delta:
@@ -177,120 +182,115 @@ class FitResult:
     seconds: float
 
 
+def autocast(bf16: bool, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+class Step:
+    """What one training batch does. The Trainer calls, per epoch: begin_epoch, the step once per batch,
+    end_epoch (read what was kept on the device, once), evaluate, lrs, schedule. A step owns its
+    optimizers and schedulers; `state_dict` is what a checkpoint must hold of them."""
+
+    model: nn.Module
+    diagnostics: Diagnostics | None = None
+
+    def begin_fit(self, train: Split, val: Split | None) -> None:
+        pass
+
+    def begin_epoch(self, batches: int) -> None:
+        pass
+
+    def __call__(self, i: int, step: int, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        raise NotImplementedError  # batch `i` of the epoch, optimizer step `step` of the run (from 1)
+
+    def end_epoch(self, epoch: int) -> dict:
+        raise NotImplementedError
+
+    def evaluate(self, data: Split, prefix: str = "val") -> dict:
+        return {}  # no held-out loss (a GAN's says nothing of its samples)
+
+    def lrs(self) -> dict:
+        raise NotImplementedError
+
+    def schedule(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, s: dict) -> None:
+        raise NotImplementedError
+
+
+CHECKPOINT_FORMAT = 2  # 2: the step's state under "step" (1, before: the supervised and GAN trainers' own keys)
+
+
 @dataclass
 class Trainer:
-    """Holds what a checkpoint must capture; `fit` drives it epoch by epoch."""
+    """The one loop over epochs and batches: batch order, augmentation, early stopping, progress, the
+    per-epoch callback and everything a checkpoint must capture. What a batch does is `step`'s (default:
+    a supervised classifier's)."""
 
     model: nn.Module
     cfg: TrainConfig
     seed: int
     device: torch.device
-    opt: torch.optim.Optimizer = field(init=False)
-    sched: object = field(init=False)
+    step: Step | None = None
+    augment: Callable | None = None  # (B, C, H, W) batch -> augmented batch, applied to training batches only
     stopper: EarlyStopping = field(init=False)
     shuffle: torch.Generator = field(init=False)
     epoch: int = 0
-    step: int = 0  # optimizer steps so far, over all epochs
+    steps: int = 0  # optimizer steps (batches) so far, over all epochs
     history: list = field(default_factory=list)
     seconds: float = 0.0
-    diagnostics: Diagnostics | None = None
-    task: str = "classification"  # "regression" (forecasting), "language_model": the loss and metrics, never the model
-    augment: Callable | None = None  # (B, C, H, W) batch -> augmented batch, applied to training batches only
 
     def __post_init__(self):
-        self.opt = build_optimizer(self.model, self.cfg)
-        self.sched = build_scheduler(self.opt, self.cfg)
+        if self.step is None:  # a classifier's
+            from tasks.supervised import SupervisedStep
+
+            self.step = SupervisedStep(self.model, self.cfg, self.device)
         self.stopper = EarlyStopping(self.cfg.early_stopping)
         self.shuffle = torch.Generator().manual_seed(self.seed)  # batch order; separate from dropout's RNG
-        self.bf16 = use_bf16(self.cfg.precision, self.device)
-        self.regularised = bool(self.cfg.l1 or self.cfg.l2)
-        self.classify = self.task in ("classification", "language_model")
-        self.perplexity = self.task == "language_model"  # exp(cross-entropy per predicted token)
-        self.loss_fn = F.cross_entropy if self.classify else F.mse_loss  # mse on standardised targets
-        if self.cfg.diagnostics.enabled:
-            self.diagnostics = Diagnostics(self.model, self.cfg.diagnostics.every)
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+    @property
+    def diagnostics(self) -> Diagnostics | None:
+        return self.step.diagnostics
+
+    def evaluate(self, data: Split, prefix: str = "val") -> dict:
+        return self.step.evaluate(data, prefix)
 
     def train_one_epoch(self, data: Split, progress: Callable | None = None) -> dict:
-        model, bs, n = self.model, self.cfg.batch_size, len(data.y)
-        model.train()
+        bs, n = self.cfg.batch_size, len(data.x)
+        self.model.train()
         perm = torch.randperm(n, generator=self.shuffle).to(self.device)
-        steps = math.ceil(n / bs)
-        losses = torch.zeros(steps, device=self.device)  # filled without a host sync per step
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        for i in range(steps):
+        batches = math.ceil(n / bs)
+        self.step.begin_epoch(batches)
+        for i in range(batches):
             idx = perm[i * bs:(i + 1) * bs]
             xb, yb = data.x[idx], data.y[idx]
             if self.augment is not None:
                 xb = self.augment(xb)
-            with self.autocast():
-                out = model(xb)
-                loss = self.loss_fn(out.float() if not self.classify else out, yb)
-            total = loss + penalty(model, self.cfg.l1, self.cfg.l2) if self.regularised else loss
-            self.opt.zero_grad(set_to_none=True)
-            total.backward()
-            self.step += 1
-            diag = self.diagnostics is not None and self.diagnostics.due(self.step)
-            if diag:
-                self.diagnostics.before_step(self.step)  # gradient norms before clipping
-            if self.cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
-            self.opt.step()
-            if diag:
-                self.diagnostics.after_step(self.step)
-            losses[i] = loss.detach() * len(yb)
-            if self.classify:
-                correct += (out.argmax(1) == yb).sum()
+            self.steps += 1
+            self.step(i, self.steps, xb, yb)
             if progress is not None:
-                progress(i + 1, steps)
-        losses = losses.cpu()
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
-            step = int(bad[0])
-            if self.diagnostics is not None:
-                self.diagnostics.non_finite = True
-            raise NonFiniteLoss(self.epoch + 1, step + 1, float(losses[step]))
-        out = {"train_loss": float(losses.sum()) / n}
-        if self.perplexity:
-            out["train_perplexity"] = math.exp(min(out["train_loss"], 50.0))
-        return out | {"train_accuracy": int(correct) / n} if self.classify else out
+                progress(i + 1, batches)
+        return self.step.end_epoch(self.epoch + 1)
 
-    @torch.no_grad()
-    def evaluate(self, data: Split, prefix: str = "val", batch_size: int = 1024) -> dict:
-        self.model.eval()
-        loss, correct = 0.0, 0
-        for i in range(0, len(data.y), batch_size):
-            xb, yb = data.x[i:i + batch_size], data.y[i:i + batch_size]
-            with self.autocast():
-                out = self.model(xb)
-            loss += float(self.loss_fn(out.float(), yb, reduction="sum")) / (yb[0].numel() if not self.classify else 1)
-            if self.classify:
-                correct += int((out.argmax(1) == yb).sum())
-        n = len(data.y)
-        out = {f"{prefix}_loss": loss / n} | ({f"{prefix}_accuracy": correct / n} if self.classify else {})
-        if self.perplexity:
-            out[f"{prefix}_perplexity"] = math.exp(min(loss / n, 50.0))
-        return out
-
-    def fit(self, train: Split, val: Split, on_epoch: Callable | None = None,
+    def fit(self, train: Split, val: Split | None, on_epoch: Callable | None = None,
             progress: Callable | None = None) -> FitResult:
-        if self.diagnostics is not None and self.diagnostics.probe is None:
-            self.diagnostics.probe = val.x[:self.cfg.diagnostics.probe_size]  # fixed: same examples every time
+        self.step.begin_fit(train, val)
         stopped = False
         while self.epoch < self.cfg.epochs and not stopped:
             t0 = time.perf_counter()
             self.epoch_start()
             metrics = self.train_one_epoch(train, progress)
-            metrics |= self.evaluate(val)
-            if not math.isfinite(metrics["val_loss"]):  # weights blew up without a NaN in training yet
+            metrics |= self.step.evaluate(val) if val is not None else {}
+            if not math.isfinite(metrics.get("val_loss", 0.0)):  # weights blew up without a NaN in training yet
                 if self.diagnostics is not None:
                     self.diagnostics.non_finite = True
                 raise NonFiniteLoss(self.epoch + 1, "validation", metrics["val_loss"])
-            metrics["lr"] = self.opt.param_groups[0]["lr"]
-            if self.sched is not None:
-                self.sched.step()
+            metrics |= self.step.lrs()
+            self.step.schedule()
             self.epoch += 1
             stopped = self.stopper.update(self.epoch, metrics, self.model)
             self.seconds += time.perf_counter() - t0
@@ -300,7 +300,7 @@ class Trainer:
                 on_epoch(self.epoch, metrics, self)
         if self.stopper.best_state is not None:
             self.model.load_state_dict(self.stopper.best_state)
-        return FitResult(self.history, self.epoch, self.stopper.best_epoch, stopped, self.seconds)
+        return FitResult(self.history, self.epoch, self.stopper.best_epoch or self.epoch, stopped, self.seconds)
 
     def epoch_start(self) -> None:
         # Models whose trainable parts change over time (transfer learning's fine-tune phase) set them from
@@ -312,12 +312,11 @@ class Trainer:
     # -- checkpoint support: everything needed to continue bit-for-bit
     def state_dict(self) -> dict:
         return {
+            "format": CHECKPOINT_FORMAT,
             "epoch": self.epoch,
-            "step": self.step,
-            "diagnostics": self.diagnostics.state_dict() if self.diagnostics is not None else None,
+            "steps": self.steps,
             "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict() if self.sched is not None else None,
+            "step": self.step.state_dict(),
             "early_stopping": self.stopper.state_dict(),
             "history": self.history,
             "seconds": self.seconds,
@@ -326,17 +325,20 @@ class Trainer:
         }
 
     def load_state_dict(self, s: dict) -> None:
-        self.epoch, self.step, self.history, self.seconds = s["epoch"], s["step"], s["history"], s["seconds"]
-        if self.diagnostics is not None and s["diagnostics"] is not None:
-            self.diagnostics.load_state_dict(s["diagnostics"])
+        if s.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointFormatError(f"a training checkpoint of format {s.get('format', 1)}; this nnlab "
+                                        f"reads format {CHECKPOINT_FORMAT}")
+        self.epoch, self.steps, self.history, self.seconds = s["epoch"], s["steps"], s["history"], s["seconds"]
         self.model.load_state_dict(s["model"])
-        self.opt.load_state_dict(s["optimizer"])
-        if self.sched is not None and s["scheduler"] is not None:
-            self.sched.load_state_dict(s["scheduler"])
+        self.step.load_state_dict(s["step"])
         self.stopper.load_state_dict(s["early_stopping"])
         set_rng_state(s["rng"], self.shuffle)
         if self.augment is not None and s["rng"].get("augment") is not None:
             self.augment.generator.set_state(s["rng"]["augment"])
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint written by an older nnlab, whose layout this one does not read."""
 
 
 def rng_state(shuffle: torch.Generator) -> dict:

@@ -71,6 +71,8 @@ def write_params(path: Path, **sections) -> Path:
     import yaml
 
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    if "models" in sections and "run" not in sections:
+        base["run"] = list(sections["models"])  # the given models are the ones to train (dvc.yaml's foreach)
     for k, v in sections.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "models":
             base[k] = {**base[k], **v}

@@ -18,8 +18,9 @@ def error_of(*sets):
 def test_defaults_and_repository_params_validate():
     cfg = load_config(ROOT / "params.yaml")
     assert cfg.data.source == "digits"
-    assert set(cfg.models) == {"mlp", "simple_cnn", "vgg", "resnet", "inception", "mobilenet"}
-    assert cfg.models["mlp"]["arch"] == "mlp"
+    assert {"mlp", "simple_cnn", "vgg", "resnet", "inception", "mobilenet", "lstm", "gan_mlp"} <= set(cfg.models)
+    assert cfg.runs() == ["mlp", "simple_cnn"]  # what make run trains: a dense net and a CNN
+    assert cfg.models["mlp"]["arch"] == "mlp" and cfg.models["gru_forecast"]["arch"] == "gru"
     assert cfg.train_for("resnet").schedule == "cosine" and cfg.train_for("mlp").schedule == "none"
 
 

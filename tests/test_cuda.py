@@ -90,18 +90,19 @@ def test_token_models_train_on_the_device(arch):
 
 
 def test_gan_trains_and_resumes_on_the_device(digits):
-    from tasks.gan import GanTrainer
+    from tasks.gan import GanStep
 
     seed_everything(0)
     train, _ = digits
     x = (train.x.contiguous() * 2).clamp(-1, 1)  # roughly [-1, 1], as the GAN stage scales images
     model = create_model("dcgan", input_shape=(1, 8, 8), num_classes=10, channels=16).cuda()
-    tr = GanTrainer(model, TrainConfig(epochs=2, lr=2e-4, device="cuda", precision="bf16"), 0, torch.device("cuda"))
+    cfg, cuda = TrainConfig(epochs=2, lr=2e-4, device="cuda", precision="bf16"), torch.device("cuda")
+    tr = Trainer(model, cfg, 0, cuda, GanStep(model, cfg, 0, cuda))
     tr.fit(Split(x, train.y), None)
     assert all(torch.isfinite(torch.tensor([h["d_loss"], h["g_loss"]])).all() for h in tr.history)
     state = tr.state_dict()
-    again = GanTrainer(create_model("dcgan", input_shape=(1, 8, 8), num_classes=10, channels=16).cuda(),
-                       TrainConfig(epochs=2, lr=2e-4, device="cuda", precision="bf16"), 0, torch.device("cuda"))
+    model2 = create_model("dcgan", input_shape=(1, 8, 8), num_classes=10, channels=16).cuda()
+    again = Trainer(model2, cfg, 0, cuda, GanStep(model2, cfg, 0, cuda))
     again.load_state_dict(state)
-    assert again.epoch == 2 and torch.equal(again.fixed_noise, tr.fixed_noise)
-    assert tr.fixed_samples().shape == (64, 1, 8, 8)
+    assert again.epoch == 2 and torch.equal(again.step.fixed_noise, tr.step.fixed_noise)
+    assert tr.step.fixed_samples().shape == (64, 1, 8, 8)

@@ -58,7 +58,7 @@ def test_records_are_every_n_steps_and_complete(digits):
     assert [s for s, _ in recs] == list(range(5, 2 * steps_per_epoch + 1, 5))
     first = recs[0][1]
     assert {"grad_norm", "grad_ratio_first_last", "update_ratio", "dead_units"} <= set(first)
-    assert sum(k.startswith("grad_norm.") for k in first) == 9  # 8 hidden + output weight matrices
+    assert sum(k.startswith("layers/grad_norm.") for k in first) == 9  # 8 hidden + output weight matrices
     assert 0 < first["update_ratio"] < 1
 
 

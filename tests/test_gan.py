@@ -7,10 +7,10 @@ import torch
 
 from models.registry import create_model, get_spec, list_models
 from tasks.config import TrainConfig
-from tasks.gan import (FIXED_NOISE, RING8_CENTERS, GanTrainer, centers, class_coverage, evolution_strip,
+from tasks.gan import (FIXED_NOISE, RING8_CENTERS, GanStep, centers, class_coverage, evolution_strip,
                        frechet_distance, label_entropy, mode_collapse, mode_coverage, points_figure, ring8,
                        sample_grid_figure)
-from tasks.train import NonFiniteLoss, Split, seed_everything
+from tasks.train import NonFiniteLoss, Split, Trainer, seed_everything
 
 CPU = torch.device("cpu")
 GANS = [n for n in list_models() if get_spec(n).family == "gan"]
@@ -22,11 +22,11 @@ def ring_split(n: int, seed: int = 0) -> Split:
     return Split(torch.tensor(x), torch.tensor(y))
 
 
-def gan_trainer(arch: str, shape=(2,), seed: int = 0, options: dict | None = None, **train) -> GanTrainer:
+def gan_trainer(arch: str, shape=(2,), seed: int = 0, options: dict | None = None, **train) -> Trainer:
     seed_everything(seed)
     cfg = TrainConfig(**{"epochs": 1, "batch_size": 128, "lr": 1e-3, "device": "cpu", **train})
     model = create_model(arch, input_shape=shape, num_classes=8, **(options or {}))
-    return GanTrainer(model, cfg, seed, CPU)
+    return Trainer(model, cfg, seed, CPU, GanStep(model, cfg, seed, CPU))
 
 
 # ---------------------------------------------------------------- the networks
@@ -184,16 +184,16 @@ def test_checkpoint_resume_is_bit_identical(arch):
     resumed.load_state_dict(state)
     resumed.fit(data, None)
 
-    assert resumed.epoch == first.epoch == 3 and resumed.step == first.step
+    assert resumed.epoch == first.epoch == 3 and resumed.steps == first.steps
     strip = lambda h: [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in h]  # noqa: E731
     assert strip(resumed.history) == strip(first.history)
     for (k, a), b in zip(first.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), k  # generator and discriminator, weights and batch-norm buffers
     for opt in ("opt_g", "opt_d"):
-        sa, sb = getattr(first, opt).state_dict()["state"], getattr(resumed, opt).state_dict()["state"]
+        sa, sb = getattr(first.step, opt).state_dict()["state"], getattr(resumed.step, opt).state_dict()["state"]
         assert sa.keys() == sb.keys()
         assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
-    assert torch.equal(first.fixed_samples(), resumed.fixed_samples())
+    assert torch.equal(first.step.fixed_samples(), resumed.step.fixed_samples())
 
 
 def test_wgan_gp_reports_penalty_and_gap_on_images():
@@ -203,11 +203,11 @@ def test_wgan_gp_reports_penalty_and_gap_on_images():
     res = t.fit(Split(x, torch.zeros(96, dtype=torch.long)), None, on_epoch=lambda e, m, tr: seen.append(e),
                 progress=lambda i, n: None)
     h = res.history[-1]
-    assert seen == [1, 2] and t.step == 6
+    assert seen == [1, 2] and t.steps == 6
     assert math.isfinite(h["gradient_penalty"]) and h["gradient_penalty"] > 0
     assert h["critic_gap"] == pytest.approx(h["d_real"] - h["d_fake"])
     assert math.isfinite(h["g_loss"]) and math.isfinite(h["d_loss"])
-    assert t.fixed_samples().shape == (FIXED_NOISE, 1, 8, 8) and t.model.generator.training
+    assert t.step.fixed_samples().shape == (FIXED_NOISE, 1, 8, 8) and t.model.generator.training
 
 
 @pytest.mark.parametrize("options", [{"feature_matching": True}, {"label_smoothing": 0.2, "n_critic": 2}])
@@ -231,7 +231,7 @@ def test_non_finite_loss_raises(arch):
 
 def test_per_network_learning_rates_and_betas():
     t = gan_trainer("gan_mlp", options={"lr_g": 2e-4, "betas": (0.3, 0.99)}, lr=1e-3)
-    assert t.opt_g.param_groups[0]["lr"] == 2e-4 and t.opt_d.param_groups[0]["lr"] == 1e-3
-    assert t.opt_g.param_groups[0]["betas"] == (0.3, 0.99)
+    assert t.step.opt_g.param_groups[0]["lr"] == 2e-4 and t.step.opt_d.param_groups[0]["lr"] == 1e-3
+    assert t.step.opt_g.param_groups[0]["betas"] == (0.3, 0.99)
     w = gan_trainer("wgan_gp")
-    assert w.opt_d.param_groups[0]["betas"] == (0.0, 0.9) and w.model.options.n_critic == 5
+    assert w.step.opt_d.param_groups[0]["betas"] == (0.0, 0.9) and w.model.options.n_critic == 5

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.config import main_metric, register_name, validate
+from tasks.config import validate
+from tasks.kinds import main_metric, register_name
 from tasks.data import load_prepared, prepare
 
 NNLAB = str(Path(sys.executable).parent / "nnlab")
@@ -37,7 +38,7 @@ def test_dcgan_on_digits_covers_the_classes_and_registers_a_generator(tmp_path, 
 
     name = f"gen-{uuid.uuid4().hex[:6]}"
     cfg = validate({"data": {"source": "digits"}, "train": {"epochs": 6, "lr": 0.0002, "device": "cpu"},
-                    "register": {"generator_name": name}, "models": {"dcgan": {"channels": 32}}})
+                    "register": {"name": name}, "models": {"dcgan": {"channels": 32}}})
     prepare(cfg.data, 0, "d")
     trained = train_stage(cfg, "dcgan", "d", "out")
     r = evaluate_stage(cfg, "dcgan", "d", "out", "m.json", "p")
@@ -70,7 +71,7 @@ def test_dcgan_on_digits_covers_the_classes_and_registers_a_generator(tmp_path, 
 
 def test_an_interrupted_gan_run_resumes_into_the_same_mlflow_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    from tasks import gan
+    from tasks import train
     from tasks.stages import train_stage
     from tasks.tracking import client
 
@@ -78,17 +79,17 @@ def test_an_interrupted_gan_run_resumes_into_the_same_mlflow_run(tmp_path, monke
                                                                               "batch_size": 128},
                     "models": {"gan_mlp": {"hidden": [32, 32], "latent_dim": 4}}})
     prepare(cfg.data, 0, "d")
-    real_epoch = gan.GanTrainer.train_one_epoch
+    real_epoch = train.Trainer.train_one_epoch
 
     def crash_in_epoch_3(self, data, progress=None):
         if self.epoch == 2:
             raise KeyboardInterrupt  # as a kill would, after two checkpoints
         return real_epoch(self, data, progress)
 
-    monkeypatch.setattr(gan.GanTrainer, "train_one_epoch", crash_in_epoch_3)
+    monkeypatch.setattr(train.Trainer, "train_one_epoch", crash_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         train_stage(cfg, "gan_mlp", "d", "out")
-    monkeypatch.setattr(gan.GanTrainer, "train_one_epoch", real_epoch)
+    monkeypatch.setattr(train.Trainer, "train_one_epoch", real_epoch)
     trained = train_stage(cfg, "gan_mlp", "d", "out")
     assert trained.resumed and trained.epochs == 4
     steps = sorted(m.step for m in client().get_metric_history(trained.run_id, "d_loss"))

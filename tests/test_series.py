@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.config import ConfigError, DataConfig, TrainConfig, load_config, main_metric, validate
+from tasks.config import ConfigError, DataConfig, TrainConfig, load_config, validate
+from tasks.kinds import main_metric
 from tasks.data import DataError, load_prepared, prepare
 from tasks.series import baselines, forecast_metrics, split_series
+from tasks.supervised import SupervisedStep
 from tasks.train import Trainer, seed_everything, to_device
 
 
@@ -76,7 +78,8 @@ def test_regression_training_uses_mse_on_standardised_targets(tmp_path):
     assert train.y.dtype == torch.float32 and abs(float(train.y.mean())) < 0.5  # standardised
     seed_everything(0)
     model = create_model("mlp", input_shape=(24, 1), num_classes=1, hidden=[32], dropout=0.0)
-    t = Trainer(model, TrainConfig(epochs=30, device="cpu", lr=3e-3), 0, cpu, task="regression")
+    cfg = TrainConfig(epochs=30, device="cpu", lr=3e-3)
+    t = Trainer(model, cfg, 0, cpu, SupervisedStep(model, cfg, cpu, classify=False))
     res = t.fit(train, val)
     assert "val_accuracy" not in res.history[-1] and res.history[-1]["val_loss"] < 0.5 * res.history[0]["val_loss"]
 

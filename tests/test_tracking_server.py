@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_params
-from tasks.tracking import server_command, server_env, server_store_uri
+from flows.tracking_server import server_command, server_env, server_store_uri
 from test_sweep import TINY, children, dump, parent_id, run_sweep, spec
 
 NNLAB = str(Path(sys.executable).parent / "nnlab")
@@ -119,9 +119,10 @@ def test_unreachable_postgres_is_a_clear_exit_2(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_of_eight_parallel_cells_through_the_server(tmp_path, database):
-    """8 cells at once, each its own process, all writing over HTTP to one server on PostgreSQL: every child
-    run FINISHED with every per-epoch point, artifacts in the server's folder and downloadable, alias set."""
+def test_sweep_of_parallel_cells_through_the_server(tmp_path, database):
+    """4 cells at once, each its own process, all writing over HTTP to one server on PostgreSQL: every child
+    run FINISHED with every per-epoch point, artifacts in the server's folder and downloadable, alias set.
+    (8 processes at once are tested against SQLite in test_sweep.py, where contention is the risk.)"""
     port, artifacts = free_port(), tmp_path / "server-artifacts"
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(
@@ -146,14 +147,14 @@ def test_sweep_of_eight_parallel_cells_through_the_server(tmp_path, database):
 
         name = f"srv-{uuid.uuid4().hex[:8]}"
         write_params(tmp_path / "params.yaml", register={"name": name})
-        lrs = (0.001, 0.003, 0.01, 0.03)
+        lrs = (0.003, 0.03)
         (tmp_path / "s.yaml").write_text(dump(spec(fixed={**TINY, "train.epochs": 2},
-                                                   grid={"train.lr": list(lrs), "seed": [0, 1]}, workers=8)))
+                                                   grid={"train.lr": list(lrs), "seed": [0, 1]}, workers=4)))
         out = run_sweep(tmp_path, uri, "s.yaml")
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
         c, runs = children(uri, parent_id(out.stdout))
-        assert len(runs) == 8
+        assert len(runs) == 4
         assert {r.data.tags["nnlab.sweep_cell"] for r in runs} == {f"lr={lr},seed={s}" for lr in lrs for s in (0, 1)}
         for r in runs:
             assert r.info.status == "FINISHED"

@@ -42,7 +42,7 @@ def test_each_optimizer_learns(digits, opt, lr):
     res = t.fit(*digits)
     assert res.history[-1]["val_loss"] < 0.3 * before
     assert res.history[-1]["val_accuracy"] > 0.85
-    assert type(t.opt).__name__ == {"sgd": "SGD", "momentum": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop",
+    assert type(t.step.opt).__name__ == {"sgd": "SGD", "momentum": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop",
                                     "adam": "Adam", "adamw": "AdamW"}[opt]
 
 

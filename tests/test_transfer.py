@@ -19,7 +19,7 @@ def test_frozen_base_and_fine_tune_phase_with_its_own_learning_rate():
     before = [{k: v.clone() for k, v in b.state_dict().items()} for b in blocks]
     cfg = TrainConfig(epochs=2, lr=1e-2, device="cpu", diagnostics={"enabled": False})
     t = Trainer(model, cfg, 0, torch.device("cpu"))
-    assert [g["lr"] for g in t.opt.param_groups] == [1e-2, pytest.approx(1e-3)]
+    assert [g["lr"] for g in t.step.opt.param_groups] == [1e-2, pytest.approx(1e-3)]
     data = Split(torch.randn(128, 1, 8, 8), torch.randint(0, 5, (128,)))
     t.fit(data, data)
     changed = [any(not torch.equal(v, b.state_dict()[k]) for k, v in s.items()) for s, b in zip(before, blocks)]

@@ -1,0 +1,144 @@
+"""What differs between kinds of run, in one small object per kind, found through one lookup (`kind_of`).
+
+A kind names the step that trains it, the model that gets served, its per-epoch measurements, figures and
+evaluation, the metric that ranks its runs and the registered-model name the winner goes under. The run
+lifecycle (tasks/stages.py) and the loop (tasks/train.py) are shared and never ask which kind they run.
+
+A run's kind is its model's own (GANs make generators from any data) or else its data's (tasks/sources.py).
+Adding a kind: a `@register_kind` class in its module, that module in KIND_MODULES, its models and tests.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from tasks.config import Config, RegisterConfig, TrainConfig
+    from tasks.data import Dataset
+    from tasks.tracking import Run
+    from tasks.train import FitResult, Step, Trainer
+
+KIND_MODULES = ("tasks.supervised", "tasks.generation")  # importing them runs their @register_kind
+_KINDS: dict[str, "Kind"] = {}
+
+
+@dataclass
+class Job:
+    """One run being trained, as its kind's hooks see it."""
+
+    cfg: "Config"
+    name: str
+    arch: str
+    data: "Dataset"
+    data_dir: Path
+    model: "nn.Module"
+    trainer: "Trainer"
+    run: "Run"
+    mean: list[float]  # what takes raw data to the network's inputs: x' = (x - mean) / std
+    std: list[float]
+
+
+@dataclass
+class Evaluation:
+    """A trained run's test measurements, as its kind reports them."""
+
+    metrics: dict[str, float]
+    figure: Any  # the figure DVC shows as plots/<run>/test.png
+    artifact: str  # its name in the MLflow run
+    tags: dict[str, str] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)  # more entries for metrics/<run>.json
+
+
+class Kind:
+    name: str
+    metric: str  # what ranks runs of this kind (registration, sweeps)
+    lower_is_better: tuple[str, ...] = ()  # this kind's metrics where lower wins (every other: higher wins)
+    channels_last: bool = True  # NHWC image batches when train.channels_last asks for them
+    summary_columns: tuple[str, ...] = ()  # shown beside the ranking metric in `nnlab run`'s table
+    registry = ""  # the registered-model name of its winners when register.name is auto (default nnlab-<name>)
+
+    def metric_for(self, source: str) -> str:
+        return self.metric
+
+    def registered_name(self, register: "RegisterConfig") -> str:
+        return register.name if register.name != "auto" else self.registry or f"nnlab-{self.name}"
+
+    def refuse(self, cfg: "Config", train: "TrainConfig") -> list[str]:
+        """Settings this kind cannot honour, each as `key: why` (validation turns them into an error)."""
+        return []
+
+    def scaling(self, manifest: dict) -> tuple[list[float], list[float]]:
+        n = manifest["normalization"]
+        return n["mean"], n["std"]
+
+    def step(self, model: "nn.Module", cfg: "TrainConfig", seed: int, device: "torch.device") -> "Step":
+        raise NotImplementedError
+
+    def on_epoch(self, job: Job, epoch: int, metrics: dict, trainer: "Trainer") -> None:
+        """After each epoch, before it is logged: more metrics into `metrics`, figures into the run."""
+
+    def after_fit(self, job: Job, result: "FitResult") -> None:
+        """The kind's figures and numbers once training is over."""
+
+    def served(self, job: Job) -> tuple["nn.Module", Any, dict, list | None]:
+        """(the module logged and registered, an input example, metadata, extra files)."""
+        raise NotImplementedError
+
+    def evaluate(self, cfg: "Config", name: str, model: "nn.Module", final: dict, data: "Dataset", data_dir: Path,
+                 device: "torch.device") -> Evaluation:
+        raise NotImplementedError
+
+
+def register_kind(cls: type[Kind]) -> type[Kind]:
+    if cls.name in _KINDS:
+        raise ValueError(f"kind {cls.name!r} is already registered")
+    _KINDS[cls.name] = cls()
+    return cls
+
+
+def get_kind(name: str) -> Kind:
+    for module in KIND_MODULES:
+        importlib.import_module(module)
+    if name not in _KINDS:
+        raise KeyError(f"unknown kind of run {name!r}; known: {', '.join(sorted(_KINDS))}")
+    return _KINDS[name]
+
+
+def kind_of(arch: str, source: str) -> Kind:
+    """The one lookup: the kind of a run of architecture `arch` on data `source`."""
+    from models.registry import get_spec
+    from tasks.sources import task
+
+    return get_kind(get_spec(arch).kind or task(source))
+
+
+def experiment_kind(cfg: "Config") -> Kind:
+    """The kind of a params file's runs; runs of mixed kinds (a GAN beside a classifier) follow the data's."""
+    from tasks.sources import task
+
+    kinds = {kind_of(cfg.model_options(n)[0], cfg.data.source).name for n in cfg.models}
+    return get_kind(kinds.pop() if len(kinds) == 1 else task(cfg.data.source))
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether lower values of `metric` win, as the kind that reports it says."""
+    for module in KIND_MODULES:
+        importlib.import_module(module)
+    return any(metric in k.lower_is_better for k in _KINDS.values())
+
+
+def main_metric(cfg: "Config") -> str:
+    """The metric registration and sweeps compare: register.metric, or the kind's when it is `auto`."""
+    if cfg.register.metric != "auto":
+        return cfg.register.metric
+    return experiment_kind(cfg).metric_for(cfg.data.source)
+
+
+def register_name(cfg: "Config") -> str:
+    """Registered-model name of this experiment's winner (generators go under their own name)."""
+    return experiment_kind(cfg).registered_name(cfg.register)

