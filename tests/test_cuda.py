@@ -32,7 +32,7 @@ def test_trains_in_bf16_channels_last(arch, digits):
     model = model.cuda().to(memory_format=torch.channels_last)
     train = {"epochs": 15, "lr": 3e-3} if arch in SEQUENCE else {"epochs": 8}  # recurrent nets learn slower here
     t = Trainer(model, TrainConfig(device="cuda", **train), 0, torch.device("cuda"))
-    assert t.bf16  # precision auto on CUDA
+    assert t.step.bf16  # precision auto on CUDA
     res = t.fit(*digits)
     assert res.history[-1]["val_accuracy"] > 0.85, res.history[-1]
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: weights stay fp32
