@@ -285,9 +285,10 @@ def _refuse_inapplicable(cfg: Config, names: list[str]) -> None:
     stopping of a GAN). Entries of `models` that this command does not train are not judged."""
     from tasks.kinds import kind_of
 
-    lines = [f"{line} (models.{name} is a {kind.name} run)" for name in names
-             for kind in [kind_of(cfg.model_options(name)[0], cfg.data.source)]
-             for line in kind.refuse(cfg, cfg.train_for(name))]
+    lines = []
+    for name in names:
+        kind = kind_of(cfg.model_options(name)[0], cfg.data.source)
+        lines += [f"{line} (models.{name} is a {kind.name} run)" for line in kind.refuse(cfg, cfg.train_for(name))]
     if lines:
         raise ConfigError("invalid params: " + "\n  ".join(lines) if len(lines) == 1 else
                           "invalid params:\n  " + "\n  ".join(lines))

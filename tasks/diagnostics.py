@@ -29,12 +29,6 @@ EXPLODING_NORM = 1e3
 DEAD_FRACTION = 0.5
 
 
-# Health tags (nnlab.health.<rule> = true) that bar a run from `champion`: it trained on broken gradients or its
-# generator collapsed. Such a run may still be registered, as `challenger`, with the reason as a tag. Dead units
-# alone are a warning: a net with many dead ReLUs can still be the best one.
-BLOCKS_CHAMPION = ("vanishing", "exploding", "mode_collapse")
-
-
 @dataclass
 class Diagnostics:
     model: nn.Module

@@ -325,13 +325,11 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 def register_stage(cfg: Config, results: list[dict], out_path: str | Path | None = "data/register.json") -> dict:
     """Register the best of `results` (evaluate summaries); alias `champion` only if it beats the current one."""
-    from tasks.diagnostics import BLOCKS_CHAMPION
     from tasks.kinds import lower_is_better
     from tasks.tracking import register_best
 
     metric = main_metric(cfg)
-    outcome = register_best(register_name(cfg), metric, results, cfg.register.min_delta, not lower_is_better(metric),
-                            BLOCKS_CHAMPION)
+    outcome = register_best(register_name(cfg), metric, results, cfg.register.min_delta, not lower_is_better(metric))
     if out_path:
         write_json(out_path, outcome)
     return outcome

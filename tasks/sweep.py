@@ -105,7 +105,7 @@ def default_workers(spec: SweepSpec, n_cells: int) -> int:
 
 def collect_rows(parent_run_id: str, cells: list[Cell], metric: str) -> list[dict]:
     """One row per cell from MLflow (the newest child run of each cell); missing cells count as failed."""
-    from tasks.tracking import child_runs, metric_history
+    from tasks.tracking import child_runs, fired_health, metric_history
 
     newest: dict[str, dict] = {}
     for run in child_runs(parent_run_id):  # newest first
@@ -118,8 +118,7 @@ def collect_rows(parent_run_id: str, cells: list[Cell], metric: str) -> list[dic
         if run is not None:
             error = run["tags"].get("nnlab.error", "")
             row.update(status=run["status"], run_id=run["run_id"], error=error,
-                       health=sorted(k[len("nnlab.health."):] for k, v in run["tags"].items()
-                                     if k.startswith("nnlab.health.") and v == "true"),
+                       health=fired_health(run["tags"]),
                        model_uri=run["tags"].get("nnlab.model_uri"), diverged="non-finite" in error,
                        history={k: [v for _, v in sorted(metric_history(run["run_id"], k))]
                                 for k in ("val_loss", "val_accuracy")})
@@ -168,9 +167,8 @@ def report(parent_run_id: str, spec: SweepSpec, cells: list[Cell], out_dir: str 
 def register_by_mean(rows: list[dict], spec: SweepSpec, cfg: Config, parent_run_id: str) -> dict | None:
     """Promotion over seeds: the best cell by its mean over seeds; its best seed's model is registered and
     becomes `champion` only when that mean beats the champion's score by more than register.min_delta."""
-    from tasks.diagnostics import BLOCKS_CHAMPION
     from tasks.report import ci95
-    from tasks.tracking import register_version
+    from tasks.tracking import champion_blockers, register_version
 
     metric = main_metric(cfg)
     by_cell: dict[tuple, list[dict]] = {}
@@ -183,12 +181,11 @@ def register_by_mean(rows: list[dict], spec: SweepSpec, cfg: Config, parent_run_
     pick = max if higher else min
     key, runs = pick(by_cell.items(), key=lambda kv: ci95([r[metric] for r in kv[1]])[0])
     mean, half = ci95([r[metric] for r in runs])
-    healthy = [r for r in runs if not set(r.get("health") or []) & set(BLOCKS_CHAMPION)]
+    healthy = [r for r in runs if not champion_blockers(r)]
     best = pick(healthy or runs, key=lambda r: r[metric])
     tags = {"nnlab.metric": metric, "nnlab.sweep": spec.name, "nnlab.sweep_parent": parent_run_id,
             "nnlab.cell": ",".join(f"{k}={v}" for k, v in key), f"mean_{metric}": mean, f"ci95_{metric}": half,
             "n_seeds": len(runs), "nnlab.run_id": best["run_id"]}
-    blocked = sorted(set(best.get("health") or []) & set(BLOCKS_CHAMPION))
     out = register_version(register_name(cfg), best["model_uri"], mean, cfg.register.min_delta, tags,
-                           higher=higher, blocked=blocked)
+                           higher=higher, blocked=champion_blockers(best))
     return {**out, "cell": tags["nnlab.cell"], "mean": mean, "ci95": half, "run_id": best["run_id"]}

@@ -101,6 +101,22 @@ def git_commit() -> str:
         return "unknown"
 
 
+# Health tags (nnlab.health.<rule> = true) that bar a run from `champion`: it trained on broken gradients or its
+# generator collapsed. Such a run may still be registered, as `challenger`, with the reason as a tag. Dead units
+# alone are a warning: a net with many dead ReLUs can still be the best one.
+BLOCKS_CHAMPION = ("vanishing", "exploding", "mode_collapse")
+
+
+def champion_blockers(result: dict) -> list[str]:
+    """The health rules in a result's `health` that bar it from `champion`."""
+    return sorted(set(result.get("health") or []) & set(BLOCKS_CHAMPION))
+
+
+def fired_health(tags: dict[str, str]) -> list[str]:
+    """The health rules that fired for a run: its nnlab.health.* tags set to true."""
+    return sorted(k[len("nnlab.health."):] for k, v in tags.items() if k.startswith("nnlab.health.") and v == "true")
+
+
 class Run:
     """A handle on one MLflow run: new (`Run.start`) or reopened (`Run.reopen`) after a crash."""
 
@@ -159,9 +175,7 @@ class Run:
         return dict(self.c.get_run(self.run_id).data.tags)
 
     def health(self) -> list[str]:
-        """The health rules that fired for this run (its nnlab.health.* tags set to true)."""
-        return sorted(k[len("nnlab.health."):] for k, v in self.tags().items()
-                      if k.startswith("nnlab.health.") and v == "true")
+        return fired_health(self.tags())
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -215,19 +229,17 @@ class Run:
 
 
 
-def register_best(name: str, metric: str, results: list[dict], min_delta: float = 0.0, higher: bool = True,
-                  blocking: tuple[str, ...] = ()) -> dict:
+def register_best(name: str, metric: str, results: list[dict], min_delta: float = 0.0, higher: bool = True) -> dict:
     """Register the best result's model under `name` (see `register_version`): the highest `metric`, or the
-    lowest with higher=False. A result whose `health` holds one of `blocking` competes only when no healthy
+    lowest with higher=False. A result barred by its health (`champion_blockers`) competes only when no healthy
     result has the metric, and then as `challenger`."""
     ok = [r for r in results if r.get(metric) is not None]
     if not ok:
         raise ValueError(f"nothing to register: no result has {metric!r}")
-    unhealthy = lambda r: [h for h in r.get("health") or [] if h in blocking]  # noqa: E731
-    best = (max if higher else min)([r for r in ok if not unhealthy(r)] or ok, key=lambda r: r[metric])
+    best = (max if higher else min)([r for r in ok if not champion_blockers(r)] or ok, key=lambda r: r[metric])
     out = register_version(name, best["model_uri"], best[metric], min_delta,
                            {"nnlab.run": best["name"], "nnlab.run_id": best["run_id"], metric: best[metric],
-                            "nnlab.metric": metric}, higher=higher, blocked=unhealthy(best))
+                            "nnlab.metric": metric}, higher=higher, blocked=champion_blockers(best))
     return {**out, "run_id": best["run_id"], "model": best["name"], metric: best[metric]}
 
 

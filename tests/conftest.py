@@ -66,6 +66,15 @@ def project(tmp_path, monkeypatch):
     return tmp_path
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any process of process group `pgid` still runs."""
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def write_params(path: Path, **sections) -> Path:
     """params.yaml = the repository's, with `sections` merged in (dicts merged one level deep)."""
     import yaml

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, write_params
+from conftest import ROOT, group_alive, write_params
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -41,14 +41,6 @@ def stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def run(*cmd, cwd, env, timeout=300):

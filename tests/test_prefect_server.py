@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, group_alive
 from flows import prefect_server as ps
 
 RUN = ["run", "--models", "mlp", "--set", "train.epochs=1", "--set", "data.source=digits",
@@ -188,14 +188,6 @@ def clis():
     yield start
     for cli in started:  # whatever a failed test left running
         cli.kill()
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def processes_on_port(port: int) -> list[str]:
