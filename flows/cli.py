@@ -70,10 +70,10 @@ def load(params: Path, sets: list[str] | None, models: str | None = None, runs: 
     from tasks.config import ConfigError, load_config, select_models
 
     try:
-        cfg = load_config(params, sets or [])
         names = [m.strip() for m in models.split(",") if m.strip()] if models else None
-        if names or runs:
-            cfg = select_models(cfg, names or cfg.runs())
+        cfg = load_config(params, sets or [], names)
+        if runs and not names:
+            cfg = select_models(cfg, cfg.runs())
         return cfg, names
     except ConfigError as e:
         fail(str(e))
@@ -278,28 +278,40 @@ def stage(name: Annotated[str, typer.Argument(help="prepare | augment | train | 
         fail(str(e), code=1)
 
 
-@app.command()
-def predict(model: Annotated[str, typer.Argument(help="models:/<name>@<alias>, models:/<name>/<version> or a run id")],
-            text: Annotated[Optional[list[str]], typer.Option("--text", "-t", help="a text to classify (repeatable)")] = None,
-            file: Annotated[Optional[Path], typer.Option("--file", "-f", help="texts to classify, one per line")] = None,
-            top: Annotated[int, typer.Option(help="classes shown per text")] = 3):
-    """Classify new text with a logged or registered text model (it carries its own vocabulary)."""
+def read_texts(text: list[str] | None, file: Path | None, verb: str) -> list[str]:
+    """The texts given with --text and --file (one per line); none is an error."""
     texts = list(text or [])
     if file is not None:
         if not file.is_file():
             fail(f"--file: {file} is not a file")
         texts += [line for line in file.read_text().splitlines() if line.strip()]
     if not texts:
-        fail("give texts to classify with --text or --file")
-    import torch
+        fail(f"give texts to {verb} with --text or --file")
+    return texts
 
-    from tasks.text import Vocab
+
+def served_model(ref: str):
+    """tracking.load_served, its errors as exit 2."""
     from tasks.tracking import load_served
 
     try:
-        net, vocab, meta, uri = load_served(model)
+        return load_served(ref)
     except (LookupError, ValueError) as e:
         fail(str(e))
+
+
+@app.command()
+def predict(model: Annotated[str, typer.Argument(help="models:/<name>@<alias>, models:/<name>/<version> or a run id")],
+            text: Annotated[Optional[list[str]], typer.Option("--text", "-t", help="a text to classify (repeatable)")] = None,
+            file: Annotated[Optional[Path], typer.Option("--file", "-f", help="texts to classify, one per line")] = None,
+            top: Annotated[int, typer.Option(help="classes shown per text")] = 3):
+    """Classify new text with a logged or registered text model (it carries its own vocabulary)."""
+    texts = read_texts(text, file, "classify")
+    import torch
+
+    from tasks.text import Vocab
+
+    net, vocab, meta, uri = served_model(model)
     if vocab is None:
         fail(f"{uri} was not trained on text (it has no extra_files/vocab.json); predict reads text models only")
     v, classes = Vocab.from_dict(vocab), meta.get("classes") or []
@@ -313,6 +325,32 @@ def predict(model: Annotated[str, typer.Argument(help="models:/<name>@<alias>, m
 
 
 @app.command()
+def translate(model: Annotated[str, typer.Argument(help="models:/<name>@<alias>, models:/<name>/<version> or a run id")]
+              = "models:/nnlab-translator@champion",
+              text: Annotated[Optional[list[str]], typer.Option("--text", "-t", help="a text to translate (repeatable)")] = None,
+              file: Annotated[Optional[Path], typer.Option("--file", "-f", help="texts to translate, one per line")] = None):
+    """Translate new text with a logged or registered translation model (it carries both vocabularies)."""
+    texts = read_texts(text, file, "translate")
+    import torch
+
+    from tasks.text import Vocab
+    from tasks.tracking import extra_file
+    from tasks.translation import TARGET_VOCAB, outputs_as_text
+
+    net, vocab, meta, uri = served_model(model)
+    target = extra_file(uri, TARGET_VOCAB)
+    if vocab is None or target is None:
+        fail(f"{uri} is not a translation model (it has no extra_files/{TARGET_VOCAB}); translate reads models "
+             "trained on pairs, dates or numbers")
+    source = Vocab.from_dict(vocab)
+    source.max_length = max(source.max_length, max(len(source.ids(t)) for t in texts))  # encode without cutting
+    with torch.no_grad():
+        ids = net(torch.as_tensor(source.encode(texts)))
+    for t, out in zip(texts, outputs_as_text(Vocab.from_dict(target), ids.tolist())):
+        typer.echo(f"{t}\t{out}")
+
+
+@app.command()
 def sample(model: Annotated[str, typer.Option("--model", help="generator: models:/<name>@<alias>, "
                                                "models:/<name>/<version> or a run id")] = "models:/nnlab-generator@champion",
            n: Annotated[int, typer.Option("-n", min=1, max=4096, help="samples to draw")] = 64,
@@ -323,12 +361,8 @@ def sample(model: Annotated[str, typer.Option("--model", help="generator: models
 
     from tasks.files import atomic_path
     from tasks.gan import points_figure, sample_grid_figure
-    from tasks.tracking import load_served
 
-    try:
-        net, _, meta, uri = load_served(model)
-    except (LookupError, ValueError) as e:
-        fail(str(e))
+    net, _, meta, uri = served_model(model)
     if meta.get("nnlab.kind") != "generator":
         fail(f"{uri} is not a GAN generator (train one with e.g. `nnlab run --models dcgan`)")
     z = torch.randn(n, int(meta["latent_dim"]), generator=torch.Generator().manual_seed(seed))
@@ -384,6 +418,15 @@ def example_csv(out: Annotated[Path, typer.Argument(help="CSV file to write")] =
 
     n = docstrings_csv(out)
     typer.echo(f"{out}: {n} docstrings of {', '.join(DOC_MODULES)} (columns text, label)")
+
+
+@app.command("example-pairs")
+def example_pairs_cmd(out: Annotated[Path, typer.Argument(help="TSV file to write")] = Path("en-de-dates.tsv")):
+    """Write a small English -> German parallel corpus (Tatoeba's layout) to try `pairs` offline."""
+    from tasks.translation import example_pairs
+
+    n = example_pairs(out)
+    typer.echo(f"{out}: {n} English -> German date phrases, made from CLDR locale data (source<TAB>target<TAB>note)")
 
 
 @app.command("models")

@@ -47,8 +47,8 @@ def register(cfg: Config, results: list[dict]) -> dict:
 
 @flow(name="nnlab-experiment", log_prints=False)
 def experiment(params: str = "params.yaml", sets: list[str] | None = None, models: list[str] | None = None) -> dict:
-    cfg = load_config(params, sets or [])
-    cfg = select_models(cfg, models or cfg.runs())  # params.yaml's `run` unless told which
+    cfg = load_config(params, sets or [], models)
+    cfg = cfg if models else select_models(cfg, cfg.runs())  # params.yaml's `run` unless told which
     data_dir, facts = prepare_data(cfg)
     results, failed = [], []
     for name in cfg.models:  # one after another: two trainings would fight over 2 cores and the global RNG

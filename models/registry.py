@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 import torch
 from torch import nn
 
-FAMILIES = ("mlp", "cnn", "rnn", "transformer", "gan", "transfer")
+FAMILIES = ("mlp", "cnn", "rnn", "transformer", "gan", "transfer", "seq2seq")
 
 
 class Options(BaseModel):
@@ -57,7 +57,7 @@ def register_model(name: str, *, family: str, options: type[Options], kind: str 
 
 def _load_families() -> None:
     # Importing the family modules runs their @register_model decorators.
-    from models import cnn, gan, mlp, sequence, transfer  # noqa: F401
+    from models import cnn, gan, mlp, seq2seq, sequence, transfer  # noqa: F401
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -99,9 +99,9 @@ class Deployed(nn.Module):
 
     def forward(self, x):  # (B, C, H, W) raw pixel values | (B, T) token ids -> (B, classes) probabilities
         if not x.is_floating_point():  # token ids: indices, not measurements
-            return torch.softmax(self.net(x).float(), dim=1)
+            return torch.softmax(self.net(x).float(), dim=-1)  # (B, V), or (B, T, V) from a word LM
         x = (x.float() - self.mean) / self.std
         out = self.net(x).float()
         if self.regression:  # standardised forecasts back to the series' units
             return out * self.std.flatten()[0] + self.mean.flatten()[0]
-        return torch.softmax(out, dim=1)
+        return torch.softmax(out, dim=-1)

@@ -248,3 +248,55 @@ class Transformer(nn.Module):
 def transformer(*, input_shape, num_classes, options: TransformerOptions) -> nn.Module:
     """Transformer encoder (sinusoidal positions, masked mean or [CLS] pooling) over time steps or tokens."""
     return Transformer(input_shape, num_classes, options)
+
+
+# ---------------------------------------------------------------- word-level language model
+
+class WordLMOptions(Options):
+    cell: Literal["lstm", "gru"] = "lstm"
+    embedding_dim: int = Field(default=200, ge=1)  # also the width of the last layer when tied
+    hidden: int = Field(default=200, ge=1)
+    layers: int = Field(default=2, ge=1, le=8)
+    dropout: float = Field(default=0.2, ge=0.0, lt=1.0)  # on embeddings, between layers and before the decoder
+    tied: bool = False  # the output layer reuses the input embedding (Press & Wolf 2017; Inan et al. 2017)
+    vocab_size: int | None = Field(default=None, ge=2)  # from the data
+
+
+class WordLM(nn.Module):
+    """pytorch/examples' word_language_model RNNModel: embedding -> dropout -> stacked LSTM/GRU -> dropout ->
+    Linear to the vocabulary, a prediction at every position: (B, T) ids -> (B, T, V) logits. With `tied`,
+    the last layer's width is the embedding's (as there) and the decoder's weight is the embedding table."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, o: WordLMOptions):
+        super().__init__()
+        if len(input_shape) != 1 or o.vocab_size is None:
+            raise ValueError(f"word_lm reads token ids (T,) with the option vocab_size; got shape {tuple(input_shape)}")
+        self.embed = nn.Embedding(o.vocab_size, o.embedding_dim)
+        top = o.embedding_dim if o.tied else o.hidden
+        cell = CELLS[o.cell]
+        # the stack: layers-1 of `hidden` units, then the last at `top` (the embedding's width when tied)
+        self.rnn = nn.ModuleList(cell(o.embedding_dim if i == 0 else o.hidden, o.hidden if i < o.layers - 1 else top,
+                                      batch_first=True) for i in range(o.layers))
+        self.drop = nn.Dropout(o.dropout)
+        self.decoder = nn.Linear(top, num_classes)
+        if o.tied:
+            if num_classes != o.vocab_size:
+                raise ValueError(f"word_lm: tied embeddings need as many outputs ({num_classes}) as input ids "
+                                 f"({o.vocab_size})")
+            self.decoder.weight = self.embed.weight
+        self.per_step = True  # a prediction at every position (the word_language_model kind checks it)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(self.embed(x.long()))
+        with torch.autocast(h.device.type, enabled=False):  # the recurrence in fp32, as the other RNNs
+            h = h.float()
+            for layer in self.rnn:
+                h, _ = layer(h)
+                h = self.drop(h)
+        return self.decoder(h)
+
+
+@register_model("word_lm", family="rnn", options=WordLMOptions, kind="word_language_model")
+def word_lm(*, input_shape, num_classes, options: WordLMOptions) -> nn.Module:
+    """Word-level language model: stacked LSTM/GRU predicting the next word at every position (tied option)."""
+    return WordLM(input_shape, num_classes, options)

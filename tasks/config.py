@@ -50,8 +50,15 @@ class DataConfig(Section):
     classes: list[str] | None = Field(default=None, min_length=2)  # keep only these classes (names; digits: "0".."9")
     text_column: str = "text"  # text_csv: column holding the text
     label_column: str = "label"  # text_csv: column holding the label (strings or integers)
-    tokenizer: Literal["word", "char"] = "word"  # text_csv/imdb: lowercased words and punctuation, or characters
-    max_length: int | None = Field(default=None, ge=2, le=10_000)  # tokens per text (None: 200), charlm context (64)
+    # lowercased words and punctuation, or characters; None: the source's own (char for charlm, dates and
+    # numbers; word for text_csv, imdb, wordlm and pairs)
+    tokenizer: Literal["word", "char"] | None = None
+    # tokens per text (None: 200), charlm/wordlm context (64/35), pairs: longest side kept (None: 50; longer dropped)
+    max_length: int | None = Field(default=None, ge=2, le=10_000)
+    source_column: str | None = None  # pairs: header of the source column (None: first column, no header row)
+    target_column: str | None = None  # pairs: header of the target column (None: second column)
+    language: str = "de"  # numbers: the language the integers are written in (num2words' code: de, fr, es, ...)
+    number_max: int = Field(default=9_999, ge=10, le=10**9)  # numbers: integers 0..number_max (at most 20,000 drawn)
     min_freq: int = Field(default=2, ge=1)  # a token enters the vocabulary when seen this often in training texts
     max_vocab: int = Field(default=20_000, ge=3)  # vocabulary size cap, padding and out-of-vocabulary ids included
     ring8_size: int = Field(default=8_000, ge=100)  # ring8: points drawn from the 8 Gaussians (all splits)
@@ -60,6 +67,16 @@ class DataConfig(Section):
     def _path_needed(self):
         if self.source == "text_csv" and not self.path:
             raise ValueError("data.path: text_csv needs the CSV or TSV file to read (e.g. --set data.path=reviews.csv)")
+        if self.source == "pairs" and not self.path:
+            raise ValueError("data.path: pairs needs the parallel corpus to read, a TSV/CSV of source and target "
+                             "(e.g. --set data.path=deu.txt; `nnlab example-pairs` writes one)")
+        if self.source == "charlm" and self.tokenizer == "word" or self.source == "wordlm" and self.tokenizer == "char":
+            raise ValueError(f"data.tokenizer: {self.source} models {'characters' if self.source == 'charlm' else 'words'}"
+                             f"; use data.source={'wordlm' if self.source == 'charlm' else 'charlm'} for "
+                             f"{'words' if self.source == 'charlm' else 'characters'}")
+        if (self.source_column is None) != (self.target_column is None):
+            raise ValueError("data.source_column and data.target_column: set both (a file with a header row) or "
+                             "neither (the first two columns, no header)")
         return self
 
     @property
@@ -123,12 +140,13 @@ class TrainConfig(Section):
 class RegisterConfig(Section):
     enabled: bool = True
     # registered model name; auto: the kind's own (nnlab-classifier, nnlab-forecaster, nnlab-language-model,
-    # nnlab-generator), so a forecaster never competes with a classifier for `champion`
+    # nnlab-word-language-model, nnlab-translator, nnlab-generator), so a forecaster never competes with a
+    # classifier for `champion`
     name: str = Field(default="auto", min_length=1)
-    # auto: accuracy (higher wins); forecasts: rmse, charlm: perplexity, image GANs: classifier Frechet distance
-    # (lower wins); ring8 GANs: mode_overlap (higher wins)
+    # auto: accuracy (higher wins); forecasts: rmse, charlm/wordlm: perplexity, image GANs: classifier Frechet
+    # distance (lower wins); ring8 GANs: mode_overlap, translation: BLEU (higher wins)
     metric: Literal["auto", "test_accuracy", "test_rmse", "test_perplexity", "classifier_fid", "mode_overlap",
-                    "frechet_distance"] = "auto"
+                    "frechet_distance", "test_bleu", "test_exact_match", "test_chrf"] = "auto"
     min_delta: float = Field(default=0.0, ge=0.0)  # a challenger must beat the champion by more than this
 
 
@@ -263,11 +281,16 @@ def _drop(node: Any, parts: list[str]) -> None:
         node.pop(parts[-1], None)
 
 
-def load_config(path: str | Path = "params.yaml", sets: list[str] | None = None) -> Config:
-    return validate(apply_sets(read_yaml(path), sets or []))
+def load_config(path: str | Path = "params.yaml", sets: list[str] | None = None,
+                models: list[str] | None = None) -> Config:
+    """The validated params; with `models`, only those runs (kept and judged: params.yaml's `run` need not fit
+    the data they train on)."""
+    cfg = validate(apply_sets(read_yaml(path), sets or []), judge=not models)
+    return select_models(cfg, models) if models else cfg
 
 
-def validate(raw: dict[str, Any]) -> Config:
+def validate(raw: dict[str, Any], judge: bool = True) -> Config:
+    """Schema, every model's options, and (`judge`) whether the runs `run` names fit the data and settings."""
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
@@ -276,18 +299,24 @@ def validate(raw: dict[str, Any]) -> Config:
     for name, opts in cfg.models.items():
         resolved[name] = _validate_model(name, opts or {}, cfg.train)
     cfg.models = resolved
-    _refuse_inapplicable(cfg, cfg.runs())
+    if judge:
+        _refuse_inapplicable(cfg, cfg.runs())
     return cfg
 
 
 def _refuse_inapplicable(cfg: Config, names: list[str]) -> None:
     """Settings the kind of a run that will train cannot honour are errors, never silently ignored (e.g. early
     stopping of a GAN). Entries of `models` that this command does not train are not judged."""
-    from tasks.kinds import kind_of
+    from tasks.kinds import kind_of, misfit
 
     lines = []
     for name in names:
-        kind = kind_of(cfg.model_options(name)[0], cfg.data.source)
+        arch = cfg.model_options(name)[0]
+        why = misfit(arch, cfg.data.source)
+        if why:
+            lines.append(f"models.{name}: {why}")
+            continue
+        kind = kind_of(arch, cfg.data.source)
         lines += [f"{line} (models.{name} is a {kind.name} run)" for line in kind.refuse(cfg, cfg.train_for(name))]
     if lines:
         raise ConfigError("invalid params: " + "\n  ".join(lines) if len(lines) == 1 else

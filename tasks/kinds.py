@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from tasks.tracking import Run
     from tasks.train import FitResult, Step, Trainer
 
-KIND_MODULES = ("tasks.supervised", "tasks.generation")  # importing them runs their @register_kind
+KIND_MODULES = ("tasks.supervised", "tasks.generation", "tasks.translation")  # importing them runs their @register_kind
 _KINDS: dict[str, "Kind"] = {}
 
 
@@ -52,6 +52,7 @@ class Evaluation:
     artifact: str  # its name in the MLflow run
     tags: dict[str, str] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)  # more entries for metrics/<run>.json
+    texts: dict[str, str] = field(default_factory=dict)  # more artifacts: name -> text (e.g. sample outputs)
 
 
 class Kind:
@@ -61,6 +62,8 @@ class Kind:
     channels_last: bool = True  # NHWC image batches when train.channels_last asks for them
     summary_columns: tuple[str, ...] = ()  # shown beside the ranking metric in `nnlab run`'s table
     registry = ""  # the registered-model name of its winners when register.name is auto (default nnlab-<name>)
+    data: tuple[str, ...] = ()  # the kinds of data (tasks/sources.py DATA) it trains on; empty: any
+    own_models = False  # its data trains only the models registered with this kind (translation: encoder-decoders)
 
     def metric_for(self, source: str) -> str:
         return self.metric
@@ -115,6 +118,30 @@ def kind_of(arch: str, source: str) -> Kind:
     from tasks.sources import task
 
     return get_kind(get_spec(arch).kind or task(source))
+
+
+def misfit(arch: str, source: str) -> str | None:
+    """Why architecture `arch` cannot train on `source`, or None: a model of one kind on data it does not read
+    (an encoder-decoder on images), or data whose kind needs its own models (translation pairs in an LSTM
+    classifier)."""
+    from models.registry import get_spec, list_models
+    from tasks.sources import data_kind, task
+
+    spec, data = get_spec(arch), data_kind(source)
+    if spec.kind is not None and get_kind(spec.kind).data and data not in get_kind(spec.kind).data:
+        readers = [n for n, s in _sources().items() if s in get_kind(spec.kind).data]
+        return f"{arch} makes {spec.kind} runs, from {', '.join(readers)} data; data.source is {source}"
+    own = get_kind(task(source))
+    if own.own_models and spec.kind != own.name:
+        takes = [n for n in list_models() if get_spec(n).kind == own.name]
+        return f"{source} data makes {own.name} runs, which train: {', '.join(takes)} (not {arch})"
+    return None
+
+
+def _sources() -> dict[str, str]:
+    from tasks.sources import SOURCES
+
+    return {n: s.data for n, s in SOURCES.items()}
 
 
 def experiment_kind(cfg: "Config") -> Kind:

@@ -7,7 +7,7 @@ import time
 
 def _fmt(metrics: dict) -> str:
     keys = ("train_loss", "val_loss", "val_accuracy", "val_perplexity", "d_loss", "g_loss", "d_real", "d_fake",
-            "critic_gap", "modes_covered")
+            "critic_gap", "modes_covered", "val_exact_match", "val_bleu")
     return "  ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
 
 

@@ -29,6 +29,8 @@ DATA = {
     "series": DataKind("tasks.series:prepare_series", "regression"),  # forecasting windows, split by time
     "texts": DataKind("tasks.text:prepare_texts", "classification"),  # token ids, vocabulary from training
     "characters": DataKind("tasks.text:prepare_characters", "language_model"),  # next-character windows, in order
+    "words": DataKind("tasks.text:prepare_words", "word_language_model"),  # next-word windows, in order
+    "pairs": DataKind("tasks.translation:prepare_pairs", "translation"),  # source and target ids, two vocabularies
     "points": DataKind("tasks.data:prepare_points", "generation"),  # 2-D points drawn from known modes
 }
 
@@ -44,6 +46,10 @@ SOURCES = {
     "text_csv": Source("tasks.text:read_text_csv", "texts"),  # a CSV/TSV of text and label columns
     "imdb": Source("tasks.text:read_imdb", "texts"),  # aclImdb folders or their archive
     "charlm": Source("tasks.text:corpus", "characters"),  # a text file, or Python's documentation topics
+    "wordlm": Source("tasks.text:corpus", "words"),  # the same text as charlm, word by word
+    "pairs": Source("tasks.translation:read_pairs", "pairs"),  # a parallel corpus: TSV/CSV, Tatoeba's layout
+    "dates": Source("tasks.translation:read_dates", "pairs"),  # dates in many formats and languages -> ISO 8601
+    "numbers": Source("tasks.translation:read_numbers", "pairs"),  # integers -> words in data.language
     "ring8": Source("tasks.gan:ring8", "points"),  # 8 Gaussians on a circle, the mode-collapse benchmark
 }
 NAMES = tuple(SOURCES)

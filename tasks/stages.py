@@ -304,6 +304,8 @@ def evaluate_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, tra
     with atomic_path(plots_dir / "test.png") as tmp:  # DVC's plot: confusion matrix, forecast, samples
         ev.figure.savefig(tmp, format="png")
     run.log_figure(ev.figure, ev.artifact)
+    for artifact, text in ev.texts.items():
+        run.log_text(text, artifact)
     _write_history(plots_dir / "history.csv", final["history"])
     summary = {**ev.metrics, **ev.summary, "health": run.health(), "name": name, "arch": final["arch"],
                "family": final["family"],

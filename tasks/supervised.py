@@ -50,11 +50,29 @@ class SupervisedStep(Step):
         self.correct = torch.zeros((), device=self.device, dtype=torch.long)
         self.seen = 0
 
+    def outputs(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The predictions and their targets, one row per prediction: a model that predicts at every position
+        (a word language model: (B, T, V) against (B, T)) is flattened to (B * T, V) against (B * T,)."""
+        out = self.model(xb)
+        if self.classify and out.dim() == 3:
+            return out.flatten(0, 1), yb.flatten()
+        return out, yb
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return self.loss_fn(out if self.classify else out.float(), y, reduction=reduction)
+
+    def count(self, y: torch.Tensor) -> int | torch.Tensor:
+        """Predictions in a batch (the loss is their mean)."""
+        return len(y)
+
+    def hits(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (out.argmax(1) == y).sum()
+
     def __call__(self, i: int, step: int, xb: torch.Tensor, yb: torch.Tensor) -> None:
         model = self.model
         with autocast(self.bf16, self.device):
-            out = model(xb)
-            loss = self.loss_fn(out.float() if not self.classify else out, yb)
+            out, y = self.outputs(xb, yb)
+            loss = self.loss(out, y)
         total = loss + penalty(model, self.cfg.l1, self.cfg.l2) if self.regularised else loss
         self.opt.zero_grad(set_to_none=True)
         total.backward()
@@ -66,13 +84,14 @@ class SupervisedStep(Step):
         self.opt.step()
         if diag:
             self.diagnostics.after_step(step)
-        self.losses[i] = loss.detach() * len(yb)
-        self.seen += len(yb)
+        n = self.count(y)
+        self.losses[i] = loss.detach() * n
+        self.seen += n
         if self.classify:
-            self.correct += (out.argmax(1) == yb).sum()
+            self.correct += self.hits(out, y)
 
     def end_epoch(self, epoch: int) -> dict:
-        losses, n = self.losses.cpu(), self.seen
+        losses, n = self.losses.cpu(), int(self.seen)
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             step = int(bad[0])
@@ -87,15 +106,14 @@ class SupervisedStep(Step):
     @torch.no_grad()
     def evaluate(self, data: Split, prefix: str = "val", batch_size: int = 1024) -> dict:
         self.model.eval()
-        loss, correct = 0.0, 0
+        loss, correct, n = 0.0, 0, 0
         for i in range(0, len(data.y), batch_size):
-            xb, yb = data.x[i:i + batch_size], data.y[i:i + batch_size]
             with autocast(self.bf16, self.device):
-                out = self.model(xb)
-            loss += float(self.loss_fn(out.float(), yb, reduction="sum")) / (yb[0].numel() if not self.classify else 1)
+                out, y = self.outputs(data.x[i:i + batch_size], data.y[i:i + batch_size])
+            loss += float(self.loss(out.float(), y, reduction="sum")) / (y[0].numel() if not self.classify else 1)
+            n += int(self.count(y))
             if self.classify:
-                correct += int((out.argmax(1) == yb).sum())
-        n = len(data.y)
+                correct += int(self.hits(out, y))
         out = {f"{prefix}_loss": loss / n} | ({f"{prefix}_accuracy": correct / n} if self.classify else {})
         if self.perplexity:
             out[f"{prefix}_perplexity"] = math.exp(min(loss / n, 50.0))
@@ -205,7 +223,7 @@ class Forecasting(Supervised):
 @register_kind
 class LanguageModel(Supervised):
     name, metric, perplexity, registry = "language_model", "test_perplexity", True, "nnlab-language-model"
-    lower_is_better = ("test_perplexity", "test_loss")
+    lower_is_better = ("test_perplexity", "test_loss", "test_perplexity_vs_bigram")
 
     def after_fit(self, job: Job, result) -> None:
         super().after_fit(job, result)
@@ -227,6 +245,47 @@ class LanguageModel(Supervised):
               flush=True)
         fig = perplexity_figure(final["history"], f"{name}: test perplexity {metrics['test_perplexity']:.3f}")
         return Evaluation(metrics, fig, "plots/perplexity.png")
+
+
+@register_kind
+class WordLanguageModel(LanguageModel):
+    """Next word at every position (wordlm), judged against count baselines on the same targets."""
+
+    name, registry = "word_language_model", "nnlab-word-language-model"
+    data, own_models = ("words",), True
+
+    def step(self, model, cfg, seed, device) -> Step:
+        if not getattr(model, "per_step", False):
+            from models.registry import get_spec, list_models
+
+            takes = [n for n in list_models() if get_spec(n).kind == self.name]
+            raise ValueError(f"{type(model).__name__} predicts one token per window; word-level language "
+                             f"modelling predicts at every position: {', '.join(takes)}")
+        return super().step(model, cfg, seed, device)
+
+    def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
+        """Perplexity per word on the held-out end of the text, beside a unigram and an add-k bigram model
+        counted on the same training words and scored on the same test words."""
+        from tasks.evaluate import perplexity_figure, predict
+        from tasks.text import ngram_baselines
+
+        test = self.test_split(final, data, device)
+        logits = predict(model, test.x).flatten(0, 1)
+        y = test.y.flatten()
+        ce = float(F.cross_entropy(logits.float(), y))
+        metrics = {"test_accuracy": float((logits.argmax(1) == y).float().mean()), "test_loss": ce,
+                   "test_perplexity": math.exp(ce)}
+        metrics |= ngram_baselines(data.y_train, (data.x_val, data.y_val), (data.x_test, data.y_test),
+                                   final["num_classes"])
+        metrics["test_perplexity_vs_bigram"] = metrics["test_perplexity"] / metrics["bigram_test_perplexity"]
+        beats = metrics["test_perplexity"] < metrics["bigram_test_perplexity"]
+        print(f"{name}: test perplexity {metrics['test_perplexity']:.1f} per word over {final['num_classes']} words "
+              f"{'beats' if beats else 'does NOT beat'} the bigram's {metrics['bigram_test_perplexity']:.1f} "
+              f"(add-k, k={metrics['bigram_k']}) and the unigram's {metrics['unigram_test_perplexity']:.1f}; "
+              f"next-word accuracy {metrics['test_accuracy']:.4f}", flush=True)
+        fig = perplexity_figure(final["history"], f"{name}: test perplexity {metrics['test_perplexity']:.1f} "
+                                f"(bigram {metrics['bigram_test_perplexity']:.1f})")
+        return Evaluation(metrics, fig, "plots/perplexity.png", {"nnlab.beats_bigram": str(beats).lower()})
 
 
 # ---------------------------------------------------------------- what a trained network shows

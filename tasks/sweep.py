@@ -84,11 +84,10 @@ def expand(spec: SweepSpec, params: dict, sets: list[str] | None = None) -> list
             cell_sets += [f"{k}={_yaml_value(v)}" for k, v in bundle.items()]
         cell_id = ",".join(f"{k.split('.')[-1] if k not in spec.presets else k}={v}" for k, v in levels.items())
         try:
-            cfg = validate(apply_sets(base, cell_sets))
+            cfg = validate(apply_sets(base, cell_sets), judge=False)
+            cfg = select_models(cfg, [spec.model or next(iter(cfg.models))])  # the cell's run is the one judged
         except ConfigError as e:
             raise ConfigError(f"sweep cell {cell_id}: {e}") from None
-        model = spec.model or next(iter(cfg.models))
-        cfg = select_models(cfg, [model])
         cells.append(Cell(cell_id, levels, cell_sets, cfg))
     ids = [c.id for c in cells]
     if len(set(ids)) != len(ids):  # two axes ending in the same word: fall back to full keys

@@ -4,10 +4,12 @@ Sources:
   text_csv  a user's CSV/TSV (`data.path`) with a text and a label column; labels may be strings or integers;
   imdb      the IMDB reviews archive (aclImdb/{train,test}/{neg,pos}/*.txt), read from `data.path`;
   charlm    next-character prediction on a text file, by default the standard library's documentation text
-            (`pydoc_data.topics`, ~465k characters of English that every Python ships).
+            (`pydoc_data.topics`, ~465k characters of English that every Python ships);
+  wordlm    the same text word by word: next-word prediction at every position of 35-word windows.
 Prepared folders have the layout `prepare` writes for images, plus `vocab.json` (a DVC output beside the
 splits, logged to MLflow with the model so new text can be encoded the same way):
-x (N, T) int64 token ids, 0 = padding (always at the end), 1 = out of vocabulary; y (N,) int64.
+x (N, T) int64 token ids, 0 = padding (always at the end), 1 = out of vocabulary; y (N,) int64 (wordlm: (N, T),
+the next word at every position). Translation pairs are tasks/translation.py's.
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ from tasks.config import DataConfig
 
 PAD, UNK = "<pad>", "<unk>"  # ids 0 and 1
 VOCAB = "vocab.json"
-DEFAULT_LENGTH = {"text_csv": 200, "imdb": 200, "charlm": 64}  # tokens per example; charlm: context characters
-WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")  # lowercased words (with 's, n't), each other mark alone
+DEFAULT_LENGTH = {"text_csv": 200, "imdb": 200, "charlm": 64, "wordlm": 35}  # tokens per example; LMs: context
+# lowercased words of letters and digits in any script (with 's, n't), each other mark alone
+WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?|[^\w\s]|_")
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 IMDB_ARCHIVE = "aclImdb_v1.tar.gz"
 
@@ -205,12 +208,13 @@ def prepare_texts(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
         x, y, test, classes = _keep_classes(x, y, test, classes, cfg.classes)
     splits = _split(x, y, test, cfg, seed)
     train_texts = splits["train"][0]
-    lengths = np.array([len(tokenize(t, cfg.tokenizer)) for t in train_texts])
+    tokenizer = cfg.tokenizer or "word"
+    lengths = np.array([len(tokenize(t, tokenizer)) for t in train_texts])
     cap = cfg.max_length or DEFAULT_LENGTH[cfg.source]
     steps = int(min(cap, max(lengths.max(initial=1), 1)))  # no longer than the longest training text
-    vocab = Vocab.fit(train_texts, cfg.tokenizer, steps, cfg.min_freq, cfg.max_vocab)  # training split only
+    vocab = Vocab.fit(train_texts, tokenizer, steps, cfg.min_freq, cfg.max_vocab)  # training split only
     encoded = {s: (vocab.encode(t), lab) for s, (t, lab) in splits.items()}
-    val_tokens = [tok for t in splits["val"][0] for tok in tokenize(t, cfg.tokenizer)]
+    val_tokens = [tok for t in splits["val"][0] for tok in tokenize(t, tokenizer)]
     oov = sum(tok not in vocab.index for tok in val_tokens) / max(len(val_tokens), 1)
     return write_prepared(out_dir, encoded, {
         "source": cfg.source, "task": "classification",
@@ -219,7 +223,7 @@ def prepare_texts(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
                    for s, (_, lab) in encoded.items()},
         "sizes": {s: len(lab) for s, (_, lab) in encoded.items()},
         "normalization": {"mean": [0.0], "std": [1.0]},  # token ids are indices, never scaled
-        "text": {"tokenizer": cfg.tokenizer, "max_length": steps, "vocab_size": len(vocab),
+        "text": {"tokenizer": tokenizer, "max_length": steps, "vocab_size": len(vocab),
                  "mean_tokens": round(float(lengths.mean()), 1), "truncated": round(float((lengths > steps).mean()), 4),
                  "val_oov_rate": round(oov, 4)},
         "config": cfg.model_dump(), "seed": seed,
@@ -236,17 +240,23 @@ def char_windows(ids: np.ndarray, steps: int, limit: int) -> tuple[np.ndarray, n
     return np.stack([ids[s:s + steps] for s in starts]), ids[starts + steps]
 
 
+def in_order(seq, cfg: DataConfig, steps: int, what: str, unit: str) -> dict:
+    """A text (characters or words) split by position: train, then val, then test — never shuffled."""
+    n = len(seq)
+    n_test, n_val = int(n * cfg.test_fraction), int(n * cfg.val_fraction)
+    parts = {"train": seq[:n - n_val - n_test], "val": seq[n - n_val - n_test:n - n_test], "test": seq[n - n_test:]}
+    if min(len(p) for p in parts.values()) <= steps + 1:
+        raise _error(f"{what} leave too few for {steps}-{unit} windows in every split; use a longer text or a "
+                     "smaller data.max_length")
+    return parts
+
+
 def prepare_characters(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
     from tasks.data import write_prepared
 
     text, description = read(cfg)
     steps = cfg.max_length or DEFAULT_LENGTH[cfg.source]
-    n = len(text)
-    n_test, n_val = int(n * cfg.test_fraction), int(n * cfg.val_fraction)
-    parts = {"train": text[:n - n_val - n_test], "val": text[n - n_val - n_test:n - n_test], "test": text[n - n_test:]}
-    if min(len(p) for p in parts.values()) <= steps + 1:
-        raise _error(f"{description}: {n} characters leave too few for {steps}-character windows in every split; "
-                     "use a longer text or a smaller data.max_length")
+    n, parts = len(text), in_order(text, cfg, steps, f"{description}: {len(text)} characters", "character")
     vocab = Vocab.fit([parts["train"]], "char", steps, min_freq=1, max_size=cfg.max_vocab)  # chronological split
     limit = cfg.max_train or 50_000  # windows per epoch; val/test in proportion
     splits = {}
@@ -262,6 +272,67 @@ def prepare_characters(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
                  "split_characters": {s: len(p) for s, p in parts.items()}},
         "config": cfg.model_dump(), "seed": seed,
     }, extra={VOCAB: json.dumps(vocab.to_dict(), ensure_ascii=False) + "\n"})
+
+
+def prepare_words(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
+    """Word-level language modelling (pytorch/examples' word_language_model): the text's words in order, split
+    by position (train, val, test), a vocabulary from the training part (min_freq, max_vocab; the rest is
+    <unk>), cut into consecutive windows of `steps` words; y is x shifted by one word, so every position is a
+    prediction and every word of a split is predicted exactly once."""
+    from tasks.data import write_prepared
+
+    text, description = read(cfg)
+    steps = cfg.max_length or DEFAULT_LENGTH[cfg.source]
+    words = tokenize(text, "word")
+    n, parts = len(words), in_order(words, cfg, steps, f"{description}: {len(words)} words", "word")
+    vocab = Vocab.fit([" ".join(parts["train"])], "word", steps, cfg.min_freq, cfg.max_vocab)
+    splits = {}
+    for s, part in parts.items():
+        ids = np.array([vocab.index.get(w, 1) for w in part], dtype=np.int64)
+        m = (len(ids) - 1) // steps  # windows; the tail shorter than one window is left out
+        if s == "train" and cfg.max_train:
+            m = min(m, cfg.max_train)
+        splits[s] = (ids[:m * steps].reshape(m, steps), ids[1:m * steps + 1].reshape(m, steps))
+    unk = {s: round(float((y == 1).mean()), 4) for s, (_, y) in splits.items()}
+    return write_prepared(out_dir, splits, {
+        "source": cfg.source, "task": "word_language_model", "description": description,
+        "input_shape": [steps], "num_classes": len(vocab), "classes": [], "vocab_size": len(vocab),
+        "sizes": {s: len(y) for s, (_, y) in splits.items()},
+        "normalization": {"mean": [0.0], "std": [1.0]},
+        "text": {"tokenizer": "word", "max_length": steps, "vocab_size": len(vocab), "words": n,
+                 "split_words": {s: len(p) for s, p in parts.items()}, "unk_rate": unk},
+        "config": cfg.model_dump(), "seed": seed,
+    }, extra={VOCAB: json.dumps(vocab.to_dict(), ensure_ascii=False) + "\n"})
+
+
+def ngram_baselines(train_y: np.ndarray, val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                    vocab_size: int, ks=(1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01)) -> dict:
+    """Perplexities of the count baselines on the same targets as the network: a unigram model (add-one) and an
+    add-k bigram model, k chosen on the validation split. `train_y` is every training target in order; val
+    and test are (x, y) windows (the previous word of y[:, t] is x[:, t])."""
+    ids = train_y.ravel()
+    prev = np.concatenate([[1], ids[:-1]])  # the word before the first target is unknown: counted as <unk>
+    uni = np.bincount(ids, minlength=vocab_size).astype(np.float64)
+    keys, counts = np.unique(prev * vocab_size + ids, return_counts=True)  # the bigrams seen, sparse
+    row = np.bincount(prev, minlength=vocab_size).astype(np.float64)
+
+    def seen(x, y):
+        q = x * vocab_size + y
+        at = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
+        return np.where(keys[at] == q, counts[at], 0).astype(np.float64)
+
+    def unigram(y):
+        p = (uni[y] + 1.0) / (uni.sum() + vocab_size)
+        return float(np.exp(-np.log(p).mean()))
+
+    def bigram(x, y, k):
+        p = (seen(x, y) + k) / (row[x] + k * vocab_size)
+        return float(np.exp(-np.log(p).mean()))
+
+    vx, vy = val[0].ravel(), val[1].ravel()
+    k = min(ks, key=lambda k: bigram(vx, vy, k))
+    tx, ty = test[0].ravel(), test[1].ravel()
+    return {"unigram_test_perplexity": unigram(ty), "bigram_test_perplexity": bigram(tx, ty, k), "bigram_k": k}
 
 
 # ---------------------------------------------------------------- a real text CSV every Python ships
@@ -299,7 +370,7 @@ def docstrings_csv(path: str | Path, modules=DOC_MODULES) -> int:
 # ---------------------------------------------------------------- language-model sampling
 
 def sample_text(model, vocab: Vocab, prompt: str, length: int, temperatures: list[float], seed: int = 0) -> dict:
-    """Characters drawn one at a time from a next-character model, one stream per temperature (batched):
+    """Tokens (characters or words) drawn one at a time from a language model, one stream per temperature (batched):
     each step feeds the last `vocab.max_length` ids. Lower temperature: safer, more repetitive text."""
     import torch
 
@@ -311,7 +382,8 @@ def sample_text(model, vocab: Vocab, prompt: str, length: int, temperatures: lis
     model.eval()
     with torch.no_grad():
         for _ in range(length):
-            logits = model(ids[:, -vocab.max_length:]).float()  # (K, V)
+            logits = model(ids[:, -vocab.max_length:]).float()  # (K, V), or (K, t, V) predicting at every position
+            logits = logits[:, -1] if logits.dim() == 3 else logits
             logits[:, 0] = -torch.inf  # never padding
             nxt = torch.multinomial(torch.softmax(logits / temps, 1), 1, generator=gen)
             ids = torch.cat([ids, nxt], 1)

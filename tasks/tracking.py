@@ -356,11 +356,20 @@ def load_checkpoint(ref: str) -> tuple[dict, str]:
     return torch.load(local, map_location="cpu", weights_only=False), uri
 
 
-def load_served(ref: str):
-    """(the logged model, its vocabulary dict or None, its metadata (classes, arch, ...), the pinned URI)."""
+def extra_file(uri: str, name: str) -> dict | None:
+    """A JSON file logged beside a model (its vocabularies), or None when it has none."""
     import json
 
     import mlflow.artifacts
+
+    try:
+        return json.loads(Path(mlflow.artifacts.download_artifacts(f"{uri}/extra_files/{name}")).read_text())
+    except Exception:
+        return None
+
+
+def load_served(ref: str):
+    """(the logged model, its vocabulary dict or None, its metadata (classes, arch, ...), the pinned URI)."""
     import mlflow.pytorch
     from mlflow.models import get_model_info
 
@@ -370,10 +379,7 @@ def load_served(ref: str):
         model = mlflow.pytorch.load_model(uri, map_location="cpu")
     except Exception as e:
         raise LookupError(f"{uri}: cannot load the model from {tracking_uri()} ({type(e).__name__}: {e})") from None
-    try:
-        vocab = json.loads(Path(mlflow.artifacts.download_artifacts(f"{uri}/extra_files/vocab.json")).read_text())
-    except Exception:  # image and series models carry no vocabulary
-        vocab = None
+    vocab = extra_file(uri, "vocab.json")  # image and series models carry no vocabulary
     try:
         model.eval()
     except NotImplementedError:  # a torch.export program (the default format): already in inference form

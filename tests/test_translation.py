@@ -1,0 +1,204 @@
+"""Translation (pairs, dates, numbers; seq2seq with and without attention, transformer_seq2seq; greedy and beam
+decoding; BLEU) and word-level language modelling (wordlm, word_lm against count baselines)."""
+import json
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from models.registry import create_model
+from models.seq2seq import BOS, EOS, Translator, decode
+from tasks.config import ConfigError, DataConfig, validate
+from tasks.data import DataError, load_prepared, prepare
+from tasks.text import ngram_baselines
+from tasks.translation import TARGET_VOCAB, TEXTS, read_dates, read_numbers, scores
+
+
+def tatoeba(path, rows):
+    path.write_text("".join(f"{s}\t{t}\tCC-BY 2.0 (France) Attribution: tatoeba.org #{i}\n"
+                            for i, (s, t) in enumerate(rows)), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- data
+
+def test_dates_are_real_calendar_dates_in_many_languages_with_unseen_test_dates(tmp_path):
+    corpus = read_dates(DataConfig(source="dates"))
+    assert corpus.ambiguous == 0 and len(corpus.pairs) == 15_000
+    assert read_dates(DataConfig(source="dates")).pairs[:50] == corpus.pairs[:50]  # the same data every time
+    sources = [s for s, _ in corpus.pairs]
+    assert any("März" in s for s in sources) and any("de marzo" in s for s in sources)  # German, Spanish ...
+    readings = {}
+    for s, t in corpus.pairs:
+        readings.setdefault(s, set()).add(t)
+    assert all(len(v) == 1 for v in readings.values())  # no source reads two ways
+    m = prepare(DataConfig(source="dates", max_train=2000), 0, tmp_path / "d")
+    texts = json.loads((tmp_path / "d" / TEXTS).read_text())
+    d = load_prepared(tmp_path / "d")
+    assert m["task"] == "translation" and m["text"]["tokenizer"] == "char" and m["sizes"]["train"] == 2000
+    assert (d.y_train[:, 0] == BOS).all() and ((d.y_train == EOS).sum(1) == 1).all()
+    target = json.loads((tmp_path / "d" / TARGET_VOCAB).read_text())["tokens"]
+    train_dates = {"".join(target[i] for i in row if i > EOS) for row in d.y_train}
+    assert train_dates.isdisjoint(r for _, r in texts["test"])  # held-out dates never seen in training
+    assert all(len(r) == 10 and r[4] == "-" for _, r in texts["test"])
+
+
+def test_numbers_are_written_in_words_and_a_bad_language_is_named():
+    pairs = dict(read_numbers(DataConfig(source="numbers", number_max=100)).pairs)
+    assert pairs["97"] == "siebenundneunzig" and len(pairs) == 101
+    assert dict(read_numbers(DataConfig(source="numbers", language="fr", number_max=100)).pairs)["97"] == \
+        "quatre-vingt-dix-sept"
+    with pytest.raises(DataError, match=r"data.language: 'xx'.*allowed:.*\bde\b"):
+        read_numbers(DataConfig(source="numbers", language="xx"))
+
+
+def test_pairs_read_tatoebas_layout_drop_long_pairs_and_fit_vocabularies_on_training_only(tmp_path):
+    rows = [(f"I see {k} cats .", f"Ich sehe {k} Katzen .") for k in range(60)]
+    rows += [("word " * 60, "Wort " * 60)]  # longer than max_length: dropped and counted
+    rows += [('He said "hi".', 'Er sagte "hallo".')]  # quotes are text in a TSV, not CSV quoting
+    path = tatoeba(tmp_path / "deu.txt", rows)
+    m = prepare(DataConfig(source="pairs", path=str(path), min_freq=1), 0, tmp_path / "d")
+    assert m["text"]["dropped_too_long"] == 1 and m["text"]["kept"] == 61 and m["text"]["tokenizer"] == "word"
+    texts = json.loads((tmp_path / "d" / TEXTS).read_text())
+    target = json.loads((tmp_path / "d" / TARGET_VOCAB).read_text())["tokens"]
+    assert target[:4] == ["<pad>", "<unk>", "<s>", "</s>"] and "katzen" in target
+    test_numbers = {r.split()[2] for _, r in texts["test"] if r.startswith("ich sehe")}
+    assert test_numbers and not test_numbers & set(target)  # a number seen only in test is out of vocabulary
+
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_text("en,de\n" + "".join(f"cat {k},Katze {k}\n" for k in range(30)))
+    m = prepare(DataConfig(source="pairs", path=str(csv_path), source_column="en", target_column="de"), 0, tmp_path / "c")
+    assert m["text"]["kept"] == 30
+    with pytest.raises(DataError, match=r"no column 'fr'.*header is: en, de"):
+        prepare(DataConfig(source="pairs", path=str(csv_path), source_column="en", target_column="fr"), 0, tmp_path / "e")
+    (tmp_path / "bad.txt").write_text("one\ttwo\nonly one column\n")
+    with pytest.raises(DataError, match=r"bad.txt, line 2: 1 column"):
+        prepare(DataConfig(source="pairs", path=str(tmp_path / "bad.txt")), 0, tmp_path / "b")
+    with pytest.raises(ConfigError, match="data.path: pairs needs"):
+        validate({"data": {"source": "pairs"}, "models": {"seq2seq": {}}})
+
+
+def test_translation_data_takes_encoder_decoders_only():
+    with pytest.raises((ConfigError, ValueError), match="seq2seq, transformer_seq2seq"):
+        validate({"data": {"source": "dates"}, "models": {"lstm": {}}})
+    with pytest.raises((ConfigError, ValueError), match="translation"):
+        validate({"data": {"source": "digits"}, "models": {"seq2seq": {}}})
+
+
+# ---------------------------------------------------------------- models and decoding
+
+@pytest.mark.parametrize("arch,options", [
+    ("seq2seq", {"attention": "additive"}), ("seq2seq", {"attention": "dot", "cell": "lstm", "layers": 2}),
+    ("seq2seq", {"attention": "none", "bidirectional": False}), ("transformer_seq2seq", {}),
+])
+def test_encoder_decoders_ignore_padding_and_decode_greedy_or_beam(arch, options):
+    torch.manual_seed(0)
+    m = create_model(arch, input_shape=(9,), num_classes=12, vocab_size=20, **options).eval()
+    src = torch.randint(2, 20, (3, 9))
+    src[0, 6:] = 0
+    tgt = torch.randint(4, 12, (3, 5))
+    tgt[:, 0] = BOS
+    out = m(src, tgt)
+    assert out.shape == (3, 5, 12) and torch.isfinite(out).all()
+    wider = torch.cat([src, torch.zeros(3, 4, dtype=torch.long)], 1)  # more padding changes nothing
+    assert torch.allclose(m(wider, tgt), out, atol=1e-5)
+    out.sum().backward()
+    assert all(p.grad is not None for n, p in m.named_parameters() if "embed" not in n)
+    greedy, att = decode(m, src, 7)
+    beam1, _ = decode(m, src, 7, beam_size=1)
+    beam4, _ = decode(m, src, 7, beam_size=4)
+    assert greedy == beam1 and len(beam4) == 3 and all(len(r) <= 7 and EOS not in r for r in beam4)
+    if options.get("attention", "x") != "none":
+        assert att[0].shape[1] == 9 and torch.allclose(att[0].sum(1), torch.ones(len(att[0])), atol=1e-4)
+        assert att[0][:, 6:].abs().max() < 1e-6  # no weight on padding
+    served = Translator(m, 7, 4)(src)
+    assert served.shape == (3, 7) and [r[:len(b)] for r, b in zip(served.tolist(), beam4)] == beam4
+
+
+def test_beam_search_finds_a_likelier_sequence_than_greedy():
+    """A 2-step toy model where the greedy first choice leads to a poor second step: beam search (k=2) keeps the
+    runner-up and wins on the whole sequence's probability."""
+    class Toy(torch.nn.Module):
+        def start(self, src):
+            return {"n": torch.zeros(len(src), 1)}
+
+        def advance(self, state, tokens):
+            logits = torch.full((len(tokens), 6), -9.0)
+            if tokens.shape[1] == 1:  # first token: 4 (p .55) or 5 (p .45)
+                logits[:, 4], logits[:, 5] = np.log(0.55), np.log(0.45)
+            elif tokens.shape[1] == 2:  # after 4: EOS .3 or 4 .35 or 5 .35 ; after 5: EOS .95
+                first = tokens[:, 1]
+                logits[first == 4, EOS], logits[first == 4, 4], logits[first == 4, 5] = np.log(.3), np.log(.35), np.log(.35)
+                logits[first == 5, EOS] = np.log(0.95)
+            else:
+                logits[:, EOS] = 0.0
+            return logits, state, None
+
+    src = torch.ones(1, 3, dtype=torch.long)
+    assert decode(Toy(), src, 4)[0] == [[4, 4]]
+    assert decode(Toy(), src, 4, beam_size=2)[0] == [[5]]
+
+
+def test_scores_use_sacrebleu():
+    s = scores(["2021-03-07", "1999-12-31"], ["2021-03-07", "1999-12-30"], "test")
+    assert s["test_exact_match"] == 0.5 and 0 < s["test_bleu"] < 100 and 0 < s["test_chrf"] < 100
+
+
+def test_ngram_baselines_are_perplexities_over_the_same_targets():
+    rng = np.random.default_rng(0)
+    ids = np.tile([2, 3, 4, 5], 200)  # a deterministic cycle: a bigram model nearly knows the next word
+    ids[rng.integers(0, len(ids), 20)] = 6
+    win = lambda a: (a[:-1].reshape(-1, 7)[:, :7], a[1:].reshape(-1, 7))  # noqa: E731
+    x, y = win(ids[:799 - 799 % 7 + 1])
+    b = ngram_baselines(y[:80], (x[80:100], y[80:100]), (x[100:], y[100:]), 7)
+    assert 1.0 < b["bigram_test_perplexity"] < 1.5 < b["unigram_test_perplexity"] <= 7
+
+
+# ---------------------------------------------------------------- end to end
+
+@pytest.mark.slow
+def test_dates_seq2seq_learns_registers_and_translates(tmp_path, monkeypatch):
+    """Attention seq2seq on held-out dates: >= 0.95 exact match in a short CPU run, BLEU/exact-match curves,
+    sample translations and the attention heat map in its MLflow run, registered as a translator and used by
+    `nnlab translate`."""
+    monkeypatch.chdir(tmp_path)
+    from flows.cli import app
+    from tasks.stages import evaluate_stage, register_stage, train_stage
+    from tasks.tracking import client, metric_history
+
+    name = f"translator-{uuid.uuid4().hex[:6]}"
+    cfg = validate({"data": {"source": "dates", "max_train": 6000},
+                    "train": {"epochs": 4, "lr": 0.003, "batch_size": 128, "grad_clip": 1.0, "device": "cpu"},
+                    "register": {"name": name}, "models": {"seq2seq": {"attention": "additive"}}})
+    prepare(cfg.data, 0, "d")
+    trained = train_stage(cfg, "seq2seq", "d", "out")
+    r = evaluate_stage(cfg, "seq2seq", "d", "out", "m.json", "p")
+    assert r["test_exact_match"] >= 0.95 and r["test_bleu"] > 90, r
+    em = [v for _, v in sorted(metric_history(trained.run_id, "val_exact_match"))]
+    assert len(em) == 4 and em[-1] > em[0]
+    arts = {a.path for a in client().list_artifacts(trained.run_id)} | \
+        {a.path for a in client().list_artifacts(trained.run_id, "plots")}
+    assert {"translations.tsv", "plots/attention.png"} <= arts
+    out = register_stage(cfg, [r], None)
+    assert out["alias"] == "champion" and out["test_bleu"] == r["test_bleu"]  # ranked on BLEU
+    res = CliRunner().invoke(app, ["translate", f"models:/{name}@champion", "-t", "Sonntag, 7. März 2021",
+                                   "-t", "December 24, 1999"])
+    assert res.exit_code == 0, res.output
+    assert [line.split("\t")[1] for line in res.output.splitlines()] == ["2021-03-07", "1999-12-24"]
+
+
+@pytest.mark.slow
+def test_word_lm_beats_the_bigram_baseline(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from tasks.stages import evaluate_stage, train_stage
+
+    cfg = validate({"data": {"source": "wordlm"}, "train": {"epochs": 3, "lr": 0.003, "grad_clip": 0.25,
+                                                            "device": "cpu"},
+                    "models": {"word_lm": {"hidden": 128, "embedding_dim": 128, "tied": True}}})
+    m = prepare(cfg.data, 0, "d")
+    assert m["task"] == "word_language_model" and m["text"]["words"] > 50_000
+    train_stage(cfg, "word_lm", "d", "out")
+    r = evaluate_stage(cfg, "word_lm", "d", "out", "m.json", "p")
+    assert r["test_perplexity"] < r["bigram_test_perplexity"] < r["unigram_test_perplexity"], r
