@@ -85,6 +85,15 @@ def test_translation_data_takes_encoder_decoders_only():
         validate({"data": {"source": "dates"}, "models": {"lstm": {}}})
     with pytest.raises((ConfigError, ValueError), match="translation"):
         validate({"data": {"source": "digits"}, "models": {"seq2seq": {}}})
+    with pytest.raises(ConfigError, match="wordlm data makes word_language_model runs, which train: word_lm"):
+        validate({"data": {"source": "wordlm"}, "models": {"lstm": {}}})
+    with pytest.raises(ConfigError, match="word_lm makes word_language_model runs, from wordlm data"):
+        validate({"data": {"source": "charlm"}, "models": {"word_lm": {}}})
+    # params.yaml's `run` (mlp, simple_cnn) need not fit dates when --models names the runs
+    from tasks.config import load_config
+    from conftest import ROOT
+
+    assert list(load_config(ROOT / "params.yaml", ["data.source=dates"], ["seq2seq"]).models) == ["seq2seq"]
 
 
 # ---------------------------------------------------------------- models and decoding
@@ -162,7 +171,8 @@ def test_ngram_baselines_are_perplexities_over_the_same_targets():
 def test_dates_seq2seq_learns_registers_and_translates(tmp_path, monkeypatch):
     """Attention seq2seq on held-out dates: >= 0.95 exact match in a short CPU run, BLEU/exact-match curves,
     sample translations and the attention heat map in its MLflow run, registered as a translator and used by
-    `nnlab translate`."""
+    `nnlab translate`; its no-attention twin, same data, decoder and budget, measurably worse on the longest
+    sources."""
     monkeypatch.chdir(tmp_path)
     from flows.cli import app
     from tasks.stages import evaluate_stage, register_stage, train_stage
@@ -171,7 +181,8 @@ def test_dates_seq2seq_learns_registers_and_translates(tmp_path, monkeypatch):
     name = f"translator-{uuid.uuid4().hex[:6]}"
     cfg = validate({"data": {"source": "dates", "max_train": 6000},
                     "train": {"epochs": 4, "lr": 0.003, "batch_size": 128, "grad_clip": 1.0, "device": "cpu"},
-                    "register": {"name": name}, "models": {"seq2seq": {"attention": "additive"}}})
+                    "register": {"name": name}, "models": {"seq2seq": {"attention": "additive"},
+                                                           "plain": {"arch": "seq2seq", "attention": "none"}}})
     prepare(cfg.data, 0, "d")
     trained = train_stage(cfg, "seq2seq", "d", "out")
     r = evaluate_stage(cfg, "seq2seq", "d", "out", "m.json", "p")
@@ -187,6 +198,10 @@ def test_dates_seq2seq_learns_registers_and_translates(tmp_path, monkeypatch):
                                    "-t", "December 24, 1999"])
     assert res.exit_code == 0, res.output
     assert [line.split("\t")[1] for line in res.output.splitlines()] == ["2021-03-07", "1999-12-24"]
+
+    train_stage(cfg, "plain", "d", "out-plain")
+    twin = evaluate_stage(cfg, "plain", "d", "out-plain", "m2.json", "p2")
+    assert twin["test_exact_match_long"] < r["test_exact_match_long"] - 0.1, (twin, r)
 
 
 @pytest.mark.slow
