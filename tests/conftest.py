@@ -8,6 +8,13 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ["GIT_PYTHON_REFRESH"] = "quiet"
+# One torch (OpenMP) thread per process, here and in every CLI the tests start: the suite's models are tiny and
+# CI has 2 cores, often shared by two trainings at once (a CLI and its sweep cells, two CLIs, or another job).
+# A second thread then only spins: measured on a busy 2-core machine, 80 epochs of test_gan.py's ring8 GAN take
+# 8 s on 1 thread and over 400 s on 2. Set before torch is imported (conftest is); a value already set wins.
+THREAD_VARS_SET_HERE = [v for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if v not in os.environ]
+for _var in THREAD_VARS_SET_HERE:
+    os.environ[_var] = "1"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -19,10 +19,14 @@ def bench(tmp_path, *args) -> tuple[str, dict]:
 
 
 def test_quick_loop_and_precision_print_ratios(tmp_path):
-    stdout, results = bench(tmp_path, "--models", "mlp", "--dataset", "digits", "--sections", "loop,precision")
+    # one torch thread, like the rest of the suite (conftest.py): the smoke test measures nothing, and 2 threads
+    # on a busy 2-core machine made it take a minute instead of seconds
+    stdout, results = bench(tmp_path, "--models", "mlp", "--dataset", "digits", "--sections", "loop,precision",
+                            "--threads", "1")
     assert "ratio ours/baseline" in stdout
     assert re.search(r"mlp\s*│\s*[\d,]+\s*│\s*[\d,]+\s*│\s*\d+\.\d{3}", stdout), stdout  # model, 2 x samples/s, ratio
     for mode in ("epoch", "train"):
         assert isinstance(results["loop"][mode]["models"]["mlp"]["ours"]["ratio"], float)
     assert "fp32 contiguous" in results["precision"]["models"]["mlp"]
     assert "fixed" not in results  # --sections is honoured
+    assert results["machine"]["torch_threads"] == 1  # and --threads

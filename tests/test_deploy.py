@@ -107,8 +107,10 @@ def test_deploy_schedule_worker_and_a_triggered_run(tmp_path, server):
     assert gpu_pool.type == "process" and gpu_pool.concurrency_limit == 2  # one flow run per GPU
     assert sweep.work_pool_name == "cpu"
 
-    worker = start([str(BIN / "prefect"), "worker", "start", "--pool", "cpu", "--limit", "1"], project, env,
-                   tmp_path / "worker.log")
+    # it polls for scheduled work every second, not every 10 s (Prefect's default): the triggered run starts
+    # at once instead of up to 10 s later
+    worker = start([str(BIN / "prefect"), "worker", "start", "--pool", "cpu", "--limit", "1"], project,
+                   {**env, "PREFECT_WORKER_QUERY_SECONDS": "1"}, tmp_path / "worker.log")
     try:
         t0 = time.monotonic()
         done = run(str(BIN / "prefect"), "deployment", "run", "nnlab-experiment/nightly", "--watch",

@@ -84,25 +84,6 @@ def test_push_then_a_clone_pulls_everything_and_has_nothing_to_reproduce(repo, t
     assert sh("git", "status", "--porcelain", cwd=clone).stdout == ""  # pulled outputs and config.local: ignored
 
 
-def test_offline_augmented_copies_are_a_dvc_output_and_what_training_reads(repo):
-    sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
-    params = (repo / "params.yaml").read_text().replace("offline_copies: 0", "offline_copies: 1")
-    (repo / "params.yaml").write_text(params)
-    out = sh(sys.executable, "-m", "dvc", "repro", "evaluate@mlp", cwd=repo).stdout  # upstream of it only
-    assert "Running stage 'augment'" in out and "Running stage 'train@mlp'" in out
-    assert "Running stage 'prepare'" not in out
-    import json
-
-    aug = json.loads((repo / "data/augmented/manifest.json").read_text())
-    base = json.loads((repo / "data/processed/manifest.json").read_text())
-    assert aug["sizes"]["train"] == 2 * base["sizes"]["train"]
-    import torch
-
-    trained = torch.load(repo / "data/train/mlp/model.pt", weights_only=False)
-    assert trained["data_hash"] == aug["data_hash"] != base["data_hash"]  # training read the expanded set
-    (repo / "params.yaml").write_text(params.replace("offline_copies: 1", "offline_copies: 0"))
-
-
 def test_changing_one_model_reruns_only_its_stages(repo):
     sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
     params = (repo / "params.yaml").read_text().replace("- 64", "- 48")
@@ -124,3 +105,23 @@ def test_flow_trains_on_dvc_data_and_keeps_overrides_apart(repo):
     variants = list((repo / "data/variants").glob("*/manifest.json"))
     assert len(variants) == 1 and '"max_train": 300' in variants[0].read_text()
     assert "up to date" in sh(sys.executable, "-m", "dvc", "status", cwd=repo).stdout
+
+
+def test_offline_augmented_copies_are_a_dvc_output_and_what_training_reads(repo):
+    # last in the module: switching the copies back off leaves train@mlp to re-run, which no later repro pays for
+    sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
+    params = (repo / "params.yaml").read_text().replace("offline_copies: 0", "offline_copies: 1")
+    (repo / "params.yaml").write_text(params)
+    out = sh(sys.executable, "-m", "dvc", "repro", "evaluate@mlp", cwd=repo).stdout  # upstream of it only
+    assert "Running stage 'augment'" in out and "Running stage 'train@mlp'" in out
+    assert "Running stage 'prepare'" not in out
+    import json
+
+    aug = json.loads((repo / "data/augmented/manifest.json").read_text())
+    base = json.loads((repo / "data/processed/manifest.json").read_text())
+    assert aug["sizes"]["train"] == 2 * base["sizes"]["train"]
+    import torch
+
+    trained = torch.load(repo / "data/train/mlp/model.pt", weights_only=False)
+    assert trained["data_hash"] == aug["data_hash"] != base["data_hash"]  # training read the expanded set
+    (repo / "params.yaml").write_text(params.replace("offline_copies: 1", "offline_copies: 0"))

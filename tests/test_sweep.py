@@ -172,8 +172,11 @@ def test_failing_cell_then_kill_and_resume(tmp_path):
                           for r in children(uri, parent)[1])
     assert 2 <= finished_before < 6
 
-    out = run_sweep(tmp_path, uri, "--resume", parent)
+    # the missing cells on 2 workers (the spec's 1 was only there to be killed midway): --workers applies to a
+    # resume too, and the cells left run in half the time
+    out = run_sweep(tmp_path, uri, "--resume", parent, "--workers", "2")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "2 worker(s)" in out.stdout
     assert f"ran {6 - finished_before} now" in out.stdout
     c, runs = children(uri, parent)
     finished = [r for r in runs if r.info.status == "FINISHED"]
