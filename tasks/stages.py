@@ -170,7 +170,7 @@ def _fit(job: Job, kind: Kind, train, val, ckpt_path: Path) -> FitResult:
     try:
         return trainer.fit(train, val, on_epoch=on_epoch, progress=progress.step)
     except KeyboardInterrupt:
-        run.finish("KILLED", "interrupted; `nnlab run` with the same params resumes it")
+        run.mark_interrupted("interrupted; `nnlab run` with the same params resumes it")
         raise
     except Exception as e:
         reason = f"{type(e).__name__}: {e}"

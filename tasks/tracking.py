@@ -177,6 +177,19 @@ class Run:
     def health(self) -> list[str]:
         return fired_health(self.tags())
 
+    def mark_interrupted(self, reason: str) -> None:
+        """KILLED with `reason`, in one try each. The interrupt may have cut an MLflow write short and left the
+        SQLite store locked until this process ends; waiting on it (the retries) would keep Ctrl-C from ending
+        the process. If it cannot be written the run stays RUNNING, and resuming works all the same."""
+        from mlflow.entities import RunTag
+
+        try:
+            self.c._inner.log_batch(self.run_id, tags=[RunTag("nnlab.error", reason), RunTag("nnlab.status", "killed")])
+            self.c._inner.set_terminated(self.run_id, status="KILLED")
+        except Exception as e:
+            print(f"MLflow run {self.run_id} not marked KILLED ({type(e).__name__}: {str(e)[:80]}); the same command "
+                  "resumes it", flush=True)
+
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
