@@ -168,9 +168,7 @@ def _fit(job: Job, kind: Kind, train, val, ckpt_path: Path) -> FitResult:
     on_epoch = epoch_callback(run, ckpt_path, job.name, progress,
                               lambda epoch, metrics, tr: kind.on_epoch(job, epoch, metrics, tr))
     try:
-        with Interrupts() as interrupts:
-            return trainer.fit(train, val, on_epoch=on_epoch,
-                               progress=lambda i, n: (interrupts.check(), progress.step(i, n)))
+        return trainer.fit(train, val, on_epoch=on_epoch, progress=progress.step)
     except KeyboardInterrupt:
         run.mark_interrupted("interrupted; `nnlab run` with the same params resumes it")
         raise
@@ -182,47 +180,6 @@ def _fit(job: Job, kind: Kind, train, val, ckpt_path: Path) -> FitResult:
         raise TrainingFailed(job.name, run.run_id, reason) from e
     finally:
         progress.close()
-
-
-class Interrupts:
-    """While a run trains in the main thread: SIGINT and SIGTERM act as before (their handler, Prefect's or
-    Python's, raises), and are also remembered, so one whose exception was lost is raised again at the next
-    batch. Python ignores an exception raised inside a finalizer that garbage collection happens to run, and
-    with 0.02-s epochs a signal lands in one often enough: a CI run saw SIGTERM ignored and the run train on."""
-
-    def __enter__(self) -> "Interrupts":
-        import signal
-        import threading
-
-        self.pending: list[int] = []
-        self.saved: dict = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous = signal.getsignal(sig)
-                if callable(previous):  # a Python handler; SIG_DFL (the process dies) and SIG_IGN stay as they are
-                    self.saved[sig] = previous
-                    signal.signal(sig, self._handler)
-        return self
-
-    def _handler(self, signum: int, frame) -> None:
-        self.pending.append(signum)
-        self._raise(signum, frame)
-
-    def _raise(self, signum: int, frame) -> None:
-        import signal
-
-        self.saved[signum](signum, frame)  # Python's KeyboardInterrupt, Prefect's TerminationSignal, our SystemExit
-        raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)  # a handler that returned
-
-    def check(self) -> None:
-        if self.pending:
-            self._raise(self.pending[-1], None)
-
-    def __exit__(self, *exc) -> None:
-        import signal
-
-        for sig, handler in self.saved.items():
-            signal.signal(sig, handler)
 
 
 def _finish(job: Job, kind: Kind, result: FitResult, options: dict, out_dir: Path, ckpt_path: Path,

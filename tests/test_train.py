@@ -205,26 +205,3 @@ def test_checkpoint_resume_is_bit_identical(digits):
     assert strip(resumed.history) == strip(straight.history)
     for a, b in zip(resumed.model.parameters(), straight.model.parameters()):
         assert torch.equal(a, b)
-
-
-def test_an_interrupt_lost_in_a_finalizer_is_raised_at_the_next_batch():
-    """Python ignores an exception raised inside __del__ (garbage collection runs finalizers at arbitrary
-    points): a Ctrl-C or SIGTERM whose handler fires there would be lost and the run would train on. The run's
-    Interrupts remember it and raise it again at the next batch."""
-    import os
-    import signal
-
-    from tasks.stages import Interrupts
-
-    class Finalizer:
-        def __del__(self):
-            os.kill(os.getpid(), signal.SIGINT)
-            sum(range(1000))  # bytecode after the kill: the handler runs here, inside the finalizer
-
-    with pytest.raises(KeyboardInterrupt):
-        with Interrupts() as interrupts:
-            f = Finalizer()
-            del f  # KeyboardInterrupt raised and ignored inside __del__
-            assert interrupts.pending == [signal.SIGINT]
-            interrupts.check()  # the next batch
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
