@@ -284,7 +284,6 @@ class WordLM(nn.Module):
                 raise ValueError(f"word_lm: tied embeddings need as many outputs ({num_classes}) as input ids "
                                  f"({o.vocab_size})")
             self.decoder.weight = self.embed.weight
-        self.per_step = True  # a prediction at every position (the word_language_model kind checks it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.drop(self.embed(x.long()))

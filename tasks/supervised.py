@@ -254,15 +254,6 @@ class WordLanguageModel(LanguageModel):
     name, registry = "word_language_model", "nnlab-word-language-model"
     data, own_models = ("words",), True
 
-    def step(self, model, cfg, seed, device) -> Step:
-        if not getattr(model, "per_step", False):
-            from models.registry import get_spec, list_models
-
-            takes = [n for n in list_models() if get_spec(n).kind == self.name]
-            raise ValueError(f"{type(model).__name__} predicts one token per window; word-level language "
-                             f"modelling predicts at every position: {', '.join(takes)}")
-        return super().step(model, cfg, seed, device)
-
     def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
         """Perplexity per word on the held-out end of the text, beside a unigram and an add-k bigram model
         counted on the same training words and scored on the same test words."""
