@@ -355,14 +355,24 @@ def sample(model: Annotated[str, typer.Option("--model", help="generator: models
                                                "models:/<name>/<version> or a run id")] = "models:/nnlab-generator@champion",
            n: Annotated[int, typer.Option("-n", min=1, max=4096, help="samples to draw")] = 64,
            out: Annotated[Path, typer.Option("-o", "--out", help="PNG to write")] = Path("samples.png"),
-           seed: Annotated[int, typer.Option(help="seed of the noise")] = 0):
-    """Draw samples from a logged or registered GAN generator into a PNG grid (a scatter plot for 2-D data)."""
+           seed: Annotated[int, typer.Option(help="seed of the noise")] = 0,
+           input: Annotated[Optional[Path], typer.Option("--input", "-i", help="pix2pix / cyclegan: an image, or a "
+                                                         "folder of images, to translate")] = None):
+    """Draw samples from a logged or registered GAN generator into a PNG grid (a scatter plot for 2-D data), or
+    translate images with an image-to-image generator (`--input`: one image -> one PNG; a folder -> a grid)."""
     import torch
 
     from tasks.files import atomic_path
     from tasks.gan import points_figure, sample_grid_figure
 
     net, _, meta, uri = served_model(model)
+    if meta.get("nnlab.kind") == "image_translator":
+        if input is None:
+            fail(f"{uri} translates images: give one with --input IMAGE (or a folder of images)")
+        translate_images(net, meta, input, out, uri)
+        return
+    if input is not None:
+        fail(f"--input: {uri} is not an image-to-image model (pix2pix, cyclegan); it draws from noise")
     if meta.get("nnlab.kind") != "generator":
         fail(f"{uri} is not a GAN generator (train one with e.g. `nnlab run --models dcgan`)")
     z = torch.randn(n, int(meta["latent_dim"]), generator=torch.Generator().manual_seed(seed))
@@ -375,6 +385,46 @@ def sample(model: Annotated[str, typer.Option("--model", help="generator: models
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
     typer.echo(f"{out}: {n} samples from {uri}")
+
+
+def translate_images(net, meta: dict, path: Path, out: Path, uri: str) -> None:
+    """`nnlab sample --input`: each image read at the model's channels and size, translated; one image is written
+    as the output image itself, a folder's as a grid of inputs (top) over outputs."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from tasks.files import atomic_path
+    from tasks.image2image import rows_figure
+
+    c, h, w = meta["shape"]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".gif"})
+        if not files:
+            fail(f"--input: no images (.png, .jpg, .bmp, .gif) in folder {path}")
+    elif path.is_file():
+        files = [path]
+    else:
+        fail(f"--input: {path}: no such image or folder")
+    images = []
+    for f in files[:64]:
+        try:
+            with Image.open(f) as im:
+                im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.Resampling.BILINEAR)
+        except (OSError, UnidentifiedImageError) as e:
+            fail(f"--input: cannot read image {f}: {e}")
+        a = np.asarray(im, np.float32)
+        images.append(a[None] if c == 1 else a.transpose(2, 0, 1))
+    with torch.no_grad():
+        y = net(torch.as_tensor(np.stack(images))).numpy()  # (N, C, H, W) in 0..255
+    with atomic_path(out) as tmp:
+        if len(files) == 1:
+            pixels = np.round(y[0]).astype(np.uint8)
+            Image.fromarray(pixels[0] if c == 1 else pixels.transpose(1, 2, 0)).save(tmp, format="PNG")
+        else:
+            rows = [np.stack(images) / 255.0, y / 255.0]
+            rows_figure(rows, ["input", "output"], f"{len(images)} images translated by {uri}").savefig(tmp, format="png")
+    typer.echo(f"{out}: {len(images)} image{'s' if len(images) > 1 else ''} translated by {uri}")
 
 
 @app.command("tracking-server", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -62,6 +62,8 @@ class DataConfig(Section):
     min_freq: int = Field(default=2, ge=1)  # a token enters the vocabulary when seen this often in training texts
     max_vocab: int = Field(default=20_000, ge=3)  # vocabulary size cap, padding and out-of-vocabulary ids included
     ring8_size: int = Field(default=8_000, ge=100)  # ring8: points drawn from the 8 Gaussians (all splits)
+    pairing: Literal["edges", "super_resolution", "occlusion"] = "edges"  # paired: what the input is made of
+    domains: Literal["digits_mnist", "inverted", "colour"] = "digits_mnist"  # unpaired: the two domains
 
     @model_validator(mode="after")
     def _path_needed(self):

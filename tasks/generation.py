@@ -231,25 +231,41 @@ def judge_classifier(cfg: Config, data_dir, data, device) -> tuple[nn.Module, st
             return clf.to(device).eval(), f"{uri} ({final['arch']})"
     except Exception:  # no champion yet, or one without a checkpoint
         pass
-    cache = Path(".nnlab/judges") / f"simple_cnn-{m['data_hash'][:16]}.pt"
-    clf = create_model("simple_cnn", input_shape=tuple(m["input_shape"]), num_classes=m["num_classes"])
+    clf, judge, _ = trained_judge(cfg, m["data_hash"][:16], (data.x_train, data.y_train), (data.x_val, data.y_val),
+                                  (data.x_test, data.y_test), m["classes"], device, m["normalization"])
+    return clf, judge
+
+
+def trained_judge(cfg: Config, key: str, train, val, test, classes: list[str], device,
+                  normalization: dict | None = None) -> tuple[nn.Module, str, dict]:
+    """A simple_cnn trained on the images and labels `train` (each split an (x, y) pair in raw units), without
+    MLflow, cached under .nnlab/judges/ by `key`. Returns it, what it is (with its test accuracy) and the
+    {"normalization": ...} its inputs take (`normalization`, or the training images' per-channel statistics)."""
+    from tasks.data import _channel_stats
+
+    if normalization is None:
+        mean, std = _channel_stats(np.asarray(train[0]))
+        normalization = {"mean": mean, "std": std}
+    stats = {"normalization": normalization}
+    cache = Path(".nnlab/judges") / f"simple_cnn-{key}.pt"
+    clf = create_model("simple_cnn", input_shape=tuple(train[0].shape[1:]), num_classes=len(classes))
     if cache.is_file():
         state = torch.load(cache, map_location="cpu", weights_only=False)
         clf.load_state_dict(state["model"])
-        return clf.to(device).eval(), state["judge"]
+        return clf.to(device).eval(), state["judge"], stats
     seed_everything(cfg.seed)
-    tcfg = cfg.train.model_copy(update={"epochs": JUDGE_EPOCHS, "optimizer": "adam", "lr": 1e-3,
+    tcfg = cfg.train.model_copy(update={"epochs": JUDGE_EPOCHS, "optimizer": "adam", "lr": 1e-3, "batch_size": 64,
                                         "early_stopping": cfg.train.early_stopping.model_copy(update={"enabled": False})})
     tcfg.diagnostics.enabled = False
     clf.to(device)
-    mean, std = m["normalization"]["mean"], m["normalization"]["std"]
+    mean, std = normalization["mean"], normalization["std"]
+    split = [to_device(x, y, mean, std, device, False) for x, y in (train, val, test)]
     tr = Trainer(clf, tcfg, cfg.seed, device)
-    tr.fit(to_device(data.x_train, data.y_train, mean, std, device, False),
-           to_device(data.x_val, data.y_val, mean, std, device, False))
-    acc = tr.evaluate(to_device(data.x_test, data.y_test, mean, std, device, False), "test")["test_accuracy"]
+    tr.fit(split[0], split[1])
+    acc = tr.evaluate(split[2], "test")["test_accuracy"]
     judge = f"simple_cnn trained for the judgement ({JUDGE_EPOCHS} epochs, test accuracy {acc:.3f})"
     save_torch(cache, {"model": {k: v.cpu() for k, v in clf.state_dict().items()}, "judge": judge})
-    return clf.eval(), judge
+    return clf.eval(), judge, stats
 
 
 def judge_outputs(clf: nn.Module, raw: np.ndarray, manifest: dict, device) -> tuple[np.ndarray, np.ndarray]:

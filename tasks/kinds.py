@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from tasks.tracking import Run
     from tasks.train import FitResult, Step, Trainer
 
-KIND_MODULES = ("tasks.supervised", "tasks.generation", "tasks.translation")  # importing them runs their @register_kind
+KIND_MODULES = ("tasks.supervised", "tasks.generation", "tasks.translation", "tasks.image2image")  # importing them runs their @register_kind
 _KINDS: dict[str, "Kind"] = {}
 
 

@@ -31,6 +31,7 @@ DATA = {
     "characters": DataKind("tasks.text:prepare_characters", "language_model"),  # next-character windows, in order
     "words": DataKind("tasks.text:prepare_words", "word_language_model"),  # next-word windows, in order
     "pairs": DataKind("tasks.translation:prepare_pairs", "translation"),  # source and target ids, two vocabularies
+    "image_pairs": DataKind("tasks.image2image:prepare_image_pairs", "image_translation"),  # domain A, domain B
     "points": DataKind("tasks.data:prepare_points", "generation"),  # 2-D points drawn from known modes
 }
 
@@ -50,6 +51,8 @@ SOURCES = {
     "pairs": Source("tasks.translation:read_pairs", "pairs"),  # a parallel corpus: TSV/CSV, Tatoeba's layout
     "dates": Source("tasks.translation:read_dates", "pairs"),  # dates in many formats and languages -> ISO 8601
     "numbers": Source("tasks.translation:read_numbers", "pairs"),  # integers -> words in data.language
+    "paired": Source("tasks.image2image:read_paired", "image_pairs"),  # digit <- its edges / 8x8 / occluded self
+    "unpaired": Source("tasks.image2image:read_unpaired", "image_pairs"),  # two digit domains, no pairs
     "ring8": Source("tasks.gan:ring8", "points"),  # 8 Gaussians on a circle, the mode-collapse benchmark
 }
 NAMES = tuple(SOURCES)

@@ -370,7 +370,9 @@ def to_device(x: np.ndarray, y: np.ndarray, mean, std, device: torch.device, cha
             xt = xt.contiguous(memory_format=torch.channels_last)
     else:
         xt = (xt - torch.tensor(mean)) / torch.tensor(std)
-    if np.issubdtype(np.asarray(y).dtype, np.floating):  # forecasting targets: the same units as the inputs
+    if np.ndim(y) == 4:  # target images (image-to-image): the same per-channel scaling as the inputs
+        yt = (torch.as_tensor(y, dtype=torch.float32) - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
+    elif np.issubdtype(np.asarray(y).dtype, np.floating):  # forecasting targets: the same units as the inputs
         yt = (torch.as_tensor(y, dtype=torch.float32) - mean[0]) / std[0]
     else:
         yt = torch.as_tensor(y, dtype=torch.long)

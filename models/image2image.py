@@ -1,0 +1,223 @@
+"""Image-to-image GANs: `pix2pix` (Isola et al. 2017, paired) and `cyclegan` (Zhu et al. 2017, unpaired).
+
+Both map an image of domain A to an image of domain B of the same shape (C, H, W), in [-1, 1] (the generators
+end in tanh; the caller scales). `forward(a)` is the A -> B translation, so the registry's generic code can call
+the model on data. The discriminators are PatchGANs: a grid of logits, one per overlapping patch of the input,
+so they judge texture and local structure and leave the global layout to the L1 / cycle losses.
+
+The training steps (D then G, the image pool, the losses) are in tasks/image2image.py; what varies between
+runs is in the options below.
+"""
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from models.registry import Options, register_model
+
+# ---------------------------------------------------------------- options
+
+
+class ImageGANOptions(Options):
+    channels: int = Field(default=32, ge=4, le=512)  # generator width at full resolution (ngf)
+    d_channels: int = Field(default=32, ge=4, le=512)  # discriminator width at its first layer (ndf)
+    d_layers: int = Field(default=2, ge=1, le=5)  # stride-2 layers of the PatchGAN: patch of 10 (1), 16 (2), 34 (3) px
+    lr_g: float | None = Field(default=None, gt=0.0, le=1.0)  # generator lr; None: the shared train.lr
+    lr_d: float | None = Field(default=None, gt=0.0, le=1.0)  # discriminator lr; None: the shared train.lr
+    betas: tuple[float, float] = (0.5, 0.999)  # Adam's, as in both papers
+
+
+class Pix2PixOptions(ImageGANOptions):
+    depth: int = Field(default=4, ge=1, le=8)  # U-Net halvings: 32x32 -> 2x2 at 4 (the paper: 256 -> 1 at 8)
+    dropout: float = Field(default=0.5, ge=0.0, lt=1.0)  # in the first decoder layers: the paper's only noise
+    lambda_l1: float = Field(default=100.0, ge=0.0)  # weight of |G(a) - b|_1 beside the adversarial loss (paper: 100)
+    adversarial: bool = True  # false: the L1-only U-Net of the paper's ablation (no discriminator step)
+
+
+class CycleGANOptions(ImageGANOptions):
+    blocks: int = Field(default=3, ge=0, le=12)  # residual blocks at 1/4 resolution (paper: 6 at 128 px, 9 at 256)
+    lambda_cycle: float = Field(default=10.0, ge=0.0)  # weight of |F(G(a)) - a|_1 + |G(F(b)) - b|_1 (paper: 10)
+    lambda_identity: float = Field(default=0.5, ge=0.0)  # |G(b) - b|_1, as a fraction of lambda_cycle (paper: 0.5)
+    pool_size: int = Field(default=50, ge=0, le=1000)  # past fakes shown to the discriminators (0: only the newest)
+
+
+# ---------------------------------------------------------------- pix2pix: U-Net generator
+
+
+class UNetBlock(nn.Module):
+    """One level of the U-Net: down -> (the inner levels) -> up, its input concatenated to its output."""
+
+    def __init__(self, outer: int, inner: int, sub: nn.Module | None, outermost: bool = False, dropout: float = 0.0,
+                 in_channels: int | None = None):
+        super().__init__()
+        in_channels = in_channels or outer
+        down = [nn.LeakyReLU(0.2, True)] if not outermost else []
+        norm = not outermost and sub is not None  # none at the outermost and innermost levels (the paper's)
+        down.append(nn.Conv2d(in_channels, inner, 4, 2, 1, bias=not norm))  # (B, outer, H, W) -> (B, inner, H/2, W/2)
+        if norm:
+            down.append(nn.BatchNorm2d(inner))
+        up_in = inner if sub is None else 2 * inner  # the innermost level has no skip below it
+        up: list[nn.Module] = [nn.ReLU(True)]
+        if outermost:
+            up += [nn.ConvTranspose2d(up_in, outer, 4, 2, 1), nn.Tanh()]
+        else:
+            up += [nn.ConvTranspose2d(up_in, outer, 4, 2, 1, bias=False), nn.BatchNorm2d(outer)]
+            if dropout:
+                up.append(nn.Dropout(dropout))
+        self.down, self.sub, self.up, self.outermost = nn.Sequential(*down), sub, nn.Sequential(*up), outermost
+
+    def forward(self, x):
+        y = self.down(x)
+        if self.sub is not None:
+            y = self.sub(y)
+        y = self.up(y)
+        return y if self.outermost else torch.cat([x, y], 1)  # the skip: (B, 2 outer, H, W)
+
+
+def unet(channels: int, width: int, depth: int, dropout: float) -> nn.Module:
+    # widths from the outside in: w, 2w, 4w, 8w, 8w, ... (the paper's, capped at 8w); dropout in the 3 innermost
+    # decoder layers below the cap, as the paper's first three decoder layers
+    widths = [width * min(2 ** i, 8) for i in range(depth)]  # output width of each down-convolution
+    block = None
+    for i in reversed(range(1, depth)):
+        block = UNetBlock(widths[i - 1], widths[i], block, dropout=dropout if i >= depth - 3 and i > 1 else 0.0)
+    return UNetBlock(channels, widths[0], block, outermost=True, in_channels=channels)
+
+
+# ---------------------------------------------------------------- cyclegan: ResNet generator
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3), nn.InstanceNorm2d(ch), nn.ReLU(True),
+                                  nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3), nn.InstanceNorm2d(ch))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def resnet_generator(channels: int, width: int, blocks: int) -> nn.Module:
+    # Johnson et al.'s network as CycleGAN uses it: c7s1-w, d2w, d4w, blocks x R4w, u2w, uw, c7s1-C, tanh
+    layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(channels, width, 7), nn.InstanceNorm2d(width),
+                               nn.ReLU(True)]
+    ch = width
+    for _ in range(2):  # (B, ch, H, W) -> (B, 2 ch, H/2, W/2)
+        layers += [nn.Conv2d(ch, 2 * ch, 3, 2, 1), nn.InstanceNorm2d(2 * ch), nn.ReLU(True)]
+        ch *= 2
+    layers += [ResidualBlock(ch) for _ in range(blocks)]
+    for _ in range(2):  # back up
+        layers += [nn.ConvTranspose2d(ch, ch // 2, 3, 2, 1, output_padding=1), nn.InstanceNorm2d(ch // 2),
+                   nn.ReLU(True)]
+        ch //= 2
+    layers += [nn.ReflectionPad2d(3), nn.Conv2d(ch, channels, 7), nn.Tanh()]
+    return nn.Sequential(*layers)
+
+
+# ---------------------------------------------------------------- PatchGAN discriminator
+
+
+def patch_discriminator(in_channels: int, width: int, layers: int, norm: type[nn.Module]) -> nn.Module:
+    # C(w, no norm) s2 -> C(2w) s2 ... -> C s1 -> 1 channel s1: (B, in, H, W) -> (B, 1, h, w) patch logits.
+    # 3 stride-2 layers make the paper's 70x70 patches; 2 make 16x16 ones, right for 32-pixel digits.
+    net: list[nn.Module] = [nn.Conv2d(in_channels, width, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+    ch = width
+    for i in range(1, layers + 1):
+        out, stride = width * min(2 ** i, 8), 2 if i < layers else 1
+        net += [nn.Conv2d(ch, out, 4, stride, 1, bias=False), norm(out), nn.LeakyReLU(0.2, True)]
+        ch = out
+    net.append(nn.Conv2d(ch, 1, 4, 1, 1))
+    return nn.Sequential(*net)
+
+
+def gan_init(model: nn.Module) -> nn.Module:
+    # both papers: conv weights ~ N(0, 0.02), batch-norm scales ~ N(1, 0.02), biases 0
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+    return model
+
+
+# ---------------------------------------------------------------- the registered models
+
+
+class Pix2Pix(nn.Module):
+    kind = "paired"
+
+    def __init__(self, shape: tuple[int, int, int], options: Pix2PixOptions):
+        super().__init__()
+        self.options, self.shape = options, shape
+        self.generator = unet(shape[0], options.channels, options.depth, options.dropout)
+        # conditional: D sees the input beside the real or generated output, (B, 2C, H, W)
+        self.discriminator = patch_discriminator(2 * shape[0], options.d_channels, options.d_layers, nn.BatchNorm2d)
+
+    def forward(self, a):  # (B, C, H, W) in [-1, 1] -> the same, in domain B
+        return self.generator(a)
+
+    def generators(self) -> list[nn.Module]:
+        return [self.generator]
+
+    def discriminators(self) -> list[nn.Module]:
+        return [self.discriminator] if self.options.adversarial else []
+
+
+class CycleGAN(nn.Module):
+    kind = "cycle"
+
+    def __init__(self, shape: tuple[int, int, int], options: CycleGANOptions):
+        super().__init__()
+        self.options, self.shape = options, shape
+        c = shape[0]
+        self.g_ab = resnet_generator(c, options.channels, options.blocks)  # G: A -> B
+        self.g_ba = resnet_generator(c, options.channels, options.blocks)  # F: B -> A
+        self.d_a = patch_discriminator(c, options.d_channels, options.d_layers, nn.InstanceNorm2d)  # real A vs F(b)
+        self.d_b = patch_discriminator(c, options.d_channels, options.d_layers, nn.InstanceNorm2d)  # real B vs G(a)
+
+    def forward(self, a):  # (B, C, H, W) in [-1, 1] -> domain B
+        return self.g_ab(a)
+
+    def generators(self) -> list[nn.Module]:
+        return [self.g_ab, self.g_ba]
+
+    def discriminators(self) -> list[nn.Module]:
+        return [self.d_a, self.d_b]
+
+
+def _image(name: str, shape, halvings: int) -> tuple[int, int, int]:
+    if len(shape) != 3:
+        raise ValueError(f"{name} translates images (C, H, W); got shape {tuple(shape)}")
+    c, h, w = shape
+    step = 2 ** halvings
+    if h % step or w % step:
+        raise ValueError(f"{name}: image sides {h}x{w} must be multiples of {step} ({halvings} halvings); "
+                         "prepare the images at 32x32 (the paired and unpaired sources do)")
+    return c, h, w
+
+
+@register_model("pix2pix", family="gan", options=Pix2PixOptions, kind="image_translation")
+def pix2pix(*, input_shape, num_classes, options: Pix2PixOptions) -> nn.Module:
+    """Pix2Pix: a U-Net generator with skips and a conditional PatchGAN, trained on adversarial + lambda L1."""
+    shape = _image("pix2pix", input_shape, options.depth)
+    if min(shape[1:]) < 2 ** options.d_layers * 4:
+        raise ValueError(f"pix2pix: d_layers {options.d_layers} is too deep for {shape[1]}x{shape[2]} images")
+    return gan_init(Pix2Pix(shape, options))
+
+
+@register_model("cyclegan", family="gan", options=CycleGANOptions, kind="image_translation")
+def cyclegan(*, input_shape, num_classes, options: CycleGANOptions) -> nn.Module:
+    """CycleGAN: two ResNet generators and two PatchGANs, least-squares GAN loss + cycle and identity L1."""
+    shape = _image("cyclegan", input_shape, 2)
+    if min(shape[1:]) < 2 ** options.d_layers * 4:
+        raise ValueError(f"cyclegan: d_layers {options.d_layers} is too deep for {shape[1]}x{shape[2]} images")
+    return gan_init(CycleGAN(shape, options))
+
+
+def parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+

@@ -1,0 +1,616 @@
+"""Image-to-image runs: paired (pix2pix) and unpaired (cyclegan) translation on the shared loop and lifecycle.
+
+Sources (all offline, from bundled digits; every image 32x32, uint8 0..255):
+  paired    mnist5k digits (padded 28 -> 32) and an input made from each, by `data.pairing`:
+            edges             Canny edges (scikit-image) -> the digit (the paper's edges -> photo);
+            super_resolution  the digit shrunk to 8x8, then bicubic back to 32x32 -> the digit (the input IS
+                              the bicubic baseline);
+            occlusion         a seeded 12x12 grey square over the digit -> the complete digit.
+  unpaired  two domains, never paired, by `data.domains`:
+            digits_mnist  scikit-learn's 8x8 digits (0..16), upscaled into MNIST's 20x20 box of a 28x28 frame
+                          <-> mnist5k (the issue's 59%: an MNIST classifier reads these digits poorly);
+            inverted      one half of mnist5k inverted (white ground) <-> the other half as it is;
+            colour        one half of mnist5k in grey (as RGB) <-> the other half, each digit in a colour.
+Prepared folders: x (N, C, 32, 32) domain A, y (N, C, 32, 32) domain B (paired: the same index is the same
+digit; unpaired: the training split repeats the smaller domain to the larger's length, the other splits keep
+each domain whole), and `labels.npz`: the digit of every image (a_<split>, b_<split>), which only the
+evaluation's classifiers read.
+
+Steps (one batch, written out as in the papers' code): Pix2PixStep (conditional D on (input, output), then G on
+adversarial + lambda L1) and CycleStep (both generators on least-squares adversarial + cycle + identity, then
+both discriminators on real vs pooled past fakes). Evaluation: L1, PSNR, SSIM (scikit-image) against the
+targets, and what a classifier trained only on the target domain reads in the outputs.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tasks.config import DataConfig
+from tasks.kinds import Evaluation, Job, Kind, register_kind
+from tasks.train import NonFiniteLoss, Step, autocast, build_optimizer, build_scheduler, penalty, use_bf16
+
+SIZE = 32  # every prepared image is SIZE x SIZE: U-Nets halve it cleanly down to 1x1
+LABELS = "labels.npz"
+EXAMPLES = 8  # validation examples drawn in the per-epoch translation grids
+SNAPSHOTS = 6  # translation grids logged over a run
+EVAL_MAX = 1000  # test images measured per domain
+
+
+@dataclass
+class Domains:
+    a: np.ndarray  # (N, C, 32, 32) uint8: the inputs
+    b: np.ndarray  # (M, C, 32, 32) uint8: the outputs wanted (paired: M == N, row i is row i's target)
+    labels_a: np.ndarray  # (N,) the digit in each image
+    labels_b: np.ndarray  # (M,)
+    names: tuple[str, str]  # what domains A and B are, for titles
+    paired: bool
+    baseline: str  # what "the input, unchanged" is as a translation (paired: the baseline the metrics beat)
+
+
+# ---------------------------------------------------------------- the domains
+
+
+def _frame(x: np.ndarray, size: int = SIZE) -> np.ndarray:
+    # (N, C, h, w) centred in a (N, C, size, size) zero frame: MNIST's 28x28 -> 32x32 keeps every pixel
+    n, c, h, w = x.shape
+    out = np.zeros((n, c, size, size), dtype=np.uint8)
+    top, left = (size - h) // 2, (size - w) // 2
+    out[:, :, top:top + h, left:left + w] = x
+    return out
+
+
+def _resize(x: np.ndarray, size: int, resample) -> np.ndarray:  # (N, 1, h, w) uint8 -> (N, 1, size, size)
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(img[0]).resize((size, size), resample))[None] for img in x])
+
+
+def mnist32() -> tuple[np.ndarray, np.ndarray]:
+    from tasks.data import read_mnist5k
+
+    x, y, _, _ = read_mnist5k(None)
+    return _frame(x), y  # (5000, 1, 32, 32), (5000,)
+
+
+def sklearn_digits32() -> tuple[np.ndarray, np.ndarray]:
+    # 8x8 at 0..16 -> 0..255, bicubic to 20x20 (MNIST's digits fill a 20x20 box centred in 28x28), framed to 32
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.round(d.images * (255 / 16)).astype(np.uint8)[:, None]
+    return _frame(_resize(x, 20, Image.Resampling.BICUBIC)), d.target.astype(np.int64)
+
+
+def edges(x: np.ndarray) -> np.ndarray:  # (N, 1, H, W) -> Canny edges as 0 / 255
+    from skimage.feature import canny
+
+    return np.stack([canny(img[0] / 255.0, sigma=1.0)[None] for img in x]).astype(np.uint8) * 255
+
+
+def low_resolution(x: np.ndarray, factor: int = 4) -> np.ndarray:
+    # box-filtered to SIZE / factor (8x8), then bicubic back to SIZE: the classic super-resolution input
+    from PIL import Image
+
+    small = _resize(x, SIZE // factor, Image.Resampling.BOX)
+    return _resize(small, SIZE, Image.Resampling.BICUBIC)
+
+
+def occluded(x: np.ndarray, seed: int, side: int = 12) -> np.ndarray:
+    # a grey (128) side x side square at a seeded place inside the digit's box (rows/cols 6..26 of 32)
+    rng = np.random.default_rng(seed)
+    out = x.copy()
+    for img, (r, c) in zip(out, rng.integers(6, 26 - side + 1, (len(x), 2))):
+        img[:, r:r + side, c:c + side] = 128
+    return out
+
+
+PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (240, 50, 230))
+
+
+def coloured(x: np.ndarray, seed: int) -> np.ndarray:  # (N, 1, H, W) grey ink -> (N, 3, H, W), one colour each
+    rng = np.random.default_rng(seed)
+    colours = np.array(PALETTE, dtype=np.float32)[rng.integers(0, len(PALETTE), len(x))]  # (N, 3)
+    return np.round(x.astype(np.float32) / 255 * colours[:, :, None, None]).astype(np.uint8)
+
+
+def _halves(n: int, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from tasks.data import _take
+
+    return _take(np.arange(n), labels, 0.5, seed, "the two domains (half each)")
+
+
+def read_paired(cfg: DataConfig) -> Domains:
+    digits, labels = mnist32()
+    if cfg.pairing == "edges":
+        a, baseline = edges(digits), "the edge map itself"
+    elif cfg.pairing == "super_resolution":
+        a, baseline = low_resolution(digits), "bicubic upscaling of the 8x8 image"
+    else:
+        a, baseline = occluded(digits, seed=0), "the occluded digit itself"
+    return Domains(a, digits, labels, labels, (cfg.pairing.replace("_", " "), "digit"), True, baseline)
+
+
+def read_unpaired(cfg: DataConfig) -> Domains:
+    digits, labels = mnist32()
+    if cfg.domains == "digits_mnist":
+        a, la = sklearn_digits32()
+        return Domains(a, digits, la, labels, ("sklearn digits", "mnist"), False, "untranslated")
+    first, second = _halves(len(labels), labels, seed=0)  # no digit image is in both domains
+    a, b = digits[first], digits[second]
+    if cfg.domains == "inverted":
+        return Domains(255 - a, b, labels[first], labels[second], ("inverted mnist", "mnist"), False, "untranslated")
+    return Domains(np.repeat(a, 3, axis=1), coloured(b, seed=0), labels[first], labels[second],
+                   ("grey mnist", "coloured mnist"), False, "untranslated")
+
+
+# ---------------------------------------------------------------- preparing
+
+
+def _split(labels: np.ndarray, cfg: DataConfig, seed: int) -> dict[str, np.ndarray]:
+    from tasks.data import _take
+
+    idx, test = _take(np.arange(len(labels)), labels, cfg.test_fraction, seed, "test (data.test_fraction)")
+    train, val = _take(idx, labels, cfg.val_fraction, seed, "val (data.val_fraction)")
+    if cfg.max_train and cfg.max_train < len(train):
+        _, train = _take(train, labels, cfg.max_train, seed, "train subset (data.max_train)")
+    return {"train": train, "val": val, "test": test}
+
+
+def prepare_image_pairs(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
+    from tasks.data import write_prepared
+
+    d = read(cfg)
+    ia = _split(d.labels_a, cfg, seed)
+    ib = ia if d.paired else _split(d.labels_b, cfg, seed + 1)
+    if not d.paired:  # the training split's two domains at one length: the shorter one repeated, seeded
+        n = max(len(ia["train"]), len(ib["train"]))
+        rng = np.random.default_rng(seed)
+        ia["train"], ib["train"] = (_repeat(ia["train"], n, rng), _repeat(ib["train"], n, rng))
+    splits = {s: (d.a[ia[s]], d.b[ib[s]]) for s in ia}
+    labels = {f"{side}_{s}": lab[idx[s]] for side, lab, idx in (("a", d.labels_a, ia), ("b", d.labels_b, ib))
+              for s in ia}
+    channels = d.a.shape[1]
+    classes = [str(c) for c in range(10)]
+    return write_prepared(out_dir, splits, {
+        "source": cfg.source, "task": "image_translation",
+        "description": f"{d.names[0]} -> {d.names[1]}, {'paired' if d.paired else 'unpaired'}",
+        "domains": {"a": d.names[0], "b": d.names[1], "paired": d.paired, "baseline": d.baseline},
+        "input_shape": list(d.a.shape[1:]), "num_classes": 10, "classes": classes,
+        "sizes": {s: len(b) for s, (_, b) in splits.items()},
+        "sizes_a": {s: len(a) for s, (a, _) in splits.items()},
+        "normalization": {"mean": [127.5] * channels, "std": [127.5] * channels},  # uint8 -> [-1, 1]
+        "config": cfg.model_dump(), "seed": seed,
+    }, arrays={LABELS: labels})
+
+
+def _repeat(idx: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    if len(idx) >= n:
+        return idx
+    return np.concatenate([idx, rng.choice(idx, n - len(idx), replace=n - len(idx) > len(idx))])
+
+
+def load_labels(data_dir: Path) -> dict[str, np.ndarray]:
+    with np.load(Path(data_dir) / LABELS) as z:
+        return {k: z[k] for k in z.files}
+
+
+# ---------------------------------------------------------------- steps
+
+
+class ImagePool:
+    """Shrivastava et al.'s history of generated images: the discriminator sees, half the time, a fake from
+    earlier steps instead of the newest, which damps the oscillation between G and D (CycleGAN, pool of 50)."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.images = size, []
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def query(self, fakes: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W), detached
+        if self.size == 0:
+            return fakes.detach()
+        out = []
+        for img in fakes.detach():
+            if len(self.images) < self.size:
+                self.images.append(img.clone())
+                out.append(img)
+            elif torch.rand((), generator=self.rng) < 0.5:
+                k = int(torch.randint(len(self.images), (), generator=self.rng))
+                out.append(self.images[k].clone())
+                self.images[k] = img.clone()
+            else:
+                out.append(img)
+        return torch.stack(out)
+
+    def state_dict(self) -> dict:
+        return {"images": torch.stack(self.images) if self.images else None, "rng": self.rng.get_state()}
+
+    def load_state_dict(self, s: dict, device) -> None:
+        self.images = [] if s["images"] is None else [img.to(device) for img in s["images"]]
+        self.rng.set_state(s["rng"])
+
+
+class TwoNetworkStep(Step):
+    """What both image GANs share: Adam for the generator(s) and for the discriminator(s), train.schedule,
+    l1/l2 penalties and grad_clip per side, losses kept on the device and checked once per epoch."""
+
+    names: tuple[str, ...]  # the per-step values recorded, in order
+
+    def __init__(self, model: nn.Module, cfg, seed: int, device: torch.device):
+        o = self.options = model.options
+        self.model, self.cfg, self.device = model, cfg, device
+        self.g = nn.ModuleList(model.generators())
+        self.d = nn.ModuleList(model.discriminators())
+        self.opt_g = build_optimizer(self.g.parameters(), cfg, o.lr_g or cfg.lr, o.betas)
+        self.opt_d = build_optimizer(self.d.parameters(), cfg, o.lr_d or cfg.lr, o.betas) if len(self.d) else None
+        opts = [opt for opt in (self.opt_g, self.opt_d) if opt is not None]
+        self.scheds = [s for s in (build_scheduler(opt, cfg) for opt in opts) if s]
+        self.bf16 = use_bf16(cfg.precision, device)
+
+    def finish(self, loss: torch.Tensor, nets: nn.Module, opt: torch.optim.Optimizer) -> None:
+        if self.cfg.l1 or self.cfg.l2:
+            loss = loss + penalty(nets, self.cfg.l1, self.cfg.l2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(nets.parameters(), self.cfg.grad_clip)
+        opt.step()
+
+    def begin_epoch(self, batches: int) -> None:
+        self.values = torch.zeros(batches, len(self.names), device=self.device)
+        self.weights = torch.zeros(batches, device=self.device)
+
+    def record(self, i: int, b: int, *values: torch.Tensor | float) -> None:
+        self.values[i] = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device).detach()
+                                      for v in values])
+        self.weights[i] = b
+
+    def end_epoch(self, epoch: int) -> dict:
+        values, w = self.values.cpu(), self.weights.cpu()
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):
+            i, j = (int(v) for v in bad[0])
+            raise NonFiniteLoss(epoch, f"{i + 1} ({self.names[j]})", float(values[i, j]))
+        means = (values * w[:, None]).sum(0) / w.sum()
+        return dict(zip(self.names, means.tolist()))
+
+    def lrs(self) -> dict:
+        out = {"lr_g": self.opt_g.param_groups[0]["lr"]}
+        if self.opt_d is not None:
+            out["lr_d"] = self.opt_d.param_groups[0]["lr"]
+        return out
+
+    def schedule(self) -> None:
+        for s in self.scheds:
+            s.step()
+
+    def state_dict(self) -> dict:
+        return {"opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict() if self.opt_d else None,
+                "schedulers": [s.state_dict() for s in self.scheds]}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.opt_g.load_state_dict(s["opt_g"])
+        if self.opt_d is not None:
+            self.opt_d.load_state_dict(s["opt_d"])
+        for sched, state in zip(self.scheds, s["schedulers"]):
+            sched.load_state_dict(state)
+
+    @torch.no_grad()
+    def _batched(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([net(x[i:i + 256]).float() for i in range(0, len(x), 256)])
+
+
+def _requires_grad(nets: nn.Module, flag: bool) -> None:
+    for p in nets.parameters():
+        p.requires_grad_(flag)
+
+
+class Pix2PixStep(TwoNetworkStep):
+    """One batch of pix2pix (Isola et al. 2017): D on (a, b) real vs (a, G(a).detach()) fake, its loss halved
+    as in the paper; then G on fooling D plus lambda_l1 |G(a) - b|. adversarial: false is the L1-only U-Net."""
+
+    names = ("d_loss", "g_adversarial", "train_l1")
+
+    def __call__(self, i: int, step: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        G, D, o = self.model.generator, self.model.discriminator, self.options
+        with autocast(self.bf16, self.device):
+            fake = G(a)  # (B, C, H, W) in [-1, 1]
+        loss_d = torch.zeros((), device=self.device)
+        if o.adversarial:
+            with autocast(self.bf16, self.device):
+                real_out = D(torch.cat([a, b], 1)).float()  # (B, 1, h, w) patch logits
+                fake_out = D(torch.cat([a, fake.detach()], 1)).float()
+            loss_d = 0.5 * (F.binary_cross_entropy_with_logits(real_out, torch.ones_like(real_out))
+                            + F.binary_cross_entropy_with_logits(fake_out, torch.zeros_like(fake_out)))
+            self.finish(loss_d, self.d, self.opt_d)
+        l1 = (fake.float() - b).abs().mean()
+        adv = torch.zeros((), device=self.device)
+        if o.adversarial:
+            _requires_grad(self.d, False)  # G's step needs D's gradient w.r.t. its input only
+            with autocast(self.bf16, self.device):
+                out = D(torch.cat([a, fake], 1)).float()
+            adv = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
+        self.finish(adv + o.lambda_l1 * l1, self.g, self.opt_g)
+        _requires_grad(self.d, True)
+        self.record(i, len(a), loss_d, adv, l1 / 2)  # L1 in [0, 1] pixel units
+
+    def evaluate(self, data, prefix: str = "val") -> dict:
+        G = self.model.generator
+        G.eval()
+        fake = self._batched(G, data.x)
+        G.train()
+        err = (fake - data.y) / 2  # [0, 1] units
+        mse = err.pow(2).flatten(1).mean(1).clamp_min(1e-10)
+        return {f"{prefix}_l1": float(err.abs().mean()), f"{prefix}_psnr": float((-10 * mse.log10()).mean())}
+
+
+class CycleStep(TwoNetworkStep):
+    """One batch of CycleGAN (Zhu et al. 2017): both generators on least-squares adversarial losses,
+    lambda_cycle (|F(G(a)) - a| + |G(F(b)) - b|) and the identity loss; then each discriminator on its real
+    images vs a fake from the pool of past ones, its loss halved (the paper's)."""
+
+    names = ("d_loss", "g_adversarial", "cycle_l1", "identity_l1")
+
+    def __init__(self, model, cfg, seed: int, device):
+        super().__init__(model, cfg, seed, device)
+        self.pools = [ImagePool(self.options.pool_size, seed + 11), ImagePool(self.options.pool_size, seed + 12)]
+
+    def __call__(self, i: int, step: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        m, o = self.model, self.options
+        lam_c, lam_i = o.lambda_cycle, o.lambda_cycle * o.lambda_identity
+        _requires_grad(self.d, False)
+        with autocast(self.bf16, self.device):
+            fake_b, fake_a = m.g_ab(a), m.g_ba(b)
+            rec_a, rec_b = m.g_ba(fake_b), m.g_ab(fake_a)
+            out_b, out_a = m.d_b(fake_b).float(), m.d_a(fake_a).float()
+        adv = F.mse_loss(out_b, torch.ones_like(out_b)) + F.mse_loss(out_a, torch.ones_like(out_a))
+        cycle = (rec_a.float() - a).abs().mean() + (rec_b.float() - b).abs().mean()
+        identity = torch.zeros((), device=self.device)
+        if lam_i:
+            with autocast(self.bf16, self.device):  # each generator should leave its own target domain alone
+                identity = (m.g_ab(b).float() - b).abs().mean() + (m.g_ba(a).float() - a).abs().mean()
+        self.finish(adv + lam_c * cycle + lam_i * identity, self.g, self.opt_g)
+        _requires_grad(self.d, True)
+
+        loss_d = torch.zeros((), device=self.device)
+        for D, real, fake, pool in ((m.d_a, a, fake_a, self.pools[0]), (m.d_b, b, fake_b, self.pools[1])):
+            with autocast(self.bf16, self.device):
+                real_out, fake_out = D(real).float(), D(pool.query(fake)).float()
+            loss_d = loss_d + 0.5 * (F.mse_loss(real_out, torch.ones_like(real_out))
+                                     + F.mse_loss(fake_out, torch.zeros_like(fake_out)))
+        self.finish(loss_d, self.d, self.opt_d)
+        self.record(i, len(a), loss_d / 2, adv / 2, cycle / 4, identity / 4)  # per direction; L1 in [0, 1] units
+
+    def evaluate(self, data, prefix: str = "val") -> dict:
+        m = self.model
+        rec_a = self._batched(m.g_ba, self._batched(m.g_ab, data.x))
+        rec_b = self._batched(m.g_ab, self._batched(m.g_ba, data.y))
+        return {f"{prefix}_cycle_l1_a": float((rec_a - data.x).abs().mean() / 2),
+                f"{prefix}_cycle_l1_b": float((rec_b - data.y).abs().mean() / 2)}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "pools": [p.state_dict() for p in self.pools]}
+
+    def load_state_dict(self, s: dict) -> None:
+        super().load_state_dict(s)
+        for pool, state in zip(self.pools, s["pools"]):
+            pool.load_state_dict(state, self.device)
+
+
+# ---------------------------------------------------------------- the served model
+
+
+class ImageTranslator(nn.Module):
+    """What an image-to-image run logs and registers: images (B, C, H, W) in raw units 0..255 -> the
+    translation, same shape and units."""
+
+    def __init__(self, generator: nn.Module):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, x):
+        return ((self.generator(x.float() / 127.5 - 1).float() + 1) * 127.5).clamp(0, 255)
+
+
+def translate(net: nn.Module, raw: np.ndarray, device) -> np.ndarray:  # uint8 (N, C, H, W) -> float 0..255
+    with torch.no_grad():
+        x = torch.as_tensor(raw, dtype=torch.float32)
+        return torch.cat([net(x[i:i + 256].to(device)).cpu() for i in range(0, len(x), 256)]).numpy()
+
+
+# ---------------------------------------------------------------- the kind
+
+
+@register_kind
+class ImageTranslation(Kind):
+    """pix2pix and cyclegan: trained by their steps, served as an ImageTranslator (A -> B), ranked by how often
+    a classifier trained only on domain B reads the source digit in the translation."""
+
+    name, metric, registry = "image_translation", "class_agreement", "nnlab-image-translator"
+    lower_is_better = ("test_l1", "baseline_l1", "classifier_fid_ba", "cycle_l1_a", "cycle_l1_b")
+    channels_last = False
+    data = ("image_pairs",)
+    own_models = True
+    summary_columns = ("test_ssim", "cycle_l1_a")
+
+    def refuse(self, cfg, train) -> list[str]:
+        out = []
+        if train.early_stopping.enabled:
+            out.append("train.early_stopping.enabled: an image GAN's losses do not say when its outputs are best; "
+                       "set it to false and choose train.epochs")
+        if cfg.augment.enabled:
+            out.append("augment.enabled: the pairs are built in data preparation; set it to false")
+        return out
+
+    def step(self, model, cfg, seed, device) -> TwoNetworkStep:
+        return Pix2PixStep(model, cfg, seed, device) if model.kind == "paired" else CycleStep(model, cfg, seed, device)
+
+    def on_epoch(self, job: Job, epoch: int, metrics: dict, trainer) -> None:
+        shots = {int(round(e)) for e in np.linspace(1, job.trainer.cfg.epochs, min(SNAPSHOTS, job.trainer.cfg.epochs))}
+        if epoch in shots:
+            rows, labels = translation_rows(job.model, job.data.x_val[:EXAMPLES], job.data.y_val[:EXAMPLES],
+                                            job.data.manifest, trainer.device)
+            job.run.log_figure(rows_figure(rows, labels, f"{job.name}: epoch {epoch}"),
+                               f"samples/epoch_{epoch:04d}.png")
+
+    def after_fit(self, job: Job, result) -> None:
+        job.run.log_figure(losses_figure(result.history, f"{job.name} on {job.data.manifest['description']}"),
+                           "plots/learning_curve.png")
+        model = job.model
+        job.run.log_metrics({"parameters_generator": sum(p.numel() for g in model.generators() for p in g.parameters()),
+                             "parameters_discriminator": sum(p.numel() for d in model.discriminators()
+                                                             for p in d.parameters())})
+
+    def served(self, job: Job):
+        m = job.data.manifest
+        net = ImageTranslator(copy.deepcopy(job.model.generators()[0]).float().cpu().eval())
+        example = job.data.x_val[:4].astype(np.float32)
+        return net, example, {"nnlab.kind": "image_translator", "shape": m["input_shape"], "max_value": 255.0,
+                              "source": m["source"], "domains": m["domains"]}, None
+
+    def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
+        return evaluate_translation(cfg, name, model, data, Path(data_dir), device)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def image_scores(out: np.ndarray, target: np.ndarray, prefix: str) -> dict:
+    """Mean L1, PSNR (dB) and SSIM of outputs against targets, both (N, C, H, W) in 0..255 (scikit-image)."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    o, t = np.asarray(out, np.float64) / 255, np.asarray(target, np.float64) / 255
+    multichannel = o.shape[1] > 1
+    psnr = [min(peak_signal_noise_ratio(ti, oi, data_range=1.0), 100.0) if not np.array_equal(ti, oi) else 100.0
+            for oi, ti in zip(o, t)]  # identical images: infinite PSNR, capped at 100 dB
+    ssim = [structural_similarity(ti, oi, data_range=1.0, channel_axis=0) if multichannel
+            else structural_similarity(ti[0], oi[0], data_range=1.0)
+            for oi, ti in zip(o, t)]
+    return {f"{prefix}_l1": float(np.abs(o - t).mean()), f"{prefix}_psnr": float(np.mean(psnr)),
+            f"{prefix}_ssim": float(np.mean(ssim))}
+
+
+def domain_judge(cfg, data, labels: dict, side: str, data_dir: Path, device):
+    """A simple_cnn trained only on domain `side` ('a' or 'b') of the training split (cached by data hash)."""
+    from tasks.generation import trained_judge
+
+    x = data.x_train if side == "a" else data.y_train
+    key = f"{data.manifest['data_hash'][:16]}-{side}"
+    return trained_judge(cfg, key, (x, labels[f"{side}_train"]),
+                         (data.x_val if side == "a" else data.y_val, labels[f"{side}_val"]),
+                         (data.x_test if side == "a" else data.y_test, labels[f"{side}_test"]),
+                         data.manifest["classes"], device)
+
+
+def evaluate_translation(cfg, name: str, model, data, data_dir: Path, device) -> Evaluation:
+    from tasks.gan import frechet_distance
+    from tasks.generation import judge_outputs
+
+    m, labels = data.manifest, load_labels(data_dir)
+    na, nb = min(len(data.x_test), EVAL_MAX), min(len(data.y_test), EVAL_MAX)
+    a, b, la, lb = data.x_test[:na], data.y_test[:nb], labels["a_test"][:na], labels["b_test"][:nb]
+    g_ab = ImageTranslator(model.generators()[0]).to(device).eval()
+    fake_b = translate(g_ab, a, device)
+    judge_b, about_b, stats_b = domain_judge(cfg, data, labels, "b", data_dir, device)
+    probs, feats_fake = judge_outputs(judge_b, fake_b, stats_b, device)
+    probs_in, _ = judge_outputs(judge_b, a.astype(np.float32), stats_b, device)
+    probs_real, feats_real = judge_outputs(judge_b, b.astype(np.float32), stats_b, device)
+    metrics = {"class_agreement": float((probs.argmax(1) == la).mean()),
+               "untranslated_agreement": float((probs_in.argmax(1) == la).mean()),
+               "target_accuracy": float((probs_real.argmax(1) == lb).mean()),
+               "classifier_fid": frechet_distance(feats_real, feats_fake)}
+    tags = {"nnlab.image2image.judge_b": about_b}
+    if m["domains"]["paired"]:
+        metrics |= image_scores(fake_b, b, "test") | image_scores(a, b, "baseline")
+        tags["nnlab.image2image.baseline"] = m["domains"]["baseline"]
+        title = (f"L1 {metrics['test_l1']:.3f} (baseline {metrics['baseline_l1']:.3f}), SSIM {metrics['test_ssim']:.3f} "
+                 f"(baseline {metrics['baseline_ssim']:.3f}), class agreement {metrics['class_agreement']:.3f}")
+    else:
+        g_ba = ImageTranslator(model.generators()[1]).to(device).eval()
+        fake_a = translate(g_ba, b, device)
+        judge_a, about_a, stats_a = domain_judge(cfg, data, labels, "a", data_dir, device)
+        probs_ba, feats_fake_a = judge_outputs(judge_a, fake_a, stats_a, device)
+        probs_b_in, _ = judge_outputs(judge_a, b.astype(np.float32), stats_a, device)
+        probs_a, feats_real_a = judge_outputs(judge_a, a.astype(np.float32), stats_a, device)
+        metrics |= {"class_agreement_ba": float((probs_ba.argmax(1) == lb).mean()),
+                    "untranslated_agreement_ba": float((probs_b_in.argmax(1) == lb).mean()),
+                    "source_accuracy": float((probs_a.argmax(1) == la).mean()),
+                    "classifier_fid_ba": frechet_distance(feats_real_a, feats_fake_a),
+                    "cycle_l1_a": float(np.abs(translate(g_ba, fake_b, device) - a).mean() / 255),
+                    "cycle_l1_b": float(np.abs(translate(g_ab, fake_a, device) - b).mean() / 255)}
+        tags["nnlab.image2image.judge_a"] = about_a
+        title = (f"A->B: the B classifier reads {metrics['class_agreement']:.1%} "
+                 f"(untranslated {metrics['untranslated_agreement']:.1%}, real B {metrics['target_accuracy']:.1%}); "
+                 f"cycle L1 {metrics['cycle_l1_a']:.3f}")
+    rows, row_labels = translation_rows(model, a[:EXAMPLES], b[:EXAMPLES], m, device)
+    fig = rows_figure(rows, row_labels, f"{name} on {m['description']}\n{title}")
+    print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+    return Evaluation(metrics, fig, "plots/translations.png", tags, {"domains": m["domains"]})
+
+
+# ---------------------------------------------------------------- figures
+
+
+def translation_rows(model, a: np.ndarray, b: np.ndarray, manifest: dict, device) -> tuple[list, list[str]]:
+    """Rows of images in [0, 1] for a grid: paired: input, output, target; unpaired: a, G(a), F(G(a)) and
+    b, F(b), G(F(b))."""
+    names = manifest["domains"]
+    was_training = model.training
+    model.eval()
+    g_ab = ImageTranslator(model.generators()[0]).to(device)
+    fake_b = translate(g_ab, a, device)
+    if names["paired"]:
+        rows = [a, fake_b, b]
+        labels = [f"input ({names['a']})", "output", "target"]
+    else:
+        g_ba = ImageTranslator(model.generators()[1]).to(device)
+        fake_a = translate(g_ba, b, device)
+        rows = [a, fake_b, translate(g_ba, fake_b, device), b, fake_a, translate(g_ab, fake_a, device)]
+        labels = [f"A: {names['a']}", "G(A)", "F(G(A))", f"B: {names['b']}", "F(B)", "G(F(B))"]
+    model.train(was_training)
+    return [np.asarray(r, np.float32) / 255 for r in rows], labels
+
+
+def rows_figure(rows: list[np.ndarray], labels: list[str], title: str):
+    from tasks.gan import _plt, tile
+
+    plt = _plt()
+    n = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(4.0, 0.55 * n + 1.6), 0.62 * len(rows) + 0.8), dpi=110,
+                             squeeze=False)
+    for ax, r, label in zip(axes[:, 0], rows, labels):
+        ax.imshow(tile(r, n), interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def losses_figure(history: list[dict], title: str):
+    from tasks.gan import _plt
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
+    epochs = range(1, len(history) + 1)
+    for k in ("d_loss", "g_adversarial"):
+        axes[0].plot(epochs, [h[k] for h in history], marker=".", label=k)
+    for k in [k for k in history[0] if "l1" in k]:
+        axes[1].plot(epochs, [h[k] for h in history], marker=".", label=k)
+    axes[0].set_ylabel("adversarial loss")
+    axes[1].set_ylabel("L1 (pixels in [0, 1])")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,196 @@
+"""Image-to-image GANs: the networks, the paired and unpaired sources, the steps (losses, the image pool,
+resume bit for bit), and each trained briefly through the stages with its measurable effect: pix2pix beats its
+untrained self on L1 and SSIM, CycleGAN's translations are read better by the target-domain classifier than
+the untranslated images, and `nnlab sample --input` translates a PNG."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.registry import create_model
+from tasks.config import TrainConfig, validate
+from tasks.data import DataError, load_prepared, prepare
+from tasks.image2image import (ImagePool, CycleStep, Pix2PixStep, edges, image_scores, load_labels, low_resolution,
+                               occluded)
+from tasks.train import Split, Trainer, seed_everything
+
+CPU = torch.device("cpu")
+TINY = {"channels": 8, "d_channels": 8}
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 32), (3, 32, 32)])
+@pytest.mark.parametrize("arch", ["pix2pix", "cyclegan"])
+def test_generators_keep_the_shape_and_discriminators_judge_patches(arch, shape):
+    m = create_model(arch, input_shape=shape, num_classes=10, **TINY)
+    a = torch.rand(3, *shape) * 2 - 1
+    out = m(a)
+    assert out.shape == a.shape and out.abs().max() <= 1  # tanh: [-1, 1]
+    d = m.discriminators()[0]
+    patches = d(torch.cat([a, out], 1) if arch == "pix2pix" else out)
+    assert patches.shape[:2] == (3, 1) and patches.shape[-1] > 1  # a grid of patch logits, not one number
+    patches.mean().backward()
+    assert all(p.grad is not None for p in m.generators()[0].parameters())
+
+
+def test_bad_shapes_and_options():
+    with pytest.raises(ValueError, match="multiples of 16"):
+        create_model("pix2pix", input_shape=(1, 28, 28), num_classes=10)
+    with pytest.raises(ValueError, match="images"):
+        create_model("cyclegan", input_shape=(2,), num_classes=10)
+    assert not create_model("pix2pix", input_shape=(1, 32, 32), num_classes=10, adversarial=False).discriminators()
+    with pytest.raises(ValueError, match="data.pairing"):
+        validate({"data": {"source": "paired", "pairing": "sketch"}, "models": {"pix2pix": {}}})
+    with pytest.raises(ValueError, match="cyclegan, pix2pix"):  # image pairs train image-to-image models only
+        validate({"data": {"source": "paired"}, "models": {"simple_cnn": {}}})
+    with pytest.raises(ValueError, match="from paired, unpaired data"):
+        validate({"data": {"source": "digits"}, "models": {"pix2pix": {}}})
+
+
+def test_paired_inputs_are_made_from_the_digit():
+    digit = np.zeros((2, 1, 32, 32), np.uint8)
+    digit[:, :, 8:24, 14:18] = 255  # a "1"
+    e = edges(digit)
+    assert set(np.unique(e)) == {0, 255} and e[0, 0, 16, 13:19].any() and not e[0, 0, 16, 16]  # outline, not fill
+    low = low_resolution(digit)
+    assert low.shape == digit.shape and 0 < low[0, 0, 16, 16] and len(np.unique(low)) > 2  # blurred back up
+    occ = occluded(digit, seed=3)
+    assert (occ == 128).sum(axis=(1, 2, 3)).tolist() == [144, 144]  # a 12x12 grey square in each
+    assert np.array_equal(occ, occluded(digit, seed=3))
+    assert image_scores(digit, digit, "same")["same_ssim"] == pytest.approx(1.0)
+    assert image_scores(255 - digit, digit, "inv")["inv_l1"] == pytest.approx(1.0)
+
+
+def test_image_pool_returns_past_fakes_and_restores():
+    pool = ImagePool(4, seed=0)
+    first = torch.arange(4.0).view(4, 1, 1, 1)
+    assert torch.equal(pool.query(first), first)  # filling up: the newest come back
+    later = pool.query(torch.full((64, 1, 1, 1), 9.0))
+    assert (later != 9).any() and (later == 9).any()  # half the time an older fake instead
+    state = copy.deepcopy(pool.state_dict())
+    again = ImagePool(4, seed=1)
+    again.load_state_dict(state, CPU)
+    batch = torch.full((16, 1, 1, 1), 7.0)
+    assert torch.equal(pool.query(batch), again.query(batch))
+    assert torch.equal(ImagePool(0, 0).query(first), first)
+
+
+def _trainer(arch: str, seed: int = 0, epochs: int = 1, **options) -> Trainer:
+    seed_everything(seed)
+    cfg = TrainConfig(epochs=epochs, batch_size=16, lr=2e-4, device="cpu")
+    model = create_model(arch, input_shape=(1, 32, 32), num_classes=10, **{**TINY, **options})
+    step = (Pix2PixStep if arch == "pix2pix" else CycleStep)(model, cfg, seed, CPU)
+    return Trainer(model, cfg, seed, CPU, step)
+
+
+@pytest.mark.parametrize("arch", ["pix2pix", "cyclegan"])
+def test_resume_is_bit_identical_and_losses_are_finite(arch):
+    g = torch.Generator().manual_seed(0)
+    data = Split(torch.rand(48, 1, 32, 32, generator=g) * 2 - 1, torch.rand(48, 1, 32, 32, generator=g) * 2 - 1)
+    options = {"blocks": 1, "pool_size": 8} if arch == "cyclegan" else {"depth": 3}
+    first = _trainer(arch, seed=2, epochs=1, **options)
+    first.fit(data, data)
+    state = copy.deepcopy(first.state_dict())
+    first.cfg.epochs = 2
+    first.fit(data, data)
+    torch.manual_seed(99)  # another process's RNG: the checkpoint must restore everything
+    resumed = _trainer(arch, seed=2, epochs=2, **options)
+    resumed.load_state_dict(state)
+    resumed.fit(data, data)
+    strip = lambda h: [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in h]  # noqa: E731
+    assert strip(resumed.history) == strip(first.history)
+    assert all(np.isfinite(v) for v in first.history[-1].values())
+    for (k, a), b in zip(first.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k  # every network
+    for opt in ("opt_g", "opt_d"):
+        sa, sb = getattr(first.step, opt).state_dict()["state"], getattr(resumed.step, opt).state_dict()["state"]
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    keys = {"val_l1", "val_psnr", "train_l1"} if arch == "pix2pix" else {"val_cycle_l1_a", "cycle_l1", "identity_l1"}
+    assert keys <= first.history[-1].keys()
+
+
+def test_l1_only_pix2pix_has_no_discriminator_step():
+    t = _trainer("pix2pix", adversarial=False, depth=3)
+    data = Split(torch.rand(16, 1, 32, 32) * 2 - 1, torch.rand(16, 1, 32, 32) * 2 - 1)
+    t.fit(data, None)
+    assert t.step.opt_d is None and t.history[-1]["d_loss"] == 0 and "lr_d" not in t.history[-1]
+
+
+# ---------------------------------------------------------------- through the stages
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("i2i")
+
+
+def _run(cfg, name, workdir, tag):
+    from tasks.stages import evaluate_stage, train_stage
+
+    prepare(cfg.data, 0, workdir / f"d-{tag}")
+    trained = train_stage(cfg, name, workdir / f"d-{tag}", workdir / f"out-{tag}")
+    r = evaluate_stage(cfg, name, workdir / f"d-{tag}", workdir / f"out-{tag}", workdir / f"m-{tag}.json",
+                       workdir / f"p-{tag}")
+    return trained, r
+
+
+@pytest.mark.slow
+def test_pix2pix_on_edges_beats_its_untrained_self_and_translates_a_png(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tasks.image2image import image_scores, translate, ImageTranslator
+    from tasks.stages import load_trained
+    from tasks.tracking import client
+
+    cfg = validate({"data": {"source": "paired", "pairing": "edges", "max_train": 400, "test_fraction": 0.1},
+                    "train": {"epochs": 3, "batch_size": 16, "lr": 0.0005, "device": "cpu"},
+                    "register": {"name": "i2i-test"},
+                    "models": {"pix2pix": {"channels": 16, "d_channels": 16, "depth": 4, "lambda_l1": 100}}})
+    seed_everything(0)
+    untrained = create_model("pix2pix", input_shape=(1, 32, 32), num_classes=10, channels=16, d_channels=16)
+    trained, r = _run(cfg, "pix2pix", workdir, "p")
+    data = load_prepared(workdir / "d-p")
+    assert np.array_equal(load_labels(workdir / "d-p")["a_test"], load_labels(workdir / "d-p")["b_test"])  # paired
+    before = image_scores(translate(ImageTranslator(untrained.generator).eval(), data.x_test, CPU), data.y_test, "u")
+    assert r["test_l1"] < 0.5 * before["u_l1"] and r["test_ssim"] > before["u_ssim"] + 0.2, (r, before)
+    assert r["test_l1"] < r["baseline_l1"]  # closer to the digit than its edge map is
+    assert r["class_agreement"] > 0.5 and r["target_accuracy"] > 0.5 and r["classifier_fid"] > 0
+    run = client().get_run(trained.run_id)
+    assert run.data.tags["nnlab.family"] == "gan" and "edge map" in run.data.tags["nnlab.image2image.baseline"]
+    arts = {a.path for a in client().list_artifacts(trained.run_id, "plots")}
+    assert {"plots/translations.png", "plots/learning_curve.png"} <= arts
+    assert len(client().list_artifacts(trained.run_id, "samples")) == 3
+    assert len(client().get_metric_history(trained.run_id, "val_l1")) == 3
+
+    from tasks.stages import register_stage
+
+    assert register_stage(cfg, [r], None)["alias"] == "champion"
+    png, out = workdir / "edge.png", workdir / "digit.png"
+    Image.fromarray(data.x_test[0, 0]).save(png)
+    done = CliRunner().invoke(app, ["sample", "--model", "models:/i2i-test@champion", "--input", str(png),
+                                    "-o", str(out)])
+    assert done.exit_code == 0, done.output
+    model, _ = load_trained(workdir / "out-p" / "model.pt")
+    want = translate(ImageTranslator(model.generator).eval(), data.x_test[:1], CPU)[0, 0]
+    assert np.abs(np.asarray(Image.open(out), np.float64) - want).max() <= 1  # the served model, as trained
+    bad = CliRunner().invoke(app, ["sample", "--model", "models:/i2i-test@champion", "--input", str(workdir / "no.png")])
+    assert bad.exit_code == 2 and "no.png" in bad.output
+
+
+@pytest.mark.slow
+def test_cyclegan_translations_are_read_better_by_the_target_classifier(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    cfg = validate({"data": {"source": "unpaired", "domains": "inverted", "max_train": 300},
+                    "train": {"epochs": 1, "batch_size": 8, "lr": 0.001, "device": "cpu"},
+                    "models": {"cyclegan": {"channels": 8, "d_channels": 8, "blocks": 1, "pool_size": 10}}})
+    trained, r = _run(cfg, "cyclegan", workdir, "c")
+    labels = load_labels(workdir / "d-c")
+    assert not set(labels) - {f"{s}_{p}" for s in "ab" for p in ("train", "val", "test")}
+    assert r["target_accuracy"] > 0.6 and r["source_accuracy"] > 0.6  # the judges read their own domains
+    assert r["class_agreement"] > r["untranslated_agreement"] + 0.2, r  # translation helps the B classifier
+    assert r["class_agreement_ba"] > r["untranslated_agreement_ba"] + 0.2, r
+    assert 0 < r["cycle_l1_a"] < 0.3 and 0 < r["cycle_l1_b"] < 0.3
+
