@@ -13,7 +13,7 @@ from tasks.gan import (FIXED_NOISE, RING8_CENTERS, GanStep, centers, class_cover
 from tasks.train import NonFiniteLoss, Split, Trainer, seed_everything
 
 CPU = torch.device("cpu")
-GANS = [n for n in list_models() if get_spec(n).family == "gan"]
+GANS = [n for n in list_models() if get_spec(n).kind == "generation"]  # stylegan: tests/test_stylegan.py
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (2,)]
 
 
