@@ -356,6 +356,8 @@ def sample(model: Annotated[str, typer.Option("--model", help="generator: models
            n: Annotated[int, typer.Option("-n", min=1, max=4096, help="samples to draw")] = 64,
            out: Annotated[Path, typer.Option("-o", "--out", help="PNG to write")] = Path("samples.png"),
            seed: Annotated[int, typer.Option(help="seed of the noise")] = 0,
+           truncation: Annotated[float, typer.Option(help="the truncation trick's psi in (0, 1]: w = w_avg + psi "
+                                                          "(w - w_avg); style-based generators (stylegan); 1: off")] = 1.0,
            input: Annotated[Optional[Path], typer.Option("--input", "-i", help="pix2pix / cyclegan: an image, or a "
                                                          "folder of images, to translate")] = None):
     """Draw samples from a logged or registered GAN generator into a PNG grid (a scatter plot for 2-D data), or
@@ -365,6 +367,8 @@ def sample(model: Annotated[str, typer.Option("--model", help="generator: models
     from tasks.files import atomic_path
     from tasks.gan import points_figure, sample_grid_figure
 
+    if not 0.0 < truncation <= 1.0:
+        fail(f"--truncation: psi must be in (0, 1] (1: off, smaller: closer to the average sample); got {truncation}")
     net, _, meta, uri = served_model(model)
     if meta.get("nnlab.kind") == "image_translator":
         if input is None:
@@ -375,6 +379,11 @@ def sample(model: Annotated[str, typer.Option("--model", help="generator: models
         fail(f"--input: {uri} is not an image-to-image model (pix2pix, cyclegan); it draws from noise")
     if meta.get("nnlab.kind") != "generator":
         fail(f"{uri} is not a GAN generator (train one with e.g. `nnlab run --models dcgan`)")
+    if truncation != 1.0:
+        if not meta.get("truncation"):
+            fail(f"--truncation: {uri} ({meta.get('nnlab.arch', 'its generator')}) has no mapping network, so no "
+                 "mean w to truncate towards; it needs a style-based generator (`nnlab run --models stylegan`)")
+        dict(net.named_buffers())["truncation"].fill_(truncation)  # the served StyleSampler's psi
     z = torch.randn(n, int(meta["latent_dim"]), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         x = torch.cat([net(z[i:i + 256]) for i in range(0, n, 256)]).numpy()
@@ -384,7 +393,7 @@ def sample(model: Annotated[str, typer.Option("--model", help="generator: models
         fig = points_figure(None, x, None, f"{n} samples from {uri}")
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
-    typer.echo(f"{out}: {n} samples from {uri}")
+    typer.echo(f"{out}: {n} samples from {uri}" + (f" (truncation psi {truncation})" if truncation != 1.0 else ""))
 
 
 def translate_images(net, meta: dict, path: Path, out: Path, uri: str) -> None:

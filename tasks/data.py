@@ -48,7 +48,13 @@ class Dataset:
 
 # ---------------------------------------------------------------- sources
 # Each returns (x, y, test, classes): x (N, C, H, W) uint8, y (N,) int64, test = (x, y) for an official
-# test split or None, classes = names indexed by label.
+# test split or None, classes = names indexed by label; optionally a fifth item, a dict of entries for the
+# manifest (colour_digits: its palette).
+
+# colour_digits' ink colours (RGB, 0..255): far apart in hue, so the nearest one names a generated digit's colour
+PALETTE = {"red": (255, 48, 48), "green": (48, 224, 48), "blue": (64, 96, 255), "yellow": (255, 224, 0),
+           "magenta": (232, 48, 232), "cyan": (0, 224, 232)}
+COLOUR_SEED = 0  # the colour of each digit: a property of the source, the same whatever the split's seed
 
 def read_digits(cfg: DataConfig):
     from sklearn.datasets import load_digits  # bundled with sklearn, no download
@@ -66,6 +72,22 @@ def read_mnist5k(cfg: DataConfig):
 
     rows = pd.read_csv(DATA_PATH, header=None, dtype=np.int64).to_numpy()  # (5000, 785)
     return rows[:, :-1].astype(np.uint8).reshape(-1, 1, 28, 28), rows[:, -1], None, [str(c) for c in range(10)]
+
+
+def read_mnist32(cfg: DataConfig):
+    # mnist5k zero-padded 28 -> 32: halves evenly down to 4x4 (the GANs' base), as in the StyleGAN paper's MNIST
+    x, y, test, classes = read_mnist5k(cfg)
+    return np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2))), y, test, classes
+
+
+def read_colour_digits(cfg: DataConfig):
+    # mnist32 in colour: each digit's ink in one PALETTE colour drawn by a seeded RNG, independent of its class,
+    # on black. Label: the digit. The palette goes in the manifest, so evaluation can name a generated colour.
+    x, y, test, classes = read_mnist32(cfg)
+    palette = np.array(list(PALETTE.values()), dtype=np.uint16)  # (K, 3)
+    colour = np.random.default_rng(COLOUR_SEED).integers(0, len(palette), len(x))  # (N,)
+    rgb = (x.astype(np.uint16) * palette[colour][:, :, None, None] + 127) // 255  # (N, 3, 32, 32): ink x colour
+    return rgb.astype(np.uint8), y, test, classes, {"palette": {"names": list(PALETTE), "rgb": palette.tolist()}}
 
 
 @cache
@@ -334,14 +356,14 @@ def prepare(cfg: DataConfig, seed: int, out_dir: str | Path) -> dict:
 
 
 def prepare_images(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
-    x, y, test, classes = read(cfg)
+    x, y, test, classes, *extra = read(cfg)
     if cfg.classes:
         x, y, test, classes = _keep_classes(x, y, test, classes, cfg.classes)
     x = _conform(x, cfg.image_size, cfg.channels)  # no-op for image_folder, read at its target shape
     if test is not None:
         test = _conform(test[0], cfg.image_size, cfg.channels), test[1]
     splits = _split(x, y, test, cfg, seed)
-    return write_prepared(out_dir, splits, _manifest(cfg, seed, classes, splits))
+    return write_prepared(out_dir, splits, {**_manifest(cfg, seed, classes, splits), **(extra[0] if extra else {})})
 
 
 def prepare_points(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:

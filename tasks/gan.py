@@ -35,16 +35,28 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) 
     return ((grad.float().flatten(1).norm(dim=1) - 1) ** 2).mean()
 
 
+def r1_penalty(critic: nn.Module, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # (D(x), E[||grad_x D(x)||^2]) on real data only (Mescheder et al. 2018; StyleGAN's regulariser): D is pushed
+    # flat around the data, which keeps the non-saturating game from oscillating.
+    real = real.detach().requires_grad_(True)
+    out = critic(real)
+    grad, = torch.autograd.grad(out.float().sum(), real, create_graph=True)  # keep graph: it is a loss
+    return out, grad.float().pow(2).flatten(1).sum(1).mean()
+
+
 class GanStep(Step):
     """One batch of GAN training: the discriminator (critic) on real and `fake.detach()`, then, every
     n_critic-th step, the generator through the just-updated discriminator. train.optimizer drives both
     networks (with the options' betas for Adam and AdamW, and per-network lrs), train.schedule moves both lrs,
-    l1/l2 penalise each network's weights in its own loss, grad_clip clips each."""
+    l1/l2 penalise each network's weights in its own loss, grad_clip clips each. A model may hand over its
+    generator's param groups (StyleGAN: the mapping network at a lower lr) and ask for R1 (options.r1_gamma)."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, seed: int, device: torch.device):
         o = self.options = model.options
         self.model, self.cfg, self.device = model, cfg, device  # model: models.gan.GAN
-        self.opt_g = build_optimizer(model.generator.parameters(), cfg, o.lr_g or cfg.lr, o.betas)
+        groups = getattr(model, "generator_param_groups", None)
+        lr_g = o.lr_g or cfg.lr
+        self.opt_g = build_optimizer(groups(lr_g) if groups else model.generator.parameters(), cfg, lr_g, o.betas)
         self.opt_d = build_optimizer(model.discriminator.parameters(), cfg, o.lr_d or cfg.lr, o.betas)
         # train.schedule (step | cosine) moves both lrs together; a decaying lr settles the oscillation at the end
         self.scheds = [s for s in (build_scheduler(self.opt_g, cfg), build_scheduler(self.opt_d, cfg)) if s]
@@ -54,6 +66,7 @@ class GanStep(Step):
         # the size of ring8's std, and dense nets on 2-D points gain nothing from it
         self.bf16 = use_bf16(cfg.precision, device) and len(model.generator.out_shape) == 3
         self.wasserstein = model.kind == "wasserstein"
+        self.r1_gamma = getattr(o, "r1_gamma", 0.0)  # > 0: gamma / 2 E[|grad D(x)|^2] in D's loss (BCE only)
         self.regularised = bool(cfg.l1 or cfg.l2)
 
     def finish(self, loss: torch.Tensor, net: nn.Module, opt: torch.optim.Optimizer) -> None:
@@ -80,7 +93,12 @@ class GanStep(Step):
             fake = G(self.model.noise(b))  # (B, *shape); G's graph kept for its own step below
 
             # -- discriminator / critic: real up, fake down; fake.detach() keeps G out of this update
-            real_out, fake_out = D(xb).float(), D(fake.detach()).float()  # (B, 1) logits or critic scores
+            if self.r1_gamma:  # D(x) with the graph to x kept, for the gradient penalty on reals
+                real_out, r1 = r1_penalty(D, xb)
+                real_out = real_out.float()
+            else:
+                real_out = D(xb).float()
+            fake_out = D(fake.detach()).float()  # (B, 1) logits or critic scores
             if self.wasserstein:  # critic maximises E[D(x)] - E[D(G(z))], kept 1-Lipschitz by the penalty
                 gp = gradient_penalty(D, xb, fake.detach())
                 loss_d = fake_out.mean() - real_out.mean() + o.gp_weight * gp
@@ -88,6 +106,8 @@ class GanStep(Step):
                 real_target = torch.full_like(real_out, 1 - o.label_smoothing)
                 loss_d = (F.binary_cross_entropy_with_logits(real_out, real_target)
                           + F.binary_cross_entropy_with_logits(fake_out, torch.zeros_like(fake_out)))
+                if self.r1_gamma:
+                    loss_d = loss_d + self.r1_gamma / 2 * r1
         self.finish(loss_d, D, self.opt_d)
         self.d_losses[i] = loss_d.detach()
         self.seen += b
@@ -95,6 +115,8 @@ class GanStep(Step):
             self.stats += torch.stack([real_out.detach().sum(), fake_out.detach().sum(), gp.detach() * b])
         else:  # probabilities
             self.stats[:2] += torch.sigmoid(torch.stack([real_out.detach(), fake_out.detach()])).sum((1, 2))
+            if self.r1_gamma:
+                self.stats[2] += r1.detach() * b
 
         # -- generator: every n_critic-th discriminator step, through the updated discriminator
         if step % o.n_critic == 0:
@@ -128,10 +150,15 @@ class GanStep(Step):
         if self.wasserstein:
             metrics["critic_gap"] = metrics["d_real"] - metrics["d_fake"]  # the Wasserstein-1 estimate
             metrics["gradient_penalty"] = float(stats[2]) / n
+        elif self.r1_gamma:
+            metrics["r1_penalty"] = float(stats[2]) / n  # E[|grad D(x)|^2] on reals, before gamma / 2
         return metrics
 
     def lrs(self) -> dict:
-        return {"lr_g": self.opt_g.param_groups[0]["lr"], "lr_d": self.opt_d.param_groups[0]["lr"]}
+        lrs = {"lr_g": self.opt_g.param_groups[0]["lr"], "lr_d": self.opt_d.param_groups[0]["lr"]}
+        if len(self.opt_g.param_groups) > 1:  # StyleGAN's mapping network
+            lrs["lr_mapping"] = self.opt_g.param_groups[1]["lr"]
+        return lrs
 
     def schedule(self) -> None:
         for s in self.scheds:

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from tasks.tracking import Run
     from tasks.train import FitResult, Step, Trainer
 
-KIND_MODULES = ("tasks.supervised", "tasks.generation", "tasks.translation", "tasks.image2image")  # importing them runs their @register_kind
+KIND_MODULES = ("tasks.supervised", "tasks.generation", "tasks.style", "tasks.translation",
+                "tasks.image2image")  # importing them runs their @register_kind
 _KINDS: dict[str, "Kind"] = {}
 
 
@@ -149,6 +150,10 @@ def experiment_kind(cfg: "Config") -> Kind:
     from tasks.sources import task
 
     kinds = {kind_of(cfg.model_options(n)[0], cfg.data.source).name for n in cfg.models}
+    if len(kinds) > 1:  # kinds that rank and register alike (dcgan beside stylegan) compete as one
+        alike = {(get_kind(k).metric_for(cfg.data.source), get_kind(k).registered_name(cfg.register)) for k in kinds}
+        if len(alike) == 1:
+            kinds = {min(kinds)}
     return get_kind(kinds.pop() if len(kinds) == 1 else task(cfg.data.source))
 
 

