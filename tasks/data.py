@@ -84,10 +84,15 @@ def read_colour_digits(cfg: DataConfig):
     # mnist32 in colour: each digit's ink in one PALETTE colour drawn by a seeded RNG, independent of its class,
     # on black. Label: the digit. The palette goes in the manifest, so evaluation can name a generated colour.
     x, y, test, classes = read_mnist32(cfg)
+    return in_colour(x, COLOUR_SEED), y, test, classes, {"palette": {"names": list(PALETTE),
+                                                                     "rgb": [list(c) for c in PALETTE.values()]}}
+
+
+def in_colour(x: np.ndarray, seed: int) -> np.ndarray:
+    # (N, 1, H, W) grey ink on black -> (N, 3, H, W), each image's ink in one PALETTE colour drawn by `seed`
     palette = np.array(list(PALETTE.values()), dtype=np.uint16)  # (K, 3)
-    colour = np.random.default_rng(COLOUR_SEED).integers(0, len(palette), len(x))  # (N,)
-    rgb = (x.astype(np.uint16) * palette[colour][:, :, None, None] + 127) // 255  # (N, 3, 32, 32): ink x colour
-    return rgb.astype(np.uint8), y, test, classes, {"palette": {"names": list(PALETTE), "rgb": palette.tolist()}}
+    colour = np.random.default_rng(seed).integers(0, len(palette), len(x))  # (N,)
+    return ((x.astype(np.uint16) * palette[colour][:, :, None, None] + 127) // 255).astype(np.uint8)
 
 
 @cache

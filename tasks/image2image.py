@@ -10,7 +10,8 @@ Sources (all offline, from bundled digits; every image 32x32, uint8 0..255):
             digits_mnist  scikit-learn's 8x8 digits (0..16), upscaled into MNIST's 20x20 box of a 28x28 frame
                           <-> mnist5k (the issue's 59%: an MNIST classifier reads these digits poorly);
             inverted      one half of mnist5k inverted (white ground) <-> the other half as it is;
-            colour        one half of mnist5k in grey (as RGB) <-> the other half, each digit in a colour.
+            colour        one half of mnist5k in grey (as RGB) <-> the other half, each digit in a colour
+                          (colour_digits' palette).
 Prepared folders: x (N, C, 32, 32) domain A, y (N, C, 32, 32) domain B (paired: the same index is the same
 digit; unpaired: the training split repeats the smaller domain to the larger's length, the other splits keep
 each domain whole), and `labels.npz`: the digit of every image (a_<split>, b_<split>), which only the
@@ -58,7 +59,7 @@ class Domains:
 
 
 def _frame(x: np.ndarray, size: int = SIZE) -> np.ndarray:
-    # (N, C, h, w) centred in a (N, C, size, size) zero frame: MNIST's 28x28 -> 32x32 keeps every pixel
+    # (N, C, h, w) centred in a (N, C, size, size) zero frame
     n, c, h, w = x.shape
     out = np.zeros((n, c, size, size), dtype=np.uint8)
     top, left = (size - h) // 2, (size - w) // 2
@@ -73,10 +74,10 @@ def _resize(x: np.ndarray, size: int, resample) -> np.ndarray:  # (N, 1, h, w) u
 
 
 def mnist32() -> tuple[np.ndarray, np.ndarray]:
-    from tasks.data import read_mnist5k
+    from tasks.data import read_mnist32
 
-    x, y, _, _ = read_mnist5k(None)
-    return _frame(x), y  # (5000, 1, 32, 32), (5000,)
+    x, y, _, _ = read_mnist32(None)
+    return x, y  # (5000, 1, 32, 32), (5000,)
 
 
 def sklearn_digits32() -> tuple[np.ndarray, np.ndarray]:
@@ -112,15 +113,6 @@ def occluded(x: np.ndarray, seed: int, side: int = 12) -> np.ndarray:
     return out
 
 
-PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (240, 50, 230))
-
-
-def coloured(x: np.ndarray, seed: int) -> np.ndarray:  # (N, 1, H, W) grey ink -> (N, 3, H, W), one colour each
-    rng = np.random.default_rng(seed)
-    colours = np.array(PALETTE, dtype=np.float32)[rng.integers(0, len(PALETTE), len(x))]  # (N, 3)
-    return np.round(x.astype(np.float32) / 255 * colours[:, :, None, None]).astype(np.uint8)
-
-
 def _halves(n: int, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     from tasks.data import _take
 
@@ -147,7 +139,9 @@ def read_unpaired(cfg: DataConfig) -> Domains:
     a, b = digits[first], digits[second]
     if cfg.domains == "inverted":
         return Domains(255 - a, b, labels[first], labels[second], ("inverted mnist", "mnist"), False, "untranslated")
-    return Domains(np.repeat(a, 3, axis=1), coloured(b, seed=0), labels[first], labels[second],
+    from tasks.data import in_colour
+
+    return Domains(np.repeat(a, 3, axis=1), in_colour(b, seed=0), labels[first], labels[second],
                    ("grey mnist", "coloured mnist"), False, "untranslated")
 
 
