@@ -291,6 +291,23 @@ def sample_grid_figure(images, nrow: int, title: str):
     return fig
 
 
+def curves_figure(history: list[dict], left: list[str], right: list[str], ylabels: tuple[str, str], title: str):
+    # two panels of per-epoch curves: the keys `left` and `right` of each epoch's metrics
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
+    epochs = range(1, len(history) + 1)
+    for ax, keys, label in zip(axes, (left, right), ylabels):
+        for k in keys:
+            ax.plot(epochs, [h[k] for h in history], marker=".", label=k)
+        ax.set_ylabel(label)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def _points(ax, real, fake, centers) -> None:
     if real is not None:
         ax.scatter(*np.asarray(real)[:, :2].T, s=2, c="0.6", alpha=0.5, label="real")

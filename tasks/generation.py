@@ -18,8 +18,8 @@ from models.registry import create_model
 from tasks.augment import raw_max
 from tasks.config import Config
 from tasks.files import save_torch
-from tasks.gan import (GanStep, class_coverage, evolution_strip, frechet_distance, label_entropy, mode_collapse,
-                       mode_coverage, points_figure, sample_grid_figure)
+from tasks.gan import (GanStep, class_coverage, curves_figure, evolution_strip, frechet_distance, label_entropy,
+                       mode_collapse, mode_coverage, points_figure, sample_grid_figure)
 from tasks.kinds import Evaluation, Job, Kind, get_kind, register_kind
 from tasks.sources import data_kind
 from tasks.train import Trainer, seed_everything, to_device
@@ -54,8 +54,8 @@ class Sampler(nn.Module):
         return x.clamp(0, self.max_value) if self.image else x
 
 
-def snapshot_epochs(epochs: int) -> set[int]:
-    return {int(round(e)) for e in np.linspace(1, epochs, min(SNAPSHOTS, epochs))}
+def snapshot_epochs(epochs: int, shots: int = SNAPSHOTS) -> set[int]:
+    return {int(round(e)) for e in np.linspace(1, epochs, min(shots, epochs))}
 
 
 def to_unit(x: torch.Tensor | np.ndarray, max_value: float) -> np.ndarray:  # raw images -> [0, 1] for plots
@@ -136,25 +136,9 @@ def raw(x: torch.Tensor, job: Job) -> torch.Tensor:  # generator space -> raw un
 
 
 def _losses_figure(history: list[dict], title: str):
-    import matplotlib.pyplot as plt
-
     keys = [k for k in ("d_loss", "g_loss", "critic_gap", "gradient_penalty") if k in history[0]]
     probs = [k for k in ("d_real", "d_fake", "modes_covered") if k in history[0]]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
-    epochs = range(1, len(history) + 1)
-    for k in keys:
-        axes[0].plot(epochs, [h[k] for h in history], marker=".", label=k)
-    for k in probs:
-        axes[1].plot(epochs, [h[k] for h in history], marker=".", label=k)
-    axes[0].set_ylabel("loss")
-    axes[1].set_ylabel("D output (mean) / modes")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    return curves_figure(history, keys, probs, ("loss", "D output (mean) / modes"), title)
 
 
 # ---------------------------------------------------------------- evaluate

@@ -447,8 +447,9 @@ class ImageTranslation(Kind):
         return Pix2PixStep(model, cfg, seed, device) if model.kind == "paired" else CycleStep(model, cfg, seed, device)
 
     def on_epoch(self, job: Job, epoch: int, metrics: dict, trainer) -> None:
-        shots = {int(round(e)) for e in np.linspace(1, job.trainer.cfg.epochs, min(SNAPSHOTS, job.trainer.cfg.epochs))}
-        if epoch in shots:
+        from tasks.generation import snapshot_epochs
+
+        if epoch in snapshot_epochs(job.trainer.cfg.epochs, SNAPSHOTS):
             rows, labels = translation_rows(job.model, job.data.x_val[:EXAMPLES], job.data.y_val[:EXAMPLES],
                                             job.data.manifest, trainer.device)
             job.run.log_figure(rows_figure(rows, labels, f"{job.name}: epoch {epoch}"),
@@ -503,23 +504,30 @@ def domain_judge(cfg, data, labels: dict, side: str, data_dir: Path, device):
                          data.manifest["classes"], device)
 
 
-def evaluate_translation(cfg, name: str, model, data, data_dir: Path, device) -> Evaluation:
+def judged(judge, stats: dict, fake: np.ndarray, source: np.ndarray, source_labels: np.ndarray, real: np.ndarray,
+           real_labels: np.ndarray, device) -> tuple[float, float, float, float]:
+    """One direction, by a classifier of its target domain: (its agreement with the source digit on the
+    translations, the same on the untranslated sources, its accuracy on real targets, the Frechet distance
+    between its features of real targets and of translations)."""
     from tasks.gan import frechet_distance
     from tasks.generation import judge_outputs
 
+    probs, feats_fake = judge_outputs(judge, fake, stats, device)
+    probs_in, _ = judge_outputs(judge, source.astype(np.float32), stats, device)
+    probs_real, feats_real = judge_outputs(judge, real.astype(np.float32), stats, device)
+    return (float((probs.argmax(1) == source_labels).mean()), float((probs_in.argmax(1) == source_labels).mean()),
+            float((probs_real.argmax(1) == real_labels).mean()), frechet_distance(feats_real, feats_fake))
+
+
+def evaluate_translation(cfg, name: str, model, data, data_dir: Path, device) -> Evaluation:
     m, labels = data.manifest, load_labels(data_dir)
     na, nb = min(len(data.x_test), EVAL_MAX), min(len(data.y_test), EVAL_MAX)
     a, b, la, lb = data.x_test[:na], data.y_test[:nb], labels["a_test"][:na], labels["b_test"][:nb]
     g_ab = ImageTranslator(model.generators()[0]).to(device).eval()
     fake_b = translate(g_ab, a, device)
     judge_b, about_b, stats_b = domain_judge(cfg, data, labels, "b", data_dir, device)
-    probs, feats_fake = judge_outputs(judge_b, fake_b, stats_b, device)
-    probs_in, _ = judge_outputs(judge_b, a.astype(np.float32), stats_b, device)
-    probs_real, feats_real = judge_outputs(judge_b, b.astype(np.float32), stats_b, device)
-    metrics = {"class_agreement": float((probs.argmax(1) == la).mean()),
-               "untranslated_agreement": float((probs_in.argmax(1) == la).mean()),
-               "target_accuracy": float((probs_real.argmax(1) == lb).mean()),
-               "classifier_fid": frechet_distance(feats_real, feats_fake)}
+    metrics = dict(zip(("class_agreement", "untranslated_agreement", "target_accuracy", "classifier_fid"),
+                       judged(judge_b, stats_b, fake_b, a, la, b, lb, device)))
     tags = {"nnlab.image2image.judge_b": about_b}
     if m["domains"]["paired"]:
         metrics |= image_scores(fake_b, b, "test") | image_scores(a, b, "baseline")
@@ -530,14 +538,9 @@ def evaluate_translation(cfg, name: str, model, data, data_dir: Path, device) ->
         g_ba = ImageTranslator(model.generators()[1]).to(device).eval()
         fake_a = translate(g_ba, b, device)
         judge_a, about_a, stats_a = domain_judge(cfg, data, labels, "a", data_dir, device)
-        probs_ba, feats_fake_a = judge_outputs(judge_a, fake_a, stats_a, device)
-        probs_b_in, _ = judge_outputs(judge_a, b.astype(np.float32), stats_a, device)
-        probs_a, feats_real_a = judge_outputs(judge_a, a.astype(np.float32), stats_a, device)
-        metrics |= {"class_agreement_ba": float((probs_ba.argmax(1) == lb).mean()),
-                    "untranslated_agreement_ba": float((probs_b_in.argmax(1) == lb).mean()),
-                    "source_accuracy": float((probs_a.argmax(1) == la).mean()),
-                    "classifier_fid_ba": frechet_distance(feats_real_a, feats_fake_a),
-                    "cycle_l1_a": float(np.abs(translate(g_ba, fake_b, device) - a).mean() / 255),
+        metrics |= dict(zip(("class_agreement_ba", "untranslated_agreement_ba", "source_accuracy",
+                             "classifier_fid_ba"), judged(judge_a, stats_a, fake_a, b, lb, a, la, device)))
+        metrics |= {"cycle_l1_a": float(np.abs(translate(g_ba, fake_b, device) - a).mean() / 255),
                     "cycle_l1_b": float(np.abs(translate(g_ab, fake_a, device) - b).mean() / 255)}
         tags["nnlab.image2image.judge_a"] = about_a
         title = (f"A->B: the B classifier reads {metrics['class_agreement']:.1%} "
@@ -590,21 +593,7 @@ def rows_figure(rows: list[np.ndarray], labels: list[str], title: str):
 
 
 def losses_figure(history: list[dict], title: str):
-    from tasks.gan import _plt
+    from tasks.gan import curves_figure
 
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
-    epochs = range(1, len(history) + 1)
-    for k in ("d_loss", "g_adversarial"):
-        axes[0].plot(epochs, [h[k] for h in history], marker=".", label=k)
-    for k in [k for k in history[0] if "l1" in k]:
-        axes[1].plot(epochs, [h[k] for h in history], marker=".", label=k)
-    axes[0].set_ylabel("adversarial loss")
-    axes[1].set_ylabel("L1 (pixels in [0, 1])")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    return curves_figure(history, ["d_loss", "g_adversarial"], [k for k in history[0] if "l1" in k],
+                         ("adversarial loss", "L1 (pixels in [0, 1])"), title)

@@ -12,7 +12,7 @@ from PIL import Image
 from models.registry import create_model
 from tasks.config import TrainConfig, validate
 from tasks.data import DataError, load_prepared, prepare
-from tasks.image2image import (ImagePool, CycleStep, Pix2PixStep, edges, image_scores, load_labels, low_resolution,
+from tasks.image2image import (CycleStep, ImagePool, Pix2PixStep, edges, image_scores, load_labels, low_resolution,
                                occluded)
 from tasks.train import Split, Trainer, seed_everything
 
@@ -142,7 +142,7 @@ def test_pix2pix_on_edges_beats_its_untrained_self_and_translates_a_png(workdir,
     from typer.testing import CliRunner
 
     from flows.cli import app
-    from tasks.image2image import image_scores, translate, ImageTranslator
+    from tasks.image2image import ImageTranslator, translate
     from tasks.stages import load_trained
     from tasks.tracking import client
 
