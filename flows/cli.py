@@ -351,6 +351,38 @@ def translate(model: Annotated[str, typer.Argument(help="models:/<name>@<alias>,
 
 
 @app.command()
+def transcribe(model: Annotated[str, typer.Argument(help="models:/<name>@<alias>, models:/<name>/<version> or a run id")],
+               audio: Annotated[list[Path], typer.Argument(help="recordings to transcribe (WAV, FLAC or OGG)")],
+               beam: Annotated[Optional[int], typer.Option(min=1, max=64, help="CTC beam width (default: the model's "
+                                                           "own; 1: greedy)")] = None):
+    """Transcribe recordings with a logged or registered speech model (ctc_asr, conformer): one line per file."""
+    import numpy as np
+    import torch
+
+    from models.speech import beam_search, greedy
+    from tasks.data import DataError
+    from tasks.speech import as_text, load_audio
+
+    missing = [str(p) for p in audio if not p.is_file()]
+    if missing:
+        fail(f"no such recording: {', '.join(missing)}")
+    net, _, meta, uri = served_model(model)
+    if meta.get("nnlab.kind") != "transcriber":
+        fail(f"{uri} is not a speech model (train one with `nnlab run --models ctc_asr --set data.source=synth_speech`)")
+    width = beam or int(meta.get("beam_size", 1))
+    for path in audio:
+        try:
+            wave = load_audio(path, int(meta["sample_rate"]))
+        except DataError as e:
+            fail(str(e))
+        pcm = torch.as_tensor(np.clip(wave * 32768.0, -32768, 32767).astype(np.int16))[None]
+        with torch.no_grad():
+            lp = net(pcm)
+        ids = greedy(lp)[0] if width == 1 else beam_search(lp, beam=width)[0]
+        typer.echo(f"{path}\t{as_text(meta['alphabet'], [ids])[0]}")
+
+
+@app.command()
 def sample(model: Annotated[str, typer.Option("--model", help="generator: models:/<name>@<alias>, "
                                                "models:/<name>/<version> or a run id")] = "models:/nnlab-generator@champion",
            n: Annotated[int, typer.Option("-n", min=1, max=4096, help="samples to draw")] = 64,

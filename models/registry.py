@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 import torch
 from torch import nn
 
-FAMILIES = ("mlp", "cnn", "rnn", "transformer", "gan", "transfer", "seq2seq")
+FAMILIES = ("mlp", "cnn", "rnn", "transformer", "gan", "transfer", "seq2seq", "speech")
 
 
 class Options(BaseModel):
@@ -57,7 +57,7 @@ def register_model(name: str, *, family: str, options: type[Options], kind: str 
 
 def _load_families() -> None:
     # Importing the family modules runs their @register_model decorators.
-    from models import cnn, gan, image2image, mlp, seq2seq, sequence, stylegan, transfer  # noqa: F401
+    from models import cnn, gan, image2image, mlp, seq2seq, sequence, speech, stylegan, transfer  # noqa: F401
 
 
 def get_spec(name: str) -> ModelSpec:

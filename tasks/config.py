@@ -64,6 +64,11 @@ class DataConfig(Section):
     ring8_size: int = Field(default=8_000, ge=100)  # ring8: points drawn from the 8 Gaussians (all splits)
     pairing: Literal["edges", "super_resolution", "occlusion"] = "edges"  # paired: what the input is made of
     domains: Literal["digits_mnist", "inverted", "colour"] = "digits_mnist"  # unpaired: the two domains
+    sample_rate: int = Field(default=16_000, ge=4_000, le=48_000)  # speech: recordings resampled to this (Hz)
+    n_mels: int = Field(default=40, ge=8, le=128)  # speech: mel bands of the log-mel features (10 ms frames)
+    max_seconds: float = Field(default=10.0, gt=0.0, le=60.0)  # speech: longer recordings are left out (counted)
+    script: Literal["digits", "commands"] = "digits"  # synth_speech: digit strings or short spoken commands
+    utterances: int = Field(default=3_000, ge=30, le=100_000)  # synth_speech: recordings made (all splits)
 
     @model_validator(mode="after")
     def _path_needed(self):
@@ -193,6 +198,12 @@ class AugmentConfig(Section):
     color_jitter: float = Field(default=0.2, ge=0.0, le=1.0)  # RGB only: brightness/contrast/saturation in [1-j, 1+j]
     preview: int = Field(default=10, ge=1, le=64)  # images in the preview grid (one per class first)
     offline_copies: int = Field(default=0, ge=0, le=20)  # >0: train on originals + k augmented copies, written once
+    # speech (SpecAugment, Park et al. 2019): bands of mel channels and spans of frames masked in each training
+    # utterance; image settings above do not apply to it, nor these to images
+    freq_masks: int = Field(default=2, ge=0, le=10)
+    freq_width: int = Field(default=6, ge=0, le=64)  # at most this many mel channels per band
+    time_masks: int = Field(default=2, ge=0, le=20)
+    time_width: int = Field(default=10, ge=0, le=200)  # at most this many 10 ms frames per span
 
 
 class TrackingConfig(Section):

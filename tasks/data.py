@@ -9,7 +9,6 @@ import gzip
 import hashlib
 import json
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from functools import cache
@@ -20,6 +19,7 @@ from PIL import Image
 
 from tasks.config import DataConfig
 from tasks.files import atomic_path
+from tasks.progress import bar
 from tasks.text import VOCAB
 
 PROCESSED = Path("data/processed")  # where DVC's `prepare` stage writes
@@ -202,7 +202,7 @@ def read_image_folder(cfg: DataConfig):
     y = np.repeat(np.arange(len(classes), dtype=np.int64), [len(f) for f in files])
     size = cfg.image_size or 32
     channels = cfg.channels or _mode_channels(paths[0])
-    x = np.stack([_read_image(p, size, channels) for p in _progress(paths, f"reading {len(paths)} images")])
+    x = np.stack([_read_image(p, size, channels) for p in bar(paths, f"reading {len(paths)} images")])
     return x, y, None, classes
 
 
@@ -228,14 +228,6 @@ def _read_image(path: Path, size: int, channels: int) -> np.ndarray:  # -> (C, s
     return a[None] if channels == 1 else a.transpose(2, 0, 1)
 
 
-def _progress(items, description: str):
-    if not sys.stdout.isatty():  # pipes, CI, DVC logs: stay quiet
-        return items
-    from rich.progress import track
-
-    return track(items, description=description)
-
-
 # ---------------------------------------------------------------- shaping and splitting
 
 def _conform(x: np.ndarray, size: int | None, channels: int | None) -> np.ndarray:
@@ -243,7 +235,7 @@ def _conform(x: np.ndarray, size: int | None, channels: int | None) -> np.ndarra
     if channels and channels != x.shape[1]:
         x = np.repeat(x, 3, axis=1) if channels == 3 else _luma(x)
     if size and size != x.shape[2]:
-        resized = (_resize(img, size) for img in _progress(x, f"resizing {len(x)} images to {size}x{size}"))
+        resized = (_resize(img, size) for img in bar(x, f"resizing {len(x)} images to {size}x{size}"))
         x = np.stack(list(resized))
     return x
 
@@ -386,6 +378,23 @@ def prepare_points(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
         "normalization": {"mean": [0.0, 0.0], "std": [1.0, 1.0]},  # the points' own units
         "ring8": ring, "config": cfg.model_dump(), "seed": seed,
     })
+
+
+def split_groups(groups: list[str], cfg: DataConfig, seed: int) -> dict[str, np.ndarray]:
+    """Indices per split: whole groups go to test, validation or training (held-out dates, numbers, sentences,
+    speakers)."""
+    names = sorted(set(groups))
+    order = np.random.default_rng(seed).permutation(len(names))
+    n_test = max(1, round(len(names) * cfg.test_fraction))  # a few speakers still give every split one
+    n_val = max(1, round(len(names) * cfg.val_fraction))
+    where = {}
+    for rank, i in enumerate(order):
+        where[names[i]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    split = np.array([where[g] for g in groups])
+    out = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
+    if cfg.max_train and len(out["train"]) > cfg.max_train:
+        out["train"] = np.sort(np.random.default_rng(seed).choice(out["train"], cfg.max_train, replace=False))
+    return out
 
 
 def write_prepared(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], manifest: dict,

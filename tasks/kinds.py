@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from tasks.train import FitResult, Step, Trainer
 
 KIND_MODULES = ("tasks.supervised", "tasks.generation", "tasks.style", "tasks.translation",
-                "tasks.image2image")  # importing them runs their @register_kind
+                "tasks.image2image", "tasks.speech")  # importing them runs their @register_kind
 _KINDS: dict[str, "Kind"] = {}
 
 
@@ -82,6 +82,14 @@ class Kind:
 
     def step(self, model: "nn.Module", cfg: "TrainConfig", seed: int, device: "torch.device") -> "Step":
         raise NotImplementedError
+
+    def augmenter(self, cfg: "Config", manifest: dict):
+        """What augments each training batch when augment.enabled (a callable with a seeded `generator`), or None:
+        the image policy for image data."""
+        from tasks.augment import BatchAugment
+
+        image = len(manifest["input_shape"]) == 3
+        return BatchAugment.for_data(cfg.augment, manifest, cfg.seed) if cfg.augment.enabled and image else None
 
     def on_epoch(self, job: Job, epoch: int, metrics: dict, trainer: "Trainer") -> None:
         """After each epoch, before it is logged: more metrics into `metrics`, figures into the run."""

@@ -7,8 +7,17 @@ import time
 
 def _fmt(metrics: dict) -> str:
     keys = ("train_loss", "val_loss", "val_accuracy", "val_perplexity", "d_loss", "g_loss", "d_real", "d_fake",
-            "critic_gap", "modes_covered", "val_exact_match", "val_bleu")
+            "critic_gap", "modes_covered", "val_cer", "val_wer", "val_exact_match", "val_bleu")
     return "  ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
+
+
+def bar(items, label: str):
+    """`items`, with a live bar while they are worked through on a terminal; quiet in pipes, CI and DVC logs."""
+    if not sys.stdout.isatty():
+        return items
+    from rich.progress import track
+
+    return track(items, description=label)
 
 
 class EpochProgress:

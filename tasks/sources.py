@@ -32,6 +32,7 @@ DATA = {
     "words": DataKind("tasks.text:prepare_words", "word_language_model"),  # next-word windows, in order
     "pairs": DataKind("tasks.translation:prepare_pairs", "translation"),  # source and target ids, two vocabularies
     "image_pairs": DataKind("tasks.image2image:prepare_image_pairs", "image_translation"),  # domain A, domain B
+    "audio": DataKind("tasks.speech:prepare_audio", "speech_recognition"),  # log-mel frames + transcripts, by speaker
     "points": DataKind("tasks.data:prepare_points", "generation"),  # 2-D points drawn from known modes
 }
 
@@ -55,6 +56,8 @@ SOURCES = {
     "numbers": Source("tasks.translation:read_numbers", "pairs"),  # integers -> words in data.language
     "paired": Source("tasks.image2image:read_paired", "image_pairs"),  # digit <- its edges / 8x8 / occluded self
     "unpaired": Source("tasks.image2image:read_unpaired", "image_pairs"),  # two digit domains, no pairs
+    "speech": Source("tasks.speech:read_speech", "audio"),  # WAV/FLAC + transcripts: TSV/CSV, LibriSpeech, FSDD
+    "synth_speech": Source("tasks.speech:read_synth_speech", "audio"),  # spoken by eSpeak NG here, many voices
     "ring8": Source("tasks.gan:ring8", "points"),  # 8 Gaussians on a circle, the mode-collapse benchmark
 }
 NAMES = tuple(SOURCES)

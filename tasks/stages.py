@@ -149,7 +149,7 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
     image = len(m["input_shape"]) == 3
     channels_last = image and tcfg.channels_last and kind.channels_last
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    augment = BatchAugment.for_data(cfg.augment, m, cfg.seed) if cfg.augment.enabled and image else None
+    augment = kind.augmenter(cfg, m)
     trainer = Trainer(model, tcfg, cfg.seed, device, kind.step(model, tcfg, cfg.seed, device), augment)
 
     mean, std = kind.scaling(m)
@@ -187,7 +187,7 @@ def _finish(job: Job, kind: Kind, result: FitResult, options: dict, out_dir: Pat
     """After training: the kind's figures, the served model, the self-describing checkpoint, the run closed."""
     run, model, m, cfg = job.run, job.model, job.data.manifest, job.cfg
     kind.after_fit(job, result)
-    if job.trainer.augment is not None:
+    if isinstance(job.trainer.augment, BatchAugment):
         from tasks.augment import preview
 
         run.log_figure(preview(cfg.augment, job.data, cfg.seed), "plots/augment_preview.png")

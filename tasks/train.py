@@ -13,7 +13,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tasks.config import EarlyStoppingConfig, TrainConfig

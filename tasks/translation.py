@@ -163,21 +163,6 @@ def example_pairs(path: str | Path, n: int = 3_000) -> int:
 
 # ---------------------------------------------------------------- prepare
 
-def _split_groups(groups: list[str], cfg: DataConfig, seed: int) -> dict[str, np.ndarray]:
-    """Indices per split: whole groups go to test, validation or training (held-out dates, numbers, sentences)."""
-    names = sorted(set(groups))
-    order = np.random.default_rng(seed).permutation(len(names))
-    n_test, n_val = round(len(names) * cfg.test_fraction), round(len(names) * cfg.val_fraction)
-    where = {}
-    for rank, i in enumerate(order):
-        where[names[i]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
-    split = np.array([where[g] for g in groups])
-    out = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
-    if cfg.max_train and len(out["train"]) > cfg.max_train:
-        out["train"] = np.sort(np.random.default_rng(seed).choice(out["train"], cfg.max_train, replace=False))
-    return out
-
-
 def target_vocab(texts, tokenizer: str, length: int, min_freq: int, max_size: int) -> Vocab:
     fitted = Vocab.fit(texts, tokenizer, length, min_freq, max_size - 2)
     return Vocab([PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, *fitted.tokens[2:]], tokenizer, length)
@@ -193,7 +178,7 @@ def encode_targets(vocab: Vocab, token_lists: list[list[str]], length: int) -> n
 
 
 def prepare_pairs(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
-    from tasks.data import write_prepared
+    from tasks.data import split_groups, write_prepared
 
     corpus = read(cfg)
     tok = cfg.tokenizer or corpus.tokenizer
@@ -204,7 +189,7 @@ def prepare_pairs(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
     if len(keep) < 20:
         raise _error(f"{corpus.description}: {len(keep)} pairs within data.max_length={cap} tokens a side "
                      f"({too_long} longer); raise data.max_length")
-    idx = _split_groups([corpus.groups[i] for i in keep], cfg, seed)
+    idx = split_groups([corpus.groups[i] for i in keep], cfg, seed)
     idx = {s: [keep[i] for i in ix] for s, ix in idx.items()}
     src_len = max(len(tokens[i][0]) for i in keep)
     tgt_len = max(len(tokens[i][1]) for i in keep) + 2  # BOS ... EOS

@@ -1,0 +1,551 @@
+"""Speech recognition runs: recordings -> log-mel frames, the CTC step, character and word error rates.
+
+Sources (offline):
+  speech        recordings with transcripts in `data.path` (default data/raw), in one of three layouts:
+                a `transcripts.tsv` / `transcripts.csv` (file, text[, speaker]; a header row naming them is
+                optional); LibriSpeech's `<speaker>/<chapter>/*.trans.txt` beside its .flac files; or the
+                free-spoken-digit-dataset's `<digit>_<speaker>_<n>.wav` (the transcript is the digit's word);
+  synth_speech  `data.utterances` digit strings ("four two seven") or short commands spoken by eSpeak NG in 160
+                voices (8 English accents x 20 variants), speeds 130-210 words a minute, pitches 25-75, with
+                light noise (20-40 dB SNR); a fixed draw, the same for every seed; the WAVs are written into the
+                prepared folder (`wav/`, with `transcripts.tsv`), so DVC versions them with the features.
+Every recording is read as mono, resampled to `data.sample_rate`; longer than `data.max_seconds`, shorter than
+0.1 s or with an empty transcript, it is left out and counted in the manifest. Splits are by speaker (a voice):
+the test speakers are never heard in training (by recording when there are fewer than 3 speakers).
+
+Prepared folders: x (N, T, n_mels) float16 log-mel frames (models/speech.py LogMel), padded with log(1e-6);
+y (N, 1 + U) int64: the recording's frame count, then its character ids (1..C-1; 0 pads, and is CTC's blank);
+`alphabet.json` (the characters of the training transcripts, in id order from 1); `texts.json` (every split's
+file, speaker and transcript: error rates are measured on the text itself); `waves.npz` (a few test
+recordings as 16-bit samples: the served model's example and the spectrogram figure).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import re
+import shutil
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.speech import LOG_FLOOR, LogMel, Transcriber, decode
+from tasks.config import DataConfig
+from tasks.kinds import Evaluation, Job, register_kind
+from tasks.supervised import Supervised, SupervisedStep
+
+ALPHABET, TEXTS, WAVES, TRANSCRIPTS = "alphabet.json", "texts.json", "waves.npz", "transcripts.tsv"
+AUDIO = (".wav", ".flac", ".ogg")
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+COMMANDS = (("turn on", "turn off", "open", "close", "start", "stop", "check", "dim"),
+            ("lights", "door", "window", "music", "radio", "heater", "fan", "oven", "alarm", "blinds"),
+            ("kitchen", "bedroom", "garage", "office", "hall", "garden"))
+MIN_SECONDS = 0.1
+
+
+def _error(msg: str):
+    from tasks.data import DataError
+
+    return DataError(msg)
+
+
+@dataclass
+class Recordings:
+    files: list[Path]
+    texts: list[str]
+    speakers: list[str]
+    description: str
+    made: dict = field(default_factory=dict)  # synth_speech: how the recordings were made
+
+
+def normalise(text: str) -> str:
+    """Lower case, letters, digits and apostrophes; every other character separates words."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return " ".join(re.sub(r"[^\w']+|_", " ", text).split())
+
+
+def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
+    """(L,) float32 in [-1, 1]: mono (channels averaged), resampled to `sample_rate` (polyphase filter)."""
+    import soundfile as sf
+    from scipy.signal import resample_poly
+
+    try:
+        wave, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:
+        raise _error(f"{path}: not a readable recording ({type(e).__name__}: {e}); WAV, FLAC or OGG is read") from None
+    wave = wave.mean(1)
+    if rate != sample_rate:
+        g = np.gcd(int(rate), sample_rate)
+        wave = resample_poly(wave, sample_rate // g, int(rate) // g).astype(np.float32)
+    return wave
+
+
+# ---------------------------------------------------------------- sources
+
+def read_speech(cfg: DataConfig, out_dir: Path | None = None) -> Recordings:
+    root = Path(cfg.folder)
+    if not root.is_dir():
+        raise _error(f"data.path: {root} is not a folder; speech reads a folder of recordings with a "
+                     f"{TRANSCRIPTS} (or .csv), LibriSpeech's *.trans.txt layout, or <digit>_<speaker>_<n>.wav files")
+    for table in (root / TRANSCRIPTS, root / "transcripts.csv"):
+        if table.is_file():
+            return _read_table(table)
+    if next(root.rglob("*.trans.txt"), None) is not None:
+        return _read_librispeech(root)
+    digits = [(p, m) for p in sorted(root.glob("*.wav")) if (m := re.fullmatch(r"(\d)_(.+)_(\d+)", p.stem))]
+    if digits:
+        return Recordings([p for p, _ in digits], [DIGITS[int(m[1])] for _, m in digits], [m[2] for _, m in digits],
+                          f"spoken digits in {root} (free-spoken-digit-dataset layout)")
+    raise _error(f"data.path: {root} holds no {TRANSCRIPTS} / transcripts.csv, no *.trans.txt and no "
+                 f"<digit>_<speaker>_<n>.wav files; those are the layouts speech reads")
+
+
+def _read_table(table: Path) -> Recordings:
+    with open(table, encoding="utf-8", newline="") as f:
+        rows = [r for r in csv.reader(f, delimiter="\t" if table.suffix == ".tsv" else ",") if any(c.strip() for c in r)]
+    head = [c.strip().lower() for c in rows[0]] if rows else []
+    cols = (0, 1, 2)
+    if {"file", "text"} <= set(head) or {"path", "transcript"} <= set(head) or {"file", "transcript"} <= set(head):
+        cols = (head.index("file" if "file" in head else "path"), head.index("text" if "text" in head else "transcript"),
+                head.index("speaker") if "speaker" in head else None)
+        rows = rows[1:]
+    files, texts, speakers = [], [], []
+    for line, row in enumerate(rows, 2 if cols != (0, 1, 2) else 1):
+        if len(row) < 2:
+            raise _error(f"{table}, line {line}: {len(row)} column(s); each row names a recording and its transcript")
+        path = table.parent / row[cols[0]].strip()
+        if not path.is_file():
+            raise _error(f"{table}, line {line}: {path} does not exist")
+        files.append(path)
+        texts.append(row[cols[1]])
+        speakers.append(row[cols[2]].strip() if cols[2] is not None and len(row) > cols[2] else path.parent.name)
+    if not files:
+        raise _error(f"{table}: no recordings listed")
+    return Recordings(files, texts, speakers, f"recordings listed in {table}")
+
+
+def _read_librispeech(root: Path) -> Recordings:
+    files, texts, speakers = [], [], []
+    for trans in sorted(root.rglob("*.trans.txt")):
+        for line in trans.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            uid, _, text = line.partition(" ")
+            audio = next((trans.parent / f"{uid}{ext}" for ext in AUDIO if (trans.parent / f"{uid}{ext}").is_file()), None)
+            if audio is None:
+                raise _error(f"{trans}: no recording {uid}.flac (or .wav) beside it")
+            files.append(audio)
+            texts.append(text)
+            speakers.append(uid.split("-")[0])
+    return Recordings(files, texts, speakers, f"LibriSpeech-layout recordings in {root}")
+
+
+def script(cfg: DataConfig, rng: np.random.Generator) -> str:
+    if cfg.script == "digits":
+        return " ".join(DIGITS[d] for d in rng.integers(10, size=int(rng.integers(2, 6))))
+    action, thing, room = (c[int(rng.integers(len(c)))] for c in COMMANDS)
+    return f"{action} the {thing}" + (f" in the {room}" if rng.random() < 0.5 else "")
+
+
+def read_synth_speech(cfg: DataConfig, out_dir: Path) -> Recordings:
+    """Speak `data.utterances` scripts with eSpeak NG (tasks/espeak.py) into `out_dir`/wav, then read them back
+    as a `speech` folder. The draw is fixed (seed 16000): the same recordings for every seed."""
+    from tasks.espeak import Utterance, synthesise_fresh, voices
+
+    rng = np.random.default_rng(16_000)
+    names = voices()
+    utterances = [Utterance(script(cfg, rng), names[int(rng.integers(len(names)))], int(rng.integers(130, 211)),
+                            int(rng.integers(25, 76)), float(rng.uniform(20, 40))) for _ in range(cfg.utterances)]
+    wav, partial = out_dir / "wav", out_dir / "wav.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    print(f"synth_speech: speaking {len(utterances)} utterances in {len(names)} eSpeak NG voices ...", flush=True)
+    synthesise_fresh(utterances, cfg.sample_rate, str(partial), seed=16_000)
+    with open(partial / TRANSCRIPTS, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["file", "text", "speaker", "rate", "pitch", "snr_db"])
+        for i, u in enumerate(utterances):
+            w.writerow([f"{i:05d}.wav", u.text, u.voice, u.rate, u.pitch, round(u.snr_db, 1)])
+    shutil.rmtree(wav, ignore_errors=True)
+    partial.rename(wav)
+    rec = _read_table(wav / TRANSCRIPTS)
+    rec.description = f"{cfg.script} spoken by eSpeak NG ({len(names)} voices, 130-210 wpm, pitch 25-75, noise 20-40 dB SNR)"
+    rec.made = {"voices": len(names), "script": cfg.script, "engine": "eSpeak NG (espeakng-loader)"}
+    return rec
+
+
+# ---------------------------------------------------------------- prepare
+
+def prepare_audio(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
+    from tasks.data import split_groups, write_prepared
+    from tasks.progress import bar
+
+    rec = read(cfg, out_dir)
+    features = LogMel(cfg.sample_rate, cfg.n_mels)
+    waves, keep, dropped = [], [], Counter()
+    for i, path in enumerate(bar(rec.files, "reading recordings")):
+        text, wave = normalise(rec.texts[i]), load_audio(path, cfg.sample_rate)
+        seconds = len(wave) / cfg.sample_rate
+        why = ("empty_transcript" if not text else "too_long" if seconds > cfg.max_seconds
+               else "too_short" if seconds < MIN_SECONDS else None)
+        if why:
+            dropped[why] += 1
+            continue
+        keep.append(i)
+        waves.append(wave)
+    if len(keep) < 30:
+        raise _error(f"{rec.description}: {len(keep)} usable recordings (dropped: {dict(dropped) or 'none'}); speech "
+                     f"recognition needs at least 30 (data.max_seconds is {cfg.max_seconds})")
+    texts = [normalise(rec.texts[i]) for i in keep]
+    speakers = [rec.speakers[i] for i in keep]
+    by_speaker = len(set(speakers)) >= 3
+    idx = split_groups(speakers if by_speaker else [str(i) for i in range(len(keep))], cfg, seed)
+    alphabet = sorted({c for i in idx["train"] for c in texts[i]})
+    ids = {c: k for k, c in enumerate(alphabet, 1)}  # 0: the blank
+    with torch.no_grad():
+        mels = [features(torch.from_numpy(w)[None])[0].numpy() for w in bar(waves, "log-mel features")]
+    frames, chars = max(len(m) for m in mels), max(len(t) for t in texts)
+    splits, listing = {}, {}
+    for s, ix in idx.items():
+        x = np.full((len(ix), frames, cfg.n_mels), np.log(LOG_FLOOR), dtype=np.float16)
+        y = np.zeros((len(ix), 1 + chars), dtype=np.int64)
+        for row, i in enumerate(ix):
+            x[row, :len(mels[i])] = mels[i]
+            y[row, 0] = len(mels[i])
+            coded = [ids[c] for c in texts[i] if c in ids]  # a character never seen in training cannot be output
+            y[row, 1:1 + len(coded)] = coded
+        splits[s] = (x, y)
+        listing[s] = [[str(rec.files[keep[i]].name), speakers[i], texts[i]] for i in ix]
+    train_frames = np.concatenate([mels[i] for i in idx["train"]])
+    mean, std = train_frames.mean(0), train_frames.std(0) + 1e-5
+    shown = idx["test"][:4]
+    longest = max(len(waves[i]) for i in shown)
+    pcm = np.zeros((len(shown), longest), dtype=np.int16)
+    for row, i in enumerate(shown):
+        pcm[row, :len(waves[i])] = np.clip(waves[i] * 32768.0, -32768, 32767).astype(np.int16)
+    seconds = {s: round(sum(len(waves[i]) for i in ix) / cfg.sample_rate, 1) for s, ix in idx.items()}
+    unseen = {s: sum(c not in ids for i in ix for c in texts[i]) for s, ix in idx.items() if s != "train"}
+    return write_prepared(out_dir, splits, {
+        "source": cfg.source, "task": "speech_recognition", "description": rec.description,
+        "input_shape": [frames, cfg.n_mels], "num_classes": len(alphabet) + 1, "classes": [],
+        "sizes": {s: len(ix) for s, ix in idx.items()},
+        "normalization": {"mean": mean.tolist(), "std": std.tolist()},
+        "speech": {"sample_rate": cfg.sample_rate, "n_mels": cfg.n_mels, "hop_ms": 10, "window_ms": 25,
+                   "max_frames": frames, "max_characters": chars, "alphabet": "".join(alphabet),
+                   "recordings": len(rec.files), "kept": len(keep), "dropped": dict(dropped),
+                   "split_by": "speaker" if by_speaker else "recording (fewer than 3 speakers)",
+                   "speakers": {s: len({speakers[i] for i in ix}) for s, ix in idx.items()},
+                   "seconds": seconds, "unseen_characters": unseen, **rec.made},
+        "config": cfg.model_dump(), "seed": seed,
+    }, extra={ALPHABET: json.dumps(alphabet, ensure_ascii=False) + "\n",
+              TEXTS: json.dumps(listing, ensure_ascii=False) + "\n"},
+        arrays={WAVES: {"pcm": pcm, "lengths": np.array([len(waves[i]) for i in shown])}})
+
+
+# ---------------------------------------------------------------- augmentation
+
+class SpecAugment:
+    """Park et al. 2019's masking on normalised log-mel batches (B, T, n_mels): per utterance `freq_masks` bands
+    of 0..freq_width mel channels and `time_masks` spans of 0..time_width frames set to 0 (the training mean)."""
+
+    def __init__(self, freq_masks: int, freq_width: int, time_masks: int, time_width: int, seed: int):
+        self.masks = ((freq_masks, freq_width, 2), (time_masks, time_width, 1))
+        self.generator = torch.Generator().manual_seed(seed + 7919)  # apart from the init/dropout stream
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        keep = torch.ones(x.shape, dtype=torch.bool)
+        for count, width, dim in self.masks:
+            size = x.shape[dim]
+            if not count or not width:
+                continue
+            w = torch.randint(0, min(width, size) + 1, (x.shape[0], count), generator=self.generator)
+            start = (torch.rand(x.shape[0], count, generator=self.generator) * (size - w + 1)).long()
+            pos = torch.arange(size)[None, None, :]  # (1, 1, size)
+            hit = ((pos >= start[..., None]) & (pos < (start + w)[..., None])).any(1)  # (B, size)
+            keep &= hit.logical_not().unsqueeze(3 - dim)  # (B, 1, F) bands or (B, T, 1) spans
+        return x * keep.to(x.device, x.dtype)
+
+
+# ---------------------------------------------------------------- measuring
+
+def scores(hyp: list[str], refs: list[str], prefix: str) -> dict:
+    """Character and word error rates over the whole split (jiwer: edit distance / reference length), the share
+    of exact transcripts and of empty ones (the blank-only phase of CTC training outputs nothing)."""
+    import jiwer
+
+    return {f"{prefix}_cer": float(jiwer.cer(refs, hyp)), f"{prefix}_wer": float(jiwer.wer(refs, hyp)),
+            f"{prefix}_exact_match": float(np.mean([h == r for h, r in zip(hyp, refs)])),
+            f"{prefix}_empty": float(np.mean([not h for h in hyp]))}
+
+
+def as_text(alphabet: str | list[str], ids: list[list[int]]) -> list[str]:
+    return ["".join(alphabet[i - 1] for i in row) for row in ids]
+
+
+def _texts(data_dir: Path) -> dict:
+    return json.loads((Path(data_dir) / TEXTS).read_text(encoding="utf-8"))
+
+
+def _frames(y: torch.Tensor) -> torch.Tensor:
+    return y[:, 0]
+
+
+# ---------------------------------------------------------------- the step and the kind
+
+class CTCStep(SupervisedStep):
+    """One batch: the frames up to the batch's longest recording through the model, CTC loss against the
+    character ids (per character, averaged over utterances; an alignment that cannot exist counts 0).
+
+    Every `trace_every` steps it also notes, on the device, the share of output steps whose most likely label
+    is the blank and the share of utterances that would decode to nothing: CTC's blank-only phase and its end."""
+
+    trace_every = 5
+
+    def __init__(self, model, cfg, device):
+        super().__init__(model, cfg, device, classify=False)
+        self.trace: list[tuple[int, float, float]] = []  # (optimizer step, blank share, empty share)
+        self.logged = 0  # entries of `trace` already handed out by `drain`
+        self.step_no, self.pending = 0, []
+
+    def __call__(self, i, step, xb, yb):
+        self.step_no = step
+        super().__call__(i, step, xb, yb)
+
+    def outputs(self, xb, yb):
+        frames = _frames(yb)
+        lp = self.model(xb[:, :int(frames.max())], frames)  # (B, T', C)
+        steps = self.model.output_lengths(frames).clamp(1, lp.shape[1])
+        if self.model.training and (self.step_no == 1 or self.step_no % self.trace_every == 0):
+            with torch.no_grad():
+                valid = torch.arange(lp.shape[1], device=lp.device)[None, :] < steps[:, None]  # (B, T')
+                blank = (lp.argmax(-1) == 0) & valid
+                self.pending.append((self.step_no, blank.sum() / valid.sum(),
+                                     (blank.sum(1) == steps).float().mean()))
+        return (lp, steps), yb
+
+    def loss(self, out, y, reduction: str = "mean"):
+        lp, steps = out
+        targets = y[:, 1:]
+        lengths = (targets != 0).sum(1)
+        per = F.ctc_loss(lp.float().transpose(0, 1), targets, steps, lengths, blank=0, reduction="none",
+                         zero_infinity=True) / lengths.clamp(min=1)
+        return per.mean() if reduction == "mean" else per.sum()
+
+    def end_epoch(self, epoch: int) -> dict:
+        self.trace += [(s, float(b), float(e)) for s, b, e in self.pending]  # one sync per epoch
+        self.pending = []
+        return super().end_epoch(epoch)
+
+    def drain(self) -> list[tuple[int, dict]]:
+        out = [(s, {"train_blank_share": b, "train_empty_share": e}) for s, b, e in self.trace[self.logged:]]
+        self.logged = len(self.trace)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, data, prefix: str = "val", batch_size: int = 256) -> dict:
+        self.model.eval()
+        total = 0.0
+        for i in range(0, len(data.y), batch_size):
+            out, y = self.outputs(data.x[i:i + batch_size], data.y[i:i + batch_size])
+            total += float(self.loss(out, y, reduction="sum"))
+        return {f"{prefix}_loss": total / len(data.y)}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "trace": self.trace}
+
+    def load_state_dict(self, s: dict) -> None:
+        super().load_state_dict(s)
+        self.trace = s["trace"]
+        self.logged = len(self.trace)  # a checkpoint is written after its epoch's trace was logged
+
+
+@register_kind
+class SpeechRecognition(Supervised):
+    name, metric, registry = "speech_recognition", "test_wer", "nnlab-asr"
+    lower_is_better = ("test_wer", "test_cer", "test_loss")
+    channels_last = False
+    data, own_models = ("audio",), True
+    summary_columns = ("test_cer", "test_exact_match")
+    val_limit = 500  # validation recordings decoded after each epoch
+
+    def refuse(self, cfg, train) -> list[str]:
+        out = []
+        if cfg.augment.offline_copies:
+            out.append("augment.offline_copies: speech is augmented on the fly (SpecAugment); set it to 0")
+        if train.early_stopping.enabled and train.early_stopping.monitor == "val_accuracy":
+            out.append("train.early_stopping.monitor: speech runs have no accuracy; monitor val_loss")
+        return out
+
+    def augmenter(self, cfg, manifest):
+        a = cfg.augment
+        return SpecAugment(a.freq_masks, a.freq_width, a.time_masks, a.time_width, cfg.seed) if a.enabled else None
+
+    def step(self, model, cfg, seed, device):
+        return CTCStep(model, cfg, device)
+
+    def on_epoch(self, job: Job, epoch: int, metrics: dict, trainer) -> None:
+        """Greedy transcripts of (the first `val_limit` of) the validation recordings: CER, WER, exact and empty."""
+        refs = [t for _, _, t in _texts(job.data_dir)["val"][:self.val_limit]]
+        hyp = self._transcribe(job.model, job.data.x_val[:len(refs)], job.data.y_val[:len(refs)], job.mean, job.std,
+                               job.data.manifest, beam_size=1)
+        metrics |= scores(hyp, refs, "val")
+        job.run.log_series(trainer.step.drain())
+
+    @staticmethod
+    def _transcribe(model, x, y, mean, std, manifest, beam_size: int) -> list[str]:
+        from tasks.train import to_device
+
+        dev = next(model.parameters()).device
+        split = to_device(x, y, mean, std, dev, channels_last=False)
+        ids = decode(model, split.x, _frames(split.y), beam_size)
+        return as_text(manifest["speech"]["alphabet"], ids)
+
+    def after_fit(self, job: Job, result) -> None:
+        m = job.data.manifest
+        job.run.log_figure(error_curves_figure(result.history, f"{job.name} on {m['source']}",
+                                               job.trainer.step.trace), "plots/learning_curve.png")
+        job.run.log_figure(self._spectrogram(job), "plots/spectrogram.png")
+
+    def _spectrogram(self, job: Job):
+        m = job.data.manifest
+        with np.load(Path(job.data_dir) / WAVES) as z:
+            pcm = z["pcm"][0, :int(z["lengths"][0])]
+        served = self._served(job)
+        with torch.no_grad():
+            wave = torch.as_tensor(pcm)[None]
+            mel = served.features(wave.float() / 32768.0)[0]
+            lp = served(wave)[0]
+        masked = None
+        if job.trainer.augment is not None:
+            x = (mel - served.mean) / served.std
+            masked = SpecAugment(*_masks(job.cfg.augment), job.cfg.seed)(x[None])[0]
+        text = as_text(m["speech"]["alphabet"], [_greedy(lp)])[0]
+        ref = _texts(job.data_dir)["test"][0][2]
+        return spectrogram_figure(mel.numpy(), None if masked is None else masked.numpy(), lp.exp().numpy(),
+                                  m["speech"]["alphabet"], f"{job.name}: reference {ref!r}\noutput {text!r}")
+
+    def _served(self, job: Job) -> Transcriber:
+        s = job.data.manifest["speech"]
+        net = copy.deepcopy(job.model).float().cpu().eval()
+        return Transcriber(net, s["sample_rate"], s["n_mels"], job.mean, job.std).eval()
+
+    def served(self, job: Job):
+        s = job.data.manifest["speech"]
+        with np.load(Path(job.data_dir) / WAVES) as z:
+            example = z["pcm"][:1, :int(z["lengths"][0])]
+        job.run.log_file(Path(job.data_dir) / ALPHABET, "data")
+        meta = {"task": self.name, "nnlab.kind": "transcriber", "alphabet": s["alphabet"],
+                "sample_rate": s["sample_rate"], "beam_size": _beam(job.model)}
+        return self._served(job), example, meta, [Path(job.data_dir) / ALPHABET]
+
+    def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
+        listing = _texts(data_dir)
+        m, norm = data.manifest, final["normalization"]
+        beam = _beam(model)
+        step = CTCStep(model, cfg.train, device)
+        metrics = step.evaluate(self.test_split(final, data, device), "test")
+        refs = [t for _, _, t in listing["test"]]
+        hyp = self._transcribe(model, data.x_test, data.y_test, norm["mean"], norm["std"], m, beam)
+        metrics |= scores(hyp, refs, "test")
+        common = Counter(t for _, _, t in listing["train"]).most_common(1)[0][0]
+        base = scores([common] * len(refs), refs, "baseline_test")
+        metrics |= {k: v for k, v in base.items() if not k.endswith("_empty")}
+        print(f"{name}: test CER {metrics['test_cer']:.4f}, WER {metrics['test_wer']:.4f}, exact match "
+              f"{metrics['test_exact_match']:.4f} over {len(refs)} recordings of {m['speech']['speakers']['test']} "
+              f"unheard speakers ({'beam ' + str(beam) if beam > 1 else 'greedy'}); the most common training "
+              f"transcript {common!r} for all: CER {base['baseline_test_cer']:.4f}, WER {base['baseline_test_wer']:.4f}",
+              flush=True)
+        for (_, _, r), h in list(zip(listing["test"], hyp))[:3]:
+            print(f"  {r!r} -> {h!r}", flush=True)
+        table = "file\tspeaker\treference\toutput\tcorrect\n" + "".join(
+            f"{f}\t{s}\t{r}\t{h}\t{str(h == r).lower()}\n" for (f, s, r), h in list(zip(listing["test"], hyp))[:100])
+        fig = error_curves_figure(final["history"], f"{name}: test CER {metrics['test_cer']:.3f}, WER "
+                                  f"{metrics['test_wer']:.3f} (most common transcript: {base['baseline_test_cer']:.2f}, "
+                                  f"{base['baseline_test_wer']:.2f})")
+        return Evaluation(metrics, fig, "plots/error_rates.png", {"nnlab.decoder": f"beam {beam}" if beam > 1 else "greedy"},
+                          texts={"transcriptions.tsv": table})
+
+
+def _beam(model) -> int:
+    return getattr(getattr(model, "o", None), "beam_size", 1)
+
+
+def _masks(a) -> tuple[int, int, int, int]:
+    return a.freq_masks, a.freq_width, a.time_masks, a.time_width
+
+
+def _greedy(lp: torch.Tensor) -> list[int]:
+    from models.speech import greedy
+
+    return greedy(lp[None])[0]
+
+
+# ---------------------------------------------------------------- figures
+
+def error_curves_figure(history: list[dict], title: str, trace: list[tuple[int, float, float]] | None = None):
+    """CTC loss (train, validation) and validation CER, WER, exact and empty outputs per epoch; with the step's
+    trace, the blank-only phase by optimizer step: CTC first learns to output blanks only (every transcript
+    empty, CER 1), then characters."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = range(1, len(history) + 1)
+    fig, axes = plt.subplots(1, 3 if trace else 2, figsize=(15 if trace else 10, 3.6), dpi=110)
+    for split in ("train", "val"):
+        axes[0].plot(epochs, [h[f"{split}_loss"] for h in history], marker=".", label=split)
+    axes[0].set_ylabel("CTC loss per character")
+    for key, label in (("val_cer", "CER"), ("val_wer", "WER"), ("val_empty", "empty outputs"),
+                       ("val_exact_match", "exact match")):
+        if key in history[0]:
+            axes[1].plot(epochs, [h[key] for h in history], marker=".", label=label)
+    axes[1].set_ylabel("validation, share")
+    for ax in axes[:2]:
+        ax.set_xlabel("epoch")
+    if trace:
+        steps = [t[0] for t in trace]
+        axes[2].plot(steps, [t[1] for t in trace], label="output steps labelled blank")
+        axes[2].plot(steps, [t[2] for t in trace], label="utterances decoding to nothing")
+        axes[2].set_xlabel("optimizer step")
+        axes[2].set_ylabel("training batches, share")
+        axes[2].set_title("the blank-only phase", fontsize=9)
+    for ax in axes[1:]:
+        ax.set_ylim(0, 1.05)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def spectrogram_figure(mel: np.ndarray, masked: np.ndarray | None, probs: np.ndarray, alphabet: str, title: str):
+    """One test recording: its log-mel spectrogram, the same with SpecAugment's masks (when training used them)
+    and the trained model's per-step character probabilities (blank row first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [("log-mel", mel.T)] + ([("SpecAugment (normalised)", masked.T)] if masked is not None else [])
+    rows.append(("CTC output", probs.T))
+    fig, axes = plt.subplots(len(rows), 1, figsize=(9, 2.2 * len(rows)), dpi=110, squeeze=False)
+    for ax, (label, img) in zip(axes[:, 0], rows):
+        ax.imshow(img, aspect="auto", origin="lower" if label != "CTC output" else "upper", cmap="magma",
+                  interpolation="nearest")
+        ax.set_ylabel(label, fontsize=8)
+    out = axes[-1, 0]
+    labels = ["_"] + [c if c != " " else "␣" for c in alphabet]
+    out.set_yticks(range(len(labels)), labels, fontsize=5)
+    out.set_xlabel("output step (20 ms)" if probs.shape[0] * 2 <= mel.shape[0] + 2 else "output step")
+    axes[0, 0].set_xlabel("frame (10 ms)")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
