@@ -76,17 +76,26 @@ class FrontEnd(nn.Module):
         self.norms = nn.ModuleList([nn.BatchNorm1d(channels) for _ in self.convs])
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, n_mels) -> (B, T', channels)
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, n_mels) -> (B, T', channels). With `lengths`, every layer reads zeros past each recording's end,
+        as a recording alone would: batching never changes a transcript."""
         x = x.transpose(1, 2)
         for conv, norm in zip(self.convs, self.norms):
+            if lengths is not None:
+                x = x * (torch.arange(x.shape[2], device=x.device)[None, :] < lengths[:, None]).unsqueeze(1)
+                lengths = _conv_lengths(conv, lengths)
             x = self.drop(F.relu(norm(conv(x))))
         return x.transpose(1, 2)
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         for conv in self.convs:
-            k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
-            lengths = torch.div(lengths + 2 * p - k, s, rounding_mode="floor") + 1
+            lengths = _conv_lengths(conv, lengths)
         return lengths
+
+
+def _conv_lengths(conv: nn.Conv1d, lengths: torch.Tensor) -> torch.Tensor:
+    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    return torch.div(lengths + 2 * p - k, s, rounding_mode="floor") + 1
 
 
 class CTCOptions(Options):
@@ -118,7 +127,7 @@ class CTCRecognizer(nn.Module):
         return self.front.output_lengths(lengths)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.front(x)  # (B, T', channels)
+        h = self.front(x, lengths)  # (B, T', channels)
         if lengths is None:
             h, _ = self.rnn(h)
         else:
@@ -163,10 +172,9 @@ class ConformerBlock(nn.Module):
         x = x + 0.5 * self.ff1(x)
         a = self.attn_norm(x)
         x = x + self.drop(self.attn(a, a, a, key_padding_mask=pad, need_weights=False)[0])
-        c = self.conv_norm(x)
+        c = F.glu(self.pointwise_in(self.conv_norm(x).transpose(1, 2)), dim=1)  # (B, d, T)
         if pad is not None:
-            c = c.masked_fill(pad.unsqueeze(-1), 0.0)  # padding never leaks into real steps through the kernel
-        c = F.glu(self.pointwise_in(c.transpose(1, 2)), dim=1)
+            c = c.masked_fill(pad.unsqueeze(1), 0.0)  # padding never leaks into real steps through the kernel
         c = self.pointwise_out(F.silu(self.conv_bn(self.depthwise(c))))
         x = x + self.drop(c.transpose(1, 2))
         return self.final(x + 0.5 * self.ff2(x))
@@ -193,7 +201,7 @@ class Conformer(nn.Module):
         return self.front.output_lengths(lengths)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.proj(self.front(x))  # (B, T', d)
+        h = self.proj(self.front(x, lengths))  # (B, T', d)
         h = h + sinusoidal(h.shape[1], h.shape[2], h.device).to(h.dtype)
         pad = None
         if lengths is not None:
