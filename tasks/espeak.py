@@ -1,9 +1,10 @@
 """Speech synthesised offline with eSpeak NG: the `synth_speech` source's recordings.
 
 The library and its voices come from the `espeakng-loader` wheel (a system `libespeak-ng` is used only when the
-wheel is missing). eSpeak NG keeps state between utterances (its pitch flutter runs on across calls), so the
-same utterances come out bit-identical only from a fresh library in the same order: `synthesise` runs in a
-fresh process each time, which also keeps a crash in the C library away from the caller. Nothing here imports
+wheel is missing). eSpeak NG keeps state between utterances (its pitch flutter runs on across calls) and its
+breathy variants draw noise from the C library's rand(), so the same utterances come out bit-identical only
+from a fresh library, in the same order, with rand() seeded per utterance: `synthesise_fresh` runs it in a new
+process each time, which also keeps a crash in the C library away from the caller. Nothing here imports
 torch, so that process starts in a second.
 """
 from __future__ import annotations
@@ -78,6 +79,7 @@ def synthesise(utterances: list[Utterance], sample_rate: int, folder: str, seed:
 
     callback = callback_type(collect)  # kept referenced while the library may call it
     lib.espeak_SetSynthCallback(callback)
+    libc = ctypes.CDLL(None)  # breathy variants draw their noise from the C library's rand()
     rng = np.random.default_rng(seed)
     g = np.gcd(sample_rate, native)
     durations = []
@@ -87,6 +89,9 @@ def synthesise(utterances: list[Utterance], sample_rate: int, folder: str, seed:
         lib.espeak_SetParameter(RATE, u.rate, 0)
         lib.espeak_SetParameter(PITCH, u.pitch, 0)
         chunks.clear()
+        libc.srand(seed + i)
+        if hasattr(lib, "espeak_ng_SetRandSeed"):
+            lib.espeak_ng_SetRandSeed(seed + i)
         text = u.text.encode()
         lib.espeak_Synth(text, len(text) + 1, 0, 1, 0, UTF8, None, None)
         lib.espeak_Synchronize()

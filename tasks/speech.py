@@ -357,11 +357,11 @@ class CTCStep(SupervisedStep):
         return {f"{prefix}_loss": total / len(data.y)}
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "trace": self.trace}
+        return {**super().state_dict(), "trace": list(self.trace)}
 
     def load_state_dict(self, s: dict) -> None:
         super().load_state_dict(s)
-        self.trace = s["trace"]
+        self.trace = list(s["trace"])
         self.logged = len(self.trace)  # a checkpoint is written after its epoch's trace was logged
 
 
