@@ -27,7 +27,7 @@ def test_forward_backward_shape_no_nan(name, shape):
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_has_a_family_and_description(name):
     spec = get_spec(name)
-    assert spec.family in ("mlp", "cnn", "rnn", "transformer", "gan", "transfer", "seq2seq")
+    assert spec.family in ("mlp", "cnn", "rnn", "transformer", "gan", "transfer", "seq2seq", "speech")
     assert spec.description
 
 
