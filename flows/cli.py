@@ -69,8 +69,11 @@ def load(params: Path, sets: list[str] | None, models: str | None = None, runs: 
     """Validated config; with `models` (a,b) only those runs, with `runs` else params.yaml's `run`."""
     from tasks.config import ConfigError, load_config, select_models
 
+    names = [m.strip() for m in models.split(",") if m.strip()] if models is not None else None
+    if names == []:
+        fail(f"--models: {models!r} names no run; give one or more entries of params.yaml's `models`, comma-separated "
+             "(e.g. --models mlp,simple_cnn), or leave --models out to train params.yaml's `run`")
     try:
-        names = [m.strip() for m in models.split(",") if m.strip()] if models else None
         cfg = load_config(params, sets or [], names)
         if runs and not names:
             cfg = select_models(cfg, cfg.runs())
