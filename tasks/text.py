@@ -168,7 +168,7 @@ def _download(url: str, dest: Path) -> None:
 
 
 def read_imdb(cfg: DataConfig):
-    from tasks.data import _progress
+    from tasks.progress import bar
 
     folder = imdb_folder(cfg)
     classes = ["neg", "pos"]
@@ -178,7 +178,7 @@ def read_imdb(cfg: DataConfig):
         if not files or len({i for _, i in files}) < 2:
             raise _error(f"{folder / split}: expected review files in both neg/ and pos/")
         texts = [p.read_text(encoding="utf-8", errors="replace")
-                 for p, _ in _progress(files, f"reading {len(files)} {split} reviews")]
+                 for p, _ in bar(files, f"reading {len(files)} {split} reviews")]
         return np.array(texts, dtype=object), np.array([i for _, i in files], dtype=np.int64)
 
     x, y = read("train")
