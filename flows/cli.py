@@ -475,7 +475,9 @@ def translate_images(net, meta: dict, path: Path, out: Path, uri: str) -> None:
 def tracking_server(
         ctx: typer.Context,
         backend_store_uri: Annotated[str, typer.Option(
-            help="PostgreSQL database for runs and the registry (created if missing)")]
+            help="PostgreSQL database for runs and the registry (created if missing); with a password, set it "
+                 "in MLFLOW_BACKEND_STORE_URI or ~/.pgpass instead: a command line is visible to every user",
+            envvar="MLFLOW_BACKEND_STORE_URI", show_envvar=False)]
         = "postgresql://postgres@127.0.0.1:5432/mlflow",
         artifacts_destination: Annotated[str, typer.Option(
             help="folder (or s3://... URI) where the server keeps artifacts; clients go through the server")]
@@ -493,7 +495,7 @@ def tracking_server(
             typer.echo(f"created database {backend_store_uri.rsplit('/', 1)[-1].split('?')[0]}")
     except StoreUnreachable as e:
         fail(str(e))
-    cmd = server_command(backend_store_uri, artifacts_destination, host, port, workers, ctx.args)
+    cmd = server_command(artifacts_destination, host, port, workers, ctx.args)
     uri = server_client_uri(host, port)
     typer.echo(f"MLflow tracking server on {uri}, artifacts in {cmd[cmd.index('--artifacts-destination') + 1]}"
                " (Ctrl-C to stop)")
@@ -502,7 +504,7 @@ def tracking_server(
         typer.secho(f"bound to {host}: whoever reaches this port can read and write every run and model; put it "
                     "behind authentication (README: a shared tracking server)", fg="yellow", err=True)
     sys.stdout.flush()
-    os.execve(cmd[0], cmd, {**os.environ, **server_env()})
+    os.execve(cmd[0], cmd, {**os.environ, **server_env(backend_store_uri)})
 
 
 @app.command("example-csv")

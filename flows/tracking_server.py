@@ -74,31 +74,35 @@ def ensure_database(uri: str) -> bool:
     return True
 
 
-def server_command(backend_store_uri: str, artifacts_destination: str | Path, host: str, port: int,
-                   workers: int | None = None, extra: list[str] | tuple = ()) -> list[str]:
-    """`mlflow server` on `backend_store_uri`, artifacts uploaded and downloaded through the server
-    (clients need no access to the folder; runs record mlflow-artifacts:/ URIs). `extra`: further
-    `mlflow server` options (--app-name basic-auth, --allowed-hosts ...)."""
+def server_command(artifacts_destination: str | Path, host: str, port: int, workers: int | None = None,
+                   extra: list[str] | tuple = ()) -> list[str]:
+    """`mlflow server`, artifacts uploaded and downloaded through the server (clients need no access to the
+    folder; runs record mlflow-artifacts:/ URIs). `extra`: further `mlflow server` options (--app-name
+    basic-auth, --allowed-hosts ...). The store's URI is not on the command line, where every user's `ps` would
+    show its password: `server_env` passes it."""
     import sys
 
     dest = str(artifacts_destination)
     if "://" not in dest:  # a local folder: absolute, so the server's working directory does not matter
         dest = str(Path(dest).expanduser().resolve())
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", server_store_uri(backend_store_uri),
-           "--serve-artifacts", "--artifacts-destination", dest, "--host", host, "--port", str(port)]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--serve-artifacts", "--artifacts-destination", dest,
+           "--host", host, "--port", str(port)]
     if workers:
         cmd += ["--workers", str(workers)]
     return cmd + list(extra)
 
 
-def server_env() -> dict[str, str]:
-    """Environment for the server; a user's own settings win. MLflow 3 starts a job runner and 7 consumer
-    processes (GenAI scorers and judges, ~1 GB) beside any SQL-backed server: nnlab uses none of it. MLflow
-    reads DO_NOT_TRACK only when it is "true": the project's DO_NOT_TRACK=1 is passed on explicitly."""
+def server_env(backend_store_uri: str) -> dict[str, str]:
+    """Environment for the server: the store's URI (MLflow's own MLFLOW_BACKEND_STORE_URI; a process's
+    environment is readable by its user only, its command line by everyone), then defaults a user's own settings
+    win over. MLflow 3 starts a job runner and 7 consumer processes (GenAI scorers and judges, ~1 GB) beside any
+    SQL-backed server: nnlab uses none of it. MLflow reads DO_NOT_TRACK only when it is "true": the project's
+    DO_NOT_TRACK=1 is passed on explicitly."""
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     if os.environ.get("DO_NOT_TRACK", "").lower() in ("1", "true", "yes"):
         env["MLFLOW_DISABLE_TELEMETRY"] = "true"
-    return {k: v for k, v in env.items() if k not in os.environ}
+    return {**{k: v for k, v in env.items() if k not in os.environ},
+            "MLFLOW_BACKEND_STORE_URI": server_store_uri(backend_store_uri)}
 
 
 def server_client_uri(host: str, port: int) -> str:

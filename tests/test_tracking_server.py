@@ -93,21 +93,21 @@ def stop(server: subprocess.Popen) -> bool:
 
 
 def test_server_command_and_store_uri(monkeypatch):
-    cmd = server_command("postgresql://postgres@127.0.0.1:5432/mlflow", "rel/art", "127.0.0.1", 5001, 2,
-                         ["--app-name", "basic-auth"])
+    cmd = server_command("rel/art", "127.0.0.1", 5001, 2, ["--app-name", "basic-auth"])
     assert cmd[1:4] == ["-m", "mlflow", "server"] and "--serve-artifacts" in cmd
+    assert "--backend-store-uri" not in cmd  # a password there is in every user's `ps`: the environment has it
+    env = server_env("postgresql://postgres:pw@127.0.0.1:5432/mlflow")
     # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not installed: psycopg2 is named
-    assert cmd[cmd.index("--backend-store-uri") + 1] == "postgresql+psycopg2://postgres@127.0.0.1:5432/mlflow"
+    assert env["MLFLOW_BACKEND_STORE_URI"] == "postgresql+psycopg2://postgres:pw@127.0.0.1:5432/mlflow"
     assert Path(cmd[cmd.index("--artifacts-destination") + 1]).is_absolute()
     assert cmd[-6:] == ["--port", "5001", "--workers", "2", "--app-name", "basic-auth"]
-    assert server_command("sqlite:///x.db", "s3://b/p", "0.0.0.0", 5000)[-5:] == \
-        ["s3://b/p", "--host", "0.0.0.0", "--port", "5000"]
+    assert server_command("s3://b/p", "0.0.0.0", 5000)[-5:] == ["s3://b/p", "--host", "0.0.0.0", "--port", "5000"]
     assert server_store_uri("postgresql+psycopg://a@h/d") == "postgresql+psycopg://a@h/d"
     # no GenAI job runner (7 processes, ~1 GB) unless asked for; the user's own setting wins
     monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
-    assert server_env()["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    assert server_env("sqlite:///x.db")["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
     monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "true")
-    assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION" not in server_env()
+    assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION" not in server_env("sqlite:///x.db")
 
 
 def test_unreachable_postgres_is_a_clear_exit_2(tmp_path):
@@ -125,10 +125,11 @@ def test_sweep_of_parallel_cells_through_the_server(tmp_path, database):
     (8 processes at once are tested against SQLite in test_sweep.py, where contention is the risk.)"""
     port, artifacts = free_port(), tmp_path / "server-artifacts"
     log = (tmp_path / "server.log").open("w")
+    secret = f"pw-{uuid.uuid4().hex}"  # trust authentication ignores it; no process may show it
     server = subprocess.Popen(
-        [NNLAB, "tracking-server", "--backend-store-uri", f"postgresql://postgres@127.0.0.1:5432/{database}",
-         "--artifacts-destination", str(artifacts), "--port", str(port), "--workers", "2"],
-        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [NNLAB, "tracking-server", "--artifacts-destination", str(artifacts), "--port", str(port), "--workers", "2"],
+        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_BACKEND_STORE_URI": f"postgresql://postgres:{secret}@127.0.0.1:5432/{database}"})
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
@@ -143,6 +144,7 @@ def test_sweep_of_parallel_cells_through_the_server(tmp_path, database):
             assert time.time() < deadline, "no /health after 90 s: " + (tmp_path / "server.log").read_text()[-3000:]
             time.sleep(0.2)
         assert f"MLFLOW_TRACKING_URI={uri}" in (tmp_path / "server.log").read_text()
+        assert processes_mentioning(secret) == []  # the server and its workers got the password by environment
         assert admin([f"SELECT 1 FROM pg_database WHERE datname = '{database}'"])[0] == [(1,)]  # created by it
 
         name = f"srv-{uuid.uuid4().hex[:8]}"
