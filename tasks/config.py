@@ -50,6 +50,7 @@ class DataConfig(Section):
     classes: list[str] | None = Field(default=None, min_length=2)  # keep only these classes (names; digits: "0".."9")
     text_column: str = "text"  # text_csv: column holding the text
     label_column: str = "label"  # text_csv: column holding the label (strings or integers)
+    drop_missing_labels: bool = False  # text_csv: leave out rows whose label is empty/NaN/NA/null (else an error)
     # lowercased words and punctuation, or characters; None: the source's own (char for charlm, dates and
     # numbers; word for text_csv, imdb, wordlm and pairs)
     tokenizer: Literal["word", "char"] | None = None

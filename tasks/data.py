@@ -191,8 +191,9 @@ def read_image_folder(cfg: DataConfig):
     if not root.is_dir():
         raise DataError(f"image_folder: folder {root} not found; {layout}")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise DataError(f"image_folder: folder {root} has no class sub-folders; {layout}")
+    if len(classes) < 2:
+        raise DataError(f"image_folder: folder {root} has {len(classes)} class sub-folder(s)"
+                        f"{' (' + classes[0] + ')' if classes else ''}; classification needs at least 2; {layout}")
     files = [sorted(_images(root / c)) for c in classes]
     empty = [c for c, f in zip(classes, files) if not f]
     if empty:

@@ -109,6 +109,9 @@ def class_names(labels) -> tuple[np.ndarray, list[str]]:
     return np.array([index[str(v).strip()] for v in labels], dtype=np.int64), names
 
 
+MISSING_LABELS = ("", "nan", "-nan", "na", "n/a", "#n/a", "<na>", "null", "none")  # what spreadsheets write for none
+
+
 def read_text_csv(cfg: DataConfig):
     import pandas as pd
 
@@ -124,7 +127,13 @@ def read_text_csv(cfg: DataConfig):
     for key, col in (("data.text_column", cfg.text_column), ("data.label_column", cfg.label_column)):
         if col not in df.columns:
             raise _error(f"{key}: no column {col!r} in {path}; its columns are: {', '.join(map(str, df.columns))}")
-    df = df[df[cfg.label_column].str.strip() != ""]  # rows without a label cannot be learned from
+    missing = df[cfg.label_column].str.strip().str.lower().isin(MISSING_LABELS)
+    if missing.any() and not cfg.drop_missing_labels:
+        lines = ", ".join(str(i + 2) for i in np.flatnonzero(missing.to_numpy())[:5])  # + header, 1-based
+        raise _error(f"{path}: {int(missing.sum())} of {len(df)} rows have no label in column {cfg.label_column!r} "
+                     f"(empty, NaN, NA, null, ...; lines {lines}{', ...' if missing.sum() > 5 else ''}); fill them in, "
+                     "or set data.drop_missing_labels: true to leave those rows out")
+    df = df[~missing]  # rows without a label cannot be learned from
     y, classes = class_names(df[cfg.label_column])
     if len(classes) < 2:
         raise _error(f"{path}: column {cfg.label_column!r} holds {len(classes)} distinct label(s); "

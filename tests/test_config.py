@@ -111,3 +111,7 @@ def test_cli_bad_params_file_and_models(project):
     assert nnlab("run", "--params", "missing.yaml", cwd=project).returncode == 2
     out = nnlab("run", "--models", "mlp,vgg99", cwd=project)
     assert out.returncode == 2 and "vgg99" in out.stderr
+    for empty in (",", " , ", ""):  # no run named is an error, not "train everything"
+        out = nnlab("run", "--models", empty, cwd=project)
+        assert out.returncode == 2 and "names no run" in out.stderr, out.stderr
+    assert not (project / "data").exists() and not (project / "mlruns").exists()

@@ -244,7 +244,12 @@ def test_image_folder_errors(tmp_path):
         prepare(DataConfig(source="image_folder", path=str(tmp_path / "nope")), 0, tmp_path / "out")
     (tmp_path / "flat").mkdir()
     Image.new("L", (8, 8)).save(tmp_path / "flat" / "a.png")
-    with pytest.raises(DataError, match="no class sub-folders"):
+    with pytest.raises(DataError, match="0 class sub-folder"):
+        prepare(DataConfig(source="image_folder", path=str(tmp_path / "flat")), 0, tmp_path / "out")
+    (tmp_path / "flat" / "cat").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "flat" / "cat" / "a.png")
+    # one class is no classification (it used to train and report accuracy 1.0000)
+    with pytest.raises(DataError, match=r"1 class sub-folder\(s\) \(cat\); classification needs at least 2"):
         prepare(DataConfig(source="image_folder", path=str(tmp_path / "flat")), 0, tmp_path / "out")
     (tmp_path / "flat" / "empty").mkdir()
     with pytest.raises(DataError, match="no images.*empty"):

@@ -118,6 +118,26 @@ def test_text_csv_errors_name_the_culprit(tmp_path):
     assert not (tmp_path / "d").exists()  # nothing half-written
 
 
+def test_missing_or_single_labels_are_data_errors_unless_dropped(tmp_path):
+    path = write_reviews(tmp_path / "r.csv", n=40)
+    rows = path.read_text().splitlines()
+    rows[3] = rows[3].rsplit(",", 1)[0] + ",NaN"  # a spreadsheet's empty cell; it used to become class "NaN"
+    rows[7] = rows[7].rsplit(",", 1)[0] + ","
+    path.write_text("\n".join(rows) + "\n")
+    cfg = DataConfig(source="text_csv", path=str(path), text_column="review", label_column="sentiment")
+    with pytest.raises(DataError, match=r"r.csv: 2 of 40 rows have no label in column 'sentiment'.*lines 4, 8.*"
+                                        r"data.drop_missing_labels"):
+        prepare(cfg, 0, tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+    m = prepare(cfg.model_copy(update={"drop_missing_labels": True}), 0, tmp_path / "d")
+    assert m["classes"] == ["neg", "pos"] and sum(m["sizes"].values()) == 38
+    one = tmp_path / "one.csv"
+    one.write_text("review,sentiment\n" + "".join(f"text {i},pos\n" for i in range(30)))
+    with pytest.raises(DataError, match="'sentiment' holds 1 distinct label"):
+        prepare(DataConfig(source="text_csv", path=str(one), text_column="review", label_column="sentiment"), 0,
+                tmp_path / "e")
+
+
 def test_only_sequence_models_take_token_ids(tmp_path):
     from tasks.stages import build
 
