@@ -25,6 +25,7 @@ from tasks.text import VOCAB
 PROCESSED = Path("data/processed")  # where DVC's `prepare` stage writes
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
+REBUILD = "rebuild it with `dvc repro prepare` (or `nnlab run`, which does)"
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}  # PIL modes that become 1 channel when channels is None
@@ -433,8 +434,10 @@ def _read_manifest(out_dir: Path) -> dict:
 
 
 def load_prepared(out_dir: str | Path) -> Dataset:
+    """The splits `prepare` wrote, each of its files checked against the sha256 its manifest recorded."""
     out_dir = Path(out_dir)
     manifest = _read_manifest(out_dir)
+    verify(out_dir, manifest)
     arrays = {}
     for split in SPLITS:
         path = out_dir / f"{split}.npz"
@@ -445,6 +448,18 @@ def load_prepared(out_dir: str | Path) -> Dataset:
         if len(arrays[f"y_{split}"]) != manifest["sizes"][split]:
             raise DataError(f"{path} does not match {out_dir / MANIFEST}; run `nnlab stage prepare` again")
     return Dataset(**arrays, manifest=manifest)
+
+
+def verify(out_dir: Path, manifest: dict) -> None:
+    """Every file the manifest lists has the content `prepare` wrote: a damaged or edited file is named, with
+    the command that rebuilds it, instead of failing later deep in numpy (BadZipFile) or, worse, training."""
+    for name, sha in manifest.get("files", {}).items():
+        path = out_dir / name
+        if not path.is_file():
+            raise DataError(f"{path} missing from prepared data (listed in {out_dir / MANIFEST}); {REBUILD}")
+        if _sha256(path) != sha:
+            raise DataError(f"{path} is damaged or was changed since it was prepared (its sha256 is not the one "
+                            f"{out_dir / MANIFEST} recorded); {REBUILD}")
 
 
 def content_hash(out_dir: str | Path) -> str:

@@ -115,3 +115,23 @@ def test_cli_bad_params_file_and_models(project):
         out = nnlab("run", "--models", empty, cwd=project)
         assert out.returncode == 2 and "names no run" in out.stderr, out.stderr
     assert not (project / "data").exists() and not (project / "mlruns").exists()
+
+
+def test_a_damaged_prepared_file_is_named_with_its_fix(project):
+    from tasks.data import DataError, load_prepared, prepare
+    from tasks.config import DataConfig
+
+    out = project / "data" / "processed"
+    prepare(DataConfig(source="digits"), 0, out)
+    load_prepared(out)  # intact: loads
+    damaged = out / "train.npz"
+    damaged.write_bytes(b"garbage" + damaged.read_bytes()[7:])  # it used to die in numpy: BadZipFile
+    with pytest.raises(DataError, match=r"train.npz is damaged.*dvc repro prepare"):
+        load_prepared(out)
+    run = nnlab("stage", "train", "--model", "mlp", cwd=project)
+    assert run.returncode == 2 and "train.npz is damaged" in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert not (project / "mlruns").exists()  # refused before any MLflow run was opened
+    prepare(DataConfig(source="digits"), 0, out)
+    (out / "val.npz").unlink()
+    with pytest.raises(DataError, match=r"val.npz missing"):
+        load_prepared(out)
