@@ -325,21 +325,37 @@ def load_artifact_json(run_id: str, path: str) -> dict:
 # ---------------------------------------------------------------- reuse of logged models
 
 def resolve_model_uri(ref: str) -> str:
-    """A pinned URI for `ref`: models:/<name>@<alias> -> models:/<name>/<version> (an alias may move later),
-    a bare run id -> runs:/<id>/model; other models:/ and runs:/ URIs unchanged."""
+    """A pinned URI for `ref`, checked against the project's store (`tracking_uri()`, which it also makes MLflow's
+    for the loads that follow: never MLflow's default ./mlflow.db): models:/<name>@<alias> -> models:/<name>/<version>
+    (an alias may move later), a bare run id -> runs:/<id>/model; models:/<name>/<version> and runs:/<id>/... as
+    given, once the version or run is found there."""
     import re
 
+    c = client()  # sets MLflow's tracking URI to the project's store
     if re.fullmatch(r"[0-9a-f]{32}", ref):
-        return f"runs:/{ref}/model"
+        ref = f"runs:/{ref}/model"
     m = re.fullmatch(r"models:/([^@/]+)@([\w.-]+)", ref)
     if m:
         try:
-            version = client().get_model_version_by_alias(m[1], m[2]).version
+            version = c.get_model_version_by_alias(m[1], m[2]).version
         except Exception as e:
             raise LookupError(f"{ref}: no registered model {m[1]!r} with alias {m[2]!r} in {tracking_uri()} "
                               f"({type(e).__name__})") from None
         return f"models:/{m[1]}/{version}"
-    if ref.startswith(("models:/", "runs:/")):
+    m = re.fullmatch(r"models:/([^@/]+)/(\d+)(/.*)?", ref)
+    if m:
+        try:
+            c.get_model_version(m[1], m[2])
+        except Exception as e:
+            raise LookupError(f"{ref}: no version {m[2]} of registered model {m[1]!r} in {tracking_uri()} "
+                              f"({type(e).__name__})") from None
+        return ref
+    m = re.fullmatch(r"runs:/([0-9a-f]{32})(/.*)?", ref)
+    if m:
+        try:
+            c.get_run(m[1])
+        except Exception as e:
+            raise LookupError(f"{ref}: no run {m[1]} in {tracking_uri()} ({type(e).__name__})") from None
         return ref
     raise ValueError(f"{ref!r} is not a model reference: use models:/<name>@<alias>, models:/<name>/<version>, "
                      "runs:/<run id>/model or a run id")
@@ -376,7 +392,8 @@ def extra_file(uri: str, name: str) -> dict | None:
     import mlflow.artifacts
 
     try:
-        return json.loads(Path(mlflow.artifacts.download_artifacts(f"{uri}/extra_files/{name}")).read_text())
+        return json.loads(Path(mlflow.artifacts.download_artifacts(f"{uri}/extra_files/{name}",
+                                                                   tracking_uri=tracking_uri())).read_text())
     except Exception:
         return None
 

@@ -2,6 +2,7 @@
 vocabulary as a DVC output and MLflow artifact, and text classification / language modelling end to end."""
 import csv
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -246,11 +247,23 @@ def test_lstm_and_transformer_learn_a_text_csv_task(arch, options, tmp_path, mon
     model = mlflow.pytorch.load_model(uri)
     probs = model(torch.as_tensor(vocab.encode(["what a wonderful superb film", "boring and dreadful stuff"])))
     assert probs.argmax(1).tolist() == [1, 0]  # classes ["neg", "pos"]
-    if arch == "lstm":  # the CLI does the same from the alias
-        out = subprocess.run([NNLAB, "predict", f"models:/{cfg.register.name}@champion", "-t", "Superb, I love it",
-                              "-t", "I hate this"], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        assert [line.split()[0] for line in out.stdout.splitlines()] == ["pos", "neg"]
+    if arch == "lstm":  # the CLI does the same from every form of reference, in the project's store
+        # a user's project: no MLFLOW_TRACKING_URI, the store is ./mlruns (here: the session's store, linked)
+        proj = tmp_path / "proj"
+        proj.mkdir()
+        (proj / "mlruns").symlink_to(Path(os.environ["MLFLOW_TRACKING_URI"][len("sqlite:///"):]).parent)
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        refs = [f"models:/{cfg.register.name}@champion", uri, f"runs:/{trained.run_id}/model", trained.run_id]
+        procs = [subprocess.Popen([NNLAB, "predict", ref, "-t", "Superb, I love it", "-t", "I hate this"], cwd=proj,
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for ref in refs]
+        for ref, p in zip(refs, procs):
+            stdout, stderr = p.communicate(timeout=180)
+            assert p.returncode == 0, f"{ref}: {stderr[-2000:]}"
+            assert [line.split()[0] for line in stdout.splitlines()] == ["pos", "neg"], ref
+        assert not (proj / "mlflow.db").exists()  # MLflow's default store was never touched
+        bad = subprocess.run([NNLAB, "predict", f"models:/{cfg.register.name}/99", "-t", "x"], cwd=proj, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and "no version 99" in bad.stderr, bad.stderr
 
 
 @pytest.mark.slow
