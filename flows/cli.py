@@ -294,8 +294,9 @@ def read_texts(text: list[str] | None, file: Path | None, verb: str) -> list[str
 
 
 def served_model(ref: str):
-    """tracking.load_served, its errors as exit 2."""
-    from tasks.tracking import load_served
+    """stages.load_served (rebuilt from weights, never unpickled), its errors (UnsafeCheckpoint among them) as
+    exit 2."""
+    from tasks.stages import load_served
 
     try:
         return load_served(ref)

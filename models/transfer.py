@@ -112,7 +112,7 @@ def _logged_features(ref: str, checkpoint: dict | str | None) -> tuple[nn.Sequen
         raise ValueError(f"transfer: base {ref!r} names a logged model; build it through the pipeline "
                          "(tasks.stages.build fetches its checkpoint) or pass base_checkpoint")
     final = checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location="cpu",
-                                                                       weights_only=False)
+                                                                       weights_only=True)
     net = create_model(final["arch"], input_shape=tuple(final["input_shape"]), num_classes=final["num_classes"],
                        **final["options"])
     net.load_state_dict(final["model"])

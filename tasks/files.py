@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,8 +30,54 @@ def write_json(path: str | Path, data) -> None:
 
 
 def save_torch(path: str | Path, obj) -> None:
+    """Save `obj` as tensors and plain data only (numpy values become tensors and Python numbers), so that
+    `load_torch` reads it back without unpickling anything that could run code."""
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        torch.save(_plain(obj), tmp)
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint holding more than tensors and plain data: refused, never unpickled."""
+
+
+def load_torch(path: str | Path, map_location="cpu"):
+    """A checkpoint `save_torch` wrote (tensors, dicts, lists, numbers, strings), read with torch's weights-only
+    unpickler: a file that asks to build any other object (a planted pickle that would run code) is refused
+    with UnsafeCheckpoint, nothing of it runs."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsafeCheckpoint(f"{path}: refused to load: it holds more than weights and plain data, and loading it "
+                               f"could run code ({first[:200]}); nnlab writes only tensors and plain data, so this "
+                               "file was not written by it or was tampered with") from None
+
+
+def _plain(obj):
+    import numpy as np
+    import torch
+
+    if isinstance(obj, OrderedDict):  # a state_dict: keep its type and the version metadata modules read back
+        out = OrderedDict((k, _plain(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        out = [_plain(v) for v in obj]
+        return out if isinstance(obj, list) else tuple(out)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
 

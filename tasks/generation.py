@@ -120,11 +120,14 @@ class Generation(Kind):
         model, m = job.model, job.data.manifest
         image = len(m["input_shape"]) == 3
         max_value = raw_max(m) if image else 0.0
-        sampler = Sampler(copy.deepcopy(model.generator).float().cpu(), model.latent_dim, job.mean, job.std, image,
-                          max_value)
+        sampler = self.wrap(copy.deepcopy(model).float().cpu(), m, job.mean, job.std)
         example = torch.randn(4, model.latent_dim, generator=torch.Generator().manual_seed(0)).numpy()
         return sampler, example, {"nnlab.kind": "generator", "latent_dim": model.latent_dim, "image": image,
                                   "max_value": max_value, "shape": m["input_shape"], "source": m["source"]}, None
+
+    def wrap(self, net, manifest, mean, std):
+        image = len(manifest["input_shape"]) == 3
+        return Sampler(net.generator, net.latent_dim, mean, std, image, raw_max(manifest) if image else 0.0)
 
     def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
         return evaluate_generator(cfg, name, model, final, data, data_dir, device)
@@ -234,7 +237,9 @@ def trained_judge(cfg: Config, key: str, train, val, test, classes: list[str], d
     cache = Path(".nnlab/judges") / f"simple_cnn-{key}.pt"
     clf = create_model("simple_cnn", input_shape=tuple(train[0].shape[1:]), num_classes=len(classes))
     if cache.is_file():
-        state = torch.load(cache, map_location="cpu", weights_only=False)
+        from tasks.files import load_torch
+
+        state = load_torch(cache)
         clf.load_state_dict(state["model"])
         return clf.to(device).eval(), state["judge"], stats
     seed_everything(cfg.seed)

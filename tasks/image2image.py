@@ -465,10 +465,13 @@ class ImageTranslation(Kind):
 
     def served(self, job: Job):
         m = job.data.manifest
-        net = ImageTranslator(copy.deepcopy(job.model.generators()[0]).float().cpu().eval())
+        net = self.wrap(copy.deepcopy(job.model).float().cpu(), m, job.mean, job.std)
         example = job.data.x_val[:4].astype(np.float32)
         return net, example, {"nnlab.kind": "image_translator", "shape": m["input_shape"], "max_value": 255.0,
                               "source": m["source"], "domains": m["domains"]}, None
+
+    def wrap(self, net, manifest, mean, std):
+        return ImageTranslator(net.generators()[0].eval())
 
     def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
         return evaluate_translation(cfg, name, model, data, Path(data_dir), device)

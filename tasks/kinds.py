@@ -101,6 +101,12 @@ class Kind:
         """(the module logged and registered, an input example, metadata, extra files)."""
         raise NotImplementedError
 
+    def wrap(self, net: "nn.Module", manifest: dict, mean: list[float], std: list[float]) -> "nn.Module":
+        """The served module around a trained network (a CPU float32 copy) for data `manifest` scaled by
+        mean/std: what `served` logs, and what nnlab rebuilds from a run's weights-only checkpoint to serve it
+        (tasks/stages.py load_served) instead of unpickling the logged model."""
+        raise NotImplementedError
+
     def evaluate(self, cfg: "Config", name: str, model: "nn.Module", final: dict, data: "Dataset", data_dir: Path,
                  device: "torch.device") -> Evaluation:
         raise NotImplementedError

@@ -431,9 +431,11 @@ class SpeechRecognition(Supervised):
                                   m["speech"]["alphabet"], f"{job.name}: reference {ref!r}\noutput {text!r}")
 
     def _served(self, job: Job) -> Transcriber:
-        s = job.data.manifest["speech"]
-        net = copy.deepcopy(job.model).float().cpu().eval()
-        return Transcriber(net, s["sample_rate"], s["n_mels"], job.mean, job.std).eval()
+        return self.wrap(copy.deepcopy(job.model).float().cpu(), job.data.manifest, job.mean, job.std)
+
+    def wrap(self, net, manifest, mean, std):
+        s = manifest["speech"]
+        return Transcriber(net.eval(), s["sample_rate"], s["n_mels"], mean, std).eval()
 
     def served(self, job: Job):
         s = job.data.manifest["speech"]

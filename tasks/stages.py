@@ -15,7 +15,7 @@ from models.registry import count_parameters, create_model, get_spec, list_model
 from tasks.augment import AUGMENTED, BatchAugment, raw_max
 from tasks.config import Config, flatten, params_hash
 from tasks.data import PROCESSED, load_prepared, prepare
-from tasks.files import atomic_path, save_torch, write_json
+from tasks.files import atomic_path, load_torch, save_torch, write_json
 from tasks.kinds import Job, Kind, get_kind, kind_of, main_metric, register_name
 from tasks.progress import EpochProgress
 from tasks.tracking import Run, git_commit
@@ -203,7 +203,7 @@ def _finish(job: Job, kind: Kind, result: FitResult, options: dict, out_dir: Pat
         "normalization": {"mean": job.mean, "std": job.std}, "config": cfg.model_dump(),
         "data_hash": m["data_hash"], "task": kind.name, "series": m.get("series"), "source": m["source"],
         "vocab_size": m.get("vocab_size"), "max_value": raw_max(m) if len(m["input_shape"]) == 3 else 0.0,
-        "run_id": run.run_id, "history": result.history, "epochs": result.epochs, "best_epoch": result.best_epoch,
+        "manifest": m, "run_id": run.run_id, "history": result.history, "epochs": result.epochs, "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early, "seconds": result.seconds, "model_uri": model_uri,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
@@ -252,7 +252,7 @@ def _log_health(run: Run, trainer: Trainer) -> list[str]:
 
 def _open_run(cfg, name, arch, manifest, params, phash, ckpt_path, trainer, parent_run_id, extra_tags):
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=trainer.device, weights_only=False)
+        state = load_torch(ckpt_path, map_location=trainer.device)
         try:
             run = Run.reopen(state["run_id"])
         except Exception:  # the run was deleted from the store: start over
@@ -277,11 +277,33 @@ def _open_run(cfg, name, arch, manifest, params, phash, ckpt_path, trainer, pare
 
 
 def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild a trained network from its self-describing `model.pt`."""
-    final = torch.load(path, map_location=device, weights_only=False)
+    """Rebuild a trained network from its self-describing `model.pt` (weights and plain data only)."""
+    final = load_torch(path, map_location=device)
+    return rebuild(final, device), final
+
+
+def rebuild(final: dict, device: torch.device | str = "cpu") -> torch.nn.Module:
     model = build(final["arch"], final["options"], final)
     model.load_state_dict(final["model"])
-    return model.to(device).eval(), final
+    return model.to(device).eval()
+
+
+def load_served(ref: str):
+    """(the served module of a logged or registered model, its vocabulary dict or None, its metadata, the pinned
+    URI). The module is rebuilt from the run's self-describing checkpoint, read as weights and plain data only,
+    through the model registry and the kind's `wrap`: nnlab never unpickles the logged MLflow model (a pickle,
+    or a torch.export archive whose weights torch reads with a full unpickler), so a model planted in a shared
+    store cannot run code here. The logged model stays what `mlflow models serve` serves."""
+    from tasks.tracking import extra_file, load_checkpoint, model_metadata
+
+    final, uri = load_checkpoint(ref)
+    if "manifest" not in final:
+        raise LookupError(f"{uri}: trained by an older nnlab (its checkpoint does not describe its data); train it "
+                          "again to serve it")
+    norm = final["normalization"]
+    net = rebuild(final).float()
+    served = get_kind(final["task"]).wrap(net, final["manifest"], norm["mean"], norm["std"]).eval()
+    return served, extra_file(uri, "vocab.json"), model_metadata(uri), uri
 
 
 # ---------------------------------------------------------------- evaluate

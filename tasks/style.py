@@ -140,12 +140,15 @@ class StyleGeneration(Generation):
         job.run.log_figure(mixing_figure(grid, coarse, fine, f"{job.name}: style mixing"), "plots/style_mixing.png")
 
     def served(self, job: Job):
-        sampler, example, metadata, extra = super().served(job)
-        # eval: the fixed noise buffers, no mixing, no w_avg update (a generator in training mode mixes styles)
-        style = StyleSampler(sampler.generator, sampler.latent_dim, job.mean, job.std, sampler.max_value).eval()
+        style, example, metadata, extra = super().served(job)
         G = job.model.generator
         return style, example, {**metadata, "truncation": True, "num_ws": G.num_ws,
                                 "coarse_layers": G.coarse_layers}, extra
+
+    def wrap(self, net, manifest, mean, std):
+        sampler = super().wrap(net, manifest, mean, std)
+        # eval: the fixed noise buffers, no mixing, no w_avg update (a generator in training mode mixes styles)
+        return StyleSampler(sampler.generator, sampler.latent_dim, mean, std, sampler.max_value).eval()
 
     def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
         ev = evaluate_generator(cfg, name, model, final, data, data_dir, device)

@@ -158,12 +158,10 @@ class Supervised(Kind):
             _log_attention(job)
 
     def served(self, job: Job):
-        from models.registry import Deployed
         from tasks.text import VOCAB
 
         m, x_test = job.data.manifest, job.data.x_test
-        net = copy.deepcopy(job.model).float().cpu().to(memory_format=torch.contiguous_format)
-        deployed = Deployed(net, job.mean, job.std, regression=not self.classify, input_dims=len(m["input_shape"]))
+        deployed = self.wrap(copy.deepcopy(job.model).float().cpu(), m, job.mean, job.std)
         tokens = m.get("vocab_size") is not None
         example = x_test[:4] if tokens else x_test[:4].astype(np.float32)
         vocab = Path(job.data_dir) / VOCAB
@@ -171,6 +169,12 @@ class Supervised(Kind):
             job.run.log_file(vocab, "data")
         # the registered model encodes new text with its own vocabulary
         return deployed, example, {"classes": m["classes"]}, [vocab] if tokens else None
+
+    def wrap(self, net, manifest, mean, std):
+        from models.registry import Deployed
+
+        net = net.to(memory_format=torch.contiguous_format)
+        return Deployed(net, mean, std, regression=not self.classify, input_dims=len(manifest["input_shape"]))
 
     def test_split(self, final: dict, data, device) -> Split:
         norm = final["normalization"]

@@ -362,9 +362,11 @@ def resolve_model_uri(ref: str) -> str:
 
 
 def load_checkpoint(ref: str) -> tuple[dict, str]:
-    """(the self-describing checkpoint a training run logged under checkpoint/model.pt, the pinned URI of `ref`)."""
+    """(the self-describing checkpoint a training run logged under checkpoint/model.pt, the pinned URI of `ref`),
+    read as weights and plain data only (tasks.files.load_torch): a planted pickle is refused, never run."""
     import mlflow.artifacts
-    import torch
+
+    from tasks.files import load_torch
 
     uri = resolve_model_uri(ref)
     c = client()
@@ -382,7 +384,7 @@ def load_checkpoint(ref: str) -> tuple[dict, str]:
     except Exception as e:
         raise LookupError(f"{uri}: run {run_id} has no checkpoint/model.pt artifact (not trained by nnlab?): "
                           f"{type(e).__name__}") from None
-    return torch.load(local, map_location="cpu", weights_only=False), uri
+    return load_torch(local), uri
 
 
 def extra_file(uri: str, name: str) -> dict | None:
@@ -398,20 +400,12 @@ def extra_file(uri: str, name: str) -> dict | None:
         return None
 
 
-def load_served(ref: str):
-    """(the logged model, its vocabulary dict or None, its metadata (classes, arch, ...), the pinned URI)."""
-    import mlflow.pytorch
+def model_metadata(uri: str) -> dict:
+    """The metadata logged with a model (its MLmodel file: YAML, no code)."""
     from mlflow.models import get_model_info
 
-    uri = resolve_model_uri(ref)
     try:
-        info = get_model_info(uri)
-        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+        return get_model_info(uri).metadata or {}
     except Exception as e:
-        raise LookupError(f"{uri}: cannot load the model from {tracking_uri()} ({type(e).__name__}: {e})") from None
-    vocab = extra_file(uri, "vocab.json")  # image and series models carry no vocabulary
-    try:
-        model.eval()
-    except NotImplementedError:  # a torch.export program (the default format): already in inference form
-        pass
-    return model, vocab, info.metadata or {}, uri
+        raise LookupError(f"{uri}: cannot read the model's description from {tracking_uri()} ({type(e).__name__}: {e})"
+                          ) from None

@@ -352,7 +352,8 @@ def set_rng_state(rng: dict, shuffle: torch.Generator) -> None:
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     shuffle.set_state(rng["shuffle"])
-    np.random.set_state(rng["numpy"])
+    name, keys, *rest = rng["numpy"]  # saved by tasks.files.save_torch with its key array as a tensor
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     random.setstate(rng["python"])
 
 

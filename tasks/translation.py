@@ -299,12 +299,14 @@ class Translation(Supervised):
 
     def served(self, job: Job):
         m = job.data.manifest
-        net = copy.deepcopy(job.model).float().cpu()
         files = [job.data_dir / VOCAB, job.data_dir / TARGET_VOCAB]
         for f in files:
             job.run.log_file(f, "data")
         meta = {"task": self.name, "tokenizer": m["text"]["tokenizer"]}
-        return Translator(net, m["text"]["target_length"], _beam(job.model)), job.data.x_test[:4], meta, files
+        return self.wrap(copy.deepcopy(job.model).float().cpu(), m, job.mean, job.std), job.data.x_test[:4], meta, files
+
+    def wrap(self, net, manifest, mean, std):
+        return Translator(net, manifest["text"]["target_length"], _beam(net))
 
     def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
         m = data.manifest
