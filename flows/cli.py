@@ -298,6 +298,7 @@ def served_model(ref: str):
     exit 2."""
     from tasks.stages import load_served
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small file: noise
     try:
         return load_served(ref)
     except (LookupError, ValueError) as e:
