@@ -260,6 +260,7 @@ def stage(name: Annotated[str, typer.Argument(help="prepare | augment | train | 
         fail(f"stage {name} needs --model, one of: {', '.join(cfg.models)}")
     from tasks import stages as st
     from tasks.data import DataError
+    from tasks.files import Busy
 
     try:
         if name == "prepare":
@@ -277,7 +278,7 @@ def stage(name: Annotated[str, typer.Argument(help="prepare | augment | train | 
             st.register_stage(cfg, results)
     except DataError as e:
         fail(str(e))
-    except st.TrainingFailed as e:
+    except (st.TrainingFailed, Busy) as e:
         fail(str(e), code=1)
 
 

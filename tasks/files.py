@@ -38,6 +38,39 @@ def save_torch(path: str | Path, obj) -> None:
         torch.save(_plain(obj), tmp)
 
 
+class Busy(RuntimeError):
+    """Another process holds what this one needs (a run being trained)."""
+
+
+@contextmanager
+def exclusive(path: str | Path, what: str):
+    """Hold the lock file `path` while the body runs; a second process asking for it gets Busy at once, naming
+    the holder's PID. flock: the kernel drops the lock when its holder ends, however it ends (kill -9
+    included), so a crashed run never leaves a stale lock. The file itself stays (removing it would let two
+    processes lock two different files)."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise Busy(f"{what} is being trained right now by another nnlab process (pid {holder}); wait for it to "
+                   "finish or stop it (a stopped run resumes from its checkpoint)") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
+
+
 class UnsafeCheckpoint(ValueError):
     """A checkpoint holding more than tensors and plain data: refused, never unpickled."""
 

@@ -15,7 +15,7 @@ from models.registry import count_parameters, create_model, get_spec, list_model
 from tasks.augment import AUGMENTED, BatchAugment, raw_max
 from tasks.config import Config, flatten, params_hash
 from tasks.data import PROCESSED, load_prepared, prepare
-from tasks.files import atomic_path, load_torch, save_torch, write_json
+from tasks.files import atomic_path, exclusive, load_torch, save_torch, write_json
 from tasks.kinds import Job, Kind, get_kind, kind_of, main_metric, register_name
 from tasks.progress import EpochProgress
 from tasks.tracking import Run, git_commit
@@ -139,26 +139,27 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
     params = run_params(cfg, name)
     phash = params_hash(params)
     ckpt_path = CHECKPOINTS / f"{name}-{params_hash([phash, m['data_hash'], parent_run_id])}.pt"
+    # one process per run: a second identical run would resume the first's live checkpoint into its MLflow run
+    with exclusive(ckpt_path.with_suffix(".lock"), f"run {name!r} (same params and data)"):
+        tcfg = cfg.train_for(name)
+        device = resolve_device(tcfg.device)
+        seed_everything(cfg.seed)
+        model = build(arch, options, m)
+        options = getattr(model, "resolved_options", options)  # e.g. a transfer base pinned to its version
+        init_weights(getattr(model, "fresh", model), tcfg.init)  # `fresh`: only the untrained part (transfer's)
+        image = len(m["input_shape"]) == 3
+        channels_last = image and tcfg.channels_last and kind.channels_last
+        model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        augment = kind.augmenter(cfg, m)
+        trainer = Trainer(model, tcfg, cfg.seed, device, kind.step(model, tcfg, cfg.seed, device), augment)
 
-    tcfg = cfg.train_for(name)
-    device = resolve_device(tcfg.device)
-    seed_everything(cfg.seed)
-    model = build(arch, options, m)
-    options = getattr(model, "resolved_options", options)  # e.g. a transfer base pinned to its version
-    init_weights(getattr(model, "fresh", model), tcfg.init)  # `fresh`: only the untrained part (transfer's head)
-    image = len(m["input_shape"]) == 3
-    channels_last = image and tcfg.channels_last and kind.channels_last
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    augment = kind.augmenter(cfg, m)
-    trainer = Trainer(model, tcfg, cfg.seed, device, kind.step(model, tcfg, cfg.seed, device), augment)
-
-    mean, std = kind.scaling(m)
-    train = to_device(data.x_train, data.y_train, mean, std, device, channels_last)
-    val = to_device(data.x_val, data.y_val, mean, std, device, channels_last)
-    run, resumed = _open_run(cfg, name, arch, m, params, phash, ckpt_path, trainer, parent_run_id, extra_tags)
-    job = Job(cfg, name, arch, data, Path(data_dir), model, trainer, run, mean, std)
-    result = _fit(job, kind, train, val, ckpt_path)
-    return _finish(job, kind, result, options, Path(out_dir or f"data/train/{name}"), ckpt_path, resumed)
+        mean, std = kind.scaling(m)
+        train = to_device(data.x_train, data.y_train, mean, std, device, channels_last)
+        val = to_device(data.x_val, data.y_val, mean, std, device, channels_last)
+        run, resumed = _open_run(cfg, name, arch, m, params, phash, ckpt_path, trainer, parent_run_id, extra_tags)
+        job = Job(cfg, name, arch, data, Path(data_dir), model, trainer, run, mean, std)
+        result = _fit(job, kind, train, val, ckpt_path)
+        return _finish(job, kind, result, options, Path(out_dir or f"data/train/{name}"), ckpt_path, resumed)
 
 
 def _fit(job: Job, kind: Kind, train, val, ckpt_path: Path) -> FitResult:

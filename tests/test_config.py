@@ -135,3 +135,38 @@ def test_a_damaged_prepared_file_is_named_with_its_fix(project):
     (out / "val.npz").unlink()
     with pytest.raises(DataError, match=r"val.npz missing"):
         load_prepared(out)
+
+
+def test_a_run_in_training_is_locked_and_its_lock_dies_with_its_process(project):
+    """The same run started twice used to resume the first's live checkpoint into one MLflow run (51 train_loss
+    values for 30 steps, two logged models). Now the second refuses in one line, naming the first's PID; a killed
+    holder leaves no stale lock."""
+    import os
+    import signal
+    import time
+
+    from tasks.config import load_config, params_hash
+    from tasks.data import prepare
+    from tasks.files import Busy, exclusive
+    from tasks.stages import CHECKPOINTS, run_params
+
+    cfg = load_config(project / "params.yaml", [])
+    m = prepare(cfg.data, cfg.seed, project / "data" / "processed")
+    phash = params_hash(run_params(cfg, "mlp"))
+    lock = project / CHECKPOINTS / f"mlp-{params_hash([phash, m['data_hash'], None])}.lock"
+    with exclusive(lock, "mlp"):  # as a training process holds it
+        out = nnlab("stage", "train", "--model", "mlp", cwd=project)
+    assert out.returncode == 1 and f"pid {os.getpid()}" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (project / "mlruns").exists()  # refused before a run was opened
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from tasks.files import exclusive\n"
+                               "with exclusive(sys.argv[1], 'x'):\n print('held', flush=True); time.sleep(60)",
+                               str(lock)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(Busy, match=f"pid {holder.pid}"):
+        with exclusive(lock, "mlp"):
+            pass
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    with exclusive(lock, "mlp"):  # kill -9 released it
+        pass
