@@ -127,7 +127,9 @@ def print_summary(summary: dict, cfg) -> None:
         table.add_row(f["name"], "[red]FAILED[/red]", *["-"] * len(more), "-", "-", f["error"][:60])
     console.print(table)
     reg = summary.get("registered")
-    if reg:
+    if reg and reg.get("registered") is False:
+        console.print(f"[yellow]not registered[/yellow] in {reg['name']}: {reg['reason']}")
+    elif reg:
         console.print(f"registered {reg['name']} v{reg['version']} ({reg['model']}, {metric} "
                       f"{reg[metric]:.4f}) as [bold]{reg['alias']}[/bold]"
                       + (f" ({reg['decision']})" if reg.get("decision", "").startswith("health") else ""))

@@ -65,6 +65,9 @@ class Kind:
     registry = ""  # the registered-model name of its winners when register.name is auto (default nnlab-<name>)
     data: tuple[str, ...] = ()  # the kinds of data (tasks/sources.py DATA) it trains on; empty: any
     own_models = False  # its data trains only the models registered with this kind (translation: encoder-decoders)
+    # ranking metric -> the metric of a trivial predictor on the same test split (majority class, naive forecast,
+    # unigram, most common output): a run must beat it to be registered
+    baselines: dict[str, str] = {}
 
     def metric_for(self, source: str) -> str:
         return self.metric

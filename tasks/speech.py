@@ -368,10 +368,11 @@ class CTCStep(SupervisedStep):
 @register_kind
 class SpeechRecognition(Supervised):
     name, metric, registry = "speech_recognition", "test_wer", "nnlab-asr"
-    lower_is_better = ("test_wer", "test_cer", "test_loss")
+    lower_is_better = ("test_wer", "test_cer", "test_loss", "baseline_test_wer", "baseline_test_cer")
     channels_last = False
     data, own_models = ("audio",), True
     summary_columns = ("test_cer", "test_exact_match")
+    baselines = {"test_wer": "baseline_test_wer", "test_cer": "baseline_test_cer"}
     val_limit = 500  # validation recordings decoded after each epoch
 
     def refuse(self, cfg, train) -> list[str]:

@@ -318,7 +318,14 @@ def evaluate_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, tra
     device = resolve_device(cfg.train.device)
     model, final = load_trained(train_dir / "model.pt", device)
     data = load_prepared(data_dir)
-    ev = get_kind(final.get("task", "classification")).evaluate(cfg, name, model, final, data, Path(data_dir), device)
+    kind = get_kind(final.get("task", "classification"))
+    ev = kind.evaluate(cfg, name, model, final, data, Path(data_dir), device)
+    verdict = beats_baseline(kind, kind.metric_for(final["source"]), ev.metrics)
+    if verdict is not None:
+        ev.tags = {**ev.tags, "nnlab.beats_baseline": str(verdict[0]).lower(), "nnlab.baseline": verdict[1]}
+        ev.summary = {**ev.summary, "beats_baseline": verdict[0], "baseline": verdict[1]}
+        if not verdict[0]:
+            print(f"{name}: does NOT beat the trivial baseline ({verdict[1]}): it will not be registered", flush=True)
     run = Run(final["run_id"])
     run.log_metrics(ev.metrics)
     if ev.tags:
@@ -336,6 +343,19 @@ def evaluate_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, tra
                "seconds": round(final["seconds"], 3)}
     write_json(metrics_path, summary)
     return summary
+
+
+def beats_baseline(kind: Kind, metric: str, metrics: dict) -> tuple[bool, str] | None:
+    """(whether `metric` beats the kind's trivial predictor on the same test split, what was compared), or None
+    when the kind has none for it (GAN samples)."""
+    from tasks.kinds import lower_is_better
+
+    base = kind.baselines.get(metric)
+    if base is None or base not in metrics or metric not in metrics:
+        return None
+    value, ref = metrics[metric], metrics[base]
+    wins = value < ref if lower_is_better(metric) else value > ref
+    return wins, f"{metric} {value:.4f} vs {base} {ref:.4f}"
 
 
 def _write_history(path: Path, history: list[dict]) -> None:

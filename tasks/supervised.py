@@ -184,12 +184,15 @@ class Supervised(Kind):
 @register_kind
 class Classification(Supervised):
     name, metric, registry = "classification", "test_accuracy", "nnlab-classifier"
+    baselines = {"test_accuracy": "majority_test_accuracy"}
 
     def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
         from tasks.evaluate import classification_metrics, confusion_figure, predict
 
         test = self.test_split(final, data, device)
         metrics, cm = classification_metrics(predict(model, test.x), test.y, final["num_classes"])
+        majority = np.bincount(np.asarray(data.y_train), minlength=final["num_classes"]).argmax()
+        metrics["majority_test_accuracy"] = float(np.mean(np.asarray(data.y_test) == majority))
         fig = confusion_figure(cm, final["classes"], f"{name}: test accuracy {metrics['test_accuracy']:.4f}")
         return Evaluation(metrics, fig, "plots/confusion_matrix.png")
 
@@ -199,6 +202,7 @@ class Forecasting(Supervised):
     name, metric, classify, registry = "regression", "test_rmse", False, "nnlab-forecaster"
     lower_is_better = ("test_rmse", "test_mae")
     summary_columns = ("naive_test_rmse",)
+    baselines = {"test_rmse": "naive_test_rmse"}
 
     def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
         """Test RMSE/MAE in the series' units beside the naive and seasonal-naive forecasts of the same windows."""
@@ -227,7 +231,8 @@ class Forecasting(Supervised):
 @register_kind
 class LanguageModel(Supervised):
     name, metric, perplexity, registry = "language_model", "test_perplexity", True, "nnlab-language-model"
-    lower_is_better = ("test_perplexity", "test_loss", "test_perplexity_vs_bigram")
+    lower_is_better = ("test_perplexity", "test_loss", "test_perplexity_vs_bigram", "unigram_test_perplexity")
+    baselines = {"test_perplexity": "unigram_test_perplexity"}
 
     def after_fit(self, job: Job, result) -> None:
         super().after_fit(job, result)
@@ -244,6 +249,9 @@ class LanguageModel(Supervised):
         ce = float(F.cross_entropy(logits.float(), test.y))
         metrics = {"test_accuracy": float((logits.argmax(1) == test.y).float().mean()), "test_loss": ce,
                    "test_perplexity": math.exp(ce)}
+        counts = np.bincount(np.asarray(data.y_train).ravel(), minlength=final["num_classes"]) + 1.0  # add-one
+        p = counts[np.asarray(data.y_test).ravel()] / counts.sum()
+        metrics["unigram_test_perplexity"] = float(np.exp(-np.log(p).mean()))
         print(f"{name}: test perplexity {metrics['test_perplexity']:.3f} over {final['num_classes']} characters "
               f"(uniform guessing: {final['num_classes']}), next-character accuracy {metrics['test_accuracy']:.4f}",
               flush=True)

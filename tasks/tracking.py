@@ -249,6 +249,12 @@ def register_best(name: str, metric: str, results: list[dict], min_delta: float 
     ok = [r for r in results if r.get(metric) is not None]
     if not ok:
         raise ValueError(f"nothing to register: no result has {metric!r}")
+    trivial = [r for r in ok if r.get("beats_baseline") is False]
+    ok = [r for r in ok if r.get("beats_baseline") is not False]
+    if not ok:  # a model at chance is no model: nothing goes into the registry
+        return {"name": name, "registered": False, "metric": metric,
+                "reason": "no run beats its trivial baseline (" + "; ".join(f"{r['name']}: {r['baseline']}"
+                                                                       for r in trivial) + ")"}
     best = (max if higher else min)([r for r in ok if not champion_blockers(r)] or ok, key=lambda r: r[metric])
     out = register_version(name, best["model_uri"], best[metric], min_delta,
                            {"nnlab.run": best["name"], "nnlab.run_id": best["run_id"], metric: best[metric],

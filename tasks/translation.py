@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,6 +276,7 @@ class Translation(Supervised):
     channels_last = False
     data, own_models = ("pairs",), True
     summary_columns = ("test_exact_match", "test_chrf")
+    baselines = {"test_bleu": "baseline_test_bleu", "test_exact_match": "baseline_test_exact_match"}
     val_limit = 1_000  # validation pairs decoded after each epoch
 
     def metric_for(self, source: str) -> str:
@@ -320,6 +322,10 @@ class Translation(Supervised):
         refs = [r for _, r in test_pairs]
         metrics = {"test_loss": forced["test_loss"], "test_token_accuracy": forced["test_accuracy"]}
         metrics |= scores(hyp, refs, "test")
+        train_targets = outputs_as_text(tgt_vocab, [[int(i) for i in row] for row in data.y_train])
+        common = Counter(train_targets).most_common(1)[0][0]
+        base = scores([common] * len(refs), refs, "baseline_test")  # the most common training target, for all
+        metrics |= {k: base[k] for k in ("baseline_test_bleu", "baseline_test_exact_match")}
         lengths = (data.x_test != 0).sum(1)
         long = lengths >= np.quantile(lengths, 2 / 3)  # the longest third of the sources
         metrics["test_exact_match_long"] = float(np.mean([hyp[i] == refs[i] for i in np.flatnonzero(long)]))

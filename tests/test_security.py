@@ -45,7 +45,8 @@ def test_checkpoints_round_trip_as_plain_data_and_refuse_planted_pickles(tmp_pat
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
-    """A text classifier trained for one epoch, logged (MLflow's pickle format: token ids) and registered."""
+    """A text classifier trained briefly (enough to beat the majority class), logged (MLflow's pickle format: token
+    ids) and registered."""
     from tasks.stages import evaluate_stage, register_stage, train_stage
 
     from test_text import write_reviews
@@ -54,16 +55,16 @@ def registered(tmp_path_factory):
     old = Path.cwd()
     os.chdir(work)
     try:
-        path = write_reviews(work / "r.csv", n=120)
+        path = write_reviews(work / "r.csv", n=200)
         name = f"sec-{uuid.uuid4().hex[:6]}"
         cfg = validate({"data": {"source": "text_csv", "path": str(path), "text_column": "review",
                                  "label_column": "sentiment", "max_length": 20},
-                        "train": {"epochs": 1, "device": "cpu", "diagnostics": {"enabled": False}},
-                        "register": {"name": name}, "models": {"lstm": {"hidden": 8, "embedding_dim": 8}}})
+                        "train": {"epochs": 4, "lr": 0.01, "device": "cpu", "diagnostics": {"enabled": False}},
+                        "register": {"name": name}, "models": {"lstm": {"hidden": 16, "embedding_dim": 16}}})
         prepare(cfg.data, 0, work / "d")
         trained = train_stage(cfg, "lstm", work / "d", work / "out")
         r = evaluate_stage(cfg, "lstm", work / "d", work / "out", work / "m.json", work / "p")
-        register_stage(cfg, [r], None)
+        assert register_stage(cfg, [r], None)["alias"] == "champion", r
     finally:
         os.chdir(old)
     return work, name, trained

@@ -103,9 +103,20 @@ def test_lower_rmse_wins_the_champion_alias(tmp_path, monkeypatch):
     assert {"test_rmse", "test_mae", "naive_test_rmse", "seasonal_naive_test_rmse", "test_rmse_vs_naive",
             "arima_test_rmse", "test_rmse_vs_arima"} <= set(r)
     assert 10 < r["arima_test_rmse"] < r["naive_test_rmse"]  # AR(9) beats the naive forecast on sunspots
-    first = register_stage(cfg, [r], None)
-    worse = register_stage(cfg, [{**r, "test_rmse": r["test_rmse"] + 5}], None)
-    better = register_stage(cfg, [{**r, "test_rmse": r["test_rmse"] - 1}], None)
+    # 2 epochs of an MLP lose to the naive forecast: tagged, and never registered (a model at chance is none)
+    from tasks.tracking import client
+
+    assert r["beats_baseline"] is False and r["test_rmse"] > r["naive_test_rmse"], r
+    assert client().get_run(r["run_id"]).data.tags["nnlab.beats_baseline"] == "false"
+    out = register_stage(cfg, [r], None)
+    assert out["registered"] is False and "trivial baseline" in out["reason"] and "naive_test_rmse" in out["reason"]
+    assert client().search_model_versions(f"name = '{cfg.register.name}'") == []  # nothing in the registry
+
+    # among runs that beat it, the lower RMSE takes the champion alias
+    good = {**r, "test_rmse": r["naive_test_rmse"] - 5, "beats_baseline": True}
+    first = register_stage(cfg, [good], None)
+    worse = register_stage(cfg, [{**good, "test_rmse": good["test_rmse"] + 2}], None)
+    better = register_stage(cfg, [{**good, "test_rmse": good["test_rmse"] - 1}, r], None)
     assert (first["alias"], worse["alias"], better["alias"]) == ("champion", "challenger", "champion")
 
 
