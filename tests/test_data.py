@@ -292,5 +292,5 @@ def test_load_prepared_errors(tmp_path):
         content_hash(tmp_path / "never")
     prepare(DataConfig(source="digits"), 0, tmp_path)
     (tmp_path / "val.npz").unlink()
-    with pytest.raises(DataError, match="val.npz.*nnlab stage prepare"):
+    with pytest.raises(DataError, match="val.npz missing.*dvc repro prepare"):
         load_prepared(tmp_path)
