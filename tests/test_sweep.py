@@ -100,13 +100,13 @@ def parent_id(stdout: str) -> str:
 
 
 @pytest.mark.slow
-def test_eight_parallel_cells_lose_nothing_new_store_then_existing(tmp_path):
-    """8 processes logging every epoch into SQLite: a brand-new store (created and migrated once, before the
+def test_six_parallel_cells_lose_nothing_new_store_then_existing(tmp_path):
+    """6 processes logging every epoch into SQLite: a brand-new store (created and migrated once, before the
     cells start), then the same store again (the best cell's seeds); every metric point is there, nothing
-    'database is locked'."""
+    'database is locked'. (6 at once: 3 per core on CI's 2 cores, contention enough; more only adds start-up.)"""
     name = f"sw-{uuid.uuid4().hex[:8]}"
     write_params(tmp_path / "params.yaml", register={"name": name})
-    lrs = [0.001, 0.003, 0.01, 0.03]
+    lrs = [0.001, 0.01, 0.03]
     uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"  # does not exist yet
     for round_ in ("new store", "existing store"):
         (tmp_path / "s.yaml").write_text(dump(spec(grid={"train.lr": lrs, "seed": [0, 1]}, workers=2 * len(lrs))))
@@ -148,9 +148,8 @@ def test_failing_cell_then_kill_and_resume(tmp_path):
     report = next((tmp_path / "reports").glob("t-*/report.md")).read_text()
     assert "1 diverged" in report
 
-    # kill -9 midway through a 6-cell sweep on 1 worker, then resume: only the missing cells run
-    (tmp_path / "s.yaml").write_text(dump(spec(grid={"train.lr": [0.001, 0.002, 0.003, 0.004, 0.005,
-                                                                           0.006]}, workers=1)))
+    # kill -9 midway through a 5-cell sweep on 1 worker, then resume: only the missing cells run
+    (tmp_path / "s.yaml").write_text(dump(spec(grid={"train.lr": [0.001, 0.002, 0.003, 0.004, 0.005]}, workers=1)))
     p = subprocess.Popen([NNLAB, "sweep", "s.yaml"], cwd=tmp_path, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
                          start_new_session=True)
@@ -170,17 +169,17 @@ def test_failing_cell_then_kill_and_resume(tmp_path):
     p.wait()
     finished_before = sum(r.info.status == "FINISHED" and "test_accuracy" in r.data.metrics
                           for r in children(uri, parent)[1])
-    assert 2 <= finished_before < 6
+    assert 2 <= finished_before < 5
 
     # the missing cells on 2 workers (the spec's 1 was only there to be killed midway): --workers applies to a
     # resume too, and the cells left run in half the time
     out = run_sweep(tmp_path, uri, "--resume", parent, "--workers", "2")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "2 worker(s)" in out.stdout
-    assert f"ran {6 - finished_before} now" in out.stdout
+    assert f"ran {5 - finished_before} now" in out.stdout
     c, runs = children(uri, parent)
     finished = [r for r in runs if r.info.status == "FINISHED"]
-    assert len({r.data.tags["nnlab.sweep_cell"] for r in finished}) == 6 == len(finished)
+    assert len({r.data.tags["nnlab.sweep_cell"] for r in finished}) == 5 == len(finished)
     assert c.get_run(parent).info.status == "FINISHED"
 
     # the report on demand, from MLflow alone
@@ -188,7 +187,7 @@ def test_failing_cell_then_kill_and_resume(tmp_path):
                          env={**os.environ, "MLFLOW_TRACKING_URI": uri})
     assert rep.returncode == 0, rep.stderr[-2000:]
     md = (tmp_path / "again" / "report.md").read_text()
-    assert "6 runs, 6 finished" in md and "★" in md
+    assert "5 runs, 5 finished" in md and "★" in md
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)

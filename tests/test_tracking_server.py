@@ -122,7 +122,7 @@ def test_unreachable_postgres_is_a_clear_exit_2(tmp_path):
 def test_sweep_of_parallel_cells_through_the_server(tmp_path, database):
     """4 cells at once, each its own process, all writing over HTTP to one server on PostgreSQL: every child
     run FINISHED with every per-epoch point, artifacts in the server's folder and downloadable, alias set.
-    (8 processes at once are tested against SQLite in test_sweep.py, where contention is the risk.)"""
+    (6 processes at once are tested against SQLite in test_sweep.py, where contention is the risk.)"""
     port, artifacts = free_port(), tmp_path / "server-artifacts"
     log = (tmp_path / "server.log").open("w")
     secret = f"pw-{uuid.uuid4().hex}"  # trust authentication ignores it; no process may show it
