@@ -13,7 +13,6 @@ frames of 40 bands, 2-5 digit words' worth of characters) stand in for data: onl
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.rounds import compare  # noqa: E402
 from models.registry import create_model  # noqa: E402
 from tasks.config import TrainConfig  # noqa: E402
 from tasks.speech import CTCStep  # noqa: E402
@@ -80,16 +80,8 @@ def main() -> None:
     data = Split(x, y)
     print(f"torch threads {torch.get_num_threads()}, {args.n} recordings per epoch, batch {args.batch_size}")
     for arch in args.models.split(","):
-        ours(arch, data, args.batch_size), by_hand(arch, data, args.batch_size)  # warm-up
-        ratios, times = [], []
-        for _ in range(args.rounds):
-            t_ours, t_hand = ours(arch, data, args.batch_size), by_hand(arch, data, args.batch_size)
-            ratios.append(t_hand / t_ours)
-            times.append((t_ours, t_hand))
-        print(f"{arch}: hand-written / ours = {statistics.median(ratios):.3f} (median of {args.rounds} rounds; "
-              f"epoch s ours {statistics.median(t for t, _ in times):.2f}, "
-              f"hand-written {statistics.median(t for _, t in times):.2f})")
-
+        compare(arch, lambda: ours(arch, data, args.batch_size), lambda: by_hand(arch, data, args.batch_size),
+                args.rounds)
 
 if __name__ == "__main__":
     main()

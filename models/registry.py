@@ -81,6 +81,11 @@ def create_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, *
     return spec.build(input_shape=tuple(input_shape), num_classes=num_classes, options=opts)
 
 
+def beam_size(model: nn.Module) -> int:
+    """A decoding model's `beam_size` option (translation, speech): 1, greedy, for every other model."""
+    return getattr(getattr(model, "o", None), "beam_size", 1)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

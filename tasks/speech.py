@@ -35,7 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.speech import LOG_FLOOR, LogMel, Transcriber, decode
+from models.registry import beam_size
+from models.speech import LOG_FLOOR, LogMel, Transcriber, decode, greedy
 from tasks.config import DataConfig
 from tasks.kinds import Evaluation, Job, register_kind
 from tasks.supervised import Supervised, SupervisedStep
@@ -426,7 +427,7 @@ class SpeechRecognition(Supervised):
         if job.trainer.augment is not None:
             x = (mel - served.mean) / served.std
             masked = SpecAugment(*_masks(job.cfg.augment), job.cfg.seed)(x[None])[0]
-        text = as_text(m["speech"]["alphabet"], [_greedy(lp)])[0]
+        text = as_text(m["speech"]["alphabet"], greedy(lp[None]))[0]
         ref = _texts(job.data_dir)["test"][0][2]
         return spectrogram_figure(mel.numpy(), None if masked is None else masked.numpy(), lp.exp().numpy(),
                                   m["speech"]["alphabet"], f"{job.name}: reference {ref!r}\noutput {text!r}")
@@ -444,13 +445,13 @@ class SpeechRecognition(Supervised):
             example = z["pcm"][:1, :int(z["lengths"][0])]
         job.run.log_file(Path(job.data_dir) / ALPHABET, "data")
         meta = {"task": self.name, "nnlab.kind": "transcriber", "alphabet": s["alphabet"],
-                "sample_rate": s["sample_rate"], "beam_size": _beam(job.model)}
+                "sample_rate": s["sample_rate"], "beam_size": beam_size(job.model)}
         return self._served(job), example, meta, [Path(job.data_dir) / ALPHABET]
 
     def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
         listing = _texts(data_dir)
         m, norm = data.manifest, final["normalization"]
-        beam = _beam(model)
+        beam = beam_size(model)
         step = CTCStep(model, cfg.train, device)
         metrics = step.evaluate(self.test_split(final, data, device), "test")
         refs = [t for _, _, t in listing["test"]]
@@ -475,18 +476,10 @@ class SpeechRecognition(Supervised):
                           texts={"transcriptions.tsv": table})
 
 
-def _beam(model) -> int:
-    return getattr(getattr(model, "o", None), "beam_size", 1)
-
 
 def _masks(a) -> tuple[int, int, int, int]:
     return a.freq_masks, a.freq_width, a.time_masks, a.time_width
 
-
-def _greedy(lp: torch.Tensor) -> list[int]:
-    from models.speech import greedy
-
-    return greedy(lp[None])[0]
 
 
 # ---------------------------------------------------------------- figures

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.registry import beam_size
 from models.seq2seq import BOS, EOS, PAD, Translator, decode
 from tasks.config import DataConfig
 from tasks.kinds import Evaluation, Job, register_kind
@@ -241,9 +242,6 @@ def _texts(data_dir: Path) -> dict:
     return json.loads((Path(data_dir) / TEXTS).read_text())
 
 
-def _beam(model) -> int:
-    return getattr(getattr(model, "o", None), "beam_size", 1)
-
 
 # ---------------------------------------------------------------- the step and the kind
 
@@ -308,7 +306,7 @@ class Translation(Supervised):
         return self.wrap(copy.deepcopy(job.model).float().cpu(), m, job.mean, job.std), job.data.x_test[:4], meta, files
 
     def wrap(self, net, manifest, mean, std):
-        return Translator(net, manifest["text"]["target_length"], _beam(net))
+        return Translator(net, manifest["text"]["target_length"], beam_size(net))
 
     def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
         m = data.manifest
@@ -317,7 +315,8 @@ class Translation(Supervised):
         src = torch.as_tensor(data.x_test, device=device)
         step = TranslationStep(model, cfg.train, device)
         forced = step.evaluate(self.test_split(final, data, device), "test")  # teacher-forced loss and accuracy
-        ids, attention = decode(model, src, m["text"]["target_length"], _beam(model))
+        beam = beam_size(model)
+        ids, attention = decode(model, src, m["text"]["target_length"], beam)
         hyp = outputs_as_text(tgt_vocab, ids)
         refs = [r for _, r in test_pairs]
         metrics = {"test_loss": forced["test_loss"], "test_token_accuracy": forced["test_accuracy"]}
@@ -332,7 +331,7 @@ class Translation(Supervised):
         metrics["test_exact_match_short"] = float(np.mean([hyp[i] == refs[i] for i in np.flatnonzero(~long)]))
         print(f"{name}: test exact match {metrics['test_exact_match']:.4f} (longest third of the sources "
               f"{metrics['test_exact_match_long']:.4f}), BLEU {metrics['test_bleu']:.2f}, chrF {metrics['test_chrf']:.2f}"
-              f" over {len(refs)} held-out pairs ({'beam ' + str(_beam(model)) if _beam(model) > 1 else 'greedy'})",
+              f" over {len(refs)} held-out pairs ({'beam ' + str(beam) if beam > 1 else 'greedy'})",
               flush=True)
         for (s, r), h in list(zip(test_pairs, hyp))[:3]:
             print(f"  {s!r} -> {h!r}" + ("" if h == r else f"   (reference {r!r})"), flush=True)
