@@ -87,24 +87,57 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
         models: Annotated[Optional[str], typer.Option("--models", "-m", help="comma-separated runs to train")] = None):
     """Run the experiment flow: prepare data, train each model, evaluate, register the best."""
     cfg, names = load(params, set_, models, runs=True)  # validate before anything runs: no MLflow run, no data
+    check_writable_places()
     quiet_prefect()
     server = boot_prefect_server()
+    from flows.console import hide_explained_failures
     from flows.experiment import ExperimentFailed, experiment
-    from tasks.data import DataError
     from tasks.stages import train_stage  # noqa: F401  (torch, matplotlib: imported while the server boots)
     from tasks.tracking import client  # noqa: F401
 
-    with prefect_api(server):
+    hide_explained_failures()
+    with explained_failures(), prefect_api(server):
         try:
             with local_flow_settings():
                 summary = experiment(str(params), set_ or [], names)
             code = 0
         except ExperimentFailed as e:
             summary, code = e.summary, 1
-        except DataError as e:
-            fail(str(e))
     print_summary(summary, cfg)
     raise typer.Exit(code)
+
+
+def check_writable_places() -> None:
+    """The tracking store and the working folder (data, checkpoints) take writes, before any work starts."""
+    from tasks.files import StoreWriteError, check_writable
+    from tasks.tracking import check_store
+
+    try:
+        check_store()
+        check_writable(Path(".nnlab"), "working folder")
+    except StoreWriteError as e:
+        fail(str(e))
+
+
+@contextmanager
+def explained_failures():
+    """End the command with one line of its own for what it can explain: bad data (exit 2), a full or read-only
+    disk, DVC's lock held past the timeout (exit 1), Ctrl-C (exit 130, the interrupted run named)."""
+    from tasks.data import DataError
+    from tasks.dvc import DvcLockTimeout
+    from tasks.files import StoreWriteError
+
+    try:
+        yield
+    except DataError as e:
+        fail(str(e))
+    except (StoreWriteError, DvcLockTimeout) as e:
+        fail(str(e), code=1)
+    except KeyboardInterrupt as e:
+        run_id = getattr(e, "run_id", None)
+        typer.secho(f"interrupted: {e.name}'s MLflow run {run_id} is marked KILLED; the same command resumes it from "
+                    "its last finished epoch" if run_id else "interrupted", fg="yellow", err=True)
+        raise typer.Exit(130) from None
 
 
 def print_summary(summary: dict, cfg) -> None:
@@ -187,13 +220,20 @@ def sweep_cmd(file: Annotated[Optional[Path], typer.Argument(help="sweep file; d
                  f"with `dask scheduler`, or run with --engine local")
     n = default_workers(spec_, len(cells))
     where = f"the Dask cluster at {spec_.address}" if spec_.engine == "dask" else f"{n} worker(s)"
+    check_writable_places()
     typer.echo(f"sweep {spec_.name}: {len(cells)} cells, {where}")
     quiet_prefect()
     server = boot_prefect_server()
-    from flows.sweep import sweep, task_runner
+    from flows.console import hide_explained_failures
+    from flows.sweep import stop_after_interrupt, sweep, task_runner
 
-    with prefect_api(server), local_flow_settings():
-        out = sweep.with_options(task_runner=task_runner(spec_, n))(spec_.model_dump(), raw, sets, resume)
+    hide_explained_failures()
+    with explained_failures(), prefect_api(server), local_flow_settings():
+        try:
+            out = sweep.with_options(task_runner=task_runner(spec_, n))(spec_.model_dump(), raw, sets, resume)
+        except KeyboardInterrupt:  # before the server stops: the pool's workers first, the runs marked KILLED
+            typer.secho(stop_after_interrupt(), fg="yellow", err=True)
+            raise typer.Exit(130) from None
     print_sweep(out)
     raise typer.Exit(1 if out["failed"] else 0)
 
@@ -260,28 +300,32 @@ def stage(name: Annotated[str, typer.Argument(help="prepare | augment | train | 
     cfg, _ = load(params, set_)
     if name in ("train", "evaluate") and (not model or model not in cfg.models):
         fail(f"stage {name} needs --model, one of: {', '.join(cfg.models)}")
+    if name in ("train", "evaluate", "register"):
+        check_writable_places()
     from tasks import stages as st
-    from tasks.data import DataError
     from tasks.files import Busy
 
     try:
-        if name == "prepare":
-            st.prepare_stage(cfg)
-        elif name == "augment":
-            st.augment_stage(cfg)
-        elif name == "train":
-            st.train_stage(cfg, model, st.training_data(cfg))
-        elif name == "evaluate":
-            st.evaluate_stage(cfg, model)
-        else:
-            import json
-
-            results = [json.loads(Path(f"metrics/{n}.json").read_text()) for n in cfg.runs()]
-            st.register_stage(cfg, results)
-    except DataError as e:
-        fail(str(e))
+        with explained_failures():
+            _run_stage(st, name, cfg, model)
     except (st.TrainingFailed, Busy) as e:
         fail(str(e), code=1)
+
+
+def _run_stage(st, name: str, cfg, model: str | None) -> None:
+    if name == "prepare":
+        st.prepare_stage(cfg)
+    elif name == "augment":
+        st.augment_stage(cfg)
+    elif name == "train":
+        st.train_stage(cfg, model, st.training_data(cfg))
+    elif name == "evaluate":
+        st.evaluate_stage(cfg, model)
+    else:
+        import json
+
+        results = [json.loads(Path(f"metrics/{n}.json").read_text()) for n in cfg.runs()]
+        st.register_stage(cfg, results)
 
 
 def read_texts(text: list[str] | None, file: Path | None, verb: str) -> list[str]:

@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.config import Config, load_config, select_models
 from tasks.dvc import ensure_data
+from tasks.files import StoreWriteError
 from tasks.stages import evaluate_stage, register_stage, train_stage
 
 RUNS = Path(".nnlab/runs")  # the flow's train/evaluate outputs; DVC's own live under data/train and metrics/
@@ -56,6 +57,8 @@ def experiment(params: str = "params.yaml", sets: list[str] | None = None, model
             trained = train(cfg, name, data_dir, facts)
             results.append({**evaluate(cfg, name, data_dir), "seconds": round(trained["seconds"], 2),
                             "resumed": trained["resumed"]})
+        except StoreWriteError:  # a full or read-only disk fails every architecture alike: stop, say it once
+            raise
         except Exception as e:  # one failing architecture never loses the others
             failed.append({"name": name, "error": str(e)})
     registered = register(cfg, results) if results and cfg.register.enabled else None

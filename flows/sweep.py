@@ -7,8 +7,10 @@ mean over seeds.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from prefect import flow, task
@@ -31,7 +33,66 @@ def limit_threads(threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
+    from flows.console import hide_explained_failures
+
     torch.set_num_threads(threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # an idle worker leaves Ctrl-C to the sweep (run_cell takes it)
+    hide_explained_failures()
+
+
+class interruptible:
+    """Ctrl-C raises KeyboardInterrupt in this block (the training marks its run KILLED), even in a pool worker
+    that otherwise ignores it. Off the main thread (a Dask worker's) a no-op."""
+
+    def __enter__(self):
+        self.saved = None
+        if threading.current_thread() is threading.main_thread():
+            self.saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            signal.signal(signal.SIGINT, self.saved)
+
+
+_OPENED: dict[str, str] = {}  # the sweep parent run this process opened: Ctrl-C marks it KILLED
+
+
+def stop_after_interrupt(grace: float = 3.0) -> str:
+    """Ctrl-C during a sweep: the cells being trained got it too (one process group) and mark their runs KILLED;
+    after `grace` seconds the pool's worker processes are stopped (a Ctrl-C sent to this process alone reaches
+    them here), every run still RUNNING and the parent are marked KILLED, and the line to print is returned:
+    the exact command that finishes the sweep."""
+    import multiprocessing
+    import time
+
+    from tasks.tracking import Run, child_runs
+
+    parent = _OPENED.get("parent")
+
+    def running() -> list[str]:
+        try:
+            return [r["run_id"] for r in child_runs(parent) if r["status"] == "RUNNING"] if parent else []
+        except Exception:
+            return []
+
+    deadline = time.monotonic() + grace
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = multiprocessing.active_children()
+    for p in workers:
+        p.terminate()
+    for p in workers:
+        p.join(3)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if not parent:
+        return "interrupted before the sweep's parent run was opened: nothing recorded"
+    for run_id in running():
+        Run(run_id).mark_interrupted("interrupted with its sweep; `nnlab sweep --resume` resumes it")
+    Run(parent).mark_interrupted("interrupted; `nnlab sweep --resume` finishes it")
+    return f"interrupted: sweep parent run {parent} is marked KILLED; finish it with: nnlab sweep --resume {parent}"
 
 
 def runner(workers: int) -> ProcessPoolTaskRunner:
@@ -93,8 +154,9 @@ def run_cell(cfg: Config, cell_id: str, data_dir: str, parent_run_id: str, tags:
     name = next(iter(cfg.models))
     out = SWEEPS / parent_run_id / cell_id.replace("/", "_")
     worker = {"nnlab.worker": worker_name()}
-    trained = train_stage(cfg, name, data_dir, out / "train", parent_run_id=parent_run_id,
-                          extra_tags={**tags, "nnlab.sweep_cell": cell_id, **worker})
+    with interruptible():
+        trained = train_stage(cfg, name, data_dir, out / "train", parent_run_id=parent_run_id,
+                              extra_tags={**tags, "nnlab.sweep_cell": cell_id, **worker})
     summary = evaluate_stage(cfg, name, data_dir, out / "train", out / "metrics.json", out / "plots")
     Run(summary["run_id"]).set_tags(worker)  # a cell resumed from its checkpoint: the worker that finished it
     return {**summary, "cell": cell_id, "health": trained.health}
@@ -117,6 +179,7 @@ def sweep(spec: dict, params: dict, sets: list[str] | None = None, resume: str |
         parent.log_dict({"spec": spec, "params": params, "sets": sets or [],
                          "cells": [{"id": c.id, "levels": c.levels, "sets": c.sets} for c in cells]},
                         "sweep/sweep.json")
+    _OPENED["parent"] = parent.run_id
     metric = main_metric(cells[0].cfg)
     pending = todo(parent.run_id, cells, metric)
 

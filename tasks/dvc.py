@@ -23,14 +23,83 @@ def is_dvc_repo(root: Path = Path(".")) -> bool:
     return (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()
 
 
+DVC_LOCK = Path(".dvc/tmp/lock")
+LOCK_TIMEOUT_ENV = "NNLAB_DVC_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT = 600.0
+
+
+class DvcLockTimeout(RuntimeError):
+    """Another DVC command held the workspace's lock for longer than this run would wait."""
+
+
+def lock_timeout() -> float:
+    raw = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+    try:
+        value = float(raw) if raw else DEFAULT_LOCK_TIMEOUT
+        if value < 0:
+            raise ValueError
+    except ValueError:
+        raise DvcLockTimeout(f"{LOCK_TIMEOUT_ENV}={raw!r}: not a number of seconds (0 or more)") from None
+    return value
+
+
+def dvc_lock_holder(lock: Path = DVC_LOCK) -> str | None:
+    """"pid N (its command line)" of the process holding DVC's workspace lock, or None when it is free. DVC locks
+    the file with zc.lockfile (flock, PID written inside); asking for the same lock is the one sure test."""
+    import zc.lockfile
+
+    if not lock.exists():
+        return None
+    try:
+        zc.lockfile.LockFile(str(lock), content_template="{pid}").close()
+        return None
+    except zc.lockfile.LockError:
+        pid = lock.read_text(errors="replace").strip() or "?"
+        try:
+            cmd = " ".join(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split())  # one line
+        except OSError:
+            cmd = ""
+        return f"pid {pid}" + (f" ({cmd[:100]})" if cmd else "")
+
+
+def wait_for_lock(deadline: float, timeout: float, lock: Path = DVC_LOCK) -> None:
+    """Return once DVC's lock is free; say once on stderr who holds it; DvcLockTimeout past `deadline`."""
+    import time
+
+    said = False
+    while (holder := dvc_lock_holder(lock)) is not None:
+        if time.monotonic() >= deadline:
+            raise DvcLockTimeout(f"DVC's lock {lock} is held by {holder} for over {timeout:g} s; let it finish "
+                                 f"(or stop it), or wait longer: {LOCK_TIMEOUT_ENV}=<seconds>")
+        if not said:
+            print(f"waiting for DVC's lock {lock}, held by {holder} (up to {timeout:g} s, {LOCK_TIMEOUT_ENV})",
+                  file=sys.stderr, flush=True)
+            said = True
+        time.sleep(0.5)
+
+
 def repro(*targets: str) -> None:
-    """`dvc repro TARGETS` in a child process (DVC holds one lock per workspace)."""
+    """`dvc repro TARGETS` in a child process. DVC holds one lock per workspace and gives up on it after 3 s;
+    this waits for it (NNLAB_DVC_LOCK_TIMEOUT seconds, default 600), saying whose it is, then fails in one line."""
+    import time
+
     env = dict(os.environ)
     bindir = str(Path(sys.executable).parent)  # so the stages' `nnlab` command is found
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
-    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", *targets], env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"`dvc repro {' '.join(targets)}` failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    timeout = lock_timeout()
+    deadline = time.monotonic() + timeout
+    while True:
+        wait_for_lock(deadline, timeout)
+        proc = subprocess.run([sys.executable, "-m", "dvc", "repro", *targets], env=env, capture_output=True,
+                              text=True)
+        if proc.returncode == 0:
+            return
+        if "Unable to acquire lock" not in proc.stdout + proc.stderr:
+            raise RuntimeError(f"`dvc repro {' '.join(targets)}` failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        if time.monotonic() >= deadline:  # (DVC configured with hardlink_lock: a lock this check cannot see)
+            raise DvcLockTimeout(f"DVC's lock {DVC_LOCK} stayed taken for over {timeout:g} s; let the other DVC "
+                                 f"command finish, or wait longer: {LOCK_TIMEOUT_ENV}=<seconds>")
+        time.sleep(0.5)  # another DVC command took the lock between our look and DVC's own: wait again
 
 
 def dvc_md5(out: str) -> str | None:

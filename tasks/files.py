@@ -1,6 +1,7 @@
 """Crash-safe writes: write beside the target under a temp name, then rename (atomic on POSIX)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -36,6 +37,61 @@ def save_torch(path: str | Path, obj) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(_plain(obj), tmp)
+
+
+class StoreWriteError(RuntimeError):
+    """A write the run needs failed because the disk is full or the place is read-only; the message is one line
+    that names the place ("disk full / read-only: <path>")."""
+
+
+# errno -> what the user is told; EFBIG: a file-size limit (ulimit -f) hit, a full disk by another name
+_WRITE_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file size limit reached",
+                 errno.EROFS: "read-only", errno.EACCES: "not writable", errno.EPERM: "not writable"}
+# what SQLite (through SQLAlchemy and MLflow) says for the same conditions
+_SQLITE_WRITE = {"readonly database": "read-only", "database or disk is full": "disk full",
+                 "unable to open database file": "cannot open", "disk i/o error": "disk I/O error"}
+
+
+def write_failure(exc: BaseException, store: str | None = None) -> str | None:
+    """"<what>: <path>" when `exc` (or an exception it was raised from) is a failed write of a full or read-only
+    disk, else None. `store`: the path to name for SQLite's own errors, which carry none."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+            return f"{_WRITE_ERRNOS[exc.errno]}: {exc.filename or store or '?'}"
+        text = str(exc).lower()
+        for needle, what in _SQLITE_WRITE.items():
+            if needle in text:
+                return f"{what}: {store or '?'}"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def check_writable(folder: str | Path, what: str, need_bytes: int = 16 << 20) -> None:
+    """Fail now, before any work, when `folder` cannot take new files: a component of it is a regular file,
+    the file system is read-only or not ours to write, or under `need_bytes` are free. Creates the folder."""
+    import shutil
+
+    folder = Path(folder)
+    for parent in [folder, *folder.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise StoreWriteError(f"{what}: {parent} is a file, not a folder; {folder} cannot be created there")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".nnlab-write-check-")
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise StoreWriteError(f"{what}: {_WRITE_ERRNOS.get(e.errno) or e.strerror}: {folder}") from None
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise StoreWriteError(f"{what}: disk full: {folder} has {free / 2**20:.0f} MiB free, a run needs about "
+                              f"{need_bytes / 2**20:.0f} MiB")
 
 
 class Busy(RuntimeError):

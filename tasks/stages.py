@@ -15,7 +15,7 @@ from models.registry import count_parameters, create_model, get_spec, list_model
 from tasks.augment import AUGMENTED, BatchAugment, raw_max
 from tasks.config import Config, flatten, params_hash
 from tasks.data import PROCESSED, load_prepared, prepare
-from tasks.files import atomic_path, exclusive, load_torch, save_torch, write_json
+from tasks.files import StoreWriteError, atomic_path, exclusive, load_torch, save_torch, write_failure, write_json
 from tasks.kinds import Job, Kind, get_kind, kind_of, main_metric, register_name
 from tasks.progress import EpochProgress
 from tasks.tracking import Run, git_commit
@@ -32,6 +32,15 @@ class TrainingFailed(RuntimeError):
 
     def __reduce__(self):  # picklable across process pools
         return type(self), (self.name, self.run_id, self.reason)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during a run: its MLflow run is marked KILLED and its checkpoint kept, so the same
+    command resumes it. Still a KeyboardInterrupt: everything that stops on Ctrl-C stops on it."""
+
+    def __init__(self, name: str, run_id: str):
+        super().__init__(name, run_id)
+        self.name, self.run_id = name, run_id
 
 
 @dataclass
@@ -158,8 +167,23 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
         val = to_device(data.x_val, data.y_val, mean, std, device, channels_last)
         run, resumed = _open_run(cfg, name, arch, m, params, phash, ckpt_path, trainer, parent_run_id, extra_tags)
         job = Job(cfg, name, arch, data, Path(data_dir), model, trainer, run, mean, std)
-        result = _fit(job, kind, train, val, ckpt_path)
-        return _finish(job, kind, result, options, Path(out_dir or f"data/train/{name}"), ckpt_path, resumed)
+        try:
+            result = _fit(job, kind, train, val, ckpt_path)
+            return _finish(job, kind, result, options, Path(out_dir or f"data/train/{name}"), ckpt_path, resumed)
+        except Exception as e:
+            from tasks.tracking import store_path
+
+            why = write_failure(e, str(store_path() or "the MLflow store"))
+            if why is None:
+                raise
+            run.abandon(f"{why} ({type(e).__name__})")  # FAILED, partial artifacts removed
+            raise StoreWriteError(f"{why}; {name}'s MLflow run {run.run_id} is FAILED, its last epoch's checkpoint "
+                                  "kept: free space (or make it writable) and run the same command to resume") from None
+        except BaseException as e:  # Ctrl-C, SIGTERM (SystemExit, Prefect's TerminationSignal): resumable
+            run.mark_interrupted("interrupted; `nnlab run` with the same params resumes it")
+            if isinstance(e, KeyboardInterrupt):
+                raise RunInterrupted(name, run.run_id) from None
+            raise
 
 
 def _fit(job: Job, kind: Kind, train, val, ckpt_path: Path) -> FitResult:
@@ -170,10 +194,9 @@ def _fit(job: Job, kind: Kind, train, val, ckpt_path: Path) -> FitResult:
                               lambda epoch, metrics, tr: kind.on_epoch(job, epoch, metrics, tr))
     try:
         return trainer.fit(train, val, on_epoch=on_epoch, progress=progress.step)
-    except KeyboardInterrupt:
-        run.mark_interrupted("interrupted; `nnlab run` with the same params resumes it")
-        raise
     except Exception as e:
+        if write_failure(e):  # not the run's fault: train_stage says so and keeps the checkpoint
+            raise
         reason = f"{type(e).__name__}: {e}"
         _log_health(run, trainer)
         run.finish("FAILED", reason)

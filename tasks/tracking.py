@@ -30,6 +30,32 @@ def _artifact_root(uri: str) -> str | None:
     return None
 
 
+def store_path() -> Path | None:
+    """The SQLite database file of the tracking store, when it is one."""
+    uri = tracking_uri()
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def check_store() -> None:
+    """Fail at once (StoreWriteError, one line) when the tracking store cannot be written: its database file or
+    artifact folder sits under a regular file, is read-only, or the disk is full. Called before any work, so a
+    run never prepares data or boots a server only to find it cannot record anything. A remote store (a
+    tracking server, PostgreSQL) is checked by its first write."""
+    from tasks.files import StoreWriteError, check_writable
+
+    db = store_path()
+    if db is None:
+        uri = tracking_uri()
+        if "://" not in uri or uri.startswith("file://"):  # a local folder store
+            check_writable(Path(uri[len("file://"):] if uri.startswith("file://") else uri), "MLflow store")
+        return
+    check_writable(db.parent, "MLflow store")
+    if db.exists() and (db.is_dir() or not os.access(db, os.W_OK)):
+        raise StoreWriteError(f"MLflow store: read-only: {db}" if not db.is_dir() else
+                              f"MLflow store: {db} is a folder, not a SQLite database file")
+    check_writable(db.parent / "artifacts", "MLflow store")
+
+
 def client():
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -189,6 +215,37 @@ class Run:
         except Exception as e:
             print(f"MLflow run {self.run_id} not marked KILLED ({type(e).__name__}: {str(e)[:80]}); the same command "
                   "resumes it", flush=True)
+
+    def abandon(self, reason: str) -> None:
+        """After a failed write (disk full, read-only): FAILED with `reason`, in one try (the store itself may be
+        what cannot be written), and the partial model and checkpoint artifacts removed, with any logged-model
+        entry that did not get to READY."""
+        import shutil
+        from urllib.parse import unquote, urlparse
+
+        from mlflow.entities import RunTag
+
+        def remove(uri: str, *subs: str) -> None:
+            where = urlparse(uri)
+            if where.scheme in ("", "file"):  # a local artifact store (a server's own cleans up after itself)
+                for sub in subs or ("",):
+                    shutil.rmtree(Path(unquote(where.path)) / sub, ignore_errors=True)
+
+        try:
+            info = self.c._inner.get_run(self.run_id).info
+            remove(info.artifact_uri, "model", "checkpoint")
+            for m in self.c._inner.search_logged_models([info.experiment_id], max_results=1000):
+                if m.source_run_id == self.run_id:  # the served model of a run that failed: no use to anyone
+                    remove(m.artifact_location)
+                    self.c._inner.delete_logged_model(m.model_id)
+        except Exception:
+            pass
+        try:
+            self.c._inner.log_batch(self.run_id, tags=[RunTag("nnlab.error", reason[:5000]),
+                                                       RunTag("nnlab.status", "failed")])
+            self.c._inner.set_terminated(self.run_id, status="FAILED")
+        except Exception:
+            pass
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag

@@ -1,5 +1,6 @@
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,25 @@ def group_alive(pgid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def group_left(pgid: int, wait: float = 10.0) -> list[str]:
+    """The processes of group `pgid` still there after up to `wait` seconds (zombies not counted), as
+    "pid: command" lines; [] when the group is gone."""
+    import psutil
+
+    end = time.monotonic() + wait
+    while True:
+        left = []
+        for proc in psutil.process_iter(["pid", "status", "cmdline"]):
+            try:
+                if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                    left.append(f"{proc.pid}: {' '.join(proc.info['cmdline'] or [])[:120]}")
+            except (ProcessLookupError, psutil.Error):
+                pass
+        if not left or time.monotonic() >= end:
+            return left
+        time.sleep(0.2)
 
 
 def write_params(path: Path, **sections) -> Path:

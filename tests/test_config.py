@@ -143,7 +143,6 @@ def test_a_run_in_training_is_locked_and_its_lock_dies_with_its_process(project)
     holder leaves no stale lock."""
     import os
     import signal
-    import time
 
     from tasks.config import load_config, params_hash
     from tasks.data import prepare

@@ -93,10 +93,47 @@ def test_changing_one_model_reruns_only_its_stages(repo):
     assert "Running stage 'prepare'" not in out and "Running stage 'train@simple_cnn'" not in out
 
 
+HOLD_LOCK = """
+import sys
+from dvc.repo import Repo
+with Repo(".").lock:
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_dvc_lock_held_elsewhere_times_out_in_one_line(repo, monkeypatch):
+    from tasks.dvc import DvcLockTimeout, repro
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK], cwd=repo, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.chdir(repo)
+        monkeypatch.setenv("NNLAB_DVC_LOCK_TIMEOUT", "1")
+        with pytest.raises(DvcLockTimeout, match=rf"held by pid {holder.pid} \(.*python.*\) for over 1 s"):
+            repro("prepare")
+    finally:
+        holder.communicate("\n", timeout=30)
+
+
 def test_flow_trains_on_dvc_data_and_keeps_overrides_apart(repo):
     sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
-    run = sh(str(BIN / "nnlab"), "run", "--models", "mlp", cwd=repo)
-    assert "mlp" in run.stdout
+    # another DVC command holds the workspace's lock: the run says whose and waits, then goes on
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK], cwd=repo, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    cli = subprocess.Popen([str(BIN / "nnlab"), "run", "--models", "mlp"], cwd=repo, env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        waited = next((line for line in cli.stderr if "waiting for DVC's lock" in line or "error:" in line), "")
+        assert f"held by pid {holder.pid}" in waited, waited
+    finally:
+        holder.communicate("\n", timeout=30)
+        out, err = cli.communicate(timeout=600)
+    assert cli.returncode == 0, out[-3000:] + err[-3000:]
+    assert "mlp" in out
     status = sh(sys.executable, "-m", "dvc", "status", cwd=repo).stdout
     assert "up to date" in status  # the flow reproduced `prepare` through DVC and wrote no DVC output
     before = (repo / "data/processed/manifest.json").read_text()

@@ -11,7 +11,7 @@ from PIL import Image
 
 from models.registry import create_model
 from tasks.config import TrainConfig, validate
-from tasks.data import DataError, load_prepared, prepare
+from tasks.data import load_prepared, prepare
 from tasks.image2image import (CycleStep, ImagePool, Pix2PixStep, edges, image_scores, load_labels, low_resolution,
                                occluded)
 from tasks.train import Split, Trainer, seed_everything

@@ -3,7 +3,6 @@
 A block of flag examples says so in its first line and is exempt."""
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 

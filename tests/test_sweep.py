@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, write_params
+from conftest import ROOT, group_left, write_params
 from tasks.config import ConfigError, read_yaml
 from tasks.report import ci95, epochs_to_95, write_report
 from tasks.sweep import expand, load_spec
@@ -148,11 +148,12 @@ def test_failing_cell_then_kill_and_resume(tmp_path):
     report = next((tmp_path / "reports").glob("t-*/report.md")).read_text()
     assert "1 diverged" in report
 
-    # kill -9 midway through a 5-cell sweep on 1 worker, then resume: only the missing cells run
+    # Ctrl-C midway through a 5-cell sweep on 1 worker (SIGINT to its process group, as a terminal sends it; kill -9
+    # of a run is test_flow's), then resume: only the missing cells run
     (tmp_path / "s.yaml").write_text(dump(spec(grid={"train.lr": [0.001, 0.002, 0.003, 0.004, 0.005]}, workers=1)))
     p = subprocess.Popen([NNLAB, "sweep", "s.yaml"], cwd=tmp_path, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
-                         start_new_session=True)
+                         start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     from mlflow.tracking import MlflowClient
 
     cl, deadline, parent = MlflowClient(uri), time.time() + 300, None
@@ -165,8 +166,14 @@ def test_failing_cell_then_kill_and_resume(tmp_path):
             if sum("test_accuracy" in r.data.metrics for r in children(uri, parent)[1]) >= 2:
                 break
         time.sleep(0.3)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    os.killpg(p.pid, signal.SIGINT)
+    sent = time.monotonic()
+    said = p.communicate(timeout=60)[0]
+    assert p.returncode == 130 and time.monotonic() - sent < 20, said[-3000:]
+    assert f"finish it with: nnlab sweep --resume {parent}" in said and "Traceback" not in said, said[-3000:]
+    assert not group_left(p.pid, 10), f"left behind: {group_left(p.pid, 0)}"  # no worker, tracker or server
+    assert c.get_run(parent).info.status == "KILLED"
+    assert "RUNNING" not in {r.info.status for r in children(uri, parent)[1]}
     finished_before = sum(r.info.status == "FINISHED" and "test_accuracy" in r.data.metrics
                           for r in children(uri, parent)[1])
     assert 2 <= finished_before < 5

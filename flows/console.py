@@ -1,0 +1,53 @@
+"""What a terminal user sees of Prefect's own logging when a run ends for a reason nnlab reports itself.
+
+Prefect logs a failed or crashed task run and flow run with full tracebacks (three for one bad data folder, four
+lines for a Ctrl-C). When the cause is one nnlab explains in one line of its own (bad data, a full or read-only
+disk, DVC's lock held too long, an interrupt), those records are left out of the terminal; they still reach
+the Prefect API, so the Prefect UI keeps the whole story. Any other failure is shown as Prefect logs it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+# exception class names whose message is the whole story (tasks.data.DataError, tasks.files.StoreWriteError,
+# tasks.dvc.DvcLockTimeout, tasks.stages.RunInterrupted) and Prefect's words for a crash by interrupt
+EXPLAINED = ("DataError", "StoreWriteError", "DvcLockTimeout", "RunInterrupted", "KeyboardInterrupt")
+CRASH_WORDS = ("aborted by an interrupt signal", "aborted by a termination signal", "Execution was cancelled by the runtime environment")
+
+
+class HideExplained(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("prefect") or record.levelno < logging.INFO:
+            return True
+        if record.exc_info and record.exc_info[0] is not None:
+            if any(c.__name__ in EXPLAINED for c in record.exc_info[0].__mro__):
+                return False
+        message = record.getMessage()
+        if any(w in message for w in CRASH_WORDS):
+            return False
+        return not any(f"{name}(" in message or f"{name}:" in message for name in EXPLAINED)
+
+
+def _thread_excepthook(args) -> None:
+    """An interrupt re-raised in a helper thread (the process pool's result callbacks) is the main thread's to
+    report; anything else is printed as Python would."""
+    if isinstance(args.exc_value, KeyboardInterrupt):
+        return
+    _default_excepthook(args)
+
+
+_default_excepthook = threading.excepthook
+
+
+def hide_explained_failures() -> None:
+    """Attach the filter to the console handlers of Prefect's loggers (after Prefect has set up logging)."""
+    import prefect.main  # noqa: F401  (sets up Prefect's logging on import)
+
+    threading.excepthook = _thread_excepthook
+
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):  # "": the root, where run logs land
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not any(isinstance(f, HideExplained)
+                                                                      for f in handler.filters):
+                handler.addFilter(HideExplained())
