@@ -46,7 +46,15 @@ def register(cfg: Config, results: list[dict]) -> dict:
     return register_stage(cfg, results, out_path=None)
 
 
-@flow(name="nnlab-experiment", log_prints=False)
+def _flow_run_name() -> str:
+    """`nnlab run · mlp, simple_cnn · train.epochs=3`: what this flow run trains, told apart in Prefect's UI."""
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    return " · ".join(["nnlab run", ", ".join(p.get("models") or []) or "params.yaml's run", *(p.get("sets") or [])])
+
+
+@flow(name="nnlab-experiment", log_prints=False, flow_run_name=_flow_run_name)
 def experiment(params: str = "params.yaml", sets: list[str] | None = None, models: list[str] | None = None) -> dict:
     cfg = load_config(params, sets or [], models)
     cfg = cfg if models else select_models(cfg, cfg.runs())  # params.yaml's `run` unless told which

@@ -162,7 +162,16 @@ def run_cell(cfg: Config, cell_id: str, data_dir: str, parent_run_id: str, tags:
     return {**summary, "cell": cell_id, "health": trained.health}
 
 
-@flow(name="nnlab-sweep", log_prints=False)
+def _flow_run_name() -> str:
+    """`sweep optimizers` (or `sweep optimizers · resume <parent>`) in Prefect's UI."""
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    resume = p.get("resume")
+    return f"sweep {(p.get('spec') or {}).get('name', '?')}" + (f" · resume {resume[:8]}" if resume else "")
+
+
+@flow(name="nnlab-sweep", log_prints=False, flow_run_name=_flow_run_name)
 def sweep(spec: dict, params: dict, sets: list[str] | None = None, resume: str | None = None) -> dict:
     """`spec` is a sweep file's content, `params` the params.yaml content it applies to."""
     from tasks.tracking import Run, child_runs, prepare_store

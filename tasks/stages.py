@@ -297,7 +297,18 @@ def _open_run(cfg, name, arch, manifest, params, phash, ckpt_path, trainer, pare
         "nnlab.git_commit": git_commit(), "nnlab.data_hash": manifest["data_hash"], "nnlab.params_hash": phash,
         "nnlab.run": name, **(extra_tags or {}),
     }
-    return Run.start(cfg.tracking.experiment, name, tags, flatten(params), parent_run_id), False
+    title = run_title(name, manifest["source"], cfg.train_for(name).lr, tags.get("nnlab.sweep_cell"))
+    return Run.start(cfg.tracking.experiment, title, tags, flatten(params), parent_run_id), False
+
+
+def run_title(name: str, source: str, lr: float, cell: str | None = None) -> str:
+    """The MLflow run name, what tells runs apart in the runs list: `mlp · digits · lr=0.001`, or for a sweep
+    cell its levels, `mlp · optimizer=adam · seed=0` (the parent names the sweep and the data)."""
+    import re
+
+    if cell:
+        return " · ".join([name, *re.split(r",(?=[\w.]+=)", cell)])
+    return f"{name} · {source} · lr={lr:g}"
 
 
 def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:

@@ -42,6 +42,14 @@ def test_expand_cells_presets_and_stable_ids():
     assert [x.id for x in expand(s, raw)] == [x.id for x in cells]  # stable
 
 
+def test_run_names_tell_runs_and_cells_apart():
+    from tasks.stages import run_title
+
+    assert run_title("mlp", "digits", 0.001) == "mlp · digits · lr=0.001"
+    assert run_title("mlp", "digits", 0.001, "optimizer=adam,models.mlp.hidden=[64, 32],seed=0") == \
+        "mlp · optimizer=adam · models.mlp.hidden=[64, 32] · seed=0"
+
+
 @pytest.mark.parametrize("grid, presets, needle", [
     ({"train.optimizer": ["sgd", "adamm"]}, {}, "did you mean 'adam'"),
     ({"train.optimzer": ["sgd"]}, {}, "train.optimizer"),
@@ -119,6 +127,7 @@ def test_six_parallel_cells_lose_nothing_in_a_new_store(tmp_path):
         {f"lr={lr},seed={s}" for lr in lrs for s in (0, 1)}
     for r in runs:
         assert r.info.status == "FINISHED"
+        assert r.info.run_name == "mlp · " + r.data.tags["nnlab.sweep_cell"].replace(",", " · ")  # not 6× "mlp"
         for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
             assert sorted(m.step for m in c.get_metric_history(r.info.run_id, key)) == [1, 2, 3]
         assert "test_accuracy" in r.data.metrics
