@@ -62,6 +62,11 @@ def dvc_lock_holder(lock: Path = DVC_LOCK) -> str | None:
         return f"pid {pid}" + (f" ({cmd[:100]})" if cmd else "")
 
 
+def lock_timed_out(how: str, timeout: float, lock: Path = DVC_LOCK) -> DvcLockTimeout:
+    return DvcLockTimeout(f"DVC's lock {lock} {how} for over {timeout:g} s; let it finish (or stop it), or wait "
+                          f"longer: {LOCK_TIMEOUT_ENV}=<seconds>")
+
+
 def wait_for_lock(deadline: float, timeout: float, lock: Path = DVC_LOCK) -> None:
     """Return once DVC's lock is free; say once on stderr who holds it; DvcLockTimeout past `deadline`."""
     import time
@@ -69,8 +74,7 @@ def wait_for_lock(deadline: float, timeout: float, lock: Path = DVC_LOCK) -> Non
     said = False
     while (holder := dvc_lock_holder(lock)) is not None:
         if time.monotonic() >= deadline:
-            raise DvcLockTimeout(f"DVC's lock {lock} is held by {holder} for over {timeout:g} s; let it finish "
-                                 f"(or stop it), or wait longer: {LOCK_TIMEOUT_ENV}=<seconds>")
+            raise lock_timed_out(f"is held by {holder}", timeout, lock)
         if not said:
             print(f"waiting for DVC's lock {lock}, held by {holder} (up to {timeout:g} s, {LOCK_TIMEOUT_ENV})",
                   file=sys.stderr, flush=True)
@@ -97,8 +101,7 @@ def repro(*targets: str) -> None:
         if "Unable to acquire lock" not in proc.stdout + proc.stderr:
             raise RuntimeError(f"`dvc repro {' '.join(targets)}` failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
         if time.monotonic() >= deadline:  # (DVC configured with hardlink_lock: a lock this check cannot see)
-            raise DvcLockTimeout(f"DVC's lock {DVC_LOCK} stayed taken for over {timeout:g} s; let the other DVC "
-                                 f"command finish, or wait longer: {LOCK_TIMEOUT_ENV}=<seconds>")
+            raise lock_timed_out("stayed taken", timeout)
         time.sleep(0.5)  # another DVC command took the lock between our look and DVC's own: wait again
 
 

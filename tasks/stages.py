@@ -18,7 +18,7 @@ from tasks.data import PROCESSED, load_prepared, prepare
 from tasks.files import StoreWriteError, atomic_path, exclusive, load_torch, save_torch, write_failure, write_json
 from tasks.kinds import Job, Kind, get_kind, kind_of, main_metric, register_name
 from tasks.progress import EpochProgress
-from tasks.tracking import Run, git_commit
+from tasks.tracking import Run, git_commit, store_path
 from tasks.train import (CheckpointFormatError, FitResult, Trainer, init_weights, resolve_device, seed_everything,
                          to_device)
 
@@ -171,8 +171,6 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
             result = _fit(job, kind, train, val, ckpt_path)
             return _finish(job, kind, result, options, Path(out_dir or f"data/train/{name}"), ckpt_path, resumed)
         except Exception as e:
-            from tasks.tracking import store_path
-
             why = write_failure(e, str(store_path() or "the MLflow store"))
             if why is None:
                 raise
