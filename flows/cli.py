@@ -2,6 +2,7 @@
 `nnlab --help` stays fast."""
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from contextlib import contextmanager
@@ -9,6 +10,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from tasks.phases import mark
+
+atexit.register(mark, "exit handlers done")  # registered first, so it runs last of them
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Reproducible, tracked deep-learning experiments: Prefect flows, DVC data, MLflow runs.")
@@ -43,6 +48,7 @@ def prefect_api(server):
 
     try:
         with server:
+            mark("server ready")
             yield
     except PrefectServerError as e:
         fail(str(e), code=1)
@@ -88,13 +94,13 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
     """Run the experiment flow: prepare data, train each model, evaluate, register the best."""
     cfg, names = load(params, set_, models, runs=True)  # validate before anything runs: no MLflow run, no data
     check_writable_places()
+    mark("config validated")
     quiet_prefect()
     server = boot_prefect_server()
     from flows.console import hide_explained_failures
     from flows.experiment import ExperimentFailed, experiment
-    from tasks.stages import train_stage  # noqa: F401  (torch, matplotlib: imported while the server boots)
-    from tasks.tracking import client  # noqa: F401
 
+    warm_up(cfg)
     hide_explained_failures()
     with explained_failures(), prefect_api(server):
         try:
@@ -103,8 +109,18 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
             code = 0
         except ExperimentFailed as e:
             summary, code = e.summary, 1
+    mark("flow done")
     print_summary(summary, cfg)
+    mark("summary printed")
     raise typer.Exit(code)
+
+
+def warm_up(cfg) -> None:
+    """flows/warm.py's preload for this config's runs, while the temporary server boots."""
+    from flows.warm import preload
+
+    preload({(cfg.model_options(name)[0], cfg.data.source) for name in cfg.models})
+    mark("imported")
 
 
 def check_writable_places() -> None:
@@ -221,20 +237,33 @@ def sweep_cmd(file: Annotated[Optional[Path], typer.Argument(help="sweep file; d
     n = default_workers(spec_, len(cells))
     where = f"the Dask cluster at {spec_.address}" if spec_.engine == "dask" else f"{n} worker(s)"
     check_writable_places()
+    mark("config validated")
     typer.echo(f"sweep {spec_.name}: {len(cells)} cells, {where}")
     quiet_prefect()
     server = boot_prefect_server()
     from flows.console import hide_explained_failures
-    from flows.sweep import stop_after_interrupt, sweep, task_runner
+    from flows.sweep import WarmPool, stop_after_interrupt, sweep, task_runner
 
+    pool = task_runner(spec_, n, cells)
+    if isinstance(pool, WarmPool):  # its workers start and preload while the server boots
+        pool.warm()
+    from flows.warm import preload
+
+    preload(())  # this process opens the parent run and writes the report: the store, Prefect's engines
+    mark("imported")
     hide_explained_failures()
     with explained_failures(), prefect_api(server), local_flow_settings():
         try:
-            out = sweep.with_options(task_runner=task_runner(spec_, n))(spec_.model_dump(), raw, sets, resume)
+            out = sweep.with_options(task_runner=pool)(spec_.model_dump(), raw, sets, resume)
         except KeyboardInterrupt:  # before the server stops: the pool's workers first, the runs marked KILLED
             typer.secho(stop_after_interrupt(), fg="yellow", err=True)
             raise typer.Exit(130) from None
+        finally:
+            if isinstance(pool, WarmPool):
+                pool.close()  # a flow that never started leaves the pool to us
+    mark("flow done")
     print_sweep(out)
+    mark("summary printed")
     raise typer.Exit(1 if out["failed"] else 0)
 
 
@@ -638,5 +667,29 @@ def deploy_cmd(gpus: Annotated[Optional[int], typer.Option(help="flow runs the g
                "      prefect deployment run nnlab-experiment/nightly   (or wait for 02:00 UTC)")
 
 
+def main() -> None:
+    """The `nnlab` console entry point: the command, then a quick way out. After the command has said its last
+    word, the interpreter's own shutdown would spend seconds (more on a busy machine) tearing down torch, Prefect
+    and MLflow object by object; nothing of that is needed. So: exit handlers (the temporary server stopped,
+    Prefect's queues drained, logging flushed), stdout and stderr flushed, then os._exit. An unexpected error
+    propagates as usual: its traceback is the report."""
+    try:
+        app()
+    except SystemExit as e:
+        code = e.code
+    else:
+        code = 0
+    if code is not None and not isinstance(code, int):  # sys.exit("message")
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away (| head)
+            pass
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.config import Config, load_config, select_models
 from tasks.dvc import ensure_data
 from tasks.files import StoreWriteError
+from tasks.phases import mark
 from tasks.stages import evaluate_stage, register_stage, train_stage
 
 RUNS = Path(".nnlab/runs")  # the flow's train/evaluate outputs; DVC's own live under data/train and metrics/
@@ -56,6 +57,7 @@ def _flow_run_name() -> str:
 
 @flow(name="nnlab-experiment", log_prints=False, flow_run_name=_flow_run_name)
 def experiment(params: str = "params.yaml", sets: list[str] | None = None, models: list[str] | None = None) -> dict:
+    mark("flow started")
     cfg = load_config(params, sets or [], models)
     cfg = cfg if models else select_models(cfg, cfg.runs())  # params.yaml's `run` unless told which
     data_dir, facts = prepare_data(cfg)

@@ -20,6 +20,7 @@ from prefect.task_runners import ProcessPoolTaskRunner
 from flows.experiment import prepare_data
 from tasks.config import Config, SweepConfig, flatten
 from tasks.kinds import main_metric
+from tasks.phases import mark
 from tasks.stages import evaluate_stage, train_stage
 from tasks.sweep import expand, register_by_mean, report, todo
 
@@ -27,17 +28,55 @@ SWEEPS = Path(".nnlab/sweeps")
 REPORTS = Path("reports")
 
 
-def limit_threads(threads: int) -> None:
-    """Runs once in each worker process: workers x threads never exceeds the cores (oversubscribed torch
-    threads have been seen to slow training by an order of magnitude)."""
+def prepare_worker(threads: int, runs: tuple[tuple[str, str], ...] = ()) -> None:
+    """Runs once in each worker process, as it starts: workers x threads never exceeds the cores (oversubscribed
+    torch threads have been seen to slow training by an order of magnitude), and everything a cell needs is
+    loaded before the first cell arrives: the training stack, the families and kinds of `runs` ((arch, source)
+    pairs), the MLflow store (opened once; every cell of this worker reuses it), Prefect's task engine."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
     from flows.console import hide_explained_failures
+    from flows.warm import preload
 
     torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # an idle worker leaves Ctrl-C to the sweep (run_cell takes it)
     hide_explained_failures()
+    preload(runs)
+
+
+def _started() -> int:
+    return os.getpid()
+
+
+class WarmPool(ProcessPoolTaskRunner):
+    """Prefect's process pool, started before the flow: `warm()` spawns the worker processes at once and each
+    preloads what a cell needs (prepare_worker) while the Prefect server boots and the parent run opens. The
+    flow run takes this very pool (`duplicate` returns it once started), so the same warm workers train every
+    cell. Anywhere else (a cell's rebuilt context in a worker) it duplicates as Prefect's pool does: idle."""
+
+    def warm(self) -> "WarmPool":
+        if not self._started:
+            self.__enter__()
+            for _ in range(self._max_workers):  # a spawn pool starts all its processes at the first submit
+                self._executor.submit(_started)
+        return self
+
+    def duplicate(self) -> "WarmPool":
+        return self if self._started else super().duplicate()
+
+    def __enter__(self) -> "WarmPool":
+        return self if self._started else super().__enter__()
+
+    def __getstate__(self) -> dict:
+        """Cells carry their flow (and so this runner) in their pickled context: its settings, never the pool."""
+        live = ("_executor", "_resolver_executor", "_subprocess_message_queue", "_message_forwarding_thread")
+        return {**self.__dict__, **dict.fromkeys(live), "_started": False}
+
+    def close(self) -> None:
+        """Stop the workers; for a pool the flow never took (the flow's own exit stops it otherwise)."""
+        if self._started:
+            self.__exit__(None, None, None)
 
 
 class interruptible:
@@ -95,20 +134,21 @@ def stop_after_interrupt(grace: float = 3.0) -> str:
     return f"interrupted: sweep parent run {parent} is marked KILLED; finish it with: nnlab sweep --resume {parent}"
 
 
-def runner(workers: int) -> ProcessPoolTaskRunner:
+def runner(workers: int, runs: tuple[tuple[str, str], ...] = ()) -> WarmPool:
     threads = max(1, (os.cpu_count() or 1) // workers)
-    return ProcessPoolTaskRunner(max_workers=workers, initializer=limit_threads, initargs=(threads,))
+    return WarmPool(max_workers=workers, initializer=prepare_worker, initargs=(threads, tuple(runs)))
 
 
-def task_runner(spec: SweepConfig, workers: int):
-    """Where the cells run: `workers` local processes, or the existing Dask cluster at `sweep.address` (its
-    workers set the parallelism; `dask worker`'s nanny starts each worker process with OMP_NUM_THREADS=1, so
-    torch uses one thread per cell there too)."""
+def task_runner(spec: SweepConfig, workers: int, cells: list | None = None):
+    """Where the cells run: `workers` local processes (a WarmPool: call `.warm()` to start them early), or the
+    existing Dask cluster at `sweep.address` (its workers set the parallelism; `dask worker`'s nanny starts each
+    worker process with OMP_NUM_THREADS=1, so torch uses one thread per cell there too)."""
     if spec.engine == "dask":
         from prefect_dask import DaskTaskRunner
 
         return DaskTaskRunner(address=spec.address)
-    return runner(workers)
+    runs = sorted({(c.cfg.model_options(next(iter(c.cfg.models)))[0], c.cfg.data.source) for c in cells or []})
+    return runner(workers, tuple(runs))
 
 
 def origin() -> dict:
@@ -176,6 +216,7 @@ def sweep(spec: dict, params: dict, sets: list[str] | None = None, resume: str |
     """`spec` is a sweep file's content, `params` the params.yaml content it applies to."""
     from tasks.tracking import Run, child_runs, prepare_store
 
+    mark("flow started")
     spec_ = SweepConfig.model_validate(spec)
     cells = expand(spec_, params, sets)
     experiment = cells[0].cfg.tracking.experiment
@@ -201,14 +242,17 @@ def sweep(spec: dict, params: dict, sets: list[str] | None = None, resume: str |
     for c in pending:
         data_dir, facts = data[c.cfg.data.model_dump_json() + str(c.cfg.seed)]
         futures.append(run_cell.submit(c.cfg, c.id, data_dir, parent.run_id, facts, where))
+    mark("cells submitted")
     for f in futures:  # a failing cell is recorded (child run FAILED with its reason); the others go on
         f.wait()
+    mark("cells done")
     for r in child_runs(parent.run_id):  # every cell is over: a run still RUNNING lost its process mid-cell
         if r["status"] == "RUNNING":  # (Dask ran the cell again elsewhere, from its checkpoint if it had one)
             Run(r["run_id"]).finish("FAILED", f"its worker ({r['tags'].get('nnlab.worker', '?')}) died mid-cell; "
                                               f"a newer run of the cell or `nnlab sweep --resume` finishes it")
 
     paths, rows = report(parent.run_id, spec_, cells, REPORTS / f"{spec_.name}-{parent.run_id[:8]}")
+    mark("report written")
     failed = [r for r in rows if r["status"] != "FINISHED"]
     registered = register_by_mean(rows, spec_, cells[0].cfg, parent.run_id) if spec_.register else None
     parent.set_tags({"nnlab.sweep_failed_cells": str(len(failed))})

@@ -12,17 +12,16 @@ MIN_DOWNSAMPLE wide, so 8x8 digits end at 2x2 instead of vanishing.
 from __future__ import annotations
 
 from functools import partial
-from typing import Annotated, Literal
 
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops import Conv2dNormActivation
 
-from models.mlp import ACTIVATIONS, Activation
-from models.registry import Options, register_model
+from models.mlp import ACTIVATIONS
+from models.options import InceptionOptions, MobileNetOptions, ResNetOptions, SimpleCNNOptions, VGGOptions
+from models.registry import register_model
 
 MIN_DOWNSAMPLE = 4  # halve a map only while it is at least this wide (so it ends >= 2x2)
 
@@ -72,18 +71,6 @@ def conv_act(activation: str) -> dict:
 
 # ---------------------------------------------------------------- simple_cnn
 
-class SimpleCNNOptions(Options):
-    filters: list[int] = Field(default=[32, 64, 64], min_length=1)  # one conv per entry, pooling between
-    kernel_size: int = Field(default=3, ge=1, le=7)  # of every conv
-    padding: Literal["same", "valid"] = "same"  # `same` keeps 8x8 digits from shrinking to nothing
-    stride: int = Field(default=1, ge=1, le=2)  # of every conv
-    pooling: Literal["max", "avg"] = "max"  # between convs
-    dense: int = Field(default=64, ge=1)  # width of the hidden dense layer
-    activation: Activation = "relu"  # after each conv and the hidden dense layer
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # before the hidden dense layer
-    batch_norm: bool = False  # BatchNorm2d after each conv
-
-
 class SimpleCNN(CNN):
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, o: SimpleCNNOptions):
         super().__init__()
@@ -119,25 +106,13 @@ class SimpleCNN(CNN):
         )
 
 
-@register_model("simple_cnn", family="cnn", options=SimpleCNNOptions)
+@register_model("simple_cnn", family="cnn")
 def simple_cnn(*, input_shape, num_classes, options: SimpleCNNOptions) -> nn.Module:
-    """The classic small CNN: three convolutions with pooling, then two dense layers."""
     image_shape("simple_cnn", input_shape)
     return SimpleCNN(input_shape, num_classes, options)
 
 
 # ---------------------------------------------------------------- vgg
-
-class VGGOptions(Options):
-    blocks: list[Annotated[int, Field(ge=1)]] = Field(default=[32, 64, 128], min_length=1)  # conv width of each stage
-    convs_per_block: int = Field(default=2, ge=1, le=8)  # 3x3 convs per stage
-    padding: Literal["same", "valid"] = "same"  # `valid` shrinks every conv by 2: for large inputs only
-    pooling: Literal["max", "avg", "stride"] = "max"  # how a stage halves the map; stride: its first conv strides 2
-    batch_norm: bool = True  # BatchNorm2d after each conv (VGG trains poorly from scratch without it)
-    activation: Activation = "relu"  # after each conv (and the hidden dense layer)
-    dense: int = Field(default=0, ge=0)  # hidden dense layer after global pooling; 0 = none
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # before the head's linear layers
-
 
 class VGG(CNN):
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, o: VGGOptions):
@@ -166,31 +141,12 @@ class VGG(CNN):
         self.head = gap_head(channels, num_classes, o.dropout, o.dense, ACTIVATIONS[o.activation])
 
 
-@register_model("vgg", family="cnn", options=VGGOptions)
+@register_model("vgg", family="cnn")
 def vgg(*, input_shape, num_classes, options: VGGOptions) -> nn.Module:
-    """VGG: stages of stacked 3x3 convolutions, halved by pooling, global average pooling head."""
     return VGG(input_shape, num_classes, options)
 
 
 # ---------------------------------------------------------------- resnet
-
-RESNET_DEPTHS = (8, 14, 20, 26, 32, 44, 56, 110)  # 6n + 2: CIFAR ResNets (He et al. 2016, section 4.2)
-
-
-class ResNetOptions(Options):
-    depth: int = 14  # 6n + 2 layers: stem conv + 3 stages of n two-conv blocks + the linear head
-    width: int = Field(default=16, ge=1)  # channels of the first stage; doubled at each later stage
-    skip: bool = True  # False drops every shortcut: the same stack as a plain net, to show what skips fix
-    stem_stride: int = Field(default=1, ge=1, le=2)  # 2 halves the input at the stem (ignored below 16x16)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # before the linear head
-
-    @field_validator("depth")
-    @classmethod
-    def _depth(cls, v: int) -> int:
-        if v < 8 or (v - 2) % 6:
-            raise ValueError(f"resnet depth must be 6n+2 (n >= 1), e.g. {', '.join(map(str, RESNET_DEPTHS))}; got {v}")
-        return v
-
 
 class PlainBlock(BasicBlock):
     """BasicBlock without its shortcut: relu(bn2(conv2(relu(bn1(conv1(x))))))."""
@@ -227,25 +183,12 @@ class ResNet(CNN):
         self.head = gap_head(channels, num_classes, o.dropout)
 
 
-@register_model("resnet", family="cnn", options=ResNetOptions)
+@register_model("resnet", family="cnn")
 def resnet(*, input_shape, num_classes, options: ResNetOptions) -> nn.Module:
-    """CIFAR-style ResNet (6n+2 layers of basic residual blocks); skip=false gives the plain twin."""
     return ResNet(input_shape, num_classes, options)
 
 
 # ---------------------------------------------------------------- inception
-
-class InceptionOptions(Options):
-    stem: int = Field(default=32, ge=1)  # channels of the 3x3 stem conv
-    stem_stride: int = Field(default=1, ge=1, le=2)  # 2 halves the input at the stem (ignored below 16x16)
-    # output channels of the blocks of each stage (pooling between stages); split over the branches as
-    # 1x1: 1/4, 3x3: 1/2 (after a 1/4 reduce), 5x5: 1/8 (after a 1/16 reduce), pool-proj: 1/8
-    stages: list[Annotated[int, Field(ge=16, multiple_of=16)]] = Field(default=[64, 128, 256], min_length=1)
-    blocks_per_stage: int = Field(default=2, ge=1, le=8)  # inception blocks per stage, all of that stage's width
-    pooling: Literal["max", "avg"] = "max"  # between stages
-    batch_norm: bool = True  # BatchNorm2d after each conv (GoogLeNet v1 had none; it trains faster with it)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # before the linear head
-
 
 class InceptionBlock(nn.Module):
     """GoogLeNet's block: parallel 1x1, 1x1->3x3, 1x1->5x5 and maxpool3x3->1x1 branches, concatenated."""
@@ -284,9 +227,8 @@ class Inception(CNN):
         self.head = gap_head(channels, num_classes, o.dropout)
 
 
-@register_model("inception", family="cnn", options=InceptionOptions)
+@register_model("inception", family="cnn")
 def inception(*, input_shape, num_classes, options: InceptionOptions) -> nn.Module:
-    """GoogLeNet-style: blocks of parallel 1x1/3x3/5x5/pool branches, pooling between stages, GAP head."""
     return Inception(input_shape, num_classes, options)
 
 
@@ -296,25 +238,6 @@ def make_divisible(v: float, divisor: int = 8) -> int:
     """Round channels to a multiple of `divisor`, never more than 10% down (MobileNet's rule)."""
     out = max(divisor, int(v + divisor / 2) // divisor * divisor)
     return out + divisor if out < 0.9 * v else out
-
-
-class MobileNetOptions(Options):
-    width_mult: float = Field(default=1.0, gt=0.0, le=4.0)  # scales every layer's channels (rounded to 8)
-    expand_ratio: int = Field(default=6, ge=1, le=8)  # inverted residual's hidden/input channels (1st stage: 1)
-    stem: int = Field(default=32, ge=8)  # channels of the 3x3 stem conv
-    stem_stride: int = Field(default=1, ge=1, le=2)  # 2 halves the input at the stem (ignored below 16x16)
-    # [channels, blocks, stride of the stage's first block]: MobileNetV2's table, cut for small images
-    stages: list[list[int]] = Field(default=[[16, 1, 1], [24, 2, 2], [32, 3, 2], [64, 3, 2], [96, 2, 1]], min_length=1)
-    last: int = Field(default=256, ge=8)  # channels of the final 1x1 conv before pooling
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # before the linear head
-
-    @field_validator("stages")
-    @classmethod
-    def _stages(cls, v):
-        for stage in v:
-            if len(stage) != 3 or stage[0] < 1 or stage[1] < 1 or stage[2] not in (1, 2):
-                raise ValueError(f"each stage is [channels >= 1, blocks >= 1, stride 1 or 2]; got {stage}")
-        return v
 
 
 class MobileNet(CNN):
@@ -338,7 +261,6 @@ class MobileNet(CNN):
         self.head = gap_head(last, num_classes, o.dropout)
 
 
-@register_model("mobilenet", family="cnn", options=MobileNetOptions)
+@register_model("mobilenet", family="cnn")
 def mobilenet(*, input_shape, num_classes, options: MobileNetOptions) -> nn.Module:
-    """MobileNetV2-style: inverted residuals of depthwise-separable convs, width multiplier, GAP head."""
     return MobileNet(input_shape, num_classes, options)

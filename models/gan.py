@@ -12,7 +12,8 @@ Data comes as images (C, H, W) scaled to [-1, 1] by the caller (the generator en
 convolutions on images and dense networks on points; gan_mlp is dense on both.
 
 The training step itself (D then G, gradient penalty, n_critic) is in tasks/gan.py; the knobs the textbook
-names against instability live in the options below, so `params.yaml` sets them per architecture.
+names against instability live in their options (models/options.py), so `params.yaml` sets them per
+architecture.
 """
 from __future__ import annotations
 
@@ -20,48 +21,10 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from models.registry import Options, register_model
-
-# ---------------------------------------------------------------- options
-
-
-class GANOptions(Options):
-    latent_dim: int = Field(default=64, ge=1, le=4096)  # size of the noise vector z ~ N(0, I)
-    lr_g: float | None = Field(default=None, gt=0.0, le=1.0)  # generator's Adam lr; None: the shared train.lr
-    lr_d: float | None = Field(default=None, gt=0.0, le=1.0)  # discriminator's Adam lr; None: the shared train.lr
-    betas: tuple[float, float] = (0.5, 0.999)  # Adam's; beta1 0.5 damps the oscillation (DCGAN paper)
-    n_critic: int = Field(default=1, ge=1, le=100)  # discriminator steps per generator step
-    feature_matching: bool = False  # G matches D's mean penultimate features instead of fooling D (Salimans 2016)
-
-
-class BCEOptions(GANOptions):
-    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)  # one-sided: D's real target is 1 - s (Salimans 2016)
-
-
-class GANMLPOptions(BCEOptions):
-    hidden: list[int] = Field(default=[256, 256], min_length=1)  # G's hidden widths; D uses them in reverse
-    activation: Literal["relu", "leaky_relu"] = "relu"  # G's hidden activation (D: LeakyReLU(0.2) always)
-    batch_norm: bool = False  # BatchNorm1d in G's hidden layers (helps images, can hurt tiny 2-D data)
-
-
-class DCGANOptions(BCEOptions):
-    channels: int = Field(default=64, ge=1)  # conv width at full resolution; doubled at each halving
-    hidden: list[int] = Field(default=[256, 256], min_length=1)  # dense widths when the data are points
-
-
-class WGANGPOptions(GANOptions):
-    channels: int = Field(default=64, ge=1)  # conv width at full resolution; doubled at each halving
-    hidden: list[int] = Field(default=[256, 256], min_length=1)  # dense widths when the data are points
-    betas: tuple[float, float] = (0.0, 0.9)  # Gulrajani et al.: no momentum, the critic's target moves every step
-    n_critic: int = Field(default=5, ge=1, le=100)  # critic steps per generator step: the critic must stay near optimal
-    # lambda of the gradient penalty E[(|grad D(x^)| - 1)^2]; 10 for images (the paper), 0.1 on 2-D mixtures such
-    # as ring8 (the paper's toy code: at 10 the critic stays too smooth to separate modes 0.02 wide)
-    gp_weight: float = Field(default=10.0, ge=0.0)
-    critic_norm: Literal["layer", "none"] = "layer"  # no batch norm: the penalty is per example (paper's advice)
-
+from models.options import DCGANOptions, GANMLPOptions, GANOptions, WGANGPOptions
+from models.registry import register_model
 
 # ---------------------------------------------------------------- the two-network module
 
@@ -215,9 +178,8 @@ def is_image(shape: tuple[int, ...]) -> bool:
 # ---------------------------------------------------------------- registered variants
 
 
-@register_model("gan_mlp", family="gan", options=GANMLPOptions, kind="generation")
+@register_model("gan_mlp", family="gan")
 def gan_mlp(*, input_shape, num_classes, options: GANMLPOptions) -> nn.Module:
-    """Textbook GAN: dense generator and LeakyReLU discriminator, non-saturating BCE loss."""
     image = is_image(input_shape)
     act = nn.ReLU if options.activation == "relu" else lambda: nn.LeakyReLU(0.2)
     g = dense_generator(options.latent_dim, options.hidden, input_shape, options.batch_norm, act, tanh=image)
@@ -225,9 +187,8 @@ def gan_mlp(*, input_shape, num_classes, options: GANMLPOptions) -> nn.Module:
     return GAN(g, d, options.latent_dim, options, "bce")
 
 
-@register_model("dcgan", family="gan", options=DCGANOptions, kind="generation")
+@register_model("dcgan", family="gan")
 def dcgan(*, input_shape, num_classes, options: DCGANOptions) -> nn.Module:
-    """DCGAN: transposed-conv generator with batch norm, strided-conv LeakyReLU discriminator (dense on points)."""
     if is_image(input_shape):
         g = conv_generator(options.latent_dim, input_shape, options.channels, "dcgan")
         d = conv_discriminator(input_shape, options.channels, "batch", "dcgan")
@@ -237,9 +198,8 @@ def dcgan(*, input_shape, num_classes, options: DCGANOptions) -> nn.Module:
     return dcgan_init(GAN(g, d, options.latent_dim, options, "bce"))
 
 
-@register_model("wgan_gp", family="gan", options=WGANGPOptions, kind="generation")
+@register_model("wgan_gp", family="gan")
 def wgan_gp(*, input_shape, num_classes, options: WGANGPOptions) -> nn.Module:
-    """WGAN-GP: DCGAN-shaped networks, a critic without sigmoid or batch norm, trained with a gradient penalty."""
     if is_image(input_shape):
         g = conv_generator(options.latent_dim, input_shape, options.channels, "wgan_gp")
         d = conv_discriminator(input_shape, options.channels, options.critic_norm, "wgan_gp")

@@ -6,41 +6,15 @@ the model on data. The discriminators are PatchGANs: a grid of logits, one per o
 so they judge texture and local structure and leave the global layout to the L1 / cycle losses.
 
 The training steps (D then G, the image pool, the losses) are in tasks/image2image.py; what varies between
-runs is in the options below.
+runs is in their options (models/options.py).
 """
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from models.registry import Options, register_model
-
-# ---------------------------------------------------------------- options
-
-
-class ImageGANOptions(Options):
-    channels: int = Field(default=32, ge=4, le=512)  # generator width at full resolution (ngf)
-    d_channels: int = Field(default=32, ge=4, le=512)  # discriminator width at its first layer (ndf)
-    d_layers: int = Field(default=2, ge=1, le=5)  # stride-2 layers of the PatchGAN: patch of 10 (1), 16 (2), 34 (3) px
-    lr_g: float | None = Field(default=None, gt=0.0, le=1.0)  # generator lr; None: the shared train.lr
-    lr_d: float | None = Field(default=None, gt=0.0, le=1.0)  # discriminator lr; None: the shared train.lr
-    betas: tuple[float, float] = (0.5, 0.999)  # Adam's, as in both papers
-
-
-class Pix2PixOptions(ImageGANOptions):
-    depth: int = Field(default=4, ge=1, le=8)  # U-Net halvings: 32x32 -> 2x2 at 4 (the paper: 256 -> 1 at 8)
-    dropout: float = Field(default=0.5, ge=0.0, lt=1.0)  # in the first decoder layers: the paper's only noise
-    lambda_l1: float = Field(default=100.0, ge=0.0)  # weight of |G(a) - b|_1 beside the adversarial loss (paper: 100)
-    adversarial: bool = True  # false: the L1-only U-Net of the paper's ablation (no discriminator step)
-
-
-class CycleGANOptions(ImageGANOptions):
-    blocks: int = Field(default=3, ge=0, le=12)  # residual blocks at 1/4 resolution (paper: 6 at 128 px, 9 at 256)
-    lambda_cycle: float = Field(default=10.0, ge=0.0)  # weight of |F(G(a)) - a|_1 + |G(F(b)) - b|_1 (paper: 10)
-    lambda_identity: float = Field(default=0.5, ge=0.0)  # |G(b) - b|_1, as a fraction of lambda_cycle (paper: 0.5)
-    pool_size: int = Field(default=50, ge=0, le=1000)  # past fakes shown to the discriminators (0: only the newest)
-
+from models.options import CycleGANOptions, Pix2PixOptions
+from models.registry import register_model
 
 # ---------------------------------------------------------------- pix2pix: U-Net generator
 
@@ -200,18 +174,16 @@ def _image(name: str, shape, halvings: int) -> tuple[int, int, int]:
     return c, h, w
 
 
-@register_model("pix2pix", family="gan", options=Pix2PixOptions, kind="image_translation")
+@register_model("pix2pix", family="gan")
 def pix2pix(*, input_shape, num_classes, options: Pix2PixOptions) -> nn.Module:
-    """Pix2Pix: a U-Net generator with skips and a conditional PatchGAN, trained on adversarial + lambda L1."""
     shape = _image("pix2pix", input_shape, options.depth)
     if min(shape[1:]) < 2 ** options.d_layers * 4:
         raise ValueError(f"pix2pix: d_layers {options.d_layers} is too deep for {shape[1]}x{shape[2]} images")
     return gan_init(Pix2Pix(shape, options))
 
 
-@register_model("cyclegan", family="gan", options=CycleGANOptions, kind="image_translation")
+@register_model("cyclegan", family="gan")
 def cyclegan(*, input_shape, num_classes, options: CycleGANOptions) -> nn.Module:
-    """CycleGAN: two ResNet generators and two PatchGANs, least-squares GAN loss + cycle and identity L1."""
     shape = _image("cyclegan", input_shape, 2)
     if min(shape[1:]) < 2 ** options.d_layers * 4:
         raise ValueError(f"cyclegan: d_layers {options.d_layers} is too deep for {shape[1]}x{shape[2]} images")

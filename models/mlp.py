@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
 
-from pydantic import Field
 from torch import nn
 
-from models.registry import Options, register_model
-
-Activation = Literal["relu", "tanh", "sigmoid", "leaky_relu"]
+from models.options import MLPOptions
+from models.registry import register_model
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -17,13 +14,6 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "sigmoid": nn.Sigmoid,
     "leaky_relu": nn.LeakyReLU,
 }
-
-
-class MLPOptions(Options):
-    hidden: list[int] = Field(default=[256, 128], min_length=1)  # widths of the hidden layers
-    activation: Activation = "relu"
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)  # after each hidden activation
-    batch_norm: bool = False  # BatchNorm1d before each activation
 
 
 class MLP(nn.Module):
@@ -46,7 +36,6 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-@register_model("mlp", family="mlp", options=MLPOptions)
+@register_model("mlp", family="mlp")
 def mlp(*, input_shape, num_classes, options: MLPOptions) -> nn.Module:
-    """Multi-layer perceptron on flattened inputs."""
     return MLP(math.prod(input_shape), num_classes, options)

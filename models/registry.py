@@ -1,84 +1,50 @@
 """One registry for every architecture: `@register_model` on a small builder, `create_model(name, ...)`.
 
-A builder receives the data shape (`input_shape`, `num_classes`) and its validated options object.
-Each registration carries a pydantic options class, so `params.yaml` is checked against the same
-definition that builds the network (unknown option -> error naming it).
+What architectures exist, with their family, kind, description and pydantic options class, is models/options.py's
+catalogue (torch-free, so `params.yaml` is checked without importing a network; unknown option -> error naming
+it). A family module attaches each builder with `@register_model`; a builder receives the data shape
+(`input_shape`, `num_classes`) and its validated options object. `create_model` imports only the family module of
+the architecture it builds (an `mlp` run never imports torchvision).
 """
 from __future__ import annotations
 
-import difflib
-from dataclasses import dataclass
+import importlib
 from typing import Callable
 
-from pydantic import BaseModel, ConfigDict
 import torch
 from torch import nn
 
-FAMILIES = ("mlp", "cnn", "rnn", "transformer", "gan", "transfer", "seq2seq", "speech")
+from models.options import (FAMILIES, MODELS, ModelSpec, Options, UnknownModelError,  # noqa: F401 (re-exported)
+                            get_spec, list_models)
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 
 
-class Options(BaseModel):
-    """Base of every architecture's options: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    family: str
-    options: type[Options]
-    build: Callable[..., nn.Module]
-    description: str
-    kind: str | None = None  # the kind of run it makes whatever the data (GANs: "generation"); None: the data's
-
-
-_REGISTRY: dict[str, ModelSpec] = {}
-
-
-class UnknownModelError(KeyError):
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
-
-
-def register_model(name: str, *, family: str, options: type[Options], kind: str | None = None):
-    if family not in FAMILIES:
-        raise ValueError(f"family {family!r} is not one of {', '.join(FAMILIES)}")
+def register_model(name: str, *, family: str):
+    """Attach the builder of `name`, an architecture of `family` in models/options.py's catalogue."""
+    if name not in MODELS:
+        raise ValueError(f"model {name!r} is not in models/options.py MODELS; known models: {', '.join(sorted(MODELS))}")
+    if MODELS[name].family != family:
+        raise ValueError(f"model {name!r} is of family {MODELS[name].family!r} in models/options.py, not {family!r}")
 
     def wrap(build: Callable[..., nn.Module]):
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is already registered; known models: {', '.join(sorted(_REGISTRY))}")
-        doc = (build.__doc__ or "").strip().splitlines()
-        _REGISTRY[name] = ModelSpec(name, family, options, build, doc[0] if doc else "", kind)
+        if name in _BUILDERS:
+            raise ValueError(f"model {name!r} is already registered; known models: {', '.join(sorted(MODELS))}")
+        _BUILDERS[name] = build
         return build
 
     return wrap
-
-
-def _load_families() -> None:
-    # Importing the family modules runs their @register_model decorators.
-    from models import cnn, gan, image2image, mlp, seq2seq, sequence, speech, stylegan, transfer  # noqa: F401
-
-
-def get_spec(name: str) -> ModelSpec:
-    _load_families()
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UnknownModelError(f"unknown model {name!r}{hint} known models: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
-
-
-def list_models() -> list[str]:
-    _load_families()
-    return sorted(_REGISTRY)
 
 
 def create_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, **options) -> nn.Module:
     """Build `name` for inputs of `input_shape` (without batch) and `num_classes` outputs."""
     spec = get_spec(name)
     opts = spec.options(**options)
-    return spec.build(input_shape=tuple(input_shape), num_classes=num_classes, options=opts)
+    if name not in _BUILDERS:
+        importlib.import_module(spec.module)  # its @register_model attaches the builder
+    if name not in _BUILDERS:
+        raise ValueError(f"model {name!r}: {spec.module} registers no builder for it")
+    return _BUILDERS[name](input_shape=tuple(input_shape), num_classes=num_classes, options=opts)
 
 
 def beam_size(model: nn.Module) -> int:

@@ -13,36 +13,19 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from models.registry import Options, register_model
+from models.options import Seq2SeqOptions, TransformerSeq2SeqOptions
+from models.registry import register_model
 from models.sequence import sinusoidal
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3  # the first four ids of every target vocabulary (sources use 0 and 1 only)
 
 
 # ---------------------------------------------------------------- RNN encoder-decoder
-
-class Seq2SeqOptions(Options):
-    cell: Literal["gru", "lstm"] = "gru"
-    hidden: int = Field(default=64, ge=1)  # units of the decoder and of each encoder direction
-    layers: int = Field(default=1, ge=1, le=4)  # stacked encoder layers (the decoder is one cell)
-    bidirectional: bool = True  # the encoder also reads the source backwards
-    embedding_dim: int = Field(default=32, ge=1)  # source and target token embeddings
-    # none: every step sees the same encoder summary (the fair no-attention twin, Cho et al. 2014);
-    # additive: Bahdanau et al. 2015, v.tanh(W s + U h_j); dot: Luong et al. 2015 "general", (W s).h_j / sqrt(d)
-    attention: Literal["none", "additive", "dot"] = "additive"
-    attention_dim: int = Field(default=64, ge=1)  # additive only: width of the score's hidden layer
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)  # on embeddings and the decoder's output layer
-    teacher_forcing: float = Field(default=1.0, ge=0.0, le=1.0)  # share of training steps fed the true previous token
-    beam_size: int = Field(default=1, ge=1, le=32)  # evaluation and serving: 1 greedy, more: beam search
-    vocab_size: int | None = Field(default=None, ge=2)  # source vocabulary (from the data)
-
 
 class Seq2Seq(nn.Module):
     """Embedding -> (bi)GRU/LSTM encoder; a GRU/LSTM cell decoder fed [previous token; context], the context an
@@ -132,30 +115,12 @@ class Seq2Seq(nn.Module):
         return torch.stack(logits, 1)
 
 
-@register_model("seq2seq", family="seq2seq", options=Seq2SeqOptions, kind="translation")
+@register_model("seq2seq", family="seq2seq")
 def seq2seq(*, input_shape, num_classes, options: Seq2SeqOptions) -> nn.Module:
-    """RNN encoder-decoder (GRU/LSTM, bidirectional encoder) with additive, dot or no attention."""
     return Seq2Seq(input_shape, num_classes, options)
 
 
 # ---------------------------------------------------------------- transformer encoder-decoder
-
-class TransformerSeq2SeqOptions(Options):
-    d_model: int = Field(default=64, ge=2)
-    heads: int = Field(default=4, ge=1)  # must divide d_model
-    encoder_layers: int = Field(default=2, ge=1, le=12)
-    decoder_layers: int = Field(default=2, ge=1, le=12)
-    ff: int = Field(default=128, ge=1)  # feed-forward width in every layer
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
-    beam_size: int = Field(default=1, ge=1, le=32)  # evaluation and serving: 1 greedy, more: beam search
-    vocab_size: int | None = Field(default=None, ge=2)  # source vocabulary (from the data)
-
-    @model_validator(mode="after")
-    def _heads_divide(self):
-        if self.d_model % self.heads:
-            raise ValueError(f"d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
-        return self
-
 
 class TransformerSeq2Seq(nn.Module):
     """nn.Transformer (pre-norm) over scaled embeddings + sinusoidal positions; source padding masked in the
@@ -227,9 +192,8 @@ class _Recorder:
         del self.mha.forward
 
 
-@register_model("transformer_seq2seq", family="seq2seq", options=TransformerSeq2SeqOptions, kind="translation")
+@register_model("transformer_seq2seq", family="seq2seq")
 def transformer_seq2seq(*, input_shape, num_classes, options: TransformerSeq2SeqOptions) -> nn.Module:
-    """nn.Transformer encoder-decoder with sinusoidal positions, padding and causal masks."""
     return TransformerSeq2Seq(input_shape, num_classes, options)
 
 

@@ -12,14 +12,13 @@ mask padded steps out of their softmax and pooling. The head is a plain Linear t
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from models.registry import Options, register_model
+from models.options import AttentionOptions, RecurrentBase, RecurrentOptions, TransformerOptions, WordLMOptions
+from models.registry import register_model
 
 CELLS: dict[str, type[nn.RNNBase]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 
@@ -75,19 +74,6 @@ def masked_mean(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 # ---------------------------------------------------------------- recurrent: rnn, lstm, gru
 
-class RecurrentBase(Options):
-    hidden: int = Field(default=128, ge=1)  # units per direction and layer
-    layers: int = Field(default=1, ge=1, le=8)  # stacked recurrent layers
-    bidirectional: bool = False  # a second set of layers reads the sequence backwards; states are concatenated
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # between stacked layers (no effect with layers: 1)
-    embedding_dim: int = Field(default=64, ge=1)  # token inputs only: size of each token's embedding
-    vocab_size: int | None = Field(default=None, ge=2)  # token inputs only (required there): ids 0..vocab_size-1
-
-
-class RecurrentOptions(RecurrentBase):
-    pooling: Literal["last", "mean"] = "last"  # last: final hidden state (both directions); mean: over valid steps
-
-
 class Recurrent(nn.Module):
     """input adapter -> stacked RNN/LSTM/GRU -> pooling over time -> Linear head."""
 
@@ -125,31 +111,22 @@ class Recurrent(nn.Module):
         return self.head(self.pool(*self.encode(x)))
 
 
-@register_model("rnn", family="rnn", options=RecurrentOptions)
+@register_model("rnn", family="rnn")
 def rnn(*, input_shape, num_classes, options: RecurrentOptions) -> nn.Module:
-    """Elman RNN (tanh) over time steps: image rows, sequence windows or embedded tokens."""
     return Recurrent("rnn", input_shape, num_classes, options, options.pooling)
 
 
-@register_model("lstm", family="rnn", options=RecurrentOptions)
+@register_model("lstm", family="rnn")
 def lstm(*, input_shape, num_classes, options: RecurrentOptions) -> nn.Module:
-    """LSTM over time steps: image rows, sequence windows or embedded tokens."""
     return Recurrent("lstm", input_shape, num_classes, options, options.pooling)
 
 
-@register_model("gru", family="rnn", options=RecurrentOptions)
+@register_model("gru", family="rnn")
 def gru(*, input_shape, num_classes, options: RecurrentOptions) -> nn.Module:
-    """GRU over time steps: image rows, sequence windows or embedded tokens."""
     return Recurrent("gru", input_shape, num_classes, options, options.pooling)
 
 
 # ---------------------------------------------------------------- attention
-
-class AttentionOptions(RecurrentBase):
-    cell: Literal["lstm", "gru"] = "lstm"  # the encoder
-    score: Literal["additive", "dot"] = "additive"  # additive (Bahdanau): v.tanh(Wq q + Wk h_t); dot: q.h_t / sqrt(D)
-    attention_dim: int = Field(default=64, ge=1)  # additive only: size of the hidden layer of the score
-
 
 class AttentionRNN(Recurrent):
     """Recurrent encoder; the final state queries every step, the head reads the attention-weighted context."""
@@ -182,29 +159,12 @@ class AttentionRNN(Recurrent):
         return self.last_attention
 
 
-@register_model("attention", family="rnn", options=AttentionOptions)
+@register_model("attention", family="rnn")
 def attention(*, input_shape, num_classes, options: AttentionOptions) -> nn.Module:
-    """LSTM/GRU encoder with additive or dot attention pooling over time steps (weights kept for plots)."""
     return AttentionRNN(input_shape, num_classes, options)
 
 
 # ---------------------------------------------------------------- transformer
-
-class TransformerOptions(Options):
-    d_model: int = Field(default=64, ge=2)  # width of every token's representation
-    heads: int = Field(default=4, ge=1)  # attention heads; must divide d_model
-    layers: int = Field(default=2, ge=1, le=24)  # encoder layers
-    ff: int = Field(default=128, ge=1)  # hidden width of each layer's feed-forward block
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)  # on the inputs and inside every layer
-    pooling: Literal["mean", "cls"] = "mean"  # mean over valid steps, or a learned [CLS] token's output
-    vocab_size: int | None = Field(default=None, ge=2)  # token inputs only (required there): ids 0..vocab_size-1
-
-    @model_validator(mode="after")
-    def _heads_divide(self):
-        if self.d_model % self.heads:
-            raise ValueError(f"d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
-        return self
-
 
 def sinusoidal(steps: int, dim: int, device) -> torch.Tensor:
     """(T, D) positional encoding of Vaswani et al. 2017: sin on even features, cos on odd ones."""
@@ -244,23 +204,12 @@ class Transformer(nn.Module):
         return self.head(pooled)
 
 
-@register_model("transformer", family="transformer", options=TransformerOptions)
+@register_model("transformer", family="transformer")
 def transformer(*, input_shape, num_classes, options: TransformerOptions) -> nn.Module:
-    """Transformer encoder (sinusoidal positions, masked mean or [CLS] pooling) over time steps or tokens."""
     return Transformer(input_shape, num_classes, options)
 
 
 # ---------------------------------------------------------------- word-level language model
-
-class WordLMOptions(Options):
-    cell: Literal["lstm", "gru"] = "lstm"
-    embedding_dim: int = Field(default=200, ge=1)  # also the width of the last layer when tied
-    hidden: int = Field(default=200, ge=1)
-    layers: int = Field(default=2, ge=1, le=8)
-    dropout: float = Field(default=0.2, ge=0.0, lt=1.0)  # on embeddings, between layers and before the decoder
-    tied: bool = False  # the output layer reuses the input embedding (Press & Wolf 2017; Inan et al. 2017)
-    vocab_size: int | None = Field(default=None, ge=2)  # from the data
-
 
 class WordLM(nn.Module):
     """pytorch/examples' word_language_model RNNModel: embedding -> dropout -> stacked LSTM/GRU -> dropout ->
@@ -295,7 +244,6 @@ class WordLM(nn.Module):
         return self.decoder(h)
 
 
-@register_model("word_lm", family="rnn", options=WordLMOptions, kind="word_language_model")
+@register_model("word_lm", family="rnn")
 def word_lm(*, input_shape, num_classes, options: WordLMOptions) -> nn.Module:
-    """Word-level language model: stacked LSTM/GRU predicting the next word at every position (tied option)."""
     return WordLM(input_shape, num_classes, options)

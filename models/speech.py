@@ -12,15 +12,14 @@ give the same transform, but its releases pin one torch version each and none ma
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from models.registry import Options, register_model
+from models.options import ConformerOptions, CTCOptions
+from models.registry import register_model
 from models.sequence import sinusoidal
 
 BLANK = 0
@@ -98,17 +97,6 @@ def _conv_lengths(conv: nn.Conv1d, lengths: torch.Tensor) -> torch.Tensor:
     return torch.div(lengths + 2 * p - k, s, rounding_mode="floor") + 1
 
 
-class CTCOptions(Options):
-    cell: Literal["gru", "lstm"] = "gru"
-    hidden: int = Field(default=128, ge=8)  # units of each direction of each recurrent layer
-    layers: int = Field(default=2, ge=1, le=6)
-    bidirectional: bool = True  # every frame also hears what follows it (offline recognition)
-    channels: int = Field(default=128, ge=8)  # of the convolutional front end
-    subsample: Literal[1, 2, 4] = 2  # frames per output step: 2 -> 20 ms steps, still several per character
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
-    beam_size: int = Field(default=1, ge=1, le=64)  # evaluation and serving: 1 greedy, more: CTC prefix beam search
-
-
 class CTCRecognizer(nn.Module):
     """Conv front end -> stacked (bi)GRU/LSTM over the subsampled frames -> linear over blank + characters."""
 
@@ -135,18 +123,6 @@ class CTCRecognizer(nn.Module):
             packed = pack_padded_sequence(h, n.cpu(), batch_first=True, enforce_sorted=False)
             h, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=h.shape[1])
         return F.log_softmax(self.out(self.drop(h)).float(), dim=-1)  # (B, T', C)
-
-
-class ConformerOptions(Options):
-    d_model: int = Field(default=96, ge=8)
-    heads: int = Field(default=4, ge=1)  # must divide d_model
-    layers: int = Field(default=4, ge=1, le=16)
-    kernel_size: int = Field(default=15, ge=3, le=63)  # the depthwise convolution's reach, in output steps (odd)
-    ff_mult: int = Field(default=4, ge=1, le=8)  # feed-forward width = ff_mult * d_model
-    channels: int = Field(default=128, ge=8)
-    subsample: Literal[1, 2, 4] = 2
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
-    beam_size: int = Field(default=1, ge=1, le=64)
 
 
 class ConformerBlock(nn.Module):
@@ -218,15 +194,13 @@ def _check(input_shape: tuple[int, ...], name: str) -> None:
                          f"synth_speech); got inputs of shape {tuple(input_shape)}")
 
 
-@register_model("ctc_asr", family="speech", options=CTCOptions, kind="speech_recognition")
+@register_model("ctc_asr", family="speech")
 def ctc_asr(*, input_shape, num_classes, options: CTCOptions) -> nn.Module:
-    """Speech to characters: conv front end + bidirectional GRU/LSTM, trained with CTC."""
     return CTCRecognizer(input_shape, num_classes, options)
 
 
-@register_model("conformer", family="speech", options=ConformerOptions, kind="speech_recognition")
+@register_model("conformer", family="speech")
 def conformer(*, input_shape, num_classes, options: ConformerOptions) -> nn.Module:
-    """Speech to characters: conv front end + Conformer blocks (attention and convolution), trained with CTC."""
     return Conformer(input_shape, num_classes, options)
 
 

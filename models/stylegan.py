@@ -27,27 +27,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from models.gan import GAN, BCEOptions, Discriminator, conv_plan, is_image
+from models.gan import GAN, Discriminator, conv_plan, is_image
+from models.options import StyleGANOptions
 from models.registry import register_model
 
 COARSE_MAX = 8  # the highest resolution whose style layers count as coarse (the paper: 4x4 and 8x8)
-
-
-class StyleGANOptions(BCEOptions):
-    latent_dim: int = Field(default=64, ge=1, le=4096)  # z ~ N(0, I)
-    w_dim: int = Field(default=64, ge=1, le=4096)  # the intermediate latent w: the styles are affine maps of it
-    mapping_layers: int = Field(default=4, ge=1, le=8)  # depth of the mapping MLP (8 in the paper, at 512 wide)
-    mapping_lr_mult: float = Field(default=0.01, gt=0.0, le=1.0)  # the mapping's lr = G's lr x this (the paper's)
-    channels: int = Field(default=16, ge=1)  # conv width at full resolution; doubled at each halving (G and D)
-    mixing_prob: float = Field(default=0.9, ge=0.0, le=1.0)  # share of training batches whose styles mix two ws
-    noise: bool = True  # per-layer noise inputs (stochastic detail); off: the image is a function of w alone
-    w_avg_beta: float = Field(default=0.995, ge=0.0, lt=1.0)  # EMA decay of w_avg, the truncation trick's centre
-    mbstd: bool = True  # D's minibatch standard deviation feature: sees a batch's lack of variety
-    r1_gamma: float = Field(default=1.0, ge=0.0)  # R1 weight: gamma / 2 E[|grad D(x)|^2] on reals (paper: 10 at 1024^2)
-    betas: tuple[float, float] = (0.0, 0.99)  # Adam's, as in the paper
 
 
 # ---------------------------------------------------------------- equalised learning rate
@@ -228,9 +214,8 @@ class StyleGAN(GAN):
 # ---------------------------------------------------------------- registered variant
 
 
-@register_model("stylegan", family="gan", options=StyleGANOptions, kind="style_generation")
+@register_model("stylegan", family="gan")
 def stylegan(*, input_shape, num_classes, options: StyleGANOptions) -> nn.Module:
-    """StyleGAN: mapping network, learned constant, AdaIN and noise at every layer, style mixing; logistic + R1."""
     if not is_image(input_shape):
         raise ValueError(f"stylegan: makes images (C, H, W); got shape {tuple(input_shape)} (use gan_mlp for points)")
     g = StyleGenerator(input_shape, options, "stylegan")

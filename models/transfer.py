@@ -8,38 +8,13 @@ from-scratch reference with the same architecture. An optional fine-tune phase u
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
-from models.registry import Options, create_model, register_model
-
-
-class TransferOptions(Options):
-    base: str | None = None  # models:/<name>@<alias> | models:/<name>/<version> | runs:/<id>/model | run id | torchvision:<arch>
-    base_arch: str = "simple_cnn"  # the untrained base used when `base` is null (from-scratch reference) ...
-    base_options: dict = Field(default_factory=dict)  # ... with these options
-    trainable: bool = False  # train the whole base too (false: frozen feature extractor, the classic setting)
-    fine_tune_blocks: int = Field(default=0, ge=0)  # unfreeze this many of the base's last blocks ...
-    fine_tune_after: int = Field(default=0, ge=0)  # ... after this many head-only epochs ...
-    fine_tune_lr: float = Field(default=0.1, gt=0.0, le=1.0)  # ... at this fraction of train.lr
-    hidden: int = Field(default=0, ge=0)  # width of a hidden dense layer in the new head (0: linear head)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # before the head's last layer
-    download: bool = False  # torchvision bases: allow downloading pretrained weights into the torch cache
-    # the checkpoint of a `base` this pipeline trained, already fetched by the caller (tasks.stages.build resolves
-    # models:/... through the tracking module): its self-describing dict, or the path of its model.pt
-    base_checkpoint: dict | str | None = Field(default=None, exclude=True, repr=False)
-
-    @field_validator("base")
-    @classmethod
-    def _reference(cls, v: str | None):
-        if v is None or re.fullmatch(r"models:/[^@/]+(@[\w.-]+|/\d+)|runs:/[0-9a-f]{32}/\S+|[0-9a-f]{32}|torchvision:\w+", v):
-            return v
-        raise ValueError(f"{v!r} is not a model reference: use models:/<name>@<alias>, models:/<name>/<version>, "
-                         "runs:/<run id>/model, a run id or torchvision:<arch>")
+from models.options import TransferOptions
+from models.registry import create_model, register_model
 
 
 class TransferNet(nn.Module):
@@ -154,9 +129,8 @@ def _torchvision_features(arch: str, download: bool) -> nn.Sequential:
                      "use a ResNet, VGG or MobileNet")
 
 
-@register_model("transfer", family="transfer", options=TransferOptions)
+@register_model("transfer", family="transfer")
 def transfer(*, input_shape, num_classes, options: TransferOptions) -> nn.Module:
-    """A frozen base (MLflow model, torchvision weights or untrained) with a new head; optional fine-tuning."""
     if len(input_shape) != 3:
         raise ValueError(f"transfer needs image inputs (C, H, W), got shape {tuple(input_shape)}")
     o = options

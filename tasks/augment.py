@@ -19,15 +19,9 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from tasks.config import AugmentConfig
-from tasks.data import load_prepared
+from tasks.data import AUGMENTED, load_prepared, raw_max  # noqa: F401  (AUGMENTED: the stage's folder)
 
-AUGMENTED = Path("data/augmented")
-RAW_MAX = {"digits": 16.0}  # largest raw pixel value per source (uint8 sources: 255)
 FLIP_SOURCES = ("cifar10", "fashion_mnist")  # mirrored they are still the same class; a mirrored digit is not
-
-
-def raw_max(manifest: dict) -> float:
-    return RAW_MAX.get(manifest["source"], 255.0)
 
 
 def flips(cfg: AugmentConfig, manifest: dict) -> bool:

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from models.options import UnknownModelError, get_spec
+from tasks.kinds import kind_name, misfit, rules
 from tasks.sources import NAMES as SOURCE_NAMES
 
 INIT_ALIASES = {"glorot_normal": "xavier_normal", "glorot_uniform": "xavier_uniform",
@@ -321,8 +323,6 @@ def validate(raw: dict[str, Any], judge: bool = True) -> Config:
 def _refuse_inapplicable(cfg: Config, names: list[str]) -> None:
     """Settings the kind of a run that will train cannot honour are errors, never silently ignored (e.g. early
     stopping of a GAN). Entries of `models` that this command does not train are not judged."""
-    from tasks.kinds import kind_of, misfit
-
     lines = []
     for name in names:
         arch = cfg.model_options(name)[0]
@@ -330,8 +330,8 @@ def _refuse_inapplicable(cfg: Config, names: list[str]) -> None:
         if why:
             lines.append(f"models.{name}: {why}")
             continue
-        kind = kind_of(arch, cfg.data.source)
-        lines += [f"{line} (models.{name} is a {kind.name} run)" for line in kind.refuse(cfg, cfg.train_for(name))]
+        kind = kind_name(arch, cfg.data.source)
+        lines += [f"{line} (models.{name} is a {kind} run)" for line in rules(kind).refuse(cfg, cfg.train_for(name))]
     if lines:
         raise ConfigError("invalid params: " + "\n  ".join(lines) if len(lines) == 1 else
                           "invalid params:\n  " + "\n  ".join(lines))
@@ -345,8 +345,6 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 
 def _validate_model(name: str, opts: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
-    from models.registry import UnknownModelError, get_spec
-
     if not isinstance(opts, dict):
         raise ConfigError(f"models.{name}: expected a mapping of options, got {opts!r}")
     opts = dict(opts)

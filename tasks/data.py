@@ -23,6 +23,8 @@ from tasks.progress import bar
 from tasks.text import VOCAB
 
 PROCESSED = Path("data/processed")  # where DVC's `prepare` stage writes
+AUGMENTED = Path("data/augmented")  # ... and its `augment` stage (offline copies)
+RAW_MAX = {"digits": 16.0}  # largest raw pixel value per source (uint8 sources: 255)
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 REBUILD = "rebuild it with `dvc repro prepare` (or `nnlab run`, which does)"
@@ -30,6 +32,11 @@ IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}  # PIL modes that become 1 channel when channels is None
 DOWNLOAD_HINT = "set `data.download: true` (or `--set data.download=true`) to allow the download"
+
+
+def raw_max(manifest: dict) -> float:
+    """The largest raw pixel value of an image source's data (what its images are scaled by for display)."""
+    return RAW_MAX.get(manifest["source"], 255.0)
 
 
 class DataError(ValueError):

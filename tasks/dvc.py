@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from tasks.config import Config, ConfigError, load_config, params_hash
-from tasks.data import PROCESSED, content_hash, prepare
+from tasks.data import AUGMENTED, PROCESSED, content_hash, prepare
 
 VARIANTS = Path("data/variants")
 
@@ -134,8 +134,6 @@ def matches_params_yaml(cfg: Config, params_file: str | Path = "params.yaml") ->
 
 def ensure_data(cfg: Config) -> tuple[Path, dict]:
     """Path of the prepared data for `cfg`, and facts to record about it (hashes, how it was obtained)."""
-    from tasks.augment import AUGMENTED, expand_offline
-
     offline = cfg.augment.offline_copies > 0
     if is_dvc_repo() and matches_params_yaml(cfg):
         repro("prepare", "augment")  # augment: the preview plot, and the offline copies when asked for
@@ -147,6 +145,8 @@ def ensure_data(cfg: Config) -> tuple[Path, dict]:
         prepare(cfg.data, cfg.seed, out)
     if offline:
         if _hash_or_none(out / "augmented") is None:
+            from tasks.augment import expand_offline  # torchvision: only when there are copies to make
+
             expand_offline(cfg.augment, out, out / "augmented", cfg.seed)
         out = out / "augmented"
     return out, {"nnlab.data_source": "variant", "nnlab.data_hash": content_hash(out)}

@@ -77,16 +77,6 @@ class Generation(Kind):
         # fits cannot see modes); images: the Frechet distance in a classifier's features
         return "mode_overlap" if data_kind(source) == "points" else "classifier_fid"
 
-    def refuse(self, cfg, train) -> list[str]:
-        out = []
-        if train.early_stopping.enabled:
-            out.append("train.early_stopping.enabled: a GAN has no held-out loss to watch (its losses say nothing of "
-                       "its samples); set it to false and choose train.epochs")
-        if cfg.augment.enabled:
-            out.append("augment.enabled: a GAN learns the distribution of its training images, augmentations "
-                       "included; set it to false")
-        return out
-
     def scaling(self, manifest: dict) -> tuple[list[float], list[float]]:
         return scaling(manifest)
 

@@ -430,18 +430,7 @@ class ImageTranslation(Kind):
     name, metric, registry = "image_translation", "class_agreement", "nnlab-image-translator"
     lower_is_better = ("test_l1", "baseline_l1", "classifier_fid_ba", "cycle_l1_a", "cycle_l1_b")
     channels_last = False
-    data = ("image_pairs",)
-    own_models = True
     summary_columns = ("test_ssim", "cycle_l1_a")
-
-    def refuse(self, cfg, train) -> list[str]:
-        out = []
-        if train.early_stopping.enabled:
-            out.append("train.early_stopping.enabled: an image GAN's losses do not say when its outputs are best; "
-                       "set it to false and choose train.epochs")
-        if cfg.augment.enabled:
-            out.append("augment.enabled: the pairs are built in data preparation; set it to false")
-        return out
 
     def step(self, model, cfg, seed, device) -> TwoNetworkStep:
         return Pix2PixStep(model, cfg, seed, device) if model.kind == "paired" else CycleStep(model, cfg, seed, device)

@@ -5,14 +5,17 @@ evaluation, the metric that ranks its runs and the registered-model name the win
 lifecycle (tasks/stages.py) and the loop (tasks/train.py) are shared and never ask which kind they run.
 
 A run's kind is its model's own (GANs make generators from any data) or else its data's (tasks/sources.py).
-Adding a kind: a `@register_kind` class in its module, that module in KIND_MODULES, its models and tests.
+What config validation asks of a kind (the data it trains on, whether that data trains only its own models, the
+settings it refuses) is its row of RULES here, read without importing the kind's module or torch.
+Adding a kind: its row in RULES, a `@register_kind` class in its module, that module in KIND_MODULES, its models
+(models/options.py) and tests.
 """
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     import torch
@@ -56,6 +59,65 @@ class Evaluation:
     texts: dict[str, str] = field(default_factory=dict)  # more artifacts: name -> text (e.g. sample outputs)
 
 
+# ---------------------------------------------------------------- what config validation checks, without torch
+
+@dataclass(frozen=True)
+class Rules:
+    data: tuple[str, ...] = ()  # the kinds of data (tasks/sources.py DATA) it trains on; empty: any
+    own_models: bool = False  # its data trains only the models of this kind (translation: encoder-decoders)
+    # settings it cannot honour, each as `key: why` (validation turns them into an error)
+    refuse: Callable[["Config", "TrainConfig"], list[str]] = lambda cfg, train: []
+
+
+def _generation_refuses(cfg: "Config", train: "TrainConfig") -> list[str]:
+    out = []
+    if train.early_stopping.enabled:
+        out.append("train.early_stopping.enabled: a GAN has no held-out loss to watch (its losses say nothing of "
+                   "its samples); set it to false and choose train.epochs")
+    if cfg.augment.enabled:
+        out.append("augment.enabled: a GAN learns the distribution of its training images, augmentations "
+                   "included; set it to false")
+    return out
+
+
+def _translation_refuses(cfg: "Config", train: "TrainConfig") -> list[str]:
+    return ["augment.enabled: image augmentation does not apply to text; set it to false"] if cfg.augment.enabled else []
+
+
+def _image_translation_refuses(cfg: "Config", train: "TrainConfig") -> list[str]:
+    out = []
+    if train.early_stopping.enabled:
+        out.append("train.early_stopping.enabled: an image GAN's losses do not say when its outputs are best; "
+                   "set it to false and choose train.epochs")
+    if cfg.augment.enabled:
+        out.append("augment.enabled: the pairs are built in data preparation; set it to false")
+    return out
+
+
+def _speech_refuses(cfg: "Config", train: "TrainConfig") -> list[str]:
+    out = []
+    if cfg.augment.offline_copies:
+        out.append("augment.offline_copies: speech is augmented on the fly (SpecAugment); set it to 0")
+    if train.early_stopping.enabled and train.early_stopping.monitor == "val_accuracy":
+        out.append("train.early_stopping.monitor: speech runs have no accuracy; monitor val_loss")
+    return out
+
+
+RULES = {  # kind -> its rules; every @register_kind class has its row
+    "classification": Rules(),
+    "regression": Rules(),
+    "language_model": Rules(),
+    "word_language_model": Rules(data=("words",), own_models=True),
+    "generation": Rules(refuse=_generation_refuses),
+    "style_generation": Rules(data=("images",), refuse=_generation_refuses),
+    "translation": Rules(data=("pairs",), own_models=True, refuse=_translation_refuses),
+    "image_translation": Rules(data=("image_pairs",), own_models=True, refuse=_image_translation_refuses),
+    "speech_recognition": Rules(data=("audio",), own_models=True, refuse=_speech_refuses),
+}
+
+
+# ---------------------------------------------------------------- the kinds
+
 class Kind:
     name: str
     metric: str  # what ranks runs of this kind (registration, sweeps)
@@ -63,8 +125,7 @@ class Kind:
     channels_last: bool = True  # NHWC image batches when train.channels_last asks for them
     summary_columns: tuple[str, ...] = ()  # shown beside the ranking metric in `nnlab run`'s table
     registry = ""  # the registered-model name of its winners when register.name is auto (default nnlab-<name>)
-    data: tuple[str, ...] = ()  # the kinds of data (tasks/sources.py DATA) it trains on; empty: any
-    own_models = False  # its data trains only the models registered with this kind (translation: encoder-decoders)
+    # the data it trains on, its own models and the settings it refuses: its row of RULES (validation reads it there)
     # ranking metric -> the metric of a trivial predictor on the same test split (majority class, naive forecast,
     # unigram, most common output): a run must beat it to be registered
     baselines: dict[str, str] = {}
@@ -74,10 +135,6 @@ class Kind:
 
     def registered_name(self, register: "RegisterConfig") -> str:
         return register.name if register.name != "auto" else self.registry or f"nnlab-{self.name}"
-
-    def refuse(self, cfg: "Config", train: "TrainConfig") -> list[str]:
-        """Settings this kind cannot honour, each as `key: why` (validation turns them into an error)."""
-        return []
 
     def scaling(self, manifest: dict) -> tuple[list[float], list[float]]:
         n = manifest["normalization"]
@@ -118,6 +175,8 @@ class Kind:
 def register_kind(cls: type[Kind]) -> type[Kind]:
     if cls.name in _KINDS:
         raise ValueError(f"kind {cls.name!r} is already registered")
+    if cls.name not in RULES:
+        raise ValueError(f"kind {cls.name!r} has no row in tasks/kinds.py RULES (what config validation checks)")
     _KINDS[cls.name] = cls()
     return cls
 
@@ -130,29 +189,40 @@ def get_kind(name: str) -> Kind:
     return _KINDS[name]
 
 
-def kind_of(arch: str, source: str) -> Kind:
-    """The one lookup: the kind of a run of architecture `arch` on data `source`."""
-    from models.registry import get_spec
+def kind_name(arch: str, source: str) -> str:
+    """The name of the kind of a run of architecture `arch` on data `source`, without importing the kind."""
+    from models.options import get_spec
     from tasks.sources import task
 
-    return get_kind(get_spec(arch).kind or task(source))
+    return get_spec(arch).kind or task(source)
+
+
+def kind_of(arch: str, source: str) -> Kind:
+    """The one lookup: the kind of a run of architecture `arch` on data `source`."""
+    return get_kind(kind_name(arch, source))
+
+
+def rules(name: str) -> Rules:
+    if name not in RULES:
+        raise KeyError(f"unknown kind of run {name!r}; known: {', '.join(sorted(RULES))}")
+    return RULES[name]
 
 
 def misfit(arch: str, source: str) -> str | None:
     """Why architecture `arch` cannot train on `source`, or None: a model of one kind on data it does not read
     (an encoder-decoder on images), or data whose kind needs its own models (translation pairs in an LSTM
     classifier)."""
-    from models.registry import get_spec, list_models
+    from models.options import get_spec, list_models
     from tasks.sources import data_kind, task
 
     spec, data = get_spec(arch), data_kind(source)
-    if spec.kind is not None and get_kind(spec.kind).data and data not in get_kind(spec.kind).data:
-        readers = [n for n, s in _sources().items() if s in get_kind(spec.kind).data]
+    if spec.kind is not None and rules(spec.kind).data and data not in rules(spec.kind).data:
+        readers = [n for n, s in _sources().items() if s in rules(spec.kind).data]
         return f"{arch} makes {spec.kind} runs, from {', '.join(readers)} data; data.source is {source}"
-    own = get_kind(task(source))
-    if own.own_models and spec.kind != own.name:
-        takes = [n for n in list_models() if get_spec(n).kind == own.name]
-        return f"{source} data makes {own.name} runs, which train: {', '.join(takes)} (not {arch})"
+    own = task(source)
+    if rules(own).own_models and spec.kind != own:
+        takes = [n for n in list_models() if get_spec(n).kind == own]
+        return f"{source} data makes {own} runs, which train: {', '.join(takes)} (not {arch})"
     return None
 
 
@@ -166,7 +236,7 @@ def experiment_kind(cfg: "Config") -> Kind:
     """The kind of a params file's runs; runs of mixed kinds (a GAN beside a classifier) follow the data's."""
     from tasks.sources import task
 
-    kinds = {kind_of(cfg.model_options(n)[0], cfg.data.source).name for n in cfg.models}
+    kinds = {kind_name(cfg.model_options(n)[0], cfg.data.source) for n in cfg.models}
     if len(kinds) > 1:  # kinds that rank and register alike (dcgan beside stylegan) compete as one
         alike = {(get_kind(k).metric_for(cfg.data.source), get_kind(k).registered_name(cfg.register)) for k in kinds}
         if len(alike) == 1:

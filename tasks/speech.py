@@ -371,18 +371,9 @@ class SpeechRecognition(Supervised):
     name, metric, registry = "speech_recognition", "test_wer", "nnlab-asr"
     lower_is_better = ("test_wer", "test_cer", "test_loss", "baseline_test_wer", "baseline_test_cer")
     channels_last = False
-    data, own_models = ("audio",), True
     summary_columns = ("test_cer", "test_exact_match")
     baselines = {"test_wer": "baseline_test_wer", "test_cer": "baseline_test_cer"}
     val_limit = 500  # validation recordings decoded after each epoch
-
-    def refuse(self, cfg, train) -> list[str]:
-        out = []
-        if cfg.augment.offline_copies:
-            out.append("augment.offline_copies: speech is augmented on the fly (SpecAugment); set it to 0")
-        if train.early_stopping.enabled and train.early_stopping.monitor == "val_accuracy":
-            out.append("train.early_stopping.monitor: speech runs have no accuracy; monitor val_loss")
-        return out
 
     def augmenter(self, cfg, manifest):
         a = cfg.augment

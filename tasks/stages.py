@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 
 from models.registry import count_parameters, create_model, get_spec, list_models
-from tasks.augment import AUGMENTED, BatchAugment, raw_max
 from tasks.config import Config, flatten, params_hash
-from tasks.data import PROCESSED, load_prepared, prepare
+from tasks.data import AUGMENTED, PROCESSED, load_prepared, prepare, raw_max
 from tasks.files import StoreWriteError, atomic_path, exclusive, load_torch, save_torch, write_failure, write_json
 from tasks.kinds import Job, Kind, get_kind, kind_of, main_metric, register_name
+from tasks.phases import mark
 from tasks.progress import EpochProgress
-from tasks.tracking import Run, git_commit, store_path
+from tasks.tracking import Run, git_commit, prepare_model_logging, store_path
 from tasks.train import (CheckpointFormatError, FitResult, Trainer, init_weights, resolve_device, seed_everything,
                          to_device)
 
@@ -165,8 +165,11 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
         mean, std = kind.scaling(m)
         train = to_device(data.x_train, data.y_train, mean, std, device, channels_last)
         val = to_device(data.x_val, data.y_val, mean, std, device, channels_last)
+        mark("model built")
         run, resumed = _open_run(cfg, name, arch, m, params, phash, ckpt_path, trainer, parent_run_id, extra_tags)
+        mark("MLflow run opened")
         job = Job(cfg, name, arch, data, Path(data_dir), model, trainer, run, mean, std)
+        prepare_model_logging()
         try:
             result = _fit(job, kind, train, val, ckpt_path)
             return _finish(job, kind, result, options, Path(out_dir or f"data/train/{name}"), ckpt_path, resumed)
@@ -209,12 +212,15 @@ def _finish(job: Job, kind: Kind, result: FitResult, options: dict, out_dir: Pat
     """After training: the kind's figures, the served model, the self-describing checkpoint, the run closed."""
     run, model, m, cfg = job.run, job.model, job.data.manifest, job.cfg
     kind.after_fit(job, result)
-    if isinstance(job.trainer.augment, BatchAugment):
-        from tasks.augment import preview
+    if job.trainer.augment is not None:  # tasks.augment imports torchvision (~2 s): only runs that augment pay
+        from tasks.augment import BatchAugment, preview
 
-        run.log_figure(preview(cfg.augment, job.data, cfg.seed), "plots/augment_preview.png")
+        if isinstance(job.trainer.augment, BatchAugment):
+            run.log_figure(preview(cfg.augment, job.data, cfg.seed), "plots/augment_preview.png")
     served, example, metadata, extra_files = kind.served(job)
+    mark("after-fit figures")
     model_uri = run.log_model(served, example, {"nnlab.arch": job.arch, **metadata}, extra_files)
+    mark("model logged")
     run.log_metrics({"epochs_run": result.epochs, "best_epoch": result.best_epoch,
                      "train_seconds": result.seconds, "parameters": count_parameters(model)})
     health = _log_health(run, job.trainer)
@@ -236,6 +242,7 @@ def _finish(job: Job, kind: Kind, result: FitResult, options: dict, out_dir: Pat
                                       "epochs": result.epochs, "seconds": round(result.seconds, 3)})
     ckpt_path.unlink(missing_ok=True)
     run.finish("FINISHED")
+    mark("run finished")
     return Trained(job.name, job.arch, run.run_id, model_uri, result.epochs, result.seconds, resumed, health)
 
 

@@ -126,7 +126,6 @@ class StyleGeneration(Generation):
     """StyleGAN: a generator whose styles act at different scales; measured by its mixing grid as well."""
 
     name = "style_generation"
-    data = ("images",)
     summary_columns = ("mixing_class_follows_coarse", "mixing_colour_follows_fine")
 
     def after_fit(self, job: Job, result) -> None:

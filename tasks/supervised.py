@@ -264,7 +264,6 @@ class WordLanguageModel(LanguageModel):
     """Next word at every position (wordlm), judged against count baselines on the same targets."""
 
     name, registry = "word_language_model", "nnlab-word-language-model"
-    data, own_models = ("words",), True
 
     def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
         """Perplexity per word on the held-out end of the text, beside a unigram and an add-k bigram model

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -65,6 +66,30 @@ def client():
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     return _Retrying(MlflowClient(uri))
+
+
+_MODEL_LOGGING_READY = threading.Event()
+
+
+def prepare_model_logging() -> None:
+    """Start, once per process and in the background, the one-off work of a process's first `log_model`:
+    MLflow's map of installed packages (it checks the model's pip requirements against it; ~1.5 s, cached for
+    the process) and torch.export's modules. Called as training starts: done while the model trains, it is off
+    the time after training. Nothing depends on it finishing; log_model does the same work itself if need be."""
+    if _MODEL_LOGGING_READY.is_set():
+        return
+    _MODEL_LOGGING_READY.set()
+
+    def work():
+        try:
+            import torch.export  # noqa: F401
+            from mlflow.utils import requirements_utils
+
+            requirements_utils._init_packages_to_modules_map()  # what warn_dependency_requirement_mismatches calls
+        except Exception:  # an MLflow without it: log_model builds the map itself
+            pass
+
+    threading.Thread(target=work, name="nnlab-model-logging-warm-up", daemon=True).start()
 
 
 class _Retrying:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from torch import nn
 
 from tasks.config import EarlyStoppingConfig, TrainConfig
 from tasks.diagnostics import Diagnostics
+from tasks.phases import mark
 
 
 class NonFiniteLoss(RuntimeError):
@@ -44,8 +46,37 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512 BF16, x86 AMX, Arm's BF16 extension
+
+
+def cpu_bf16_native(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU computes bfloat16 natively (one of BF16_CPU_FLAGS in /proc/cpuinfo's flags/Features),
+    or None where that cannot be read (not Linux). Without it, bf16 autocast on the CPU is emulated: measured
+    0.098x the speed of fp32 for simple_cnn on an AVX2-only EPYC, against 1.79x with avx512_bf16."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = open("/proc/cpuinfo").read()
+        except OSError:
+            return None
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return bool(flags & set(BF16_CPU_FLAGS)) if flags else None
+
+
+_BF16_WARNED = []
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
-    # auto: bf16 autocast on CUDA only; on CPU it is opt-in (see README for the measured trade-off)
+    """auto: bf16 autocast on CUDA only; on a CPU bf16 is opt-in, and asking for it on a CPU without native bf16
+    prints a warning once (it still does what it is told)."""
+    if precision == "bf16" and device.type == "cpu" and cpu_bf16_native() is False and not _BF16_WARNED:
+        _BF16_WARNED.append(True)
+        print("warning: train.precision: bf16 on a CPU without native bfloat16 (none of "
+              f"{', '.join(BF16_CPU_FLAGS)} in /proc/cpuinfo): autocast emulates it, measured ~10x slower than "
+              "fp32 on such a CPU; use train.precision: fp32 (or auto)", file=sys.stderr, flush=True)
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
@@ -278,6 +309,7 @@ class Trainer:
     def fit(self, train: Split, val: Split | None, on_epoch: Callable | None = None,
             progress: Callable | None = None) -> FitResult:
         self.step.begin_fit(train, val)
+        mark("fit start")
         stopped = False
         while self.epoch < self.cfg.epochs and not stopped:
             t0 = time.perf_counter()
@@ -297,6 +329,7 @@ class Trainer:
             self.history.append(metrics)
             if on_epoch is not None:
                 on_epoch(self.epoch, metrics, self)
+        mark("fit end")
         if self.stopper.best_state is not None:
             self.model.load_state_dict(self.stopper.best_state)
         return FitResult(self.history, self.epoch, self.stopper.best_epoch or self.epoch, stopped, self.seconds)

@@ -272,7 +272,6 @@ class TranslationStep(SupervisedStep):
 class Translation(Supervised):
     name, metric, registry = "translation", "test_bleu", "nnlab-translator"
     channels_last = False
-    data, own_models = ("pairs",), True
     summary_columns = ("test_exact_match", "test_chrf")
     baselines = {"test_bleu": "baseline_test_bleu", "test_exact_match": "baseline_test_exact_match"}
     val_limit = 1_000  # validation pairs decoded after each epoch
@@ -281,9 +280,6 @@ class Translation(Supervised):
         # numbers: a German number is one word, so BLEU's 2- to 4-grams do not exist and it reads 0 for every
         # model; exact match ranks them
         return "test_exact_match" if source == "numbers" else self.metric
-
-    def refuse(self, cfg, train) -> list[str]:
-        return ["augment.enabled: image augmentation does not apply to text; set it to false"] if cfg.augment.enabled else []
 
     def step(self, model, cfg, seed, device):  # only encoder-decoders get here: config validation's misfit
         return TranslationStep(model, cfg, device)

@@ -169,3 +169,42 @@ def test_a_run_in_training_is_locked_and_its_lock_dies_with_its_process(project)
     holder.wait()
     with exclusive(lock, "mlp"):  # kill -9 released it
         pass
+
+
+TORCH_FREE_CHECK = """
+import sys
+from tasks.config import ConfigError, load_config, read_yaml, select_models
+from tasks.kinds import misfit
+from tasks.sources import SOURCES
+from tasks.sweep import expand, load_spec
+from models.options import list_models
+from pathlib import Path
+
+cfg = load_config("params.yaml", [], None)
+assert cfg.runs() and select_models(cfg, cfg.runs()).models
+needs_path = ("text_csv", "pairs")
+for arch in list_models():  # --models <arch> on a source it fits
+    source = next(s for s in SOURCES if s not in needs_path and misfit(arch, s) is None)
+    load_config("params.yaml", [f"data.source={source}"], [arch])
+for sets, models, says in [(["train.early_stopping.enabled=true"], ["gan_mlp"], "a GAN has no held-out loss"),
+                           ([], ["seq2seq"], "seq2seq makes translation runs"),
+                           (["data.source=dates"], ["lstm"], "dates data makes translation runs")]:
+    try:
+        load_config("params.yaml", sets, models)
+        raise AssertionError(f"{sets} {models}: not refused")
+    except ConfigError as e:
+        assert says in str(e), e
+raw = read_yaml("params.yaml")
+for sweep in sorted(Path("sweeps").glob("*.yaml")):  # every sweep cell is validated up front
+    expand(load_spec(sweep, raw), raw)
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "torchvision"})
+assert not heavy, f"validation imported {heavy}"
+print("torch-free")
+"""
+
+
+def test_validating_params_never_imports_torch():
+    """A schema check, not a training run: every `nnlab` command validates params.yaml first, and importing torch
+    and torchvision for it cost 4.5 s of a 5 s start-up."""
+    out = subprocess.run([sys.executable, "-c", TORCH_FREE_CHECK], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "torch-free" in out.stdout, out.stderr

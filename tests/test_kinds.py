@@ -1,6 +1,7 @@
-"""Adding a kind of run is one Step, one Kind and a registered model; the loop, the run lifecycle, the config,
-registration and the CLI take it as it comes. This file is the worked example the README points to: an
-autoencoder ("reconstruction") trained, evaluated and registered through the same stages as every model."""
+"""Adding a kind of run is one Step, one Kind (and its row of validation rules) and a model (its catalogue row
+and builder); the loop, the run lifecycle, the config, registration and the CLI take it as it comes. This file
+is the worked example the README points to: an autoencoder ("reconstruction") trained, evaluated and registered
+through the same stages as every model."""
 import copy
 
 import pytest
@@ -8,14 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.options import ModelSpec
 from models.registry import Options, get_spec, register_model
 from tasks.config import validate
 from tasks.data import prepare
-from tasks.kinds import Evaluation, Kind, get_kind, kind_of, lower_is_better, main_metric, register_kind, register_name
+from tasks.kinds import (Evaluation, Kind, Rules, get_kind, kind_of, lower_is_better, main_metric, register_kind,
+                         register_name)
 from tasks.train import Step, build_optimizer, build_scheduler, to_device
 
 
-# ---------------------------------------------------------------- 1. the model, registered with its kind
+# ---------------------------------------------------------------- 1. the model, in the catalogue with its kind
 
 class AutoencoderOptions(Options):
     code: int = 8  # width of the bottleneck
@@ -33,8 +36,12 @@ class Autoencoder(nn.Module):
 
 
 def tiny_autoencoder(*, input_shape, num_classes, options: AutoencoderOptions) -> nn.Module:
-    """Dense autoencoder (the worked example of a new kind)."""
     return Autoencoder(input_shape, options.code)
+
+
+# its row of models/options.py MODELS (torch-free: what config validation reads)
+SPEC = ModelSpec("tiny_autoencoder", "mlp", __name__, AutoencoderOptions,
+                 "Dense autoencoder (the worked example of a new kind).", kind="reconstruction")
 
 
 # ---------------------------------------------------------------- 2. the step: what one batch does
@@ -105,17 +112,19 @@ class Reconstruction(Kind):
 # ---------------------------------------------------------------- the shared machinery takes it as it is
 
 @pytest.fixture
-def reconstruction():
-    """What a new family's modules do on import: register the model (with its kind) and the kind. Undone after
-    the test, so the registry-wide tests elsewhere see only the shipped models."""
-    from models import registry
+def reconstruction(monkeypatch):
+    """The model's row in models/options.py MODELS and the kind's in tasks/kinds.py RULES (nothing refused), then
+    what their modules do on import: attach the builder, register the kind. Undone after the test, so the
+    registry-wide tests elsewhere see only the shipped models."""
+    from models import options, registry
     from tasks import kinds
 
-    register_model("tiny_autoencoder", family="mlp", options=AutoencoderOptions, kind="reconstruction")(
-        tiny_autoencoder)
+    monkeypatch.setitem(options.MODELS, SPEC.name, SPEC)
+    monkeypatch.setitem(kinds.RULES, "reconstruction", Rules())
+    register_model("tiny_autoencoder", family="mlp")(tiny_autoencoder)
     register_kind(Reconstruction)
     yield
-    registry._REGISTRY.pop("tiny_autoencoder")
+    registry._BUILDERS.pop("tiny_autoencoder")
     kinds._KINDS.pop("reconstruction")
 
 

@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from models.registry import Deployed, UnknownModelError, count_parameters, create_model, get_spec, list_models, register_model
-from models.mlp import MLPOptions
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 # models of their own kind (GANs, encoder-decoders, word LMs) have their own tests
@@ -38,9 +37,16 @@ def test_unknown_name_lists_known_models():
 
 
 def test_duplicate_registration_raises():
-    list_models()
+    create_model("mlp", input_shape=(1, 8, 8), num_classes=10)  # models/mlp.py has attached its builder
     with pytest.raises(ValueError, match="already registered"):
-        register_model("mlp", family="mlp", options=MLPOptions)(lambda **kw: None)
+        register_model("mlp", family="mlp")(lambda **kw: None)
+
+
+def test_registration_must_agree_with_the_catalogue():
+    with pytest.raises(ValueError, match="not in models/options.py"):
+        register_model("mlp2", family="mlp")
+    with pytest.raises(ValueError, match="of family 'mlp'"):
+        register_model("mlp", family="cnn")
 
 
 def test_bad_option_raises():

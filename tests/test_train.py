@@ -205,3 +205,22 @@ def test_checkpoint_resume_is_bit_identical(digits):
     assert strip(resumed.history) == strip(straight.history)
     for a, b in zip(resumed.model.parameters(), straight.model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_bf16_advice_follows_the_cpus_capability(monkeypatch, capsys):
+    """`precision: auto` stays fp32 on a CPU; asking for bf16 on one without native bfloat16 warns once."""
+    from tasks import train as tr
+
+    assert tr.cpu_bf16_native("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n") is True
+    assert tr.cpu_bf16_native("flags\t\t: fpu sse2 avx2 fma\n") is False
+    assert tr.cpu_bf16_native("Features\t: fp asimd sve bf16\n") is True
+    assert tr.cpu_bf16_native("no flags here\n") is None
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(tr, "_BF16_WARNED", [])
+    monkeypatch.setattr(tr, "cpu_bf16_native", lambda: False)
+    assert tr.use_bf16("auto", cpu) is False and capsys.readouterr().err == ""
+    assert tr.use_bf16("bf16", cpu) is True and tr.use_bf16("bf16", cpu) is True
+    assert capsys.readouterr().err.count("without native bfloat16") == 1
+    monkeypatch.setattr(tr, "_BF16_WARNED", [])
+    monkeypatch.setattr(tr, "cpu_bf16_native", lambda: True)
+    assert tr.use_bf16("bf16", cpu) is True and capsys.readouterr().err == ""
