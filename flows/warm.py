@@ -13,7 +13,8 @@ import importlib
 def preload(runs) -> None:
     """`runs`: (arch, data source) pairs this process will train (none: a sweep's parent). Imports the training stack, each run's model family and kind,
     matplotlib's figures and Prefect's engines; opens the MLflow store (schema checked once: every run of this
-    process reuses the connection); starts the background warm-up of model logging."""
+    process reuses the connection). Model logging's own warm-up starts with training (tasks/stages.py): here it
+    would only compete with these imports."""
     import prefect.flow_engine  # noqa: F401
     import prefect.task_engine  # noqa: F401
 
@@ -21,12 +22,10 @@ def preload(runs) -> None:
     import tasks.stages  # noqa: F401
     from models.registry import get_spec
     from tasks.kinds import kind_of
-    from tasks.tracking import client, prepare_model_logging
+    from tasks.tracking import client
 
     for arch, source in runs:
         kind_of(arch, source)
         importlib.import_module(get_spec(arch).module)
     client().search_experiments(max_results=1)
-    if runs:  # a sweep's parent process trains nothing: it only opens the store
-        prepare_model_logging()
     gc.freeze()

@@ -15,9 +15,6 @@ from functools import partial
 
 import torch
 from torch import nn
-from torchvision.models.mobilenetv2 import InvertedResidual
-from torchvision.models.resnet import BasicBlock
-from torchvision.ops import Conv2dNormActivation
 
 from models.mlp import ACTIVATIONS
 from models.options import InceptionOptions, MobileNetOptions, ResNetOptions, SimpleCNNOptions, VGGOptions
@@ -67,6 +64,73 @@ def adapt_stride(stride: int, size: int) -> int:
 def conv_act(activation: str) -> dict:
     # Conv2dNormActivation passes inplace= to the activation; only ReLU-like ones accept it
     return {"activation_layer": ACTIVATIONS[activation], "inplace": True if activation in ("relu", "leaky_relu") else None}
+
+
+# ---------------------------------------------------------------- blocks
+# torchvision's three small blocks, written out: importing torchvision costs ~2 s (its ops pull in torch._dynamo),
+# on the way to every CNN run's first epoch. Same submodules, names and construction order as torchvision's, so
+# the state_dict keys and the seeded initial weights are identical (tests/test_cnn.py checks both).
+
+class Conv2dNormActivation(nn.Sequential):
+    """torchvision.ops.Conv2dNormActivation: Conv2d -> (norm) -> (activation); bias only without a norm."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 padding: int | None = None, groups: int = 1, norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU,
+                 dilation: int = 1, inplace: bool | None = True, bias: bool | None = None):
+        padding = (kernel_size - 1) // 2 * dilation if padding is None else padding
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation=dilation,
+                                             groups=groups, bias=norm_layer is None if bias is None else bias)]
+        if norm_layer is not None:
+            layers.append(norm_layer(out_channels))
+        if activation_layer is not None:
+            layers.append(activation_layer(**({} if inplace is None else {"inplace": inplace})))
+        super().__init__(*layers)
+        self.out_channels = out_channels
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        out += x if self.downsample is None else self.downsample(x)
+        return self.relu(out)
+
+
+class InvertedResidual(nn.Module):
+    """torchvision's MobileNetV2 block: (1x1 expand) -> 3x3 depthwise -> 1x1 linear projection, + x when the
+    shape allows."""
+
+    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int):
+        super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f"stride should be 1 or 2 instead of {stride}")
+        self.stride = stride
+        hidden = int(round(inp * expand_ratio))
+        self.use_res_connect = stride == 1 and inp == oup
+        layers: list[nn.Module] = []
+        if expand_ratio != 1:
+            layers.append(Conv2dNormActivation(inp, hidden, kernel_size=1, activation_layer=nn.ReLU6))
+        layers += [Conv2dNormActivation(hidden, hidden, stride=stride, groups=hidden, activation_layer=nn.ReLU6),
+                   nn.Conv2d(hidden, oup, 1, 1, 0, bias=False), nn.BatchNorm2d(oup)]
+        self.conv = nn.Sequential(*layers)
+        self.out_channels = oup
+        self._is_cn = stride > 1
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
 # ---------------------------------------------------------------- simple_cnn

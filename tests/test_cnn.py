@@ -149,8 +149,36 @@ def test_mobilenet_width_mult_scales_parameters():
     assert p[2.0] > 3 * p[1.0]  # most weights are 1x1 convs: roughly quadratic in the width
 
 
+def test_cnn_blocks_match_torchvisions_weights_and_outputs():
+    """models/cnn.py writes torchvision's three blocks out (torchvision costs ~2 s to import): the same state_dict
+    keys, the same seeded initial weights and the same outputs as torchvision's own."""
+    from torchvision.models.mobilenetv2 import InvertedResidual as TvInverted
+    from torchvision.models.resnet import BasicBlock as TvBasic
+    from torchvision.ops import Conv2dNormActivation as TvCNA
+
+    from models import cnn
+
+    down = lambda: nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))  # noqa: E731
+    pairs = [(lambda: cnn.Conv2dNormActivation(3, 8, 3, stride=2), lambda: TvCNA(3, 8, 3, stride=2)),
+             (lambda: cnn.Conv2dNormActivation(3, 8, 1, norm_layer=None, activation_layer=nn.Tanh, inplace=None),
+              lambda: TvCNA(3, 8, 1, norm_layer=None, activation_layer=nn.Tanh, inplace=None)),
+             (lambda: cnn.BasicBlock(8, 16, 2, down()), lambda: TvBasic(8, 16, 2, down())),
+             (lambda: cnn.InvertedResidual(8, 8, 1, 6), lambda: TvInverted(8, 8, 1, 6)),
+             (lambda: cnn.InvertedResidual(8, 16, 2, 1), lambda: TvInverted(8, 16, 2, 1))]
+    x = torch.randn(2, 8, 8, 8)
+    for ours, theirs in pairs:
+        torch.manual_seed(0)
+        a = ours()
+        torch.manual_seed(0)
+        b = theirs()
+        sa, sb = a.state_dict(), b.state_dict()
+        assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+        xin = x[:, :3] if isinstance(a, cnn.Conv2dNormActivation) else x
+        assert torch.allclose(a.eval()(xin), b.eval()(xin))
+
+
 def test_mobilenet_uses_depthwise_inverted_residuals():
-    from torchvision.models.mobilenetv2 import InvertedResidual
+    from models.cnn import InvertedResidual
 
     m = create_model("mobilenet", input_shape=(3, 32, 32), num_classes=10)
     blocks = [b for b in m.modules() if isinstance(b, InvertedResidual)]
