@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 from prefect import flow, task
@@ -186,6 +187,7 @@ def worker_name() -> str:
 def run_cell(cfg: Config, cell_id: str, data_dir: str, parent_run_id: str, tags: dict, where: dict) -> dict:
     from tasks.tracking import Run, child_runs
 
+    started = time.perf_counter()
     enter_origin(where)
     done = [r for r in child_runs(parent_run_id) if r["cell"] == cell_id and r["status"] == "FINISHED"
             and main_metric(cfg) in r["metrics"]]
@@ -198,7 +200,9 @@ def run_cell(cfg: Config, cell_id: str, data_dir: str, parent_run_id: str, tags:
         trained = train_stage(cfg, name, data_dir, out / "train", parent_run_id=parent_run_id,
                               extra_tags={**tags, "nnlab.sweep_cell": cell_id, **worker})
     summary = evaluate_stage(cfg, name, data_dir, out / "train", out / "metrics.json", out / "plots")
-    Run(summary["run_id"]).set_tags(worker)  # a cell resumed from its checkpoint: the worker that finished it
+    run = Run(summary["run_id"])
+    run.set_tags(worker)  # a cell resumed from its checkpoint: the worker that finished it
+    run.log_metrics({"cell_seconds": time.perf_counter() - started})  # training + evaluation + recording: the report
     return {**summary, "cell": cell_id, "health": trained.health}
 
 

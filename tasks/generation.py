@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from models.registry import create_model
-from tasks.augment import raw_max
+from tasks.data import raw_max
 from tasks.config import Config
 from tasks.files import save_torch
 from tasks.gan import (GanStep, class_coverage, curves_figure, evolution_strip, frechet_distance, label_entropy,

@@ -57,8 +57,10 @@ def cell_table(rows: list[dict], factors: list[str], metric: str) -> list[dict]:
         ok = [r for r in runs if r["status"] == "FINISHED" and r.get(metric) is not None]
         mean, half = ci95([r[metric] for r in ok])
         speed = [e for e in (epochs_to_95(r["history"].get("val_accuracy", [])) for r in ok) if e is not None]
+        seconds = {k: [r[k] for r in ok if r.get(k) is not None] for k in ("train_seconds", "cell_seconds")}
         table.append({"levels": dict(zip(factors, key)), "n": len(ok), "mean": mean, "ci": half,
                       "epochs_to_95": float(np.mean(speed)) if speed else float("nan"),
+                      **{k: float(np.mean(v)) if v else float("nan") for k, v in seconds.items()},
                       "diverged": sum(r.get("diverged", False) for r in runs),
                       "failed": sum(r["status"] != "FINISHED" for r in runs)})
     sign = 1 if lower_is_better(metric) else -1  # best first: lowest error, or highest accuracy
@@ -182,15 +184,19 @@ def _markdown(title, rows, factors, metric, table, effects, figures, notes) -> s
              "★ marks the best cell.", ""]
     lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     accuracy = any(math.isfinite(c["epochs_to_95"]) for c in table)  # classifiers: how fast, too
+    timed = any(math.isfinite(c.get("cell_seconds", math.nan)) for c in table)  # what a cell costs beyond training
     lines += ["## Cells", "", "| " + " | ".join([*factors, metric, "seeds",
                                                   *(["epochs to 95% of best val acc"] if accuracy else []),
+                                                  *(["seconds: training / whole cell"] if timed else []),
                                                   "diverged"]) + " |",
-              "|" + "---|" * (len(factors) + 3 + accuracy)]
+              "|" + "---|" * (len(factors) + 3 + accuracy + timed)]
     for i, c in enumerate(table):
         star = " ★" if i == 0 and math.isfinite(c["mean"]) else ""
         speed = [f"{c['epochs_to_95']:.1f}" if math.isfinite(c["epochs_to_95"]) else "—"] if accuracy else []
+        cost = [f"{c['train_seconds']:.1f} / {c['cell_seconds']:.1f}" if math.isfinite(c["cell_seconds"]) else "—"
+                ] if timed else []
         lines.append("| " + " | ".join([*(str(c["levels"][f]) for f in factors), fmt(c["mean"], c["ci"]) + star,
-                                        str(c["n"]), *speed, str(c["diverged"])]) + " |")
+                                        str(c["n"]), *speed, *cost, str(c["diverged"])]) + " |")
     lines += ["", "## Main effects", "", "Each level's mean over all other factors and seeds.", ""]
     for f, levels in effects.items():
         pick = min if lower_is_better(metric) else max

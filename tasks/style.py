@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tasks.augment import raw_max
+from tasks.data import raw_max
 from tasks.gan import _plt, tile
 from tasks.generation import Generation, Sampler, evaluate_generator, judge_classifier, judge_outputs, to_unit
 from tasks.kinds import Evaluation, Job, register_kind

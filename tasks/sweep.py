@@ -123,6 +123,8 @@ def collect_rows(parent_run_id: str, cells: list[Cell], metric: str) -> list[dic
                                 for k in ("val_loss", "val_accuracy")})
             if run["status"] == "FINISHED":
                 row[metric] = run["metrics"].get(metric)
+                row.update(train_seconds=run["metrics"].get("train_seconds"),
+                           cell_seconds=run["metrics"].get("cell_seconds"))
         rows.append(row)
     return rows
 

@@ -75,14 +75,14 @@ def test_report_statistics_and_files(tmp_path):
     assert math.isnan(ci95([0.5])[1])
     assert epochs_to_95([0.5, 0.9, 0.96, 1.0]) == 3
     rows = [{"cell": f"o={o},seed={s}", "levels": {"o": o}, "seed": s, "status": "FINISHED",
-             "test_accuracy": acc + 0.01 * s, "diverged": False,
+             "test_accuracy": acc + 0.01 * s, "diverged": False, "train_seconds": 0.5 + s, "cell_seconds": 2.0 + s,
              "history": {"val_loss": [1.0, 0.5, 0.3], "val_accuracy": [0.5, 0.8, acc]}}
             for o, acc in (("sgd", 0.8), ("adam", 0.9)) for s in range(3)]
     rows.append({"cell": "o=huge,seed=0", "levels": {"o": "huge"}, "seed": 0, "status": "FAILED",
                  "test_accuracy": None, "diverged": True, "history": {}, "error": "non-finite loss at epoch 1"})
     paths = write_report("t", rows, ["o"], "test_accuracy", tmp_path)
     md = paths["md"].read_text()
-    assert "| adam | 0.9100 ± 0.0248 ★ | 3 |" in md and "1 diverged" in md and "non-finite" in md
+    assert "| adam | 0.9100 ± 0.0248 ★ | 3 | 3.0 | 1.5 / 3.0 | 0 |" in md and "1 diverged" in md and "non-finite" in md
     assert "**o**: sgd 0.8100 ± 0.0248 · adam 0.9100 ± 0.0248 (best)" in md
     html = paths["html"].read_text()
     assert html.count("data:image/png;base64,") == 2 and "src=\"http" not in html
@@ -199,6 +199,7 @@ def test_failing_cell_then_interrupt_and_resume(tmp_path):
     assert rep.returncode == 0, rep.stderr[-2000:]
     md = (tmp_path / "again" / "report.md").read_text()
     assert "5 runs, 4 finished, 1 diverged" in md and "★" in md
+    assert "seconds: training / whole cell" in md  # each cell's cost beyond its training, measured by the cell
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
