@@ -11,7 +11,8 @@ import importlib
 
 
 def preload(runs) -> None:
-    """`runs`: (arch, data source) pairs this process will train (none: a sweep's parent). Imports the training stack, each run's model family and kind,
+    """`runs`: (arch, data source) pairs this process will train (none: a sweep's parent). Imports the training
+    stack (torch._dynamo included: torch.optim's first optimizer pulls it in), each run's model family and kind,
     matplotlib's figures and Prefect's engines; opens the MLflow store (schema checked once: every run of this
     process reuses the connection). Model logging's own warm-up starts with training (tasks/stages.py): here it
     would only compete with these imports."""
@@ -24,6 +25,8 @@ def preload(runs) -> None:
     from tasks.kinds import kind_of
     from tasks.tracking import client
 
+    if runs:
+        import torch._dynamo  # noqa: F401  (a run's first optimizer imports it: ~2 s)
     for arch, source in runs:
         kind_of(arch, source)
         importlib.import_module(get_spec(arch).module)

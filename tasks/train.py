@@ -51,8 +51,9 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512 BF16, x86 AM
 
 def cpu_bf16_native(cpuinfo: str | None = None) -> bool | None:
     """Whether this CPU computes bfloat16 natively (one of BF16_CPU_FLAGS in /proc/cpuinfo's flags/Features),
-    or None where that cannot be read (not Linux). Without it, bf16 autocast on the CPU is emulated: measured
-    0.098x the speed of fp32 for simple_cnn on an AVX2-only EPYC, against 1.79x with avx512_bf16."""
+    or None where that cannot be read (not Linux). Without it, bf16 autocast on the CPU is emulated: simple_cnn
+    trained at 0.08x the speed of fp32 (channels_last, both) on an AVX2-only EPYC, against 1.79x faster on an
+    EPYC with avx512_bf16 (docs/diagnostics.md)."""
     if cpuinfo is None:
         try:
             cpuinfo = open("/proc/cpuinfo").read()
@@ -75,7 +76,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     if precision == "bf16" and device.type == "cpu" and cpu_bf16_native() is False and not _BF16_WARNED:
         _BF16_WARNED.append(True)
         print("warning: train.precision: bf16 on a CPU without native bfloat16 (none of "
-              f"{', '.join(BF16_CPU_FLAGS)} in /proc/cpuinfo): autocast emulates it, measured ~10x slower than "
+              f"{', '.join(BF16_CPU_FLAGS)} in /proc/cpuinfo): autocast emulates it, measured ~12x slower than "
               "fp32 on such a CPU; use train.precision: fp32 (or auto)", file=sys.stderr, flush=True)
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
