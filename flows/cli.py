@@ -244,23 +244,24 @@ def sweep_cmd(file: Annotated[Optional[Path], typer.Argument(help="sweep file; d
     from flows.console import hide_explained_failures
     from flows.sweep import WarmPool, stop_after_interrupt, sweep, task_runner
 
-    pool = task_runner(spec_, n, cells)
-    if isinstance(pool, WarmPool):  # its workers start and preload while the server boots
-        pool.warm()
     from flows.warm import preload
 
-    preload(())  # this process opens the parent run and writes the report: the store, Prefect's engines
-    mark("imported")
-    hide_explained_failures()
-    with explained_failures(), prefect_api(server), local_flow_settings():
-        try:
-            out = sweep.with_options(task_runner=pool)(spec_.model_dump(), raw, sets, resume)
-        except KeyboardInterrupt:  # before the server stops: the pool's workers first, the runs marked KILLED
-            typer.secho(stop_after_interrupt(), fg="yellow", err=True)
-            raise typer.Exit(130) from None
-        finally:
-            if isinstance(pool, WarmPool):
-                pool.close()  # a flow that never started leaves the pool to us
+    pool = task_runner(spec_, n, cells)
+    try:
+        if isinstance(pool, WarmPool):  # its workers start and preload while the server boots
+            pool.warm()
+        preload(())  # this process opens the parent run and writes the report: the store, Prefect's engines
+        mark("imported")
+        hide_explained_failures()
+        with explained_failures(), prefect_api(server), local_flow_settings():
+            try:
+                out = sweep.with_options(task_runner=pool)(spec_.model_dump(), raw, sets, resume)
+            except KeyboardInterrupt:  # before the server stops: the pool's workers first, the runs marked KILLED
+                typer.secho(stop_after_interrupt(), fg="yellow", err=True)
+                raise typer.Exit(130) from None
+    finally:
+        if isinstance(pool, WarmPool):
+            pool.close()  # stopped however the command ends (a flow that ran has stopped it already)
     mark("flow done")
     print_sweep(out)
     mark("summary printed")
