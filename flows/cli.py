@@ -249,6 +249,9 @@ def sweep_cmd(file: Annotated[Optional[Path], typer.Argument(help="sweep file; d
     pool = task_runner(spec_, n, cells)
     try:
         if isinstance(pool, WarmPool):  # its workers start and preload while the server boots
+            from tasks.tracking import prepare_store
+
+            prepare_store(cells[0].cfg.tracking.experiment)  # a new store migrated before any worker opens it
             pool.warm()
         preload(())  # this process opens the parent run and writes the report: the store, Prefect's engines
         mark("imported")

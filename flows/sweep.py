@@ -46,6 +46,25 @@ def prepare_worker(threads: int, runs: tuple[tuple[str, str], ...] = ()) -> None
     preload(runs)
 
 
+# imported once by the fork server the pool's workers are forked from (imports only: no thread, store or device
+# is opened before the fork)
+FORK_SERVER_PRELOAD = ["flows.sweep", "tasks.evaluate", "mlflow", "prefect.task_engine", "torch._dynamo"]
+
+
+def _stop_fork_server() -> None:
+    """Once the pool is shut, the fork server has nothing left to fork; left to exit by itself it would hold the
+    terminal's stdout while it tears torch down (seconds): killed and reaped instead (Python 3.11's forkserver)."""
+    import multiprocessing.forkserver as fs
+
+    server = fs._forkserver
+    if getattr(server, "_forkserver_pid", None):
+        try:
+            os.kill(server._forkserver_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        server._stop()  # closes its pipe, reaps it, removes its socket
+
+
 def _started() -> int:
     return os.getpid()
 
@@ -67,7 +86,28 @@ class WarmPool(ProcessPoolTaskRunner):
         return self if self._started else super().duplicate()
 
     def __enter__(self) -> "WarmPool":
-        return self if self._started else super().__enter__()
+        if self._started:
+            return self
+        super().__enter__()
+        # Prefect spawns every worker, which then imports torch, Prefect and MLflow anew (~8 s of a core each,
+        # 6 workers on 2 cores: ~25 s). Forked from a fork server that imported them once, a worker starts in a
+        # fraction of that. Prefect's executor has started no process yet: replaced, with its own initializer.
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        from prefect.task_runners import _initialize_process_pool_worker
+
+        self._executor.shutdown(wait=False)
+        ctx = get_context("forkserver")
+        ctx.set_forkserver_preload(FORK_SERVER_PRELOAD)
+        self._executor = ProcessPoolExecutor(
+            max_workers=self._max_workers, mp_context=ctx, initializer=_initialize_process_pool_worker,
+            initargs=(self._subprocess_message_queue, self._initializer, self._initargs))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        _stop_fork_server()
 
     def __getstate__(self) -> dict:
         """Cells carry their flow (and so this runner) in their pickled context: its settings, never the pool."""
