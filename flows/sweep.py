@@ -65,7 +65,7 @@ def _stop_fork_server() -> None:
         server._stop()  # closes its pipe, reaps it, removes its socket
 
 
-def _started() -> int:
+def _worker_pid() -> int:
     return os.getpid()
 
 
@@ -79,7 +79,7 @@ class WarmPool(ProcessPoolTaskRunner):
         if not self._started:
             self.__enter__()
             for _ in range(self._max_workers):  # a spawn pool starts all its processes at the first submit
-                self._executor.submit(_started)
+                self._executor.submit(_worker_pid)
         return self
 
     def duplicate(self) -> "WarmPool":

@@ -69,29 +69,26 @@ class Rules:
     refuse: Callable[["Config", "TrainConfig"], list[str]] = lambda cfg, train: []
 
 
-def _generation_refuses(cfg: "Config", train: "TrainConfig") -> list[str]:
-    out = []
-    if train.early_stopping.enabled:
-        out.append("train.early_stopping.enabled: a GAN has no held-out loss to watch (its losses say nothing of "
-                   "its samples); set it to false and choose train.epochs")
-    if cfg.augment.enabled:
-        out.append("augment.enabled: a GAN learns the distribution of its training images, augmentations "
-                   "included; set it to false")
-    return out
+def _refuses(early_stopping: str | None = None, augment: str | None = None):
+    """The rule of a kind that cannot honour early stopping and/or augmentation: each given reason, as
+    `key: reason`, when that setting is on."""
+
+    def refuse(cfg: "Config", train: "TrainConfig") -> list[str]:
+        return ([f"train.early_stopping.enabled: {early_stopping}"] if early_stopping and train.early_stopping.enabled
+                else []) + ([f"augment.enabled: {augment}"] if augment and cfg.augment.enabled else [])
+
+    return refuse
 
 
-def _translation_refuses(cfg: "Config", train: "TrainConfig") -> list[str]:
-    return ["augment.enabled: image augmentation does not apply to text; set it to false"] if cfg.augment.enabled else []
-
-
-def _image_translation_refuses(cfg: "Config", train: "TrainConfig") -> list[str]:
-    out = []
-    if train.early_stopping.enabled:
-        out.append("train.early_stopping.enabled: an image GAN's losses do not say when its outputs are best; "
-                   "set it to false and choose train.epochs")
-    if cfg.augment.enabled:
-        out.append("augment.enabled: the pairs are built in data preparation; set it to false")
-    return out
+_generation_refuses = _refuses(
+    early_stopping="a GAN has no held-out loss to watch (its losses say nothing of its samples); set it to false "
+                   "and choose train.epochs",
+    augment="a GAN learns the distribution of its training images, augmentations included; set it to false")
+_translation_refuses = _refuses(augment="image augmentation does not apply to text; set it to false")
+_image_translation_refuses = _refuses(
+    early_stopping="an image GAN's losses do not say when its outputs are best; set it to false and choose "
+                   "train.epochs",
+    augment="the pairs are built in data preparation; set it to false")
 
 
 def _speech_refuses(cfg: "Config", train: "TrainConfig") -> list[str]:
