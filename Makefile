@@ -27,11 +27,15 @@ run: install
 compare: install
 	$(BIN)/nnlab run --models mlp,simple_cnn,vgg,resnet,inception,mobilenet
 
+# One pytest worker per core, at most 4 (pytest-xdist): every test process runs torch on one thread
+# (tests/conftest.py), so a second worker uses the second core instead of waiting on one. TEST_JOBS=0: serial.
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist worksteal
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_JOBS) --dist worksteal
 
 bench: install
 	$(BIN)/python benchmarks/loop_overhead.py

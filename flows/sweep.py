@@ -76,10 +76,21 @@ class WarmPool(ProcessPoolTaskRunner):
     cell. Anywhere else (a cell's rebuilt context in a worker) it duplicates as Prefect's pool does: idle."""
 
     def warm(self) -> "WarmPool":
+        """Start the workers in the background and return at once: each start waits for the fork server to have
+        imported its preload (~10 s of a core), which the caller spends booting the server and preloading too."""
         if not self._started:
             self.__enter__()
-            for _ in range(self._max_workers):  # a spawn pool starts all its processes at the first submit
-                self._executor.submit(_worker_pid)
+            executor, n = self._executor, self._max_workers
+
+            def start() -> None:
+                try:
+                    for _ in range(n):  # a forkserver pool starts one process per submit that finds none idle
+                        executor.submit(_worker_pid)
+                except (RuntimeError, EOFError, OSError):  # the pool was closed before its workers all started
+                    pass
+
+            self._warming = threading.Thread(target=start, name="nnlab-pool-warm", daemon=True)
+            self._warming.start()
         return self
 
     def duplicate(self) -> "WarmPool":
@@ -111,7 +122,8 @@ class WarmPool(ProcessPoolTaskRunner):
 
     def __getstate__(self) -> dict:
         """Cells carry their flow (and so this runner) in their pickled context: its settings, never the pool."""
-        live = ("_executor", "_resolver_executor", "_subprocess_message_queue", "_message_forwarding_thread")
+        live = ("_executor", "_resolver_executor", "_subprocess_message_queue", "_message_forwarding_thread",
+                "_warming")
         return {**self.__dict__, **dict.fromkeys(live), "_started": False}
 
     def close(self) -> None:
