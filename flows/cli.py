@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import sys
 from contextlib import contextmanager
@@ -111,8 +112,27 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
             summary, code = e.summary, 1
     mark("flow done")
     print_summary(summary, cfg)
+    if summary.get("nnlab.data_source") == "dvc":
+        lock_hint()
     mark("summary printed")
     raise typer.Exit(code)
+
+
+def lock_hint() -> None:
+    """The run reproduced DVC's data stages: when that changed dvc.lock (or it was never committed), say so. It
+    records which data the runs trained on; committed beside params.yaml, `git checkout` + `dvc checkout`
+    bring that data back."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", "dvc.lock"], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return
+    if out.returncode == 0 and out.stdout.strip():
+        what = "is new" if out.stdout.startswith("??") else "changed"
+        typer.echo(f"dvc.lock {what} (the data these runs used): commit it with params.yaml, "
+                   "git add dvc.lock params.yaml && git commit")
 
 
 def warm_up(cfg) -> None:
@@ -165,9 +185,11 @@ def print_summary(summary: dict, cfg) -> None:
 
     metric, more = main_metric(cfg), experiment_kind(cfg).summary_columns  # e.g. a forecast's naive RMSE beside it
     console = Console() if sys.stdout.isatty() else Console(width=140)
-    table = Table(title=f"nnlab experiment on {cfg.data.source}")
-    for col in ("architecture", metric, *more, "epochs", "seconds"):
-        table.add_column(col.replace("_", " "))
+    table = Table(title=f"nnlab experiment on {cfg.data.source}", pad_edge=False)
+    width = max([len("architecture"), *(len(r["name"]) for r in summary["results"] + summary["failed"])])
+    table.add_column("architecture", no_wrap=True, min_width=width)  # 80 columns: the number headers wrap
+    for col in (metric, *more, "epochs", "seconds"):
+        table.add_column(col.replace("_", " "), min_width=max(len(w) for w in col.split("_")))
     table.add_column("MLflow run id", no_wrap=True, min_width=32)
     for r in summary["results"]:
         values = [f"{r[k]:.4f}" if isinstance(r.get(k), (int, float)) else "-" for k in (metric, *more)]
@@ -208,7 +230,7 @@ def sweep_cmd(file: Annotated[Optional[Path], typer.Argument(help="sweep file; d
     from pydantic import ValidationError
 
     from tasks.config import ConfigError, SweepConfig, format_errors, read_yaml
-    from tasks.sweep import default_workers, expand, load_spec
+    from tasks.sweep import default_workers, expand, fold_sets, load_spec
 
     try:
         if resume:
@@ -217,6 +239,7 @@ def sweep_cmd(file: Annotated[Optional[Path], typer.Argument(help="sweep file; d
             raw = read_yaml(params)
             spec = load_spec(file, raw).model_dump()
             sets = set_ or []
+        spec, sets = fold_sets(spec, sets), []  # what runs is what the parent records: the sweep itself changes
         flags = {k: v for k, v in {"workers": workers, "engine": engine, "address": address}.items() if v}
         try:
             spec_ = SweepConfig.model_validate({**spec, **flags})
@@ -242,7 +265,7 @@ def sweep_cmd(file: Annotated[Optional[Path], typer.Argument(help="sweep file; d
     quiet_prefect()
     server = boot_prefect_server()
     from flows.console import hide_explained_failures
-    from flows.sweep import WarmPool, stop_after_interrupt, sweep, task_runner
+    from flows.sweep import SweepCrashed, WarmPool, stop_after_interrupt, sweep, task_runner
 
     from flows.warm import preload
 
@@ -262,6 +285,8 @@ def sweep_cmd(file: Annotated[Optional[Path], typer.Argument(help="sweep file; d
             except KeyboardInterrupt:  # before the server stops: the pool's workers first, the runs marked KILLED
                 typer.secho(stop_after_interrupt(), fg="yellow", err=True)
                 raise typer.Exit(130) from None
+            except SweepCrashed as e:
+                fail(str(e), code=1)
     finally:
         if isinstance(pool, WarmPool):
             pool.close()  # stopped however the command ends (a flow that ran has stopped it already)
@@ -296,7 +321,9 @@ def print_sweep(out: dict) -> None:
                   f"{len(out['failed'])} not finished")
     console.print(f"report: {out['report']['html']}  (and {out['report']['md']})")
     reg = out.get("registered")
-    if reg:
+    if reg and reg.get("registered") is False:
+        console.print(f"[yellow]not registered[/yellow] in {reg['name']} ({reg['cell']}): {reg['reason']}")
+    elif reg:
         console.print(f"registered {reg['name']} v{reg['version']} ({reg['cell']}, mean {reg['mean']:.4f}"
                       f" ± {reg['ci95']:.4f}) as [bold]{reg['alias']}[/bold]: {reg['decision']}")
     for r in out["failed"]:
@@ -357,7 +384,7 @@ def _run_stage(st, name: str, cfg, model: str | None) -> None:
     else:
         import json
 
-        results = [json.loads(Path(f"metrics/{n}.json").read_text()) for n in cfg.runs()]
+        results = [json.loads(Path(f"data/evaluate/{n}.json").read_text()) for n in cfg.runs()]
         st.register_stage(cfg, results)
 
 
@@ -614,28 +641,54 @@ def models_cmd(input_shape: Annotated[str, typer.Option(help="C,H,W of the input
     from rich.console import Console
     from rich.table import Table
 
-    from models.analysis import count_macs, format_count, receptive_field
-    from models.registry import count_parameters, create_model, get_spec, list_models
-
     shape = tuple(int(s) for s in input_shape.split(","))
     table = Table(title=f"registered architectures (input {shape}, {classes} classes)")
     for col in ("name", "family", "parameters", "MACs", "receptive field", "description"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("name", "parameters", "MACs"),
+                         min_width=16 if col == "description" else None)  # 80 columns: headers wrap
+    for row in model_rows(shape, classes):
+        table.add_row(*row)
+    (Console() if sys.stdout.isatty() else Console(width=160)).print(table)
+
+
+def model_rows(shape: tuple[int, ...], classes: int) -> list[list[str]]:
+    """`nnlab models`' rows: every architecture built for `shape`, its parameters, MACs and receptive field.
+    Building and probing them all takes seconds (the image-to-image generators' fields most), so the rows are
+    kept in .nnlab/cache under the shape, the classes and the hash of the code that computes them."""
+    import hashlib
+
+    from tasks.files import code_hash, write_json
+
+    key = hashlib.sha256(f"{shape}|{classes}|{code_hash()}".encode()).hexdigest()[:16]
+    cache = Path(".nnlab/cache") / f"models-{key}.json"
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, ValueError):
+        pass
+    from models.analysis import count_macs, format_count, receptive_field_bound
+    from models.registry import count_parameters, create_model, get_spec, list_models
+
+    probe = max(64, 4 * max(shape[1:], default=1))  # fields wider than 4x the input are shown as a lower bound
+    rows = []
     for name in list_models():
         spec = get_spec(name)
         try:
             model = create_model(name, input_shape=shape, num_classes=classes)
         except Exception as e:  # any family may reject a shape (an MLP never does, an RNN might)
-            table.add_row(name, spec.family, f"n/a ({e})", "-", "-", spec.description)
+            rows.append([name, spec.family, "n/a", "-", "-", f"{spec.description} (not for this input: {e})"])
             continue
         try:
             macs = format_count(count_macs(model, shape))  # MACs per example
-            rf = receptive_field(model, shape)
+            rf, more = receptive_field_bound(model, shape, probe)
         except Exception as e:  # e.g. a model that does not take float images
-            macs, rf = f"n/a ({type(e).__name__})", None
-        table.add_row(name, spec.family, f"{count_parameters(model):,}", macs,
-                      "-" if rf is None else f"{rf}x{rf}", spec.description)
-    (Console() if sys.stdout.isatty() else Console(width=160)).print(table)
+            macs, rf, more = f"n/a ({type(e).__name__})", None, False
+        rows.append([name, spec.family, f"{count_parameters(model):,}", macs,
+                     "-" if rf is None else f"{'≥' if more else ''}{rf}x{rf}", spec.description])
+    try:
+        write_json(cache, rows)
+    except OSError:  # a read-only working folder: no cache, same table
+        pass
+    return rows
 
 
 @app.command()
@@ -648,6 +701,10 @@ def ui(port: int = 5000, host: str = "127.0.0.1"):
         typer.echo(f"MLflow UI: {uri} (the tracking server in MLFLOW_TRACKING_URI serves it)")
         raise typer.Exit(0)
     typer.echo(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C to stop)")
+    from flows.tracking_server import server_env
+
+    for k, v in server_env(uri).items():  # as `nnlab tracking-server`: no GenAI job consumers, no telemetry
+        os.environ.setdefault(k, v)
     os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                "--host", host, "--port", str(port)])
 
@@ -664,11 +721,17 @@ def deploy_cmd(gpus: Annotated[Optional[int], typer.Option(help="flow runs the g
         out = deploy(".", gpus)
     except DeployError as e:
         fail(str(e))
-    typer.echo(out["output"].strip()[-2000:])
+    typer.echo(last_lines(out["output"], 60))
     limits = ", ".join(f"{p} ({'no limit' if n is None else f'{n} at once'})" for p, n in out["pools"].items())
     typer.echo(f"\nwork pools on {out['api_url']}: {limits}\n"
                "next: prefect worker start --pool cpu      (and --pool gpu on a GPU machine)\n"
                "      prefect deployment run nnlab-experiment/nightly   (or wait for 02:00 UTC)")
+
+
+def last_lines(text: str, n: int) -> str:
+    """The last `n` whole lines of `text`, saying how many came before (never a cut mid-word)."""
+    lines = text.strip().splitlines()
+    return "\n".join(([f"... ({len(lines) - n} lines above)"] if len(lines) > n else []) + lines[-n:])
 
 
 def main() -> None:

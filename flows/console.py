@@ -8,6 +8,7 @@ the Prefect API, so the Prefect UI keeps the whole story. Any other failure is s
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 # exception class names whose message is the whole story (tasks.data.DataError, tasks.files.StoreWriteError,
@@ -16,10 +17,19 @@ EXPLAINED = ("DataError", "StoreWriteError", "DvcLockTimeout", "RunInterrupted",
 CRASH_WORDS = ("aborted by an interrupt signal", "aborted by a termination signal", "Execution was cancelled by the runtime environment")
 
 
+# Prefect's "View at <UI>/runs/flow-run/<id>" points at the server the flow reports to. nnlab's temporary server
+# serves no UI and stops with the command: such a link is dead on arrival, so it stays out of the terminal
+# (flows/prefect_server.py sets this while its temporary server is the API; NNLAB_SHOW_PREFECT_LINKS=1 shows it).
+TEMPORARY_API: list[str] = []
+
+
 class HideExplained(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith("prefect") or record.levelno < logging.INFO:
             return True
+        if TEMPORARY_API and record.getMessage().startswith("View at ") \
+                and os.environ.get("NNLAB_SHOW_PREFECT_LINKS") != "1":
+            return False
         if record.exc_info and record.exc_info[0] is not None:
             if any(c.__name__ in EXPLAINED for c in record.exc_info[0].__mro__):
                 return False

@@ -376,6 +376,9 @@ def use_server(server: TemporaryServer) -> str | None:
         server.stop()
         return None
     url = server.wait_ready()
+    from flows.console import TEMPORARY_API
+
+    TEMPORARY_API[:] = [url]  # no UI behind it, gone after the command: Prefect's "View at" links stay unprinted
     os.environ["PREFECT_API_URL"] = url
     os.environ["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "false"
     _refresh_prefect_settings()

@@ -18,12 +18,12 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from flows.experiment import prepare_data
+from flows.experiment import link_mlflow_run, prefect_ids, prepare_data
 from tasks.config import Config, SweepConfig, flatten
 from tasks.kinds import main_metric
 from tasks.phases import mark
 from tasks.stages import evaluate_stage, train_stage
-from tasks.sweep import expand, register_by_mean, report, todo
+from tasks.sweep import expand, fold_sets, register_by_mean, report, show_best_on_parent, todo
 
 SWEEPS = Path(".nnlab/sweeps")
 REPORTS = Path("reports")
@@ -250,7 +250,8 @@ def run_cell(cfg: Config, cell_id: str, data_dir: str, parent_run_id: str, tags:
     worker = {"nnlab.worker": worker_name()}
     with interruptible():
         trained = train_stage(cfg, name, data_dir, out / "train", parent_run_id=parent_run_id,
-                              extra_tags={**tags, "nnlab.sweep_cell": cell_id, **worker})
+                              extra_tags={**tags, "nnlab.sweep_cell": cell_id, **worker, **prefect_ids()})
+    link_mlflow_run(trained.run_id, f"{name} ({cell_id})")
     summary = evaluate_stage(cfg, name, data_dir, out / "train", out / "metrics.json", out / "plots")
     run = Run(summary["run_id"])
     run.set_tags(worker)  # a cell resumed from its checkpoint: the worker that finished it
@@ -273,8 +274,9 @@ def sweep(spec: dict, params: dict, sets: list[str] | None = None, resume: str |
     from tasks.tracking import Run, child_runs, prepare_store
 
     mark("flow started")
+    spec = fold_sets(spec, sets)  # --set overrides become the sweep's own grid and fixed values
     spec_ = SweepConfig.model_validate(spec)
-    cells = expand(spec_, params, sets)
+    cells = expand(spec_, params)
     experiment = cells[0].cfg.tracking.experiment
     prepare_store(experiment)  # created and migrated once, before any cell writes to it
     if resume:
@@ -286,6 +288,27 @@ def sweep(spec: dict, params: dict, sets: list[str] | None = None, resume: str |
                          "cells": [{"id": c.id, "levels": c.levels, "sets": c.sets} for c in cells]},
                         "sweep/sweep.json")
     _OPENED["parent"] = parent.run_id
+    try:
+        return _cells_and_report(parent, spec_, cells)
+    except Exception as e:  # anything unforeseen: the parent says so and how to finish (Ctrl-C: the CLI marks it)
+        crash = SweepCrashed(parent.run_id, f"{type(e).__name__}: {e}")
+        parent.finish("FAILED", str(crash))
+        raise crash from e
+
+
+class SweepCrashed(Exception):
+    """A sweep that stopped on an error of its own (not a cell's): its parent run is FAILED, the cells done are
+    kept, and `nnlab sweep --resume <parent>` finishes it."""
+
+    def __init__(self, parent_run_id: str, reason: str):
+        self.parent_run_id = parent_run_id
+        super().__init__(f"sweep parent run {parent_run_id} is marked FAILED ({reason[:400]}); the cells that "
+                         f"finished are kept; finish it with: nnlab sweep --resume {parent_run_id}")
+
+
+def _cells_and_report(parent, spec_: SweepConfig, cells: list) -> dict:
+    from tasks.tracking import Run, child_runs
+
     metric = main_metric(cells[0].cfg)
     pending = todo(parent.run_id, cells, metric)
 
@@ -310,6 +333,7 @@ def sweep(spec: dict, params: dict, sets: list[str] | None = None, resume: str |
     paths, rows = report(parent.run_id, spec_, cells, REPORTS / f"{spec_.name}-{parent.run_id[:8]}")
     mark("report written")
     failed = [r for r in rows if r["status"] != "FINISHED"]
+    show_best_on_parent(parent.run_id, rows, metric)
     registered = register_by_mean(rows, spec_, cells[0].cfg, parent.run_id) if spec_.register else None
     parent.set_tags({"nnlab.sweep_failed_cells": str(len(failed))})
     parent.finish("FINISHED" if not failed else "FAILED",

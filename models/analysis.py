@@ -71,9 +71,16 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 
 def receptive_field(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:
+    """Side of the receptive field (see receptive_field_bound), probed up to MAX_PROBE."""
+    return receptive_field_bound(model, input_shape)[0]
+
+
+def receptive_field_bound(model: nn.Module, input_shape: tuple[int, ...],
+                          max_probe: int = MAX_PROBE) -> tuple[int | None, bool]:
     """Side, in input pixels, of the receptive field of one unit of the last convolutional feature map:
     the output of `model.features` where the model has one (for Inception, the concatenated branches of
-    its last block), else of the last convolution to run. None when the model has no convolution.
+    its last block), else of the last convolution to run. None when the model has no convolution. Returned
+    with whether it is only a lower bound: the field still touched the border of the largest probe.
 
     Gradient method: on a copy made linear and positive (conv kernels constant 1/fan_in, BN and
     activations removed, max pooling -> average pooling, so nothing cancels or routes to one argmax),
@@ -81,15 +88,15 @@ def receptive_field(model: nn.Module, input_shape: tuple[int, ...]) -> int | Non
     and shortcuts count as they run. The probe input grows (doubling, up to MAX_PROBE) until the field
     no longer touches its border, so fields wider than the input itself are measured too."""
     if not any(isinstance(m, _ConvNd) for m in model.modules()):
-        return None
+        return None, False
     probe = _linear_positive_copy(model)
     target = _last_feature_module(probe, input_shape)
     size = max(input_shape[1:])
     while True:
         extent, clipped = _gradient_extent(probe, target, input_shape[0], size)
-        if not clipped or size >= MAX_PROBE:
-            return extent
-        size = min(2 * size, MAX_PROBE)
+        if not clipped or size >= max_probe:
+            return extent, clipped
+        size = min(2 * size, max_probe)
 
 
 def _linear_positive_copy(model: nn.Module) -> nn.Module:

@@ -149,9 +149,9 @@ class TrainConfig(Section):
 
 class RegisterConfig(Section):
     enabled: bool = True
-    # registered model name; auto: the kind's own (nnlab-classifier, nnlab-forecaster, nnlab-language-model,
-    # nnlab-word-language-model, nnlab-translator, nnlab-generator), so a forecaster never competes with a
-    # classifier for `champion`
+    # registered model name; auto: the kind's own and the dataset's (nnlab-classifier-digits,
+    # nnlab-forecaster-sunspots, ...: tasks/kinds.py register_name), so `champion` is only ever challenged by a
+    # model of the same kind and data; a name given holds one dataset
     name: str = Field(default="auto", min_length=1)
     # auto: accuracy (higher wins); forecasts: rmse, charlm/wordlm: perplexity, image GANs: classifier Frechet
     # distance (lower wins); ring8 GANs: mode_overlap, translation: BLEU (higher wins)
@@ -174,6 +174,7 @@ class SweepConfig(Section):
     engine: Literal["local", "dask"] = "local"  # where cells run: a local process pool, or an existing Dask cluster
     # the Dask scheduler (engine: dask), tcp://host:port; the cluster's workers then set the parallelism
     address: str | None = Field(default=None, validate_default=True)
+    overrides: list[str] = Field(default_factory=list)  # the --set overrides folded into the above (recorded)
 
     @field_validator("address")
     @classmethod

@@ -201,7 +201,9 @@ def judge_classifier(cfg: Config, data_dir, data, device) -> tuple[nn.Module, st
     try:
         from tasks.tracking import load_checkpoint
 
-        final, uri = load_checkpoint(f"models:/{get_kind('classification').registry}@champion")
+        from tasks.kinds import for_dataset
+
+        final, uri = load_checkpoint(f"models:/{for_dataset(get_kind('classification').registry, cfg.data)}@champion")
         if final.get("data_hash") == m["data_hash"]:
             clf = build(final["arch"], final["options"], final)
             clf.load_state_dict(final["model"])

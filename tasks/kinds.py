@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from tasks.config import Config, RegisterConfig, TrainConfig
+    from tasks.config import Config, DataConfig, RegisterConfig, TrainConfig
     from tasks.data import Dataset
     from tasks.tracking import Run
     from tasks.train import FitResult, Step, Trainer
@@ -256,5 +256,26 @@ def main_metric(cfg: "Config") -> str:
 
 
 def register_name(cfg: "Config") -> str:
-    """Registered-model name of this experiment's winner (generators go under their own name)."""
-    return experiment_kind(cfg).registered_name(cfg.register)
+    """Registered-model name of this experiment's winner. `register.name: auto`: one registered model per kind
+    and dataset, `<the kind's>-<dataset>` (nnlab-classifier-digits, nnlab-generator-ring8), so `champion` and
+    `challenger` only ever compare versions trained on the same data. A name given is used as it is, and holds
+    one dataset: registration refuses a version of another (tasks/tracking.py's register_version)."""
+    kind = experiment_kind(cfg)
+    name = kind.registered_name(cfg.register)
+    return for_dataset(name, cfg.data) if cfg.register.name == "auto" else name
+
+
+def dataset_label(data: "DataConfig") -> str:
+    """The dataset in names: the source, and for sources that are one file of the user's (text_csv, pairs)
+    that file's name too (text_csv-reviews)."""
+    import re
+
+    label = data.source
+    if data.path and data.source in ("text_csv", "pairs"):
+        label += "-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data.path).stem).strip("_.-")
+    return label
+
+
+def for_dataset(base: str, data: "DataConfig") -> str:
+    label = dataset_label(data)
+    return base if base.endswith(f"-{label}") else f"{base}-{label}"

@@ -14,7 +14,8 @@ import torch
 from models.registry import count_parameters, create_model, get_spec, list_models
 from tasks.config import Config, flatten, params_hash
 from tasks.data import AUGMENTED, PROCESSED, load_prepared, prepare, raw_max
-from tasks.files import StoreWriteError, atomic_path, exclusive, load_torch, save_torch, write_failure, write_json
+from tasks.files import (StoreWriteError, atomic_path, code_hash, exclusive, load_torch, save_torch, write_failure,
+                         write_json)
 from tasks.kinds import Job, Kind, get_kind, kind_of, main_metric, register_name
 from tasks.phases import mark
 from tasks.progress import EpochProgress
@@ -166,7 +167,8 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
         train = to_device(data.x_train, data.y_train, mean, std, device, channels_last)
         val = to_device(data.x_val, data.y_val, mean, std, device, channels_last)
         mark("model built")
-        run, resumed = _open_run(cfg, name, arch, m, params, phash, ckpt_path, trainer, parent_run_id, extra_tags)
+        run, resumed = _open_run(cfg, name, arch, m, params, phash, ckpt_path, trainer, parent_run_id, extra_tags,
+                                 data_dir)
         mark("MLflow run opened")
         job = Job(cfg, name, arch, data, Path(data_dir), model, trainer, run, mean, std)
         prepare_model_logging()
@@ -279,7 +281,7 @@ def _log_health(run: Run, trainer: Trainer) -> list[str]:
     return fired
 
 
-def _open_run(cfg, name, arch, manifest, params, phash, ckpt_path, trainer, parent_run_id, extra_tags):
+def _open_run(cfg, name, arch, manifest, params, phash, ckpt_path, trainer, parent_run_id, extra_tags, data_dir):
     if ckpt_path.exists():
         state = load_torch(ckpt_path, map_location=trainer.device)
         try:
@@ -299,11 +301,27 @@ def _open_run(cfg, name, arch, manifest, params, phash, ckpt_path, trainer, pare
                 return run, True
     tags = {
         "nnlab.model": arch, "nnlab.family": get_spec(arch).family, "nnlab.dataset": manifest["source"],
-        "nnlab.git_commit": git_commit(), "nnlab.data_hash": manifest["data_hash"], "nnlab.params_hash": phash,
+        "nnlab.git_commit": git_commit(), "nnlab.code_hash": code_hash(), "nnlab.data_hash": manifest["data_hash"],
+        "nnlab.params_hash": phash,
         "nnlab.run": name, **(extra_tags or {}),
     }
     title = run_title(name, manifest["source"], cfg.train_for(name).lr, tags.get("nnlab.sweep_cell"))
-    return Run.start(cfg.tracking.experiment, title, tags, flatten(params), parent_run_id), False
+    # beside models.<name>.*: the architecture's options (defaults filled in) under one prefix, model.*, so runs
+    # of different architectures line up in MLflow's compare view
+    logged = flatten({**params, "model": model_params(arch, cfg.model_options(name)[1])})
+    run = Run.start(cfg.tracking.experiment, title, tags, logged, parent_run_id)
+    run.log_dataset(manifest, data_dir)
+    return run, False
+
+
+def model_params(arch: str, options: dict) -> dict:
+    """`arch`, `family` and every option of the architecture, its defaults filled in."""
+    spec = get_spec(arch)
+    try:
+        options = spec.options.model_validate(options).model_dump()
+    except Exception:  # validated before (load_config); a transfer base resolved since: as given
+        pass
+    return {"arch": arch, "family": spec.family, **options}
 
 
 def run_title(name: str, source: str, lr: float, cell: str | None = None) -> str:
@@ -349,11 +367,14 @@ def load_served(ref: str):
 # ---------------------------------------------------------------- evaluate
 
 def evaluate_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, train_dir: str | Path | None = None,
-                   metrics_path: str | Path | None = None, plots_dir: str | Path | None = None) -> dict:
-    """The trained run's test measurements, as its kind takes them, into its MLflow run and metrics/<name>.json."""
+                   metrics_path: str | Path | None = None, plots_dir: str | Path | None = None,
+                   summary_path: str | Path | None = None) -> dict:
+    """The trained run's test measurements, as its kind takes them, into its MLflow run, metrics/<name>.json
+    (numbers only: DVC's metrics) and data/evaluate/<name>.json (the whole summary registration reads)."""
     train_dir = Path(train_dir or f"data/train/{name}")
     metrics_path = Path(metrics_path or f"metrics/{name}.json")
     plots_dir = Path(plots_dir or f"plots/{name}")
+    summary_path = Path(summary_path or f"data/evaluate/{name}.json")
     device = resolve_device(cfg.train.device)
     model, final = load_trained(train_dir / "model.pt", device)
     data = load_prepared(data_dir)
@@ -376,12 +397,57 @@ def evaluate_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, tra
     for artifact, text in ev.texts.items():
         run.log_text(text, artifact)
     _write_history(plots_dir / "history.csv", final["history"])
+    _plot_history(plots_dir / "history.png", final["history"], name)
     summary = {**ev.metrics, **ev.summary, "health": run.health(), "name": name, "arch": final["arch"],
                "family": final["family"],
                "run_id": final["run_id"], "model_uri": final["model_uri"], "epochs": final["epochs"],
                "seconds": round(final["seconds"], 3)}
-    write_json(metrics_path, summary)
+    write_json(summary_path, summary)
+    write_json(metrics_path, numbers_only(summary))
     return summary
+
+
+def numbers_only(summary: dict) -> dict:
+    """What `dvc metrics show` shows: the numbers (names, ids and URIs stay in the summary and in MLflow)."""
+    return {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def publish_for_dvc(name: str, flow_dir: Path) -> None:
+    """A flow run of params.yaml as it is computes what `dvc repro`'s evaluate stage would: its metrics and plots
+    are copied to DVC's declared paths (metrics/<name>.json, plots/<name>/), so `dvc metrics show` and
+    `dvc plots show` show the run just made."""
+    import shutil
+
+    for src, dst in ((flow_dir / "metrics.json", Path(f"metrics/{name}.json")),
+                     *((p, Path(f"plots/{name}") / p.name) for p in sorted((flow_dir / "plots").glob("*")))):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+
+
+def _plot_history(path: Path, history: list[dict], name: str) -> None:
+    """The learning curves as an image too: DVC's own rendering of history.csv needs Vega from the network."""
+    import matplotlib.pyplot as plt
+
+    epochs = range(1, len(history) + 1)
+    losses = [k for k in history[0] if k.endswith("loss")] if history else []
+    scores = [k for k in history[0] if k.startswith("val_") and not k.endswith("loss")] if history else []
+    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(8 if scores else 4.5, 3), squeeze=False)
+    for k in losses:
+        axes[0][0].plot(epochs, [h[k] for h in history], label=k)
+    axes[0][0].set(xlabel="epoch", title=f"{name}: loss")
+    for k in scores:
+        axes[0][1].plot(epochs, [h[k] for h in history], label=k)
+    if scores:
+        axes[0][1].set(xlabel="epoch", title=f"{name}: validation")
+    for ax in axes[0]:
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
 
 
 def beats_baseline(kind: Kind, metric: str, metrics: dict) -> tuple[bool, str] | None:

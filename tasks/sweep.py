@@ -56,6 +56,59 @@ def load_spec(path: str | Path | None, params: dict) -> SweepSpec:
         raise ConfigError(format_errors(e, SweepSpec, prefix="sweep")) from None
 
 
+def fold_sets(spec: dict, sets: list[str] | None) -> dict:
+    """`--set` overrides folded into the sweep itself, so that what runs is what the parent run records:
+    `sweep.grid.<axis>=[...]` replaces (or adds) an axis, `sweep.fixed.<key>=v` a fixed value, `sweep.<field>=v`
+    any other field (workers, model, register, ...); every other `key=value` becomes a fixed value of every cell,
+    replacing the file's. A key that the grid or a preset sets in every cell cannot also be fixed: that is an
+    error that says how to change it. The overrides are kept in `overrides` (the report lists them)."""
+    out = json.loads(json.dumps(spec))
+    settable = sorted(set(SweepConfig.model_fields) - {"grid", "fixed", "presets", "overrides"})
+    for item in sets or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. train.lr=0.01")
+        key, value = (part.strip() for part in item.split("=", 1))
+        try:
+            parsed = read_yaml_value(value)
+        except ValueError:
+            parsed = value
+        if key.startswith("sweep."):
+            field, _, rest = key[len("sweep."):].partition(".")
+            if field in ("grid", "fixed") and rest:
+                if field == "grid" and not isinstance(parsed, list):
+                    raise ConfigError(f"--set {item!r}: the levels of an axis are a list, e.g. "
+                                      f"sweep.grid.{rest}=[{value}]")
+                out.setdefault(field, {})[rest] = parsed
+            elif field in settable and not rest:
+                out[field] = parsed
+            else:
+                raise ConfigError(f"--set {item!r}: a sweep is changed with sweep.grid.<axis>=[levels], "
+                                  f"sweep.fixed.<key>=value or sweep.<field>=value ({', '.join(settable)}); "
+                                  "presets only in the sweep file")
+            continue
+        if key in out.get("grid", {}):
+            raise ConfigError(f"--set {item!r}: {key} is an axis of sweep {out.get('name')}'s grid, set per cell; "
+                              f"change its levels with --set 'sweep.grid.{key}=[...]'")
+        for axis, levels in (out.get("presets") or {}).items():
+            if axis in out.get("grid", {}) and any(key in (bundle or {}) for bundle in levels.values()):
+                raise ConfigError(f"--set {item!r}: the presets of axis {axis} set {key} per cell; change it in "
+                                  f"sweep.presets.{axis} of the sweep file, or drop the axis with "
+                                  f"--set 'sweep.grid.{axis}=[...]'")
+        out.setdefault("fixed", {})[key] = parsed
+    if sets:
+        out["overrides"] = [*out.get("overrides", []), *(s for s in sets if s not in out.get("overrides", []))]
+    return out
+
+
+def read_yaml_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as e:
+        raise ValueError(str(e)) from None
+
+
 def _yaml_value(v: Any) -> str:
     return json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else str(v)
 
@@ -154,6 +207,10 @@ def report(parent_run_id: str, spec: SweepSpec, cells: list[Cell], out_dir: str 
     for r in rows:
         r["levels"] = {**r["levels"], "seed": r["seed"]}
     notes = [spec.description] if spec.description else []
+    if spec.overrides:
+        notes.append("Overridden on the command line (what ran): " + ", ".join(f"`{o}`" for o in spec.overrides) + ".")
+    if spec.fixed:
+        notes.append("Every cell: " + ", ".join(f"`{k}={_yaml_value(v)}`" for k, v in spec.fixed.items()) + ".")
     archs = sorted({c.cfg.model_options(next(iter(c.cfg.models)))[0] for c in cells})
     sources = sorted({c.cfg.data.source for c in cells})
     notes.append(f"MLflow parent run `{parent_run_id}`; {'models' if len(archs) > 1 else 'model'} "
@@ -165,28 +222,54 @@ def report(parent_run_id: str, spec: SweepSpec, cells: list[Cell], out_dir: str 
     return {k: str(v) for k, v in paths.items()}, rows
 
 
-def register_by_mean(rows: list[dict], spec: SweepSpec, cfg: Config, parent_run_id: str) -> dict | None:
-    """Promotion over seeds: the best cell by its mean over seeds; its best seed's model is registered and
-    becomes `champion` only when that mean beats the champion's score by more than register.min_delta."""
+def best_cell(rows: list[dict], metric: str) -> dict | None:
+    """The sweep's best cell by its mean over seeds, and its best seed's run (healthy first): what the parent run
+    shows and what registration promotes. None when no cell finished with the metric and a model."""
     from tasks.report import ci95
-    from tasks.tracking import champion_blockers, register_version
+    from tasks.tracking import champion_blockers
 
-    metric = main_metric(cfg)
     by_cell: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["status"] == "FINISHED" and r.get(metric) is not None and r.get("model_uri"):
             by_cell.setdefault(tuple(sorted((k, str(v)) for k, v in r["levels"].items() if k != "seed")), []).append(r)
     if not by_cell:
         return None
-    higher = not lower_is_better(metric)
-    pick = max if higher else min
+    pick = min if lower_is_better(metric) else max
     key, runs = pick(by_cell.items(), key=lambda kv: ci95([r[metric] for r in kv[1]])[0])
     mean, half = ci95([r[metric] for r in runs])
-    healthy = [r for r in runs if not champion_blockers(r)]
-    best = pick(healthy or runs, key=lambda r: r[metric])
+    best = pick([r for r in runs if not champion_blockers(r)] or runs, key=lambda r: r[metric])
+    return {"cell": ",".join(f"{k}={v}" for k, v in key), "mean": mean, "ci95": half, "n_seeds": len(runs),
+            "run": best}
+
+
+def show_best_on_parent(parent_run_id: str, rows: list[dict], metric: str) -> dict | None:
+    """The parent run carries its best cell: `<metric>` (its mean over seeds, the runs list's column),
+    `<metric>_ci95`, `best_seed_<metric>`, and tags naming the cell and its best run."""
+    from tasks.tracking import Run
+
+    best = best_cell(rows, metric)
+    if best is None:
+        return None
+    run = Run(parent_run_id)
+    run.log_metrics({metric: best["mean"], f"{metric}_ci95": best["ci95"],
+                     f"best_seed_{metric}": best["run"][metric], "best_cell_seeds": best["n_seeds"]})
+    run.set_tags({"nnlab.best_cell": best["cell"], "nnlab.best_run_id": best["run"]["run_id"]})
+    return best
+
+
+def register_by_mean(rows: list[dict], spec: SweepSpec, cfg: Config, parent_run_id: str) -> dict | None:
+    """Promotion over seeds: the best cell by its mean over seeds; its best seed's model is registered and
+    becomes `champion` only when that mean beats the champion's score by more than register.min_delta."""
+    from tasks.tracking import champion_blockers, register_version
+
+    metric = main_metric(cfg)
+    found = best_cell(rows, metric)
+    if found is None:
+        return None
+    mean, half, best = found["mean"], found["ci95"], found["run"]
     tags = {"nnlab.metric": metric, "nnlab.sweep": spec.name, "nnlab.sweep_parent": parent_run_id,
-            "nnlab.cell": ",".join(f"{k}={v}" for k, v in key), f"mean_{metric}": mean, f"ci95_{metric}": half,
-            "n_seeds": len(runs), "nnlab.run_id": best["run_id"]}
+            "nnlab.cell": found["cell"], f"mean_{metric}": mean, f"ci95_{metric}": half,
+            "n_seeds": found["n_seeds"], "nnlab.run_id": best["run_id"]}
     out = register_version(register_name(cfg), best["model_uri"], mean, cfg.register.min_delta, tags,
-                           higher=higher, blocked=champion_blockers(best))
+                           higher=not lower_is_better(metric), blocked=champion_blockers(best))
     return {**out, "cell": tags["nnlab.cell"], "mean": mean, "ci95": half, "run_id": best["run_id"]}

@@ -144,6 +144,10 @@ def experiment_id(name: str) -> str:
         return exp.experiment_id
 
 
+# What makes two registered versions the same result: the run's tags that a version copies.
+IDENTITY = ("nnlab.dataset", "nnlab.data_hash", "nnlab.params_hash", "nnlab.code_hash")
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
@@ -199,6 +203,20 @@ class Run:
         r._logged_steps = {m.step for m in r.c.get_metric_history(run_id, "train_loss")}
         r._series_upto = max((m.step for m in r.c.get_metric_history(run_id, "grad_norm")), default=0)
         return r
+
+    def log_dataset(self, manifest: dict, data_dir: str | Path) -> None:
+        """The prepared data as the run's MLflow dataset input (the runs list's Dataset column): its source as the
+        name, the data hash as the digest, the split sizes and shapes as the profile and schema."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(
+            name=manifest["source"], digest=manifest["data_hash"][:36], source_type="local",
+            source=json.dumps({"uri": str(Path(data_dir).resolve())}),
+            schema=json.dumps({"input_shape": manifest.get("input_shape"), "num_classes": manifest.get("num_classes")}),
+            profile=json.dumps({"sizes": manifest.get("sizes", {})}))
+        self.c.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
 
     def log_epoch(self, step: int, metrics: dict[str, float]) -> None:
         """One write per epoch: all values in a single batch."""
@@ -353,6 +371,23 @@ def register_version(name: str, model_uri: str, score: float, min_delta: float, 
     import mlflow
 
     c = client()
+    identity = {}
+    if tags.get("nnlab.run_id"):  # the dataset, data, params and code of the run behind the model
+        run_tags = c.get_run(tags["nnlab.run_id"]).data.tags
+        identity = {k: run_tags[k] for k in IDENTITY if k in run_tags}
+        held = _datasets_held(c, name) - {identity.get("nnlab.dataset")}
+        if held and identity.get("nnlab.dataset"):  # one registered model, one dataset: never compared across
+            return {"name": name, "registered": False, "version": None, "alias": None, "score": score,
+                    "previous_champion": None,
+                    "reason": f"{name} holds models trained on {', '.join(sorted(held))}, this one on "
+                              f"{identity['nnlab.dataset']}: set register.name to auto (one registered model per "
+                              "dataset) or to a name of this dataset's own"}
+        same = _same_result(c, name, identity, score)
+        if same is not None:
+            return {"name": name, "registered": False, "version": int(same.version), "alias": None,
+                    "score": score, "previous_champion": None,
+                    "reason": f"identical to version {same.version} (same dataset, data, params and code, same "
+                              "score)"}
     try:
         champ = c.get_model_version_by_alias(name, "champion")
         champ_score = float(champ.tags.get("nnlab.score", "nan"))
@@ -376,12 +411,41 @@ def register_version(name: str, model_uri: str, score: float, min_delta: float, 
         decision = "first version: champion"
     else:
         decision = f"{score:.4f} vs champion v{champ.version} {champ_score:.4f} (min_delta {min_delta}): {alias}"
-    for k, v in {**tags, "nnlab.score": score, "nnlab.decision": decision,
+    for k, v in {**tags, **identity, "nnlab.score": score, "nnlab.decision": decision,
                  "nnlab.previous_champion_score": champ_score}.items():
         c.set_model_version_tag(name, version.version, k, str(v))
     c.set_registered_model_alias(name, alias, version.version)
-    return {"name": name, "version": int(version.version), "alias": alias, "score": score,
+    return {"name": name, "registered": True, "version": int(version.version), "alias": alias, "score": score,
             "previous_champion": champ_score, "decision": decision}
+
+
+def _versions(c, name: str) -> list:
+    try:
+        return c.search_model_versions(f"name = '{name}'", max_results=1000)
+    except Exception:  # no such registered model yet
+        return []
+
+
+def _datasets_held(c, name: str) -> set[str]:
+    """The datasets the versions of `name` were trained on (versions registered before the tag: not known)."""
+    return {v.tags["nnlab.dataset"] for v in _versions(c, name) if v.tags.get("nnlab.dataset")}
+
+
+def _same_result(c, name: str, identity: dict[str, str], score: float):
+    """A version of `name` with the same identity (every IDENTITY tag known and equal) and the same score: the
+    same run again (training is seeded, so the same inputs give the same model). None when there is none."""
+    import math
+
+    if len(identity) < len(IDENTITY):
+        return None
+    for v in _versions(c, name):
+        try:
+            same_score = math.isclose(float(v.tags.get("nnlab.score", "nan")), score, rel_tol=1e-9, abs_tol=1e-12)
+        except ValueError:
+            same_score = False
+        if same_score and all(v.tags.get(k) == val for k, val in identity.items()):
+            return v
+    return None
 
 
 # ---------------------------------------------------------------- sweeps
@@ -424,12 +488,13 @@ def resolve_model_uri(ref: str) -> str:
         ref = f"runs:/{ref}/model"
     m = re.fullmatch(r"models:/([^@/]+)@([\w.-]+)", ref)
     if m:
+        name = _per_dataset(c, m[1])
         try:
-            version = c.get_model_version_by_alias(m[1], m[2]).version
+            version = c.get_model_version_by_alias(name, m[2]).version
         except Exception as e:
-            raise LookupError(f"{ref}: no registered model {m[1]!r} with alias {m[2]!r} in {tracking_uri()} "
+            raise LookupError(f"{ref}: no registered model {name!r} with alias {m[2]!r} in {tracking_uri()} "
                               f"({type(e).__name__})") from None
-        return f"models:/{m[1]}/{version}"
+        return f"models:/{name}/{version}"
     m = re.fullmatch(r"models:/([^@/]+)/(\d+)(/.*)?", ref)
     if m:
         try:
@@ -447,6 +512,20 @@ def resolve_model_uri(ref: str) -> str:
         return ref
     raise ValueError(f"{ref!r} is not a model reference: use models:/<name>@<alias>, models:/<name>/<version>, "
                      "runs:/<run id>/model or a run id")
+
+
+def _per_dataset(c, name: str) -> str:
+    """`name` itself when registered; else the one `name-<dataset>` there is (register.name auto registers one
+    model per dataset: models:/nnlab-asr@champion finds nnlab-asr-synth_speech); several: an error naming them."""
+    try:
+        c.get_registered_model(name)
+        return name
+    except Exception:
+        pass
+    found = sorted(m.name for m in c.search_registered_models(f"name LIKE '{name}-%'", max_results=1000))
+    if len(found) > 1:
+        raise LookupError(f"models:/{name}: one registered model per dataset; name one of: {', '.join(found)}")
+    return found[0] if found else name
 
 
 def load_checkpoint(ref: str) -> tuple[dict, str]:

@@ -247,6 +247,21 @@ def test_receptive_field_follows_the_widest_inception_branch():
     assert receptive_field(m, (1, 28, 28)) == 3 + 4  # stem 3x3, then the 5x5 branch (pool branch: 3 + 2)
 
 
+def test_models_table_shows_a_field_wider_than_its_probe_as_a_lower_bound_and_caches_the_rows(tmp_path, monkeypatch):
+    import models.registry
+    from flows.cli import model_rows
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(models.registry, "list_models", lambda: ["simple_cnn", "wgan_gp", "seq2seq"])
+    rows = {r[0]: r for r in model_rows((1, 28, 28), 10)}
+    assert rows["simple_cnn"][4] == "18x18"  # measured: 3x3 conv, 2x2 pool, 3x3 conv, 2x2 pool
+    assert rows["wgan_gp"][4] == "≥112x112"  # its critic's field outgrows the 4x-input probe: a bound, said so
+    assert rows["seq2seq"][2] == "n/a" and "not for this input" in rows["seq2seq"][5]
+    assert len(list((tmp_path / ".nnlab/cache").glob("models-*.json"))) == 1
+    monkeypatch.setattr(models.registry, "create_model", None)  # the second listing builds nothing
+    assert model_rows((1, 28, 28), 10) == list(rows.values())
+
+
 # ---------------------------------------------------------------- they learn: real digits, the project's pipeline
 
 DIGITS_RUNS = {  # architecture -> (options, epochs): ~1-2 s each on an idle 2-core CPU; test accuracy 0.95-0.99

@@ -23,11 +23,11 @@ def test_ring8_prepare_and_the_gan_metric_choice(tmp_path):
     assert d.x_train.shape[1:] == (2,) and d.x_train.dtype == np.float32 and m["task"] == "generation"
     radius = np.linalg.norm(d.x_train, axis=1)
     assert abs(radius.mean() - 2.0) < 0.01 and len(m["ring8"]["centers"]) == 8
-    assert main_metric(cfg) == "mode_overlap" and register_name(cfg) == "nnlab-generator"
+    assert main_metric(cfg) == "mode_overlap" and register_name(cfg) == "nnlab-generator-ring8"
     images = validate({"data": {"source": "digits"}, "models": {"dcgan": {}, "g2": {"arch": "wgan_gp"}}})
     assert main_metric(images) == "classifier_fid"
     mixed = validate({"models": {"dcgan": {}, "mlp": {}}})  # a GAN beside a classifier: the classifier's rules
-    assert main_metric(mixed) == "test_accuracy" and register_name(mixed) == "nnlab-classifier"
+    assert main_metric(mixed) == "test_accuracy" and register_name(mixed) == "nnlab-classifier-digits"
 
 
 @pytest.mark.slow

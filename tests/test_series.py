@@ -112,12 +112,25 @@ def test_lower_rmse_wins_the_champion_alias(tmp_path, monkeypatch):
     assert out["registered"] is False and "trivial baseline" in out["reason"] and "naive_test_rmse" in out["reason"]
     assert client().search_model_versions(f"name = '{cfg.register.name}'") == []  # nothing in the registry
 
-    # among runs that beat it, the lower RMSE takes the champion alias
+    # among runs that beat it, the lower RMSE takes the champion alias; the same run (same data, params and code)
+    # is never registered twice; a run on other data never joins this registered model
+    def other(seed: int, source: str = "sunspots") -> dict:
+        c = validate({**cfg.model_dump(), "seed": seed, "data": {"source": source}})
+        prepare(c.data, seed, f"d{seed}")
+        train_stage(c, "mlp", f"d{seed}", f"out{seed}")
+        return evaluate_stage(c, "mlp", f"d{seed}", f"out{seed}", f"m{seed}.json", f"p{seed}")
+
     good = {**r, "test_rmse": r["naive_test_rmse"] - 5, "beats_baseline": True}
     first = register_stage(cfg, [good], None)
-    worse = register_stage(cfg, [{**good, "test_rmse": good["test_rmse"] + 2}], None)
-    better = register_stage(cfg, [{**good, "test_rmse": good["test_rmse"] - 1}, r], None)
+    again = register_stage(cfg, [good], None)
+    assert again["registered"] is False and "identical to version 1" in again["reason"]
+    worse = register_stage(cfg, [{**other(1), "test_rmse": good["test_rmse"] + 2, "beats_baseline": True}], None)
+    better = register_stage(cfg, [{**other(2), "test_rmse": good["test_rmse"] - 1, "beats_baseline": True}, r], None)
     assert (first["alias"], worse["alias"], better["alias"]) == ("champion", "challenger", "champion")
+    v = client().get_model_version(cfg.register.name, str(better["version"]))
+    assert v.tags["nnlab.dataset"] == "sunspots" and len(v.tags["nnlab.data_hash"]) >= 16
+    co2 = register_stage(cfg, [{**other(3, "co2"), "test_rmse": 0.1, "beats_baseline": True}], None)
+    assert co2["registered"] is False and "holds models trained on sunspots, this one on co2" in co2["reason"]
 
 
 @pytest.mark.slow

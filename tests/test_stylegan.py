@@ -50,7 +50,7 @@ def test_registered_as_a_style_generator_ranked_like_the_other_gans():
     assert kind.metric_for("colour_digits") == "classifier_fid" and "classifier_fid" in kind.lower_is_better
     assert "colour_digits" in misfit("stylegan", "ring8")  # image sources only: no styles for 2-D points
     both = validate({"data": {"source": "mnist32"}, "models": {"stylegan": {}, "dcgan": {}}})
-    assert main_metric(both) == "classifier_fid" and register_name(both) == "nnlab-generator"  # compete as one
+    assert main_metric(both) == "classifier_fid" and register_name(both) == "nnlab-generator-mnist32"  # compete as one
 
 
 @pytest.mark.parametrize("shape, num_ws, coarse", [((3, 32, 32), 8, 4), ((1, 28, 28), 6, 2), ((1, 8, 8), 4, 2)])

@@ -67,6 +67,9 @@ def test_cli_rejects_bad_sweep_with_exit_2(tmp_path):
     (tmp_path / "bad.yaml").write_text(dump(spec(grid={"train.lr": [0.1, -1]})))
     out = subprocess.run([NNLAB, "sweep", "bad.yaml"], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 2 and "train.lr" in out.stderr
+    out = subprocess.run([NNLAB, "sweep", ROOT / "sweeps/optimizers.yaml", "--set", "seed=4"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "seed is an axis of sweep optimizers's grid" in out.stderr  # never ignored
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "data").exists()
 
 
@@ -117,8 +120,8 @@ def test_six_parallel_cells_lose_nothing_in_a_new_store(tmp_path):
     write_params(tmp_path / "params.yaml", register={"name": name})
     lrs = [0.001, 0.01, 0.03]
     uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"  # does not exist yet
-    (tmp_path / "s.yaml").write_text(dump(spec(grid={"train.lr": lrs, "seed": [0, 1]}, workers=2 * len(lrs))))
-    out = run_sweep(tmp_path, uri, "s.yaml")
+    (tmp_path / "s.yaml").write_text(dump(spec(grid={"train.lr": lrs, "seed": [0, 1, 2]}, workers=2 * len(lrs))))
+    out = run_sweep(tmp_path, uri, "s.yaml", "--set", "sweep.grid.seed=[0, 1]", "--set", "models.mlp.hidden=[12]")
     assert out.returncode == 0, f"{out.stdout[-3000:]}{out.stderr[-3000:]}"
     assert "database is locked" not in out.stdout + out.stderr
     parent = parent_id(out.stdout)
@@ -132,8 +135,12 @@ def test_six_parallel_cells_lose_nothing_in_a_new_store(tmp_path):
             assert sorted(m.step for m in c.get_metric_history(r.info.run_id, key)) == [1, 2, 3]
         assert "test_accuracy" in r.data.metrics
         assert len(c.get_metric_history(r.info.run_id, "grad_norm")) >= 2
+        assert r.data.params["models.mlp.hidden"] == r.data.params["model.hidden"] == "[12]"  # the override ran
+        assert r.inputs.dataset_inputs[0].dataset.name == "digits"  # MLflow's Dataset column
+    top = c.get_run(parent)  # the parent records what ran and carries its best cell
+    assert top.data.params["sweep.grid.seed"] == "[0, 1]" and top.data.params["sweep.fixed.models.mlp.hidden"] == "[12]"
     assert (tmp_path / "reports").exists()
-    champ = c.get_model_version_by_alias(name, "champion")  # registered by the best mean over its 2 seeds
+    champ = c.get_model_version_by_alias(name, "champion")  # the best mean over its 2 seeds
     assert champ.tags["n_seeds"] == "2"
     means = {}
     for r in runs:
@@ -141,6 +148,10 @@ def test_six_parallel_cells_lose_nothing_in_a_new_store(tmp_path):
     best = max(means, key=lambda k: sum(means[k]))
     assert float(champ.tags["nnlab.cell"].split("=")[1]) == float(best.split("=")[1])
     assert float(champ.tags["nnlab.score"]) == pytest.approx(sum(means[best]) / 2)
+    assert top.data.metrics["test_accuracy"] == pytest.approx(sum(means[best]) / 2)
+    assert top.data.tags["nnlab.best_cell"] == champ.tags["nnlab.cell"] and top.data.tags["nnlab.best_run_id"] in \
+        {r.info.run_id for r in runs}
+    assert champ.tags["nnlab.dataset"] == "digits" and champ.tags["nnlab.data_hash"]
 
 
 @pytest.mark.slow
@@ -182,15 +193,23 @@ def test_failing_cell_then_interrupt_and_resume(tmp_path):
     assert 2 <= finished_before < 5
 
     # the missing cells on 2 workers (the spec's 1 was only there to be interrupted midway): --workers applies to
-    # a resume too; the diverging cell fails, the others finish, exit code 1
+    # a resume too; the diverging cell fails, the others finish. Then the sweep itself crashes (its report folder
+    # is a file): exit 1, the parent FAILED, one line with the command that finishes it
+    (tmp_path / "reports").write_text("not a folder")
     out = run_sweep(tmp_path, uri, "--resume", parent, "--workers", "2")
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "2 worker(s)" in out.stdout and f"ran {5 - finished_before} now" in out.stdout
-    assert "not finished" in out.stdout and "non-finite" in out.stdout
+    assert "2 worker(s)" in out.stdout
+    assert f"error: sweep parent run {parent} is marked FAILED" in out.stderr, out.stderr[-3000:]
+    assert f"finish it with: nnlab sweep --resume {parent}" in out.stderr
     c, runs = children(uri, parent)
     finished = [r for r in runs if r.info.status == "FINISHED"]
     assert len({r.data.tags["nnlab.sweep_cell"] for r in finished}) == 4 == len(finished)
     assert [r.data.tags["nnlab.sweep_cell"] for r in runs if r.info.status == "FAILED"] == ["lr=10.0"]
+    assert c.get_run(parent).info.status == "FAILED" and "--resume" in c.get_run(parent).data.tags["nnlab.error"]
+    (tmp_path / "reports").unlink()
+    out = run_sweep(tmp_path, uri, "--resume", parent)  # only the diverging cell is left: it diverges again
+    assert out.returncode == 1 and "ran 1 now" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "not finished" in out.stdout and "non-finite" in out.stdout
     assert c.get_run(parent).info.status == "FAILED"
 
     # the report on demand, from MLflow alone
@@ -200,6 +219,25 @@ def test_failing_cell_then_interrupt_and_resume(tmp_path):
     md = (tmp_path / "again" / "report.md").read_text()
     assert "5 runs, 4 finished, 1 diverged" in md and "★" in md
     assert "seconds: training / whole cell" in md  # each cell's cost beyond its training, measured by the cell
+
+
+def test_overrides_change_the_sweep_itself_or_are_refused():
+    from tasks.sweep import fold_sets
+
+    raw = read_yaml(ROOT / "params.yaml")
+    s = spec(grid={"optimizer": ["sgd", "adam"], "seed": [0, 1, 2]},
+             presets={"optimizer": {"sgd": {"train.optimizer": "sgd", "train.lr": 0.05},
+                                    "adam": {"train.optimizer": "adam"}}})
+    out = fold_sets(s, ["sweep.grid.seed=[0]", "train.epochs=2", "sweep.workers=1"])
+    assert out["grid"]["seed"] == [0] and out["fixed"]["train.epochs"] == 2 and out["workers"] == 1
+    cells = expand(load_spec(None, {"sweep": out}), raw)
+    assert [c.id for c in cells] == ["optimizer=sgd,seed=0", "optimizer=adam,seed=0"]
+    assert all(c.cfg.train.epochs == 2 for c in cells)
+    assert fold_sets(out, out["overrides"]) == out  # a resume folds them again: no change
+    for bad, needle in (("seed=3", "seed is an axis"), ("train.lr=0.1", "presets of axis optimizer set train.lr"),
+                        ("sweep.grid.seed=0", "a list"), ("sweep.presets.x=1", "presets only in the sweep file")):
+        with pytest.raises(ConfigError, match=needle):
+            fold_sets(s, [bad])
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
