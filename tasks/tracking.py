@@ -216,7 +216,17 @@ class Run:
             source=json.dumps({"uri": str(Path(data_dir).resolve())}),
             schema=json.dumps({"input_shape": manifest.get("input_shape"), "num_classes": manifest.get("num_classes")}),
             profile=json.dumps({"sizes": manifest.get("sizes", {})}))
-        self.c.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+        inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])]
+        for attempt in range(5):
+            try:
+                self.c.log_inputs(self.run_id, inputs)
+                return
+            except Exception as e:  # parallel cells race to insert the same dataset row: the next try reuses it
+                if "unique constraint" not in str(e).lower() or attempt == 4:  # descriptive: never fail the run on it
+                    print(f"MLflow run {self.run_id}: dataset input not logged ({type(e).__name__}: {str(e)[:200]})",
+                          flush=True)
+                    return
+                time.sleep(0.05 * (attempt + 1))
 
     def log_epoch(self, step: int, metrics: dict[str, float]) -> None:
         """One write per epoch: all values in a single batch."""
