@@ -206,9 +206,9 @@ def print_summary(summary: dict, cfg) -> None:
                       + (f" ({reg['decision']})" if reg.get("decision", "").startswith("health") else ""))
     for r in summary["results"]:
         for h in r.get("health", []):
-            what = {"vanishing": "vanishing gradients (see the run's grad_norm and layers/grad_norm.* curves)",
-                    "exploding": "exploding gradients (see the run's grad_norm and layers/grad_norm.* curves)",
-                    "dead_units": "dead ReLU units (see the run's dead_units curve)",
+            curves = "the run's health/grad_norm and layers/grad_norm.* curves"
+            what = {"vanishing": f"vanishing gradients (see {curves})", "exploding": f"exploding gradients (see {curves})",
+                    "dead_units": "dead ReLU units (see the run's health/dead_units curve)",
                     "mode_collapse": "mode collapse (see the run's samples/ and plots/samples.png)"}.get(h, h)
             console.print(f"[yellow]health[/yellow] {r['name']}: {what}; tag nnlab.health.{h}")
     for f in summary["failed"]:

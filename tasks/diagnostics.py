@@ -2,14 +2,15 @@
 
 Per diagnostic step (global step s):
   layers/grad_norm.<layer>     L2 norm of the gradient of each weight matrix / kernel (before clipping)
-  grad_norm                    the norm over all of them
-  grad_ratio_first_last  first layer's gradient norm / last layer's (tiny -> gradients vanish on the way down)
+  health/grad_norm             the norm over all of them
+  health/grad_ratio_first_last first layer's gradient norm / last layer's (tiny -> gradients vanish on the way down)
   layers/update_ratio.<layer>  ||w_after - w_before|| / ||w_before|| of that step (~1e-3 is the classic healthy value)
-  update_ratio           the median of the above over layers
-  dead_units             share of ReLU units that output 0 for every example of a fixed probe batch
+  health/update_ratio          the median of the above over layers
+  health/dead_units            share of ReLU units that output 0 for every example of a fixed probe batch
 
-Per-layer series sit under `layers/`: MLflow's charts group them in a section of their own, below the
-run's headline curves (loss, accuracy, grad_norm, update_ratio, dead_units).
+MLflow's charts group metrics by the prefix before "/": the per-layer series in a `layers` section, the overall
+ones (and the run's summary: health/max_grad_norm, ...) in a `health` section, so the run page opens on the
+headline curves (loss, accuracy, learning rate) and the test metrics.
 
 Health rules (tags `nnlab.health.*`, set when training ends; documented in the README):
   vanishing   the median of grad_ratio_first_last over the run is below 1e-3
@@ -54,10 +55,10 @@ class Diagnostics:
                              for _, p in self.layers]).float().cpu()
         rec = {f"layers/grad_norm.{n}": float(v) for (n, _), v in zip(self.layers, norms)}
         total = float(norms.norm())
-        rec["grad_norm"] = total
+        rec["health/grad_norm"] = total
         if norms[-1] > 0:
-            rec["grad_ratio_first_last"] = float(norms[0] / norms[-1])
-            self.ratios.append(rec["grad_ratio_first_last"])
+            rec["health/grad_ratio_first_last"] = float(norms[0] / norms[-1])
+            self.ratios.append(rec["health/grad_ratio_first_last"])
         self.max_norm = max(self.max_norm, total) if total == total else float("inf")  # NaN counts as exploding
         self._before = [p.detach().clone() for _, p in self.layers]
         self.records.append((step, rec))
@@ -70,10 +71,10 @@ class Diagnostics:
             r = float((p - w0).norm() / w0.norm().clamp_min(1e-12))
             rec[f"layers/update_ratio.{n}"] = r
             ratios.append(r)
-        rec["update_ratio"] = statistics.median(ratios)
+        rec["health/update_ratio"] = statistics.median(ratios)
         self._before = None
         if self.probe is not None:
-            rec["dead_units"] = self.dead = dead_fraction(self.model, self.probe)
+            rec["health/dead_units"] = self.dead = dead_fraction(self.model, self.probe)
 
     def drain(self) -> list[tuple[int, dict]]:
         out, self.records = self.records, []
@@ -87,11 +88,11 @@ class Diagnostics:
         }
 
     def summary(self) -> dict[str, float]:
-        out = {"max_grad_norm": self.max_norm}
+        out = {"health/max_grad_norm": self.max_norm}
         if self.ratios:
-            out["median_grad_ratio_first_last"] = statistics.median(self.ratios)
+            out["health/median_grad_ratio_first_last"] = statistics.median(self.ratios)
         if self.dead is not None:
-            out["final_dead_units"] = self.dead
+            out["health/final_dead_units"] = self.dead
         return out
 
     def state_dict(self) -> dict:

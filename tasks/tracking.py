@@ -201,7 +201,7 @@ class Run:
         r = cls(run_id)
         r.c.update_run(run_id, status="RUNNING")
         r._logged_steps = {m.step for m in r.c.get_metric_history(run_id, "train_loss")}
-        r._series_upto = max((m.step for m in r.c.get_metric_history(run_id, "grad_norm")), default=0)
+        r._series_upto = max((m.step for m in r.c.get_metric_history(run_id, "health/grad_norm")), default=0)
         return r
 
     def log_dataset(self, manifest: dict, data_dir: str | Path) -> None:

@@ -33,14 +33,14 @@ def test_deep_sigmoid_with_tiny_weights_is_flagged_vanishing(digits):
     t.fit(*digits)
     h = t.diagnostics.health()
     assert h["vanishing"] and not h["exploding"]
-    assert t.diagnostics.summary()["median_grad_ratio_first_last"] < 1e-3
+    assert t.diagnostics.summary()["health/median_grad_ratio_first_last"] < 1e-3
 
 
 def test_same_depth_relu_he_is_healthy(digits):
     t = deep("relu", "he_normal", optimizer="sgd", lr=0.05)
     t.fit(*digits)
     assert t.diagnostics.health() == {"vanishing": False, "exploding": False, "dead_units": False}
-    assert 0.05 < t.diagnostics.summary()["median_grad_ratio_first_last"] < 20
+    assert 0.05 < t.diagnostics.summary()["health/median_grad_ratio_first_last"] < 20
 
 
 def test_huge_learning_rate_is_flagged_exploding_and_stopped(digits):
@@ -57,9 +57,9 @@ def test_records_are_every_n_steps_and_complete(digits):
     steps_per_epoch = -(-1000 // 64)
     assert [s for s, _ in recs] == list(range(5, 2 * steps_per_epoch + 1, 5))
     first = recs[0][1]
-    assert {"grad_norm", "grad_ratio_first_last", "update_ratio", "dead_units"} <= set(first)
+    assert {"health/grad_norm", "health/grad_ratio_first_last", "health/update_ratio", "health/dead_units"} <= set(first)
     assert sum(k.startswith("layers/grad_norm.") for k in first) == 9  # 8 hidden + output weight matrices
-    assert 0 < first["update_ratio"] < 1
+    assert 0 < first["health/update_ratio"] < 1
 
 
 def test_dead_units_counted_on_the_probe():

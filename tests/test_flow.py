@@ -49,7 +49,7 @@ def test_flow_trains_tracks_and_registers(project, prefect_harness):
         for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy"):
             assert [m.step for m in c.get_metric_history(run.info.run_id, key)] == [1, 2, 3, 4, 5, 6]
         assert run.data.metrics["test_accuracy"] == pytest.approx(r["test_accuracy"])
-        assert len(c.get_metric_history(run.info.run_id, "grad_norm")) >= 2  # diagnostics, every 25 steps
+        assert len(c.get_metric_history(run.info.run_id, "health/grad_norm")) >= 2  # diagnostics, every 25 steps
         assert tags["nnlab.health.vanishing"] == "false" and tags["nnlab.health.exploding"] == "false"
         arts = {a.path for a in c.list_artifacts(run.info.run_id, "plots")}
         assert {"plots/learning_curve.png", "plots/confusion_matrix.png"} <= arts

@@ -134,7 +134,7 @@ def test_six_parallel_cells_lose_nothing_in_a_new_store(tmp_path):
         for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
             assert sorted(m.step for m in c.get_metric_history(r.info.run_id, key)) == [1, 2, 3]
         assert "test_accuracy" in r.data.metrics
-        assert len(c.get_metric_history(r.info.run_id, "grad_norm")) >= 2
+        assert len(c.get_metric_history(r.info.run_id, "health/grad_norm")) >= 2
         assert r.data.params["models.mlp.hidden"] == r.data.params["model.hidden"] == "[12]"  # the override ran
         assert r.inputs.dataset_inputs[0].dataset.name == "digits"  # MLflow's Dataset column
     top = c.get_run(parent)  # the parent records what ran and carries its best cell
@@ -164,11 +164,12 @@ def test_failing_cell_then_interrupt_and_resume(tmp_path):
     (tmp_path / "s.yaml").write_text(dump(spec(
         fixed={**TINY, "train.optimizer": "sgd", "models.mlp.hidden": [256, 128], "models.mlp.activation": "leaky_relu"},
         grid={"train.lr": [0.05, 0.06, 0.07, 0.08, 10.0]}, workers=1)))
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).search_experiments()  # the store exists (migrated) before the CLI and this test both open it
     p = subprocess.Popen([NNLAB, "sweep", "s.yaml"], cwd=tmp_path, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
                          start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    from mlflow.tracking import MlflowClient
-
     cl, deadline, parent = MlflowClient(uri), time.time() + 300, None
     while time.time() < deadline:
         assert p.poll() is None, p.stdout.read()[-3000:]
