@@ -54,6 +54,17 @@ def test_flow_trains_tracks_and_registers(project, prefect_harness):
         arts = {a.path for a in c.list_artifacts(run.info.run_id, "plots")}
         assert {"plots/learning_curve.png", "plots/confusion_matrix.png"} <= arts
         assert c.list_artifacts(run.info.run_id, "data")[0].path == "data/manifest.json"
+        assert run.data.params["model.arch"] == r["name"]  # the options under one prefix, for cross-model charts
+        assert run.inputs.dataset_inputs[0].dataset.name == "digits"
+        # the Prefect task run that trained it links back to this MLflow run (its Artifacts tab)
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterTaskRunId
+
+        with get_client(sync_client=True) as pc:
+            links = pc.read_artifacts(artifact_filter=ArtifactFilter(task_run_id=ArtifactFilterTaskRunId(
+                any_=[tags["nnlab.prefect_task_run_id"]])))
+        assert len(links) == 1
+        assert f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in str(links[0].data)
 
     # the better run is the champion, and it predicts on raw inputs
     best = max(summary["results"], key=lambda r: r["test_accuracy"])
