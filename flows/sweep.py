@@ -116,8 +116,10 @@ class WarmPool(ProcessPoolTaskRunner):
             initargs=(self._subprocess_message_queue, self._initializer, self._initargs))
         return self
 
-    def __exit__(self, *exc) -> None:
-        super().__exit__(*exc)
+    def __exit__(self, exc_type=None, *rest) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception):  # Ctrl-C, SIGTERM: the flow is leaving
+            stop_cells()  # Prefect's shutdown would otherwise wait for a worker that was idle at the signal
+        super().__exit__(exc_type, *rest)
         _stop_fork_server()
 
     def __getstate__(self) -> dict:
@@ -150,26 +152,25 @@ class interruptible:
 _OPENED: dict[str, str] = {}  # the sweep parent run this process opened: Ctrl-C marks it KILLED
 
 
-def stop_after_interrupt(grace: float = 3.0) -> str:
-    """Ctrl-C during a sweep: the cells being trained got it too (one process group) and mark their runs KILLED;
-    after `grace` seconds the pool's worker processes are stopped (a Ctrl-C sent to this process alone reaches
-    them here), every run still RUNNING and the parent are marked KILLED, and the line to print is returned:
-    the exact command that finishes the sweep."""
-    import multiprocessing
-    import time
+def _running_cells(parent: str | None) -> list[str]:
+    from tasks.tracking import child_runs
 
-    from tasks.tracking import Run, child_runs
+    try:
+        return [r["run_id"] for r in child_runs(parent) if r["status"] == "RUNNING"] if parent else []
+    except Exception:
+        return []
+
+
+def stop_cells(grace: float = 3.0) -> None:
+    """After Ctrl-C or SIGTERM: the cells being trained got it too (one process group) and mark their runs KILLED;
+    after at most `grace` seconds every pool worker is stopped. A worker between two cells ignores the signal
+    and would start the next one, so none is left to finish on its own. (Forked from the fork server, the
+    workers are still this process's multiprocessing children.)"""
+    import multiprocessing
 
     parent = _OPENED.get("parent")
-
-    def running() -> list[str]:
-        try:
-            return [r["run_id"] for r in child_runs(parent) if r["status"] == "RUNNING"] if parent else []
-        except Exception:
-            return []
-
     deadline = time.monotonic() + grace
-    while running() and time.monotonic() < deadline:
+    while _running_cells(parent) and time.monotonic() < deadline:
         time.sleep(0.2)
     workers = multiprocessing.active_children()
     for p in workers:
@@ -179,12 +180,45 @@ def stop_after_interrupt(grace: float = 3.0) -> str:
         if p.is_alive():
             p.kill()
             p.join()
+
+
+def stop_after_interrupt(grace: float = 3.0) -> str:
+    """Ctrl-C during a sweep: the workers are stopped (stop_cells; a Ctrl-C sent to this process alone reaches
+    them here), every run still RUNNING and the parent are marked KILLED, and the line to print is returned:
+    the exact command that finishes the sweep."""
+    from tasks.tracking import Run
+
+    parent = _OPENED.get("parent")
+    stop_cells(grace)
     if not parent:
         return "interrupted before the sweep's parent run was opened: nothing recorded"
-    for run_id in running():
+    for run_id in _running_cells(parent):
         Run(run_id).mark_interrupted("interrupted with its sweep; `nnlab sweep --resume` resumes it")
     Run(parent).mark_interrupted("interrupted; `nnlab sweep --resume` finishes it")
     return f"interrupted: sweep parent run {parent} is marked KILLED; finish it with: nnlab sweep --resume {parent}"
+
+
+def wait_interruptibly(futures: list, poll: float = 0.5) -> None:
+    """Wait for every cell, the main thread waking every `poll` seconds. The kernel may hand Ctrl-C to any of this
+    process's threads, and Python raises KeyboardInterrupt in the main thread only when that thread runs again:
+    blocked in a wait without a timeout, it would hold the interrupt until the cell ended. A helper thread does
+    the waiting; anything it raises is raised here."""
+    done, raised = threading.Event(), []
+
+    def wait_all() -> None:
+        try:
+            for f in futures:
+                f.wait()
+        except BaseException as e:  # e.g. a broken pool: the caller's to report
+            raised.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=wait_all, name="nnlab-cells-wait", daemon=True).start()
+    while not done.wait(poll):
+        pass
+    if raised:
+        raise raised[0]
 
 
 def runner(workers: int, runs: tuple[tuple[str, str], ...] = ()) -> WarmPool:
@@ -322,8 +356,7 @@ def _cells_and_report(parent, spec_: SweepConfig, cells: list) -> dict:
         data_dir, facts = data[c.cfg.data.model_dump_json() + str(c.cfg.seed)]
         futures.append(run_cell.submit(c.cfg, c.id, data_dir, parent.run_id, facts, where))
     mark("cells submitted")
-    for f in futures:  # a failing cell is recorded (child run FAILED with its reason); the others go on
-        f.wait()
+    wait_interruptibly(futures)  # a failing cell is recorded (child run FAILED with its reason); the others go on
     mark("cells done")
     for r in child_runs(parent.run_id):  # every cell is over: a run still RUNNING lost its process mid-cell
         if r["status"] == "RUNNING":  # (Dask ran the cell again elsewhere, from its checkpoint if it had one)
