@@ -161,13 +161,13 @@ def test_failing_cell_then_interrupt_and_resume(tmp_path):
     # 5 cells on 1 worker, the last diverging (lr 10 with SGD on a wide leaky-ReLU net). Ctrl-C midway (SIGINT to
     # the process group, as a terminal sends it; kill -9 of a run is test_flow's), then resume: only the missing
     # cells run, the diverging one is recorded (child run FAILED with its reason), the others go on. The fourth
-    # cell trains 150 epochs: on a fast machine the others take a fraction of a second each, and the Ctrl-C must
+    # cell trains 60 epochs: on a fast machine the others take a fraction of a second each, and the Ctrl-C must
     # land after two cells and before the diverging one, whatever the machine's speed
     lrs = ["0.05", "0.06", "0.07", "0.08", "10.0"]
     (tmp_path / "s.yaml").write_text(dump(spec(
         fixed={**TINY, "train.optimizer": "sgd", "models.mlp.hidden": [256, 128], "models.mlp.activation": "leaky_relu"},
         grid={"lr": lrs}, workers=1,
-        presets={"lr": {lr: {"train.lr": float(lr), **({"train.epochs": 150} if lr == "0.08" else {})} for lr in lrs}})))
+        presets={"lr": {lr: {"train.lr": float(lr), **({"train.epochs": 60} if lr == "0.08" else {})} for lr in lrs}})))
     from mlflow.tracking import MlflowClient
 
     MlflowClient(uri).search_experiments()  # the store exists (migrated) before the CLI and this test both open it
