@@ -55,8 +55,8 @@ def link_mlflow_run(run_id: str, name: str) -> None:
 
     uri = tracking_uri()
     ui = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    experiment = client().get_run(run_id).info.experiment_id
     try:
+        experiment = client().get_run(run_id).info.experiment_id
         create_link_artifact(f"{ui}/#/experiments/{experiment}/runs/{run_id}", link_text=f"MLflow run {run_id}",
                              description=f"{name}'s MLflow run (metrics, model, figures); open with `nnlab ui`")
     except Exception as e:  # the link is a convenience: never fail a trained run over it
