@@ -168,6 +168,8 @@ def stop_cells(grace: float = 3.0) -> None:
     workers are still this process's multiprocessing children.)"""
     import multiprocessing
 
+    if not multiprocessing.active_children():  # stopped already (the pool's exit on the same interrupt)
+        return
     parent = _OPENED.get("parent")
     deadline = time.monotonic() + grace
     while _running_cells(parent) and time.monotonic() < deadline:
@@ -196,29 +198,6 @@ def stop_after_interrupt(grace: float = 3.0) -> str:
         Run(run_id).mark_interrupted("interrupted with its sweep; `nnlab sweep --resume` resumes it")
     Run(parent).mark_interrupted("interrupted; `nnlab sweep --resume` finishes it")
     return f"interrupted: sweep parent run {parent} is marked KILLED; finish it with: nnlab sweep --resume {parent}"
-
-
-def wait_interruptibly(futures: list, poll: float = 0.5) -> None:
-    """Wait for every cell, the main thread waking every `poll` seconds. The kernel may hand Ctrl-C to any of this
-    process's threads, and Python raises KeyboardInterrupt in the main thread only when that thread runs again:
-    blocked in a wait without a timeout, it would hold the interrupt until the cell ended. A helper thread does
-    the waiting; anything it raises is raised here."""
-    done, raised = threading.Event(), []
-
-    def wait_all() -> None:
-        try:
-            for f in futures:
-                f.wait()
-        except BaseException as e:  # e.g. a broken pool: the caller's to report
-            raised.append(e)
-        finally:
-            done.set()
-
-    threading.Thread(target=wait_all, name="nnlab-cells-wait", daemon=True).start()
-    while not done.wait(poll):
-        pass
-    if raised:
-        raise raised[0]
 
 
 def runner(workers: int, runs: tuple[tuple[str, str], ...] = ()) -> WarmPool:
@@ -356,7 +335,8 @@ def _cells_and_report(parent, spec_: SweepConfig, cells: list) -> dict:
         data_dir, facts = data[c.cfg.data.model_dump_json() + str(c.cfg.seed)]
         futures.append(run_cell.submit(c.cfg, c.id, data_dir, parent.run_id, facts, where))
     mark("cells submitted")
-    wait_interruptibly(futures)  # a failing cell is recorded (child run FAILED with its reason); the others go on
+    for f in futures:  # a failing cell is recorded (child run FAILED with its reason); the others go on
+        f.wait()
     mark("cells done")
     for r in child_runs(parent.run_id):  # every cell is over: a run still RUNNING lost its process mid-cell
         if r["status"] == "RUNNING":  # (Dask ran the cell again elsewhere, from its checkpoint if it had one)

@@ -266,14 +266,23 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+def parse_set(item: str) -> tuple[str, Any]:
+    """`dotted.key=value` -> (key, value parsed as a YAML scalar or list; kept as text when it is not YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. train.lr=0.01")
+    key, value = item.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        return key.strip(), value
+
+
 def apply_sets(raw: dict[str, Any], sets: list[str]) -> dict[str, Any]:
     """Apply `dotted.key=value` overrides; values are parsed as YAML scalars/lists."""
     out = json.loads(json.dumps(raw))
     for item in sets:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. train.lr=0.01")
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
+        key, value = parse_set(item)
+        parts = key.split(".")
         if not all(parts):
             raise ConfigError(f"--set {item!r}: empty part in key {key!r}")
         node = out
@@ -281,10 +290,7 @@ def apply_sets(raw: dict[str, Any], sets: list[str]) -> dict[str, Any]:
             if not isinstance(node.get(p, {}), dict):
                 raise ConfigError(f"--set {item!r}: {p!r} is a value, not a section")
             node = node.setdefault(p, {})
-        try:
-            node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
-            node[parts[-1]] = value
+        node[parts[-1]] = value
         if parts[0] == "train":  # an explicit shared setting beats the one a run's own `train:` block stores
             for opts in (out.get("models") or {}).values():
                 _drop((opts or {}).get("train") if isinstance(opts, dict) else None, parts[1:])

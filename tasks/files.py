@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import tempfile
@@ -171,21 +172,16 @@ def _plain(obj):
     return obj
 
 
+@functools.cache
 def code_hash() -> str:
     """sha256 (16 hex digits) of the project's code (tasks/, models/, flows/ .py files): with the params and
     data hashes, what makes two results the same result (a git commit misses uncommitted changes)."""
     import hashlib
 
-    global _CODE_HASH
-    if _CODE_HASH is None:
-        h = hashlib.sha256()
-        root = Path(__file__).resolve().parents[1]
-        for pkg in ("tasks", "models", "flows"):
-            for p in sorted((root / pkg).glob("*.py")):
-                h.update(f"{pkg}/{p.name}\0".encode())
-                h.update(p.read_bytes())
-        _CODE_HASH = h.hexdigest()[:16]
-    return _CODE_HASH
-
-
-_CODE_HASH: str | None = None
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for pkg in ("tasks", "models", "flows"):
+        for p in sorted((root / pkg).glob("*.py")):
+            h.update(f"{pkg}/{p.name}\0".encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]

@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tasks.config import (Config, ConfigError, SweepConfig, apply_sets, format_errors, read_yaml,
+from tasks.config import (Config, ConfigError, SweepConfig, apply_sets, format_errors, parse_set, read_yaml,
                           select_models, validate)
 from tasks.kinds import lower_is_better, main_metric, register_name
 
@@ -65,19 +65,13 @@ def fold_sets(spec: dict, sets: list[str] | None) -> dict:
     out = json.loads(json.dumps(spec))
     settable = sorted(set(SweepConfig.model_fields) - {"grid", "fixed", "presets", "overrides"})
     for item in sets or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. train.lr=0.01")
-        key, value = (part.strip() for part in item.split("=", 1))
-        try:
-            parsed = read_yaml_value(value)
-        except ValueError:
-            parsed = value
+        key, parsed = parse_set(item)
         if key.startswith("sweep."):
             field, _, rest = key[len("sweep."):].partition(".")
             if field in ("grid", "fixed") and rest:
                 if field == "grid" and not isinstance(parsed, list):
                     raise ConfigError(f"--set {item!r}: the levels of an axis are a list, e.g. "
-                                      f"sweep.grid.{rest}=[{value}]")
+                                      f"sweep.grid.{rest}=[{item.split('=', 1)[1].strip()}]")
                 out.setdefault(field, {})[rest] = parsed
             elif field in settable and not rest:
                 out[field] = parsed
@@ -98,15 +92,6 @@ def fold_sets(spec: dict, sets: list[str] | None) -> dict:
     if sets:
         out["overrides"] = [*out.get("overrides", []), *(s for s in sets if s not in out.get("overrides", []))]
     return out
-
-
-def read_yaml_value(text: str) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(text) if text else ""
-    except yaml.YAMLError as e:
-        raise ValueError(str(e)) from None
 
 
 def _yaml_value(v: Any) -> str:

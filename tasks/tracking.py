@@ -385,14 +385,15 @@ def register_version(name: str, model_uri: str, score: float, min_delta: float, 
     if tags.get("nnlab.run_id"):  # the dataset, data, params and code of the run behind the model
         run_tags = c.get_run(tags["nnlab.run_id"]).data.tags
         identity = {k: run_tags[k] for k in IDENTITY if k in run_tags}
-        held = _datasets_held(c, name) - {identity.get("nnlab.dataset")}
+        versions = _versions(c, name)  # read once: the dataset rule and the duplicate rule look at the same list
+        held = {v.tags.get("nnlab.dataset") for v in versions} - {None, identity.get("nnlab.dataset")}
         if held and identity.get("nnlab.dataset"):  # one registered model, one dataset: never compared across
             return {"name": name, "registered": False, "version": None, "alias": None, "score": score,
                     "previous_champion": None,
                     "reason": f"{name} holds models trained on {', '.join(sorted(held))}, this one on "
                               f"{identity['nnlab.dataset']}: set register.name to auto (one registered model per "
                               "dataset) or to a name of this dataset's own"}
-        same = _same_result(c, name, identity, score)
+        same = _same_result(versions, identity, score)
         if same is not None:
             return {"name": name, "registered": False, "version": int(same.version), "alias": None,
                     "score": score, "previous_champion": None,
@@ -436,19 +437,14 @@ def _versions(c, name: str) -> list:
         return []
 
 
-def _datasets_held(c, name: str) -> set[str]:
-    """The datasets the versions of `name` were trained on (versions registered before the tag: not known)."""
-    return {v.tags["nnlab.dataset"] for v in _versions(c, name) if v.tags.get("nnlab.dataset")}
-
-
-def _same_result(c, name: str, identity: dict[str, str], score: float):
-    """A version of `name` with the same identity (every IDENTITY tag known and equal) and the same score: the
+def _same_result(versions: list, identity: dict[str, str], score: float):
+    """The version among `versions` with the same identity (every IDENTITY tag known and equal) and the same score: the
     same run again (training is seeded, so the same inputs give the same model). None when there is none."""
     import math
 
     if len(identity) < len(IDENTITY):
         return None
-    for v in _versions(c, name):
+    for v in versions:
         try:
             same_score = math.isclose(float(v.tags.get("nnlab.score", "nan")), score, rel_tol=1e-9, abs_tol=1e-12)
         except ValueError:
