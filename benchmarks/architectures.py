@@ -36,7 +36,7 @@ def main(argv=None) -> list[dict]:
     from models.registry import count_parameters, create_model
     from tasks.config import DataConfig, TrainConfig
     from tasks.data import load_prepared, prepare
-    from tasks.evaluate import classification_metrics, predict
+    from tasks.kinds.supervised import classification_metrics, predict
     from tasks.train import Trainer, seed_everything, to_device
 
     if args.threads:

@@ -257,7 +257,7 @@ def bf16_accuracy(arch: str, d, epochs: int) -> dict:
     # evaluate_stage does (the trained weights are fp32 in both cases).
     import torch
 
-    from tasks.evaluate import classification_metrics, predict
+    from tasks.kinds.supervised import classification_metrics, predict
     from tasks.train import Trainer
 
     out = {}

@@ -25,7 +25,7 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks.rounds import compare  # noqa: E402
 from models.registry import create_model  # noqa: E402
 from tasks.config import TrainConfig  # noqa: E402
-from tasks.speech import CTCStep  # noqa: E402
+from tasks.kinds.speech import CTCStep  # noqa: E402
 from tasks.train import Split, Trainer, seed_everything  # noqa: E402
 
 CPU = torch.device("cpu")

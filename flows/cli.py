@@ -421,7 +421,7 @@ def predict(model: Annotated[str, typer.Argument(help="models:/<name>@<alias>, m
     texts = read_texts(text, file, "classify")
     import torch
 
-    from tasks.text import Vocab
+    from tasks.data.text import Vocab
 
     net, vocab, meta, uri = served_model(model)
     if vocab is None:
@@ -445,9 +445,10 @@ def translate(model: Annotated[str, typer.Argument(help="models:/<name>@<alias>,
     texts = read_texts(text, file, "translate")
     import torch
 
-    from tasks.text import Vocab
+    from tasks.data.text import Vocab
     from tasks.tracking import extra_file
-    from tasks.translation import TARGET_VOCAB, outputs_as_text
+    from tasks.data.pairs import TARGET_VOCAB
+    from tasks.kinds.translation import outputs_as_text
 
     net, vocab, meta, uri = served_model(model)
     target = extra_file(uri, TARGET_VOCAB)
@@ -473,7 +474,8 @@ def transcribe(model: Annotated[str, typer.Argument(help="models:/<name>@<alias>
 
     from models.speech import beam_search, greedy
     from tasks.data import DataError
-    from tasks.speech import as_text, load_audio
+    from tasks.kinds.speech import as_text
+    from tasks.data.audio import load_audio
 
     missing = [str(p) for p in audio if not p.is_file()]
     if missing:
@@ -509,7 +511,7 @@ def sample(model: Annotated[str, typer.Option("--model", help="generator: models
     import torch
 
     from tasks.files import atomic_path
-    from tasks.gan import points_figure, sample_grid_figure
+    from tasks.figures import points_figure, sample_grid_figure
 
     if not 0.0 < truncation <= 1.0:
         fail(f"--truncation: psi must be in (0, 1] (1: off, smaller: closer to the average sample); got {truncation}")
@@ -548,7 +550,7 @@ def translate_images(net, meta: dict, path: Path, out: Path, uri: str) -> None:
     from PIL import Image, UnidentifiedImageError
 
     from tasks.files import atomic_path
-    from tasks.image2image import rows_figure
+    from tasks.figures import rows_figure
 
     c, h, w = meta["shape"]
     if path.is_dir():
@@ -619,7 +621,7 @@ def tracking_server(
 @app.command("example-csv")
 def example_csv(out: Annotated[Path, typer.Argument(help="CSV file to write")] = Path("docstrings.csv")):
     """Write a real text CSV to try `text_csv` offline: standard-library docstrings (text) labelled by module (label)."""
-    from tasks.text import DOC_MODULES, docstrings_csv
+    from tasks.data.text import DOC_MODULES, docstrings_csv
 
     n = docstrings_csv(out)
     typer.echo(f"{out}: {n} docstrings of {', '.join(DOC_MODULES)} (columns text, label)")
@@ -628,7 +630,7 @@ def example_csv(out: Annotated[Path, typer.Argument(help="CSV file to write")] =
 @app.command("example-pairs")
 def example_pairs_cmd(out: Annotated[Path, typer.Argument(help="TSV file to write")] = Path("en-de-dates.tsv")):
     """Write a small English -> German parallel corpus (Tatoeba's layout) to try `pairs` offline."""
-    from tasks.translation import example_pairs
+    from tasks.data.pairs import example_pairs
 
     n = example_pairs(out)
     typer.echo(f"{out}: {n} English -> German date phrases, made from CLDR locale data (source<TAB>target<TAB>note)")

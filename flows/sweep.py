@@ -48,7 +48,7 @@ def prepare_worker(threads: int, runs: tuple[tuple[str, str], ...] = ()) -> None
 
 # imported once by the fork server the pool's workers are forked from (imports only: no thread, store or device
 # is opened before the fork)
-FORK_SERVER_PRELOAD = ["flows.sweep", "tasks.evaluate", "mlflow", "prefect.task_engine", "torch._dynamo"]
+FORK_SERVER_PRELOAD = ["flows.sweep", "tasks.kinds.supervised", "mlflow", "prefect.task_engine", "torch._dynamo"]
 
 
 def _stop_fork_server() -> None:

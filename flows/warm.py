@@ -19,7 +19,7 @@ def preload(runs) -> None:
     import prefect.flow_engine  # noqa: F401
     import prefect.task_engine  # noqa: F401
 
-    import tasks.evaluate  # noqa: F401
+    import tasks.kinds.supervised  # noqa: F401
     import tasks.stages  # noqa: F401
     from models.registry import get_spec
     from tasks.kinds import kind_of

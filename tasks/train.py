@@ -277,7 +277,7 @@ class Trainer:
 
     def __post_init__(self):
         if self.step is None:  # a classifier's
-            from tasks.supervised import SupervisedStep
+            from tasks.kinds.supervised import SupervisedStep
 
             self.step = SupervisedStep(self.model, self.cfg, self.device)
         self.stopper = EarlyStopping(self.cfg.early_stopping)

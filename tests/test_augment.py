@@ -172,7 +172,7 @@ def test_augmentation_improves_test_accuracy_on_a_small_training_set(tmp_path):
     augmentation: seed 0 0.885 / 0.939, seed 1 0.888 / 0.927, seed 2 0.886 / 0.913 (40 epochs: +4.5 to +6.9)."""
     from models.registry import create_model
     from tasks.data import load_prepared, prepare
-    from tasks.evaluate import classification_metrics, predict
+    from tasks.kinds.supervised import classification_metrics, predict
     from tasks.train import Trainer, seed_everything, to_device
 
     cfg = Config(data={"source": "mnist5k", "max_train": 300}, train={"epochs": 20, "device": "cpu"},

@@ -230,7 +230,7 @@ def test_classification_metrics_agree_with_scikit_learn():
     sklearn's labels=range(n), zero_division=0."""
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
-    from tasks.evaluate import classification_metrics
+    from tasks.kinds.supervised import classification_metrics
 
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 9, (300,), generator=g)  # class 9 never occurs

@@ -90,7 +90,7 @@ def test_token_models_train_on_the_device(arch):
 
 
 def test_gan_trains_and_resumes_on_the_device(digits):
-    from tasks.gan import GanStep
+    from tasks.kinds.gan import GanStep
 
     seed_everything(0)
     train, _ = digits

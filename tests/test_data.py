@@ -12,7 +12,8 @@ from PIL import Image
 
 from tasks import data as data_mod
 from tasks.config import DataConfig
-from tasks.data import IDX_FILES, DataError, content_hash, load_prepared, prepare
+from tasks.data.images import IDX_FILES
+from tasks.data import DataError, content_hash, load_prepared, prepare
 
 
 def split_arrays(ds):

@@ -7,9 +7,9 @@ import torch
 
 from models.registry import create_model, get_spec, list_models
 from tasks.config import TrainConfig
-from tasks.gan import (FIXED_NOISE, RING8_CENTERS, GanStep, centers, class_coverage, evolution_strip,
-                       frechet_distance, label_entropy, mode_collapse, mode_coverage, points_figure, ring8,
-                       sample_grid_figure)
+from tasks.kinds.gan import FIXED_NOISE, RING8_CENTERS, GanStep, class_coverage, frechet_distance, label_entropy, mode_collapse, mode_coverage
+from tasks.data.points import centers, ring8
+from tasks.figures import evolution_strip, points_figure, sample_grid_figure
 from tasks.train import NonFiniteLoss, Split, Trainer, seed_everything
 
 CPU = torch.device("cpu")

@@ -12,8 +12,8 @@ from PIL import Image
 from models.registry import create_model
 from tasks.config import TrainConfig, validate
 from tasks.data import load_prepared, prepare
-from tasks.image2image import (CycleStep, ImagePool, Pix2PixStep, edges, image_scores, load_labels, low_resolution,
-                               occluded)
+from tasks.kinds.image2image import CycleStep, ImagePool, Pix2PixStep, image_scores
+from tasks.data.image_pairs import edges, load_labels, low_resolution, occluded
 from tasks.train import Split, Trainer, seed_everything
 
 CPU = torch.device("cpu")
@@ -142,7 +142,7 @@ def test_pix2pix_on_edges_beats_its_untrained_self_and_translates_a_png(workdir,
     from typer.testing import CliRunner
 
     from flows.cli import app
-    from tasks.image2image import ImageTranslator, translate
+    from tasks.kinds.image2image import ImageTranslator, translate
     from tasks.stages import load_trained
     from tasks.tracking import client
 
@@ -186,7 +186,7 @@ def test_pix2pix_on_edges_beats_its_untrained_self_and_translates_a_png(workdir,
 def test_cyclegan_translations_are_read_better_by_the_target_classifier(workdir, monkeypatch):
     # the step and the evaluation without the run lifecycle (pix2pix's test above goes through the stages)
     monkeypatch.chdir(workdir)
-    from tasks.image2image import evaluate_translation
+    from tasks.kinds.image2image import evaluate_translation
 
     cfg = validate({"data": {"source": "unpaired", "domains": "inverted", "max_train": 300},
                     "train": {"epochs": 1, "batch_size": 8, "lr": 0.001, "device": "cpu"},

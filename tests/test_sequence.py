@@ -212,7 +212,7 @@ def test_lstm_reads_mnist_row_by_row(tmp_path):
     # 10 epochs of Adam 3e-3 with a cosine schedule: 0.964-0.966 test accuracy over seeds 0-2. One direction of
     # 128 units stays at 0.946-0.955 even after 20 epochs; 64 units both ways reach 0.958 in 15 epochs.
     from tasks.data import load_prepared, prepare
-    from tasks.evaluate import predict
+    from tasks.kinds.supervised import predict
     from tasks.train import to_device
 
     prepare(DataConfig(source="mnist5k"), 0, tmp_path)

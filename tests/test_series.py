@@ -9,8 +9,9 @@ import torch
 from tasks.config import ConfigError, DataConfig, TrainConfig, load_config, validate
 from tasks.kinds import main_metric
 from tasks.data import DataError, load_prepared, prepare
-from tasks.series import baselines, forecast_metrics, split_series
-from tasks.supervised import SupervisedStep
+from tasks.kinds.forecasting import baselines, forecast_metrics
+from tasks.data.series import split_series
+from tasks.kinds.supervised import SupervisedStep
 from tasks.train import Trainer, seed_everything, to_device
 
 

@@ -13,7 +13,8 @@ from models.registry import create_model
 from models.speech import LogMel, beam_search, greedy, mel_filterbank
 from tasks.config import DataConfig, TrainConfig, validate
 from tasks.data import DataError, load_prepared, prepare
-from tasks.speech import CTCStep, SpecAugment, normalise, read_speech, scores
+from tasks.kinds.speech import CTCStep, SpecAugment, scores
+from tasks.data.audio import normalise, read_speech
 from tasks.train import Split, Trainer, seed_everything
 
 CPU = torch.device("cpu")
@@ -213,7 +214,7 @@ def test_ctc_asr_transcribes_unheard_voices_and_a_new_recording(tmp_path, monkey
     from typer.testing import CliRunner
 
     from flows.cli import app
-    from tasks.espeak import Utterance, synthesise_fresh
+    from tasks.data.espeak import Utterance, synthesise_fresh
     from tasks.stages import evaluate_stage, register_stage, train_stage
     from tasks.tracking import client
 

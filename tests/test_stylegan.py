@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 from flows import cli
 from models.registry import create_model, get_spec
 from tasks.config import TrainConfig, validate
-from tasks.gan import GanStep
+from tasks.kinds.gan import GanStep
 from tasks.kinds import get_kind, kind_of, main_metric, misfit, register_name
-from tasks.style import StyleSampler, ink_colours, mixing_grid
+from tasks.kinds.style import StyleSampler, ink_colours, mixing_grid
 from tasks.train import Split, Trainer, seed_everything
 
 CPU = torch.device("cpu")
@@ -173,7 +173,7 @@ def test_checkpoint_resume_is_bit_identical():
 
 def test_mnist32_and_colour_digits_sources(monkeypatch):
     from tasks import data
-    from tasks.data import COLOUR_SEED, PALETTE, read_colour_digits, read_mnist32
+    from tasks.data.images import COLOUR_SEED, PALETTE, read_colour_digits, read_mnist32
     from tasks.sources import data_kind
 
     cfg = validate({"data": {"source": "colour_digits"}}).data

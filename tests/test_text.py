@@ -15,7 +15,7 @@ import torch
 
 from tasks.config import ConfigError, DataConfig, validate
 from tasks.data import DataError, load_prepared, prepare
-from tasks.text import VOCAB, Vocab, char_windows, class_names, tokenize
+from tasks.data.text import VOCAB, Vocab, char_windows, class_names, tokenize
 
 NNLAB = str(Path(sys.executable).parent / "nnlab")
 POSITIVE = ["great", "excellent", "superb", "love", "wonderful"]

@@ -12,8 +12,9 @@ from models.registry import create_model
 from models.seq2seq import BOS, EOS, Translator, decode
 from tasks.config import ConfigError, DataConfig, validate
 from tasks.data import DataError, load_prepared, prepare
-from tasks.text import ngram_baselines
-from tasks.translation import TARGET_VOCAB, TEXTS, read_dates, read_numbers, scores
+from tasks.kinds.language import ngram_baselines
+from tasks.data.pairs import TARGET_VOCAB, TEXTS, read_dates, read_numbers
+from tasks.kinds.translation import scores
 
 
 def tatoeba(path, rows):

@@ -1,21 +1,7 @@
 """Image-to-image runs: paired (pix2pix) and unpaired (cyclegan) translation on the shared loop and lifecycle.
 
-Sources (all offline, from bundled digits; every image 32x32, uint8 0..255):
-  paired    mnist5k digits (padded 28 -> 32) and an input made from each, by `data.pairing`:
-            edges             Canny edges (scikit-image) -> the digit (the paper's edges -> photo);
-            super_resolution  the digit shrunk to 8x8, then bicubic back to 32x32 -> the digit (the input IS
-                              the bicubic baseline);
-            occlusion         a seeded 12x12 grey square over the digit -> the complete digit.
-  unpaired  two domains, never paired, by `data.domains`:
-            digits_mnist  scikit-learn's 8x8 digits (0..16), upscaled into MNIST's 20x20 box of a 28x28 frame
-                          <-> mnist5k (the issue's 59%: an MNIST classifier reads these digits poorly);
-            inverted      one half of mnist5k inverted (white ground) <-> the other half as it is;
-            colour        one half of mnist5k in grey (as RGB) <-> the other half, each digit in a colour
-                          (colour_digits' palette).
-Prepared folders: x (N, C, 32, 32) domain A, y (N, C, 32, 32) domain B (paired: the same index is the same
-digit; unpaired: the training split repeats the smaller domain to the larger's length, the other splits keep
-each domain whole), and `labels.npz`: the digit of every image (a_<split>, b_<split>), which only the
-evaluation's classifiers read.
+The data (the paired and unpaired digit domains, prepared as 32x32 pairs with their digits' labels) is
+tasks/data/image_pairs.py.
 
 Steps (one batch, written out as in the papers' code): Pix2PixStep (conditional D on (input, output), then G on
 adversarial + lambda L1) and CycleStep (both generators on least-squares adversarial + cycle + identity, then
@@ -25,7 +11,6 @@ targets, and what a classifier trained only on the target domain reads in the ou
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,167 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.config import DataConfig
+from tasks.figures import rows_figure
+from tasks.data.image_pairs import load_labels
 from tasks.kinds import Evaluation, Job, Kind, register_kind
 from tasks.train import NonFiniteLoss, Step, autocast, build_optimizer, build_scheduler, penalty, use_bf16
 
-SIZE = 32  # every prepared image is SIZE x SIZE: U-Nets halve it cleanly down to 1x1
-LABELS = "labels.npz"
 EXAMPLES = 8  # validation examples drawn in the per-epoch translation grids
 SNAPSHOTS = 6  # translation grids logged over a run
 EVAL_MAX = 1000  # test images measured per domain
-
-
-@dataclass
-class Domains:
-    a: np.ndarray  # (N, C, 32, 32) uint8: the inputs
-    b: np.ndarray  # (M, C, 32, 32) uint8: the outputs wanted (paired: M == N, row i is row i's target)
-    labels_a: np.ndarray  # (N,) the digit in each image
-    labels_b: np.ndarray  # (M,)
-    names: tuple[str, str]  # what domains A and B are, for titles
-    paired: bool
-    baseline: str  # what "the input, unchanged" is as a translation (paired: the baseline the metrics beat)
-
-
-# ---------------------------------------------------------------- the domains
-
-
-def _frame(x: np.ndarray, size: int = SIZE) -> np.ndarray:
-    # (N, C, h, w) centred in a (N, C, size, size) zero frame
-    n, c, h, w = x.shape
-    out = np.zeros((n, c, size, size), dtype=np.uint8)
-    top, left = (size - h) // 2, (size - w) // 2
-    out[:, :, top:top + h, left:left + w] = x
-    return out
-
-
-def _resize(x: np.ndarray, size: int, resample) -> np.ndarray:  # (N, 1, h, w) uint8 -> (N, 1, size, size)
-    from PIL import Image
-
-    return np.stack([np.asarray(Image.fromarray(img[0]).resize((size, size), resample))[None] for img in x])
-
-
-def mnist32() -> tuple[np.ndarray, np.ndarray]:
-    from tasks.data import read_mnist32
-
-    x, y, _, _ = read_mnist32(None)
-    return x, y  # (5000, 1, 32, 32), (5000,)
-
-
-def sklearn_digits32() -> tuple[np.ndarray, np.ndarray]:
-    # 8x8 at 0..16 -> 0..255, bicubic to 20x20 (MNIST's digits fill a 20x20 box centred in 28x28), framed to 32
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = np.round(d.images * (255 / 16)).astype(np.uint8)[:, None]
-    return _frame(_resize(x, 20, Image.Resampling.BICUBIC)), d.target.astype(np.int64)
-
-
-def edges(x: np.ndarray) -> np.ndarray:  # (N, 1, H, W) -> Canny edges as 0 / 255
-    from skimage.feature import canny
-
-    return np.stack([canny(img[0] / 255.0, sigma=1.0)[None] for img in x]).astype(np.uint8) * 255
-
-
-def low_resolution(x: np.ndarray, factor: int = 4) -> np.ndarray:
-    # box-filtered to SIZE / factor (8x8), then bicubic back to SIZE: the classic super-resolution input
-    from PIL import Image
-
-    small = _resize(x, SIZE // factor, Image.Resampling.BOX)
-    return _resize(small, SIZE, Image.Resampling.BICUBIC)
-
-
-def occluded(x: np.ndarray, seed: int, side: int = 12) -> np.ndarray:
-    # a grey (128) side x side square at a seeded place inside the digit's box (rows/cols 6..26 of 32)
-    rng = np.random.default_rng(seed)
-    out = x.copy()
-    for img, (r, c) in zip(out, rng.integers(6, 26 - side + 1, (len(x), 2))):
-        img[:, r:r + side, c:c + side] = 128
-    return out
-
-
-def _halves(n: int, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from tasks.data import _take
-
-    return _take(np.arange(n), labels, 0.5, seed, "the two domains (half each)")
-
-
-def read_paired(cfg: DataConfig) -> Domains:
-    digits, labels = mnist32()
-    if cfg.pairing == "edges":
-        a, baseline = edges(digits), "the edge map itself"
-    elif cfg.pairing == "super_resolution":
-        a, baseline = low_resolution(digits), "bicubic upscaling of the 8x8 image"
-    else:
-        a, baseline = occluded(digits, seed=0), "the occluded digit itself"
-    return Domains(a, digits, labels, labels, (cfg.pairing.replace("_", " "), "digit"), True, baseline)
-
-
-def read_unpaired(cfg: DataConfig) -> Domains:
-    digits, labels = mnist32()
-    if cfg.domains == "digits_mnist":
-        a, la = sklearn_digits32()
-        return Domains(a, digits, la, labels, ("sklearn digits", "mnist"), False, "untranslated")
-    first, second = _halves(len(labels), labels, seed=0)  # no digit image is in both domains
-    a, b = digits[first], digits[second]
-    if cfg.domains == "inverted":
-        return Domains(255 - a, b, labels[first], labels[second], ("inverted mnist", "mnist"), False, "untranslated")
-    from tasks.data import in_colour
-
-    return Domains(np.repeat(a, 3, axis=1), in_colour(b, seed=0), labels[first], labels[second],
-                   ("grey mnist", "coloured mnist"), False, "untranslated")
-
-
-# ---------------------------------------------------------------- preparing
-
-
-def _split(labels: np.ndarray, cfg: DataConfig, seed: int) -> dict[str, np.ndarray]:
-    from tasks.data import _take
-
-    idx, test = _take(np.arange(len(labels)), labels, cfg.test_fraction, seed, "test (data.test_fraction)")
-    train, val = _take(idx, labels, cfg.val_fraction, seed, "val (data.val_fraction)")
-    if cfg.max_train and cfg.max_train < len(train):
-        _, train = _take(train, labels, cfg.max_train, seed, "train subset (data.max_train)")
-    return {"train": train, "val": val, "test": test}
-
-
-def prepare_image_pairs(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
-    from tasks.data import write_prepared
-
-    d = read(cfg)
-    ia = _split(d.labels_a, cfg, seed)
-    ib = ia if d.paired else _split(d.labels_b, cfg, seed + 1)
-    if not d.paired:  # the training split's two domains at one length: the shorter one repeated, seeded
-        n = max(len(ia["train"]), len(ib["train"]))
-        rng = np.random.default_rng(seed)
-        ia["train"], ib["train"] = (_repeat(ia["train"], n, rng), _repeat(ib["train"], n, rng))
-    splits = {s: (d.a[ia[s]], d.b[ib[s]]) for s in ia}
-    labels = {f"{side}_{s}": lab[idx[s]] for side, lab, idx in (("a", d.labels_a, ia), ("b", d.labels_b, ib))
-              for s in ia}
-    channels = d.a.shape[1]
-    classes = [str(c) for c in range(10)]
-    return write_prepared(out_dir, splits, {
-        "source": cfg.source, "task": "image_translation",
-        "description": f"{d.names[0]} -> {d.names[1]}, {'paired' if d.paired else 'unpaired'}",
-        "domains": {"a": d.names[0], "b": d.names[1], "paired": d.paired, "baseline": d.baseline},
-        "input_shape": list(d.a.shape[1:]), "num_classes": 10, "classes": classes,
-        "sizes": {s: len(b) for s, (_, b) in splits.items()},
-        "sizes_a": {s: len(a) for s, (a, _) in splits.items()},
-        "normalization": {"mean": [127.5] * channels, "std": [127.5] * channels},  # uint8 -> [-1, 1]
-        "config": cfg.model_dump(), "seed": seed,
-    }, arrays={LABELS: labels})
-
-
-def _repeat(idx: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    if len(idx) >= n:
-        return idx
-    return np.concatenate([idx, rng.choice(idx, n - len(idx), replace=n - len(idx) > len(idx))])
-
-
-def load_labels(data_dir: Path) -> dict[str, np.ndarray]:
-    with np.load(Path(data_dir) / LABELS) as z:
-        return {k: z[k] for k in z.files}
 
 
 # ---------------------------------------------------------------- steps
@@ -436,7 +268,7 @@ class ImageTranslation(Kind):
         return Pix2PixStep(model, cfg, seed, device) if model.kind == "paired" else CycleStep(model, cfg, seed, device)
 
     def on_epoch(self, job: Job, epoch: int, metrics: dict, trainer) -> None:
-        from tasks.generation import snapshot_epochs
+        from tasks.kinds.generation import snapshot_epochs
 
         if epoch in snapshot_epochs(job.trainer.cfg.epochs, SNAPSHOTS):
             rows, labels = translation_rows(job.model, job.data.x_val[:EXAMPLES], job.data.y_val[:EXAMPLES],
@@ -486,7 +318,7 @@ def image_scores(out: np.ndarray, target: np.ndarray, prefix: str) -> dict:
 
 def domain_judge(cfg, data, labels: dict, side: str, data_dir: Path, device):
     """A simple_cnn trained only on domain `side` ('a' or 'b') of the training split (cached by data hash)."""
-    from tasks.generation import trained_judge
+    from tasks.kinds.generation import trained_judge
 
     x = data.x_train if side == "a" else data.y_train
     key = f"{data.manifest['data_hash'][:16]}-{side}"
@@ -501,8 +333,8 @@ def judged(judge, stats: dict, fake: np.ndarray, source: np.ndarray, source_labe
     """One direction, by a classifier of its target domain: (its agreement with the source digit on the
     translations, the same on the untranslated sources, its accuracy on real targets, the Frechet distance
     between its features of real targets and of translations)."""
-    from tasks.gan import frechet_distance
-    from tasks.generation import judge_outputs
+    from tasks.kinds.gan import frechet_distance
+    from tasks.kinds.generation import judge_outputs
 
     probs, feats_fake = judge_outputs(judge, fake, stats, device)
     probs_in, _ = judge_outputs(judge, source.astype(np.float32), stats, device)
@@ -567,25 +399,8 @@ def translation_rows(model, a: np.ndarray, b: np.ndarray, manifest: dict, device
     return [np.asarray(r, np.float32) / 255 for r in rows], labels
 
 
-def rows_figure(rows: list[np.ndarray], labels: list[str], title: str):
-    from tasks.gan import _plt, tile
-
-    plt = _plt()
-    n = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), 1, figsize=(max(4.0, 0.55 * n + 1.6), 0.62 * len(rows) + 0.8), dpi=110,
-                             squeeze=False)
-    for ax, r, label in zip(axes[:, 0], rows, labels):
-        ax.imshow(tile(r, n), interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 def losses_figure(history: list[dict], title: str):
-    from tasks.gan import curves_figure
+    from tasks.figures import curves_figure
 
     return curves_figure(history, ["d_loss", "g_adversarial"], [k for k in history[0] if "l1" in k],
                          ("adversarial loss", "L1 (pixels in [0, 1])"), title)

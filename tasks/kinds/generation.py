@@ -18,8 +18,8 @@ from models.registry import create_model
 from tasks.data import raw_max
 from tasks.config import Config
 from tasks.files import save_torch
-from tasks.gan import (GanStep, class_coverage, curves_figure, evolution_strip, frechet_distance, label_entropy,
-                       mode_collapse, mode_coverage, points_figure, sample_grid_figure)
+from tasks.kinds.gan import GanStep, class_coverage, frechet_distance, label_entropy, mode_collapse, mode_coverage
+from tasks.figures import curves_figure, evolution_strip, points_figure, sample_grid_figure
 from tasks.kinds import Evaluation, Job, Kind, get_kind, register_kind
 from tasks.sources import data_kind
 from tasks.train import Trainer, seed_everything, to_device

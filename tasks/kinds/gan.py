@@ -4,10 +4,10 @@
 dcgan: the discriminator (critic) update on real and `fake.detach()`, then the generator update through the
 just-updated discriminator.
 
-Measurements (plain numpy/scipy): the ring of 8 Gaussians and its mode coverage, class coverage and label
-entropy of a classifier's verdict on generated images, the Frechet distance between feature sets, the
-mode-collapse rule, and the figures (sample grids, point clouds, evolution over epochs).
-No MLflow, no Prefect.
+Measurements (plain numpy/scipy): mode coverage of the ring of 8 Gaussians (tasks/data/points.py), class
+coverage and label entropy of a classifier's verdict on generated images, the Frechet distance between feature
+sets and the mode-collapse rule. Their figures (sample grids, point clouds, evolution over epochs) are in
+tasks/figures.py. No MLflow, no Prefect.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from scipy import linalg
 from torch import nn
 
 from tasks.config import TrainConfig
+from tasks.data.points import centers
 from tasks.train import NonFiniteLoss, Step, autocast, build_optimizer, build_scheduler, penalty, use_bf16
 
 FIXED_NOISE = 64  # vectors in the fixed noise batch: the same z every epoch shows how samples evolve
@@ -186,24 +187,10 @@ class GanStep(Step):
         self.snapshots = dict(s["snapshots"])
 
 
-# ---------------------------------------------------------------- the ring of Gaussians
-
-
-def centers(k: int = 8, radius: float = 2.0) -> np.ndarray:
-    angles = 2 * np.pi * np.arange(k) / k
-    return (radius * np.stack([np.cos(angles), np.sin(angles)], 1)).astype(np.float32)  # (k, 2)
+# ---------------------------------------------------------------- the ring of Gaussians (tasks/data/points.py)
 
 
 RING8_CENTERS = centers()
-
-
-def ring8(n: int, seed: int, radius: float = 2.0, std: float = 0.02) -> tuple[np.ndarray, np.ndarray]:
-    # The mode-collapse benchmark (Metz et al. 2017, unrolled GANs): a mixture of 8 equally likely Gaussians of
-    # std `std` on a circle of `radius`. Labels say which Gaussian drew each point.
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 8, n)
-    points = centers(8, radius)[labels] + rng.normal(0.0, std, (n, 2))
-    return points.astype(np.float32), labels.astype(np.int64)  # (n, 2), (n,)
 
 
 def mode_coverage(samples: np.ndarray, centers: np.ndarray, std: float, min_share: float = 0.01) -> dict:
@@ -258,92 +245,3 @@ def mode_collapse(covered: int, total: int) -> bool:
     # The rule: a GAN has collapsed when it covers fewer than half of the modes. On ring8: modes_covered < 4
     # of 8 Gaussians (mode_coverage). On images: class_coverage < half the classes (5 of 10 digits).
     return covered < total / 2
-
-
-# ---------------------------------------------------------------- figures
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never opens a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def tile(images, nrow: int = 8) -> np.ndarray:
-    # (N, C, H, W) in [0, 1] -> one (H', W', 3) image, nrow images per row, 1-pixel white borders
-    from torchvision.utils import make_grid
-
-    grid = make_grid(torch.as_tensor(np.asarray(images, dtype=np.float32)), nrow=nrow, padding=1, pad_value=1.0)
-    return grid.clamp(0, 1).permute(1, 2, 0).numpy()
-
-
-def sample_grid_figure(images, nrow: int, title: str):
-    plt = _plt()
-    grid = tile(images, nrow)
-    fig, ax = plt.subplots(figsize=(max(2.5, grid.shape[1] / 40), max(2.5, grid.shape[0] / 40) + 0.4), dpi=110)
-    ax.imshow(grid, interpolation="nearest")
-    ax.axis("off")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def curves_figure(history: list[dict], left: list[str], right: list[str], ylabels: tuple[str, str], title: str):
-    # two panels of per-epoch curves: the keys `left` and `right` of each epoch's metrics
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
-    epochs = range(1, len(history) + 1)
-    for ax, keys, label in zip(axes, (left, right), ylabels):
-        for k in keys:
-            ax.plot(epochs, [h[k] for h in history], marker=".", label=k)
-        ax.set_ylabel(label)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def _points(ax, real, fake, centers) -> None:
-    if real is not None:
-        ax.scatter(*np.asarray(real)[:, :2].T, s=2, c="0.6", alpha=0.5, label="real")
-    ax.scatter(*np.asarray(fake)[:, :2].T, s=2, c="tab:red", alpha=0.5, label="generated")
-    if centers is not None:
-        ax.scatter(*np.asarray(centers).T, s=40, marker="x", c="k", label="mode centres")
-    ax.set_aspect("equal")
-    ax.grid(alpha=0.3)
-
-
-def points_figure(real, fake, centers, title: str):
-    # 2-D data: real points (grey), generated (red), the mixture's centres (x)
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.2, 4.4), dpi=110)
-    _points(ax, real, fake, centers)
-    ax.legend(fontsize=7, loc="upper right", markerscale=3)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def evolution_strip(samples: list, epochs: list[int], title: str = "", nrow: int = 8, centers=None):
-    # One panel per epoch, left to right: an image batch (N, C, H, W) in [0, 1] as a grid, or 2-D points (N, 2)
-    # as a scatter (with `centers` marked). Drawn from the fixed noise, so a panel differs only by training.
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(samples), figsize=(2.6 * len(samples), 2.9), dpi=110, squeeze=False)
-    for ax, s, e in zip(axes[0], samples, epochs):
-        s = np.asarray(s)
-        if s.ndim == 4:
-            ax.imshow(tile(s, nrow), interpolation="nearest")
-            ax.axis("off")
-        else:
-            _points(ax, None, s, centers)
-            ax.tick_params(labelsize=6)
-        ax.set_title(f"epoch {e}", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return fig

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from tasks.data import raw_max
-from tasks.gan import _plt, tile
-from tasks.generation import Generation, Sampler, evaluate_generator, judge_classifier, judge_outputs, to_unit
+from tasks.figures import _plt, tile
+from tasks.kinds.generation import Generation, Sampler, evaluate_generator, judge_classifier, judge_outputs, to_unit
 from tasks.kinds import Evaluation, Job, register_kind
 
 MIX_PAIRS = 1000  # random (A, B) pairs measured at evaluation

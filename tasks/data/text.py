@@ -9,7 +9,8 @@ Sources:
 Prepared folders have the layout `prepare` writes for images, plus `vocab.json` (a DVC output beside the
 splits, logged to MLflow with the model so new text can be encoded the same way):
 x (N, T) int64 token ids, 0 = padding (always at the end), 1 = out of vocabulary; y (N,) int64 (wordlm: (N, T),
-the next word at every position). Translation pairs are tasks/translation.py's.
+the next word at every position). Translation pairs are tasks/data/pairs.py's; the language models' count baselines and
+sampling are tasks/kinds/language.py's.
 """
 from __future__ import annotations
 
@@ -314,36 +315,6 @@ def prepare_words(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
     }, extra={VOCAB: json.dumps(vocab.to_dict(), ensure_ascii=False) + "\n"})
 
 
-def ngram_baselines(train_y: np.ndarray, val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
-                    vocab_size: int, ks=(1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01)) -> dict:
-    """Perplexities of the count baselines on the same targets as the network: a unigram model (add-one) and an
-    add-k bigram model, k chosen on the validation split. `train_y` is every training target in order; val
-    and test are (x, y) windows (the previous word of y[:, t] is x[:, t])."""
-    ids = train_y.ravel()
-    prev = np.concatenate([[1], ids[:-1]])  # the word before the first target is unknown: counted as <unk>
-    uni = np.bincount(ids, minlength=vocab_size).astype(np.float64)
-    keys, counts = np.unique(prev * vocab_size + ids, return_counts=True)  # the bigrams seen, sparse
-    row = np.bincount(prev, minlength=vocab_size).astype(np.float64)
-
-    def seen(x, y):
-        q = x * vocab_size + y
-        at = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
-        return np.where(keys[at] == q, counts[at], 0).astype(np.float64)
-
-    def unigram(y):
-        p = (uni[y] + 1.0) / (uni.sum() + vocab_size)
-        return float(np.exp(-np.log(p).mean()))
-
-    def bigram(x, y, k):
-        p = (seen(x, y) + k) / (row[x] + k * vocab_size)
-        return float(np.exp(-np.log(p).mean()))
-
-    vx, vy = val[0].ravel(), val[1].ravel()
-    k = min(ks, key=lambda k: bigram(vx, vy, k))
-    tx, ty = test[0].ravel(), test[1].ravel()
-    return {"unigram_test_perplexity": unigram(ty), "bigram_test_perplexity": bigram(tx, ty, k), "bigram_k": k}
-
-
 # ---------------------------------------------------------------- a real text CSV every Python ships
 
 DOC_MODULES = ("os", "socket", "statistics", "decimal", "datetime", "math", "random", "pathlib", "collections", "time")
@@ -374,26 +345,3 @@ def docstrings_csv(path: str | Path, modules=DOC_MODULES) -> int:
         w.writeheader()
         w.writerows(rows)
     return len(rows)
-
-
-# ---------------------------------------------------------------- language-model sampling
-
-def sample_text(model, vocab: Vocab, prompt: str, length: int, temperatures: list[float], seed: int = 0) -> dict:
-    """Tokens (characters or words) drawn one at a time from a language model, one stream per temperature (batched):
-    each step feeds the last `vocab.max_length` ids. Lower temperature: safer, more repetitive text."""
-    import torch
-
-    dev = next(model.parameters()).device
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    start = vocab.ids(prompt)[-vocab.max_length:] or [1]
-    ids = torch.tensor([start] * len(temperatures), device=dev)  # (K, t)
-    temps = torch.tensor(temperatures, device=dev, dtype=torch.float32)[:, None]
-    model.eval()
-    with torch.no_grad():
-        for _ in range(length):
-            logits = model(ids[:, -vocab.max_length:]).float()  # (K, V), or (K, t, V) predicting at every position
-            logits = logits[:, -1] if logits.dim() == 3 else logits
-            logits[:, 0] = -torch.inf  # never padding
-            nxt = torch.multinomial(torch.softmax(logits / temps, 1), 1, generator=gen)
-            ids = torch.cat([ids, nxt], 1)
-    return {t: prompt + vocab.decode(row[len(start):].tolist()) for t, row in zip(temperatures, ids.cpu())}

@@ -1,4 +1,5 @@
-"""Test metrics and the plots people look at: learning curves, the confusion matrix, what a CNN learned."""
+"""The plots people look at, shared by every layer that draws: learning curves, the confusion matrix, what a CNN
+learned, attention, sample grids, point clouds, GAN curves and evolution strips, image rows."""
 from __future__ import annotations
 
 import matplotlib
@@ -7,31 +8,7 @@ matplotlib.use("Agg")  # files only; never opens a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Logits (N, classes) for normalised inputs already on the model's device."""
-    model.eval()
-    return torch.cat([model(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)])
-
-
-def classification_metrics(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[dict, np.ndarray]:
-    pred = logits.argmax(1)
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    cm.index_put_((y.cpu(), pred.cpu()), torch.ones(len(y), dtype=torch.long), accumulate=True)
-    cm = cm.numpy()  # rows: true class, columns: predicted
-    recall = np.diag(cm) / np.maximum(cm.sum(1), 1)
-    precision = np.diag(cm) / np.maximum(cm.sum(0), 1)
-    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-    metrics = {
-        "test_accuracy": float((pred == y).float().mean()),
-        "test_loss": float(F.cross_entropy(logits, y)),
-        "test_macro_f1": float(f1.mean()),
-    }
-    return metrics, cm
 
 
 def confusion_figure(cm: np.ndarray, classes: list[str], title: str):
@@ -157,5 +134,108 @@ def attention_figure(weights: np.ndarray, labels: list[str], title: str, step_na
     ax.set_xlabel(step_name)
     fig.colorbar(im, ax=ax, fraction=0.03, label="weight")
     ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never opens a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def tile(images, nrow: int = 8) -> np.ndarray:
+    # (N, C, H, W) in [0, 1] -> one (H', W', 3) image, nrow images per row, 1-pixel white borders
+    from torchvision.utils import make_grid
+
+    grid = make_grid(torch.as_tensor(np.asarray(images, dtype=np.float32)), nrow=nrow, padding=1, pad_value=1.0)
+    return grid.clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def sample_grid_figure(images, nrow: int, title: str):
+    plt = _plt()
+    grid = tile(images, nrow)
+    fig, ax = plt.subplots(figsize=(max(2.5, grid.shape[1] / 40), max(2.5, grid.shape[0] / 40) + 0.4), dpi=110)
+    ax.imshow(grid, interpolation="nearest")
+    ax.axis("off")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(history: list[dict], left: list[str], right: list[str], ylabels: tuple[str, str], title: str):
+    # two panels of per-epoch curves: the keys `left` and `right` of each epoch's metrics
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
+    epochs = range(1, len(history) + 1)
+    for ax, keys, label in zip(axes, (left, right), ylabels):
+        for k in keys:
+            ax.plot(epochs, [h[k] for h in history], marker=".", label=k)
+        ax.set_ylabel(label)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _points(ax, real, fake, centers) -> None:
+    if real is not None:
+        ax.scatter(*np.asarray(real)[:, :2].T, s=2, c="0.6", alpha=0.5, label="real")
+    ax.scatter(*np.asarray(fake)[:, :2].T, s=2, c="tab:red", alpha=0.5, label="generated")
+    if centers is not None:
+        ax.scatter(*np.asarray(centers).T, s=40, marker="x", c="k", label="mode centres")
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+
+
+def points_figure(real, fake, centers, title: str):
+    # 2-D data: real points (grey), generated (red), the mixture's centres (x)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.2, 4.4), dpi=110)
+    _points(ax, real, fake, centers)
+    ax.legend(fontsize=7, loc="upper right", markerscale=3)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def evolution_strip(samples: list, epochs: list[int], title: str = "", nrow: int = 8, centers=None):
+    # One panel per epoch, left to right: an image batch (N, C, H, W) in [0, 1] as a grid, or 2-D points (N, 2)
+    # as a scatter (with `centers` marked). Drawn from the fixed noise, so a panel differs only by training.
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(samples), figsize=(2.6 * len(samples), 2.9), dpi=110, squeeze=False)
+    for ax, s, e in zip(axes[0], samples, epochs):
+        s = np.asarray(s)
+        if s.ndim == 4:
+            ax.imshow(tile(s, nrow), interpolation="nearest")
+            ax.axis("off")
+        else:
+            _points(ax, None, s, centers)
+            ax.tick_params(labelsize=6)
+        ax.set_title(f"epoch {e}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def rows_figure(rows: list[np.ndarray], labels: list[str], title: str):
+    from tasks.figures import _plt, tile
+
+    plt = _plt()
+    n = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(4.0, 0.55 * n + 1.6), 0.62 * len(rows) + 0.8), dpi=110,
+                             squeeze=False)
+    for ax, r, label in zip(axes[:, 0], rows, labels):
+        ax.imshow(tile(r, n), interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     return fig

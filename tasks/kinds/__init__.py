@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from tasks.tracking import Run
     from tasks.train import FitResult, Step, Trainer
 
-KIND_MODULES = ("tasks.supervised", "tasks.generation", "tasks.style", "tasks.translation",
-                "tasks.image2image", "tasks.speech")  # importing them runs their @register_kind
+KIND_MODULES = ("tasks.kinds.supervised", "tasks.kinds.forecasting", "tasks.kinds.language", "tasks.kinds.generation",
+                "tasks.kinds.style", "tasks.kinds.translation", "tasks.kinds.image2image", "tasks.kinds.speech")  # importing them runs their @register_kind
 _KINDS: dict[str, "Kind"] = {}
 
 

@@ -31,7 +31,6 @@ def read_co2(cfg: DataConfig | None = None) -> tuple[np.ndarray, str]:
     return monthly.to_numpy(np.float64), "monthly mean CO2 at Mauna Loa (ppm), 1958-2001"
 
 
-
 def windows(series: np.ndarray, lookback: int, horizon: int, targets: range) -> tuple[np.ndarray, np.ndarray]:
     """Windows whose first target index is in `targets`: x (N, L, 1), y (N, H)."""
     starts = [t for t in targets if t - lookback >= 0 and t + horizon <= len(series)]
@@ -70,74 +69,3 @@ def prepare_series(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
                    "season": cfg.season or SEASON[cfg.source], "train_values": n_train},
         "config": cfg.model_dump(), "seed": seed,
     })
-
-
-# ---------------------------------------------------------------- baselines and metrics (raw units)
-
-def baselines(x: np.ndarray, horizon: int, season: int) -> dict[str, np.ndarray]:
-    """Naive (the last value, repeated) and seasonal naive (the value one season before each target) forecasts
-    from windows x (N, L, 1); seasonal naive needs a lookback of at least one season."""
-    last = x[:, -1, 0]
-    out = {"naive": np.repeat(last[:, None], horizon, axis=1)}
-    L = x.shape[1]
-    if season <= L and horizon <= season:
-        out["seasonal_naive"] = np.stack([x[:, L - season + h, 0] for h in range(horizon)], axis=1)
-    return out
-
-
-def forecast_metrics(pred: np.ndarray, y: np.ndarray, x: np.ndarray, season: int) -> dict:
-    rmse = lambda p: float(np.sqrt(np.mean((p - y) ** 2)))  # noqa: E731
-    m = {"test_rmse": rmse(pred), "test_mae": float(np.mean(np.abs(pred - y)))}
-    for name, p in baselines(x, y.shape[1], season).items():
-        m[f"{name}_test_rmse"] = rmse(p)
-        m[f"test_rmse_vs_{name}"] = m["test_rmse"] / max(m[f"{name}_test_rmse"], 1e-12)  # < 1: beats it
-    return m
-
-
-ARIMA_ORDERS = {"sunspots": ((9, 0, 0), (0, 0, 0, 0)),  # AR(9), the classic sunspot model
-                "co2": ((1, 1, 1), (1, 0, 1, 12))}  # trend by differencing, yearly seasonality
-
-
-def arima_reference(manifest: dict, y_test: np.ndarray) -> dict:
-    """statsmodels' (seasonal) ARIMA fitted on everything before the test part, then one-step-ahead forecasts
-    over the test part with those parameters: the same targets as the test windows (horizon 1 only)."""
-    import time
-    import warnings
-
-    from statsmodels.tsa.arima.model import ARIMA
-
-    s = manifest["series"]
-    if s["horizon"] != 1:
-        return {}
-    from tasks.sources import reader
-
-    series, _ = reader(manifest["source"])()
-    test_start = len(series) - len(y_test)
-    order, seasonal = ARIMA_ORDERS[manifest["source"]]
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # convergence chatter
-        fitted = ARIMA(series[:test_start], order=order, seasonal_order=seasonal).fit()
-        pred = fitted.apply(series).get_prediction(start=test_start).predicted_mean
-    rmse = float(np.sqrt(np.mean((pred - y_test[:, 0]) ** 2)))
-    return {"arima_test_rmse": rmse, "arima_fit_seconds": time.perf_counter() - t0}
-
-
-def forecast_figure(series_x: np.ndarray, y: np.ndarray, pred: np.ndarray, naive: np.ndarray, title: str):
-    """One-step-ahead forecasts over the test part against the actual values and the naive forecast."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 3.4), dpi=110)
-    t = np.arange(len(y))
-    ax.plot(t, y[:, 0], color="black", lw=1.4, label="actual")
-    ax.plot(t, pred[:, 0], color="tab:blue", lw=1.2, label="model")
-    ax.plot(t, naive[:, 0], color="tab:gray", lw=1.0, ls="--", label="naive (last value)")
-    ax.set_xlabel("test window")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig

@@ -1,8 +1,8 @@
-"""Supervised runs: the step that trains them and their kinds (classification, forecasting, language models).
+"""Supervised runs: the step that trains them, the shared Supervised kind and classification.
 
-They share the step and what gets served (raw inputs -> probabilities, or forecasts in the series' units) and
-differ in the loss and what is measured: accuracy and a confusion matrix; RMSE beside the naive, seasonal-naive
-and ARIMA forecasts; perplexity and sampled text.
+Forecasting (tasks/kinds/forecasting.py), the language models (tasks/kinds/language.py), translation and speech
+build on them: they share the step and what gets served (raw inputs -> probabilities, or forecasts in the
+series' units) and differ in the loss and what is measured: here accuracy and a confusion matrix.
 """
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ class Supervised(Kind):
         return SupervisedStep(model, cfg, device, self.classify, self.perplexity)
 
     def after_fit(self, job: Job, result) -> None:
-        from tasks.evaluate import learning_curve_figure
+        from tasks.figures import learning_curve_figure
 
         m = job.data.manifest
         job.run.log_figure(learning_curve_figure(result.history, f"{job.name} on {m['source']}"),
@@ -158,7 +158,7 @@ class Supervised(Kind):
             _log_attention(job)
 
     def served(self, job: Job):
-        from tasks.text import VOCAB
+        from tasks.data.text import VOCAB
 
         m, x_test = job.data.manifest, job.data.x_test
         deployed = self.wrap(copy.deepcopy(job.model).float().cpu(), m, job.mean, job.std)
@@ -187,7 +187,8 @@ class Classification(Supervised):
     baselines = {"test_accuracy": "majority_test_accuracy"}
 
     def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
-        from tasks.evaluate import classification_metrics, confusion_figure, predict
+        from tasks.kinds.supervised import classification_metrics, predict
+        from tasks.figures import confusion_figure
 
         test = self.test_split(final, data, device)
         metrics, cm = classification_metrics(predict(model, test.x), test.y, final["num_classes"])
@@ -197,104 +198,11 @@ class Classification(Supervised):
         return Evaluation(metrics, fig, "plots/confusion_matrix.png")
 
 
-@register_kind
-class Forecasting(Supervised):
-    name, metric, classify, registry = "regression", "test_rmse", False, "nnlab-forecaster"
-    lower_is_better = ("test_rmse", "test_mae")
-    summary_columns = ("naive_test_rmse",)
-    baselines = {"test_rmse": "naive_test_rmse"}
-
-    def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
-        """Test RMSE/MAE in the series' units beside the naive and seasonal-naive forecasts of the same windows."""
-        from tasks.evaluate import predict
-        from tasks.series import arima_reference, baselines, forecast_figure, forecast_metrics
-
-        norm, season = final["normalization"], final["series"]["season"]
-        pred = predict(model, self.test_split(final, data, device).x).cpu().numpy() * norm["std"][0] + norm["mean"][0]
-        metrics = forecast_metrics(pred, data.y_test, data.x_test, season)
-        metrics |= arima_reference(data.manifest, data.y_test)
-        if "arima_test_rmse" in metrics:
-            metrics["test_rmse_vs_arima"] = metrics["test_rmse"] / max(metrics["arima_test_rmse"], 1e-12)
-        beats = metrics["test_rmse"] < metrics["naive_test_rmse"]
-        verdict = "beats" if beats else "does NOT beat"
-        print(f"{name}: test RMSE {metrics['test_rmse']:.4g} {verdict} the naive forecast's "
-              f"{metrics['naive_test_rmse']:.4g} (ratio {metrics['test_rmse_vs_naive']:.3f})"
-              + (f"; seasonal naive {metrics['seasonal_naive_test_rmse']:.4g}" if "seasonal_naive_test_rmse" in metrics
-                 else "") + (f"; ARIMA {metrics['arima_test_rmse']:.4g}" if "arima_test_rmse" in metrics else ""),
-              flush=True)
-        naive = baselines(data.x_test, pred.shape[1], season)["naive"]
-        fig = forecast_figure(data.x_test, data.y_test, pred, naive,
-                              f"{name}: test RMSE {metrics['test_rmse']:.4g} vs naive {metrics['naive_test_rmse']:.4g}")
-        return Evaluation(metrics, fig, "plots/forecast.png", {"nnlab.beats_naive": str(beats).lower()})
-
-
-@register_kind
-class LanguageModel(Supervised):
-    name, metric, perplexity, registry = "language_model", "test_perplexity", True, "nnlab-language-model"
-    lower_is_better = ("test_perplexity", "test_loss", "test_perplexity_vs_bigram", "unigram_test_perplexity")
-    baselines = {"test_perplexity": "unigram_test_perplexity"}
-
-    def after_fit(self, job: Job, result) -> None:
-        super().after_fit(job, result)
-        from tasks.text import VOCAB, Vocab
-
-        _log_samples(job, Vocab.load(Path(job.data_dir) / VOCAB))
-
-    def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
-        """Next-character accuracy and perplexity (exp of the mean cross-entropy) on the held-out end of the text."""
-        from tasks.evaluate import perplexity_figure, predict
-
-        test = self.test_split(final, data, device)
-        logits = predict(model, test.x)
-        ce = float(F.cross_entropy(logits.float(), test.y))
-        metrics = {"test_accuracy": float((logits.argmax(1) == test.y).float().mean()), "test_loss": ce,
-                   "test_perplexity": math.exp(ce)}
-        counts = np.bincount(np.asarray(data.y_train).ravel(), minlength=final["num_classes"]) + 1.0  # add-one
-        p = counts[np.asarray(data.y_test).ravel()] / counts.sum()
-        metrics["unigram_test_perplexity"] = float(np.exp(-np.log(p).mean()))
-        print(f"{name}: test perplexity {metrics['test_perplexity']:.3f} over {final['num_classes']} characters "
-              f"(uniform guessing: {final['num_classes']}), next-character accuracy {metrics['test_accuracy']:.4f}",
-              flush=True)
-        fig = perplexity_figure(final["history"], f"{name}: test perplexity {metrics['test_perplexity']:.3f}")
-        return Evaluation(metrics, fig, "plots/perplexity.png")
-
-
-@register_kind
-class WordLanguageModel(LanguageModel):
-    """Next word at every position (wordlm), judged against count baselines on the same targets."""
-
-    name, registry = "word_language_model", "nnlab-word-language-model"
-
-    def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
-        """Perplexity per word on the held-out end of the text, beside a unigram and an add-k bigram model
-        counted on the same training words and scored on the same test words."""
-        from tasks.evaluate import perplexity_figure, predict
-        from tasks.text import ngram_baselines
-
-        test = self.test_split(final, data, device)
-        logits = predict(model, test.x).flatten(0, 1)
-        y = test.y.flatten()
-        ce = float(F.cross_entropy(logits.float(), y))
-        metrics = {"test_accuracy": float((logits.argmax(1) == y).float().mean()), "test_loss": ce,
-                   "test_perplexity": math.exp(ce)}
-        metrics |= ngram_baselines(data.y_train, (data.x_val, data.y_val), (data.x_test, data.y_test),
-                                   final["num_classes"])
-        metrics["test_perplexity_vs_bigram"] = metrics["test_perplexity"] / metrics["bigram_test_perplexity"]
-        beats = metrics["test_perplexity"] < metrics["bigram_test_perplexity"]
-        print(f"{name}: test perplexity {metrics['test_perplexity']:.1f} per word over {final['num_classes']} words "
-              f"{'beats' if beats else 'does NOT beat'} the bigram's {metrics['bigram_test_perplexity']:.1f} "
-              f"(add-k, k={metrics['bigram_k']}) and the unigram's {metrics['unigram_test_perplexity']:.1f}; "
-              f"next-word accuracy {metrics['test_accuracy']:.4f}", flush=True)
-        fig = perplexity_figure(final["history"], f"{name}: test perplexity {metrics['test_perplexity']:.1f} "
-                                f"(bigram {metrics['bigram_test_perplexity']:.1f})")
-        return Evaluation(metrics, fig, "plots/perplexity.png", {"nnlab.beats_bigram": str(beats).lower()})
-
-
 # ---------------------------------------------------------------- what a trained network shows
 
 def _log_what_it_learned(job: Job) -> None:
     """CNNs: the first-layer kernels, and the feature maps of one test image after an early and a late block."""
-    from tasks.evaluate import feature_maps, feature_maps_figure, kernels_figure
+    from tasks.figures import feature_maps, feature_maps_figure, kernels_figure
 
     model, name, x_raw = job.model, job.name, job.data.x_test[:1]
     first = getattr(model, "first_conv", None) or next(m for m in model.modules() if isinstance(m, nn.Conv2d))
@@ -306,7 +214,7 @@ def _log_what_it_learned(job: Job) -> None:
 
 
 def _log_attention(job: Job, n: int = 6) -> None:
-    from tasks.evaluate import attention_figure
+    from tasks.figures import attention_figure
 
     model, data = job.model, job.data
     x = to_device(data.x_test[:n], data.y_test[:n], job.mean, job.std, next(model.parameters()).device,
@@ -320,11 +228,24 @@ def _log_attention(job: Job, n: int = 6) -> None:
     job.run.log_figure(attention_figure(w, labels, f"{job.name}: attention over {step}s", step), "plots/attention.png")
 
 
-def _log_samples(job: Job, vocab, temperatures=(0.5, 0.8, 1.2), length: int = 300, prompt: str = "The ") -> None:
-    """Language models: text drawn from the trained model at a few temperatures (samples.txt)."""
-    from tasks.text import sample_text
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Logits (N, classes) for normalised inputs already on the model's device."""
+    model.eval()
+    return torch.cat([model(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)])
 
-    samples = sample_text(job.model, vocab, prompt, length, list(temperatures), job.cfg.seed)
-    text = "".join(f"--- temperature {t} ---\n{s}\n\n" for t, s in samples.items())
-    job.run.log_text(text, "samples.txt")
-    print(f"{job.name}: sample at temperature {temperatures[1]}: {samples[temperatures[1]][:160]!r}", flush=True)
+
+def classification_metrics(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[dict, np.ndarray]:
+    pred = logits.argmax(1)
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    cm.index_put_((y.cpu(), pred.cpu()), torch.ones(len(y), dtype=torch.long), accumulate=True)
+    cm = cm.numpy()  # rows: true class, columns: predicted
+    recall = np.diag(cm) / np.maximum(cm.sum(1), 1)
+    precision = np.diag(cm) / np.maximum(cm.sum(0), 1)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    metrics = {
+        "test_accuracy": float((pred == y).float().mean()),
+        "test_loss": float(F.cross_entropy(logits, y)),
+        "test_macro_f1": float(f1.mean()),
+    }
+    return metrics, cm

@@ -1,0 +1,240 @@
+"""Recordings with transcripts -> log-mel frames and character ids, split by speaker (speech recognition runs).
+
+Sources (offline):
+  speech        recordings with transcripts in `data.path` (default data/raw), in one of three layouts:
+                a `transcripts.tsv` / `transcripts.csv` (file, text[, speaker]; a header row naming them is
+                optional); LibriSpeech's `<speaker>/<chapter>/*.trans.txt` beside its .flac files; or the
+                free-spoken-digit-dataset's `<digit>_<speaker>_<n>.wav` (the transcript is the digit's word);
+  synth_speech  `data.utterances` digit strings ("four two seven") or short commands spoken by eSpeak NG in 160
+                voices (8 English accents x 20 variants), speeds 130-210 words a minute, pitches 25-75, with
+                light noise (20-40 dB SNR); a fixed draw, the same for every seed; the WAVs are written into the
+                prepared folder (`wav/`, with `transcripts.tsv`), so DVC versions them with the features.
+Every recording is read as mono, resampled to `data.sample_rate`; longer than `data.max_seconds`, shorter than
+0.1 s or with an empty transcript, it is left out and counted in the manifest. Splits are by speaker (a voice):
+the test speakers are never heard in training (by recording when there are fewer than 3 speakers).
+
+Prepared folders: x (N, T, n_mels) float16 log-mel frames (models/speech.py LogMel), padded with log(1e-6);
+y (N, 1 + U) int64: the recording's frame count, then its character ids (1..C-1; 0 pads, and is CTC's blank);
+`alphabet.json` (the characters of the training transcripts, in id order from 1); `texts.json` (every split's
+file, speaker and transcript: error rates are measured on the text itself); `waves.npz` (a few test
+recordings as 16-bit samples: the served model's example and the spectrogram figure).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.speech import LOG_FLOOR, LogMel
+from tasks.config import DataConfig
+
+ALPHABET, TEXTS, WAVES, TRANSCRIPTS = "alphabet.json", "texts.json", "waves.npz", "transcripts.tsv"
+AUDIO = (".wav", ".flac", ".ogg")
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+COMMANDS = (("turn on", "turn off", "open", "close", "start", "stop", "check", "dim"),
+            ("lights", "door", "window", "music", "radio", "heater", "fan", "oven", "alarm", "blinds"),
+            ("kitchen", "bedroom", "garage", "office", "hall", "garden"))
+MIN_SECONDS = 0.1
+
+
+def _error(msg: str):
+    from tasks.data import DataError
+
+    return DataError(msg)
+
+
+@dataclass
+class Recordings:
+    files: list[Path]
+    texts: list[str]
+    speakers: list[str]
+    description: str
+    made: dict = field(default_factory=dict)  # synth_speech: how the recordings were made
+
+
+def normalise(text: str) -> str:
+    """Lower case, letters, digits and apostrophes; every other character separates words."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return " ".join(re.sub(r"[^\w']+|_", " ", text).split())
+
+
+def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
+    """(L,) float32 in [-1, 1]: mono (channels averaged), resampled to `sample_rate` (polyphase filter)."""
+    import soundfile as sf
+    from scipy.signal import resample_poly
+
+    try:
+        wave, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:
+        raise _error(f"{path}: not a readable recording ({type(e).__name__}: {e}); WAV, FLAC or OGG is read") from None
+    wave = wave.mean(1)
+    if rate != sample_rate:
+        g = np.gcd(int(rate), sample_rate)
+        wave = resample_poly(wave, sample_rate // g, int(rate) // g).astype(np.float32)
+    return wave
+
+
+def read_speech(cfg: DataConfig, out_dir: Path | None = None) -> Recordings:
+    root = Path(cfg.folder)
+    if not root.is_dir():
+        raise _error(f"data.path: {root} is not a folder; speech reads a folder of recordings with a "
+                     f"{TRANSCRIPTS} (or .csv), LibriSpeech's *.trans.txt layout, or <digit>_<speaker>_<n>.wav files")
+    for table in (root / TRANSCRIPTS, root / "transcripts.csv"):
+        if table.is_file():
+            return _read_table(table)
+    if next(root.rglob("*.trans.txt"), None) is not None:
+        return _read_librispeech(root)
+    digits = [(p, m) for p in sorted(root.glob("*.wav")) if (m := re.fullmatch(r"(\d)_(.+)_(\d+)", p.stem))]
+    if digits:
+        return Recordings([p for p, _ in digits], [DIGITS[int(m[1])] for _, m in digits], [m[2] for _, m in digits],
+                          f"spoken digits in {root} (free-spoken-digit-dataset layout)")
+    raise _error(f"data.path: {root} holds no {TRANSCRIPTS} / transcripts.csv, no *.trans.txt and no "
+                 f"<digit>_<speaker>_<n>.wav files; those are the layouts speech reads")
+
+
+def _read_table(table: Path) -> Recordings:
+    with open(table, encoding="utf-8", newline="") as f:
+        rows = [r for r in csv.reader(f, delimiter="\t" if table.suffix == ".tsv" else ",") if any(c.strip() for c in r)]
+    head = [c.strip().lower() for c in rows[0]] if rows else []
+    cols = (0, 1, 2)
+    if {"file", "text"} <= set(head) or {"path", "transcript"} <= set(head) or {"file", "transcript"} <= set(head):
+        cols = (head.index("file" if "file" in head else "path"), head.index("text" if "text" in head else "transcript"),
+                head.index("speaker") if "speaker" in head else None)
+        rows = rows[1:]
+    files, texts, speakers = [], [], []
+    for line, row in enumerate(rows, 2 if cols != (0, 1, 2) else 1):
+        if len(row) < 2:
+            raise _error(f"{table}, line {line}: {len(row)} column(s); each row names a recording and its transcript")
+        path = table.parent / row[cols[0]].strip()
+        if not path.is_file():
+            raise _error(f"{table}, line {line}: {path} does not exist")
+        files.append(path)
+        texts.append(row[cols[1]])
+        speakers.append(row[cols[2]].strip() if cols[2] is not None and len(row) > cols[2] else path.parent.name)
+    if not files:
+        raise _error(f"{table}: no recordings listed")
+    return Recordings(files, texts, speakers, f"recordings listed in {table}")
+
+
+def _read_librispeech(root: Path) -> Recordings:
+    files, texts, speakers = [], [], []
+    for trans in sorted(root.rglob("*.trans.txt")):
+        for line in trans.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            uid, _, text = line.partition(" ")
+            audio = next((trans.parent / f"{uid}{ext}" for ext in AUDIO if (trans.parent / f"{uid}{ext}").is_file()), None)
+            if audio is None:
+                raise _error(f"{trans}: no recording {uid}.flac (or .wav) beside it")
+            files.append(audio)
+            texts.append(text)
+            speakers.append(uid.split("-")[0])
+    return Recordings(files, texts, speakers, f"LibriSpeech-layout recordings in {root}")
+
+
+def script(cfg: DataConfig, rng: np.random.Generator) -> str:
+    if cfg.script == "digits":
+        return " ".join(DIGITS[d] for d in rng.integers(10, size=int(rng.integers(2, 6))))
+    action, thing, room = (c[int(rng.integers(len(c)))] for c in COMMANDS)
+    return f"{action} the {thing}" + (f" in the {room}" if rng.random() < 0.5 else "")
+
+
+def read_synth_speech(cfg: DataConfig, out_dir: Path) -> Recordings:
+    """Speak `data.utterances` scripts with eSpeak NG (tasks/espeak.py) into `out_dir`/wav, then read them back
+    as a `speech` folder. The draw is fixed (seed 16000): the same recordings for every seed."""
+    from tasks.data.espeak import Utterance, synthesise_fresh, voices
+
+    rng = np.random.default_rng(16_000)
+    names = voices()
+    utterances = [Utterance(script(cfg, rng), names[int(rng.integers(len(names)))], int(rng.integers(130, 211)),
+                            int(rng.integers(25, 76)), float(rng.uniform(20, 40))) for _ in range(cfg.utterances)]
+    wav, partial = out_dir / "wav", out_dir / "wav.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    print(f"synth_speech: speaking {len(utterances)} utterances in {len(names)} eSpeak NG voices ...", flush=True)
+    synthesise_fresh(utterances, cfg.sample_rate, str(partial), seed=16_000)
+    with open(partial / TRANSCRIPTS, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["file", "text", "speaker", "rate", "pitch", "snr_db"])
+        for i, u in enumerate(utterances):
+            w.writerow([f"{i:05d}.wav", u.text, u.voice, u.rate, u.pitch, round(u.snr_db, 1)])
+    shutil.rmtree(wav, ignore_errors=True)
+    partial.rename(wav)
+    rec = _read_table(wav / TRANSCRIPTS)
+    rec.description = f"{cfg.script} spoken by eSpeak NG ({len(names)} voices, 130-210 wpm, pitch 25-75, noise 20-40 dB SNR)"
+    rec.made = {"voices": len(names), "script": cfg.script, "engine": "eSpeak NG (espeakng-loader)"}
+    return rec
+
+
+def prepare_audio(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
+    from tasks.data import split_groups, write_prepared
+    from tasks.progress import bar
+
+    rec = read(cfg, out_dir)
+    features = LogMel(cfg.sample_rate, cfg.n_mels)
+    waves, keep, dropped = [], [], Counter()
+    for i, path in enumerate(bar(rec.files, "reading recordings")):
+        text, wave = normalise(rec.texts[i]), load_audio(path, cfg.sample_rate)
+        seconds = len(wave) / cfg.sample_rate
+        why = ("empty_transcript" if not text else "too_long" if seconds > cfg.max_seconds
+               else "too_short" if seconds < MIN_SECONDS else None)
+        if why:
+            dropped[why] += 1
+            continue
+        keep.append(i)
+        waves.append(wave)
+    if len(keep) < 30:
+        raise _error(f"{rec.description}: {len(keep)} usable recordings (dropped: {dict(dropped) or 'none'}); speech "
+                     f"recognition needs at least 30 (data.max_seconds is {cfg.max_seconds})")
+    texts = [normalise(rec.texts[i]) for i in keep]
+    speakers = [rec.speakers[i] for i in keep]
+    by_speaker = len(set(speakers)) >= 3
+    idx = split_groups(speakers if by_speaker else [str(i) for i in range(len(keep))], cfg, seed)
+    alphabet = sorted({c for i in idx["train"] for c in texts[i]})
+    ids = {c: k for k, c in enumerate(alphabet, 1)}  # 0: the blank
+    with torch.no_grad():
+        mels = [features(torch.from_numpy(w)[None])[0].numpy() for w in bar(waves, "log-mel features")]
+    frames, chars = max(len(m) for m in mels), max(len(t) for t in texts)
+    splits, listing = {}, {}
+    for s, ix in idx.items():
+        x = np.full((len(ix), frames, cfg.n_mels), np.log(LOG_FLOOR), dtype=np.float16)
+        y = np.zeros((len(ix), 1 + chars), dtype=np.int64)
+        for row, i in enumerate(ix):
+            x[row, :len(mels[i])] = mels[i]
+            y[row, 0] = len(mels[i])
+            coded = [ids[c] for c in texts[i] if c in ids]  # a character never seen in training cannot be output
+            y[row, 1:1 + len(coded)] = coded
+        splits[s] = (x, y)
+        listing[s] = [[str(rec.files[keep[i]].name), speakers[i], texts[i]] for i in ix]
+    train_frames = np.concatenate([mels[i] for i in idx["train"]])
+    mean, std = train_frames.mean(0), train_frames.std(0) + 1e-5
+    shown = idx["test"][:4]
+    longest = max(len(waves[i]) for i in shown)
+    pcm = np.zeros((len(shown), longest), dtype=np.int16)
+    for row, i in enumerate(shown):
+        pcm[row, :len(waves[i])] = np.clip(waves[i] * 32768.0, -32768, 32767).astype(np.int16)
+    seconds = {s: round(sum(len(waves[i]) for i in ix) / cfg.sample_rate, 1) for s, ix in idx.items()}
+    unseen = {s: sum(c not in ids for i in ix for c in texts[i]) for s, ix in idx.items() if s != "train"}
+    return write_prepared(out_dir, splits, {
+        "source": cfg.source, "task": "speech_recognition", "description": rec.description,
+        "input_shape": [frames, cfg.n_mels], "num_classes": len(alphabet) + 1, "classes": [],
+        "sizes": {s: len(ix) for s, ix in idx.items()},
+        "normalization": {"mean": mean.tolist(), "std": std.tolist()},
+        "speech": {"sample_rate": cfg.sample_rate, "n_mels": cfg.n_mels, "hop_ms": 10, "window_ms": 25,
+                   "max_frames": frames, "max_characters": chars, "alphabet": "".join(alphabet),
+                   "recordings": len(rec.files), "kept": len(keep), "dropped": dict(dropped),
+                   "split_by": "speaker" if by_speaker else "recording (fewer than 3 speakers)",
+                   "speakers": {s: len({speakers[i] for i in ix}) for s, ix in idx.items()},
+                   "seconds": seconds, "unseen_characters": unseen, **rec.made},
+        "config": cfg.model_dump(), "seed": seed,
+    }, extra={ALPHABET: json.dumps(alphabet, ensure_ascii=False) + "\n",
+              TEXTS: json.dumps(listing, ensure_ascii=False) + "\n"},
+        arrays={WAVES: {"pcm": pcm, "lengths": np.array([len(waves[i]) for i in shown])}})

@@ -1,0 +1,168 @@
+"""Translation runs: the teacher-forced step, decoding, exact match, BLEU and chrF, the translation kind.
+
+The data (pairs, dates, numbers; the prepared ids, vocabularies and reference texts) is tasks/data/pairs.py.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.registry import beam_size
+from models.seq2seq import EOS, PAD, Translator, decode
+from tasks.kinds import Evaluation, Job, register_kind
+from tasks.data.pairs import EOS_TOKEN, TARGET_VOCAB, TEXTS
+from tasks.data.text import VOCAB, Vocab, tokenize
+from tasks.kinds.supervised import Supervised, SupervisedStep
+
+
+
+# ---------------------------------------------------------------- measuring
+
+def outputs_as_text(vocab: Vocab, ids: list[list[int]]) -> list[str]:
+    join = "" if vocab.tokenizer == "char" else " "
+    return [join.join(vocab.tokens[i] for i in row if i > EOS or i == 1) for row in ids]
+
+
+def scores(hyp: list[str], refs: list[str], prefix: str) -> dict:
+    """Exact match, corpus BLEU and chrF (sacrebleu, its default 13a tokenization) of outputs against references."""
+    import sacrebleu
+
+    return {f"{prefix}_exact_match": float(np.mean([h == r for h, r in zip(hyp, refs)])),
+            f"{prefix}_bleu": sacrebleu.corpus_bleu(hyp, [refs]).score,
+            f"{prefix}_chrf": sacrebleu.corpus_chrf(hyp, [refs]).score}
+
+
+def _texts(data_dir: Path) -> dict:
+    return json.loads((Path(data_dir) / TEXTS).read_text())
+
+
+# ---------------------------------------------------------------- the step and the kind
+
+class TranslationStep(SupervisedStep):
+    """Teacher forcing: the decoder reads the target shifted right (BOS first) and predicts it shifted left;
+    cross-entropy and accuracy over the real target tokens (padding ignored)."""
+
+    def __init__(self, model, cfg, device):
+        super().__init__(model, cfg, device, classify=True)
+
+    def begin_fit(self, train, val) -> None:
+        pass  # no dead-unit probe: its forward would need targets
+
+    def outputs(self, xb, yb):
+        return self.model(xb, yb[:, :-1]).flatten(0, 1), yb[:, 1:].flatten()
+
+    def loss(self, out, y, reduction: str = "mean"):
+        return F.cross_entropy(out, y, ignore_index=PAD, reduction=reduction)
+
+    def count(self, y):
+        return (y != PAD).sum()
+
+    def hits(self, out, y):
+        return ((out.argmax(1) == y) & (y != PAD)).sum()
+
+
+@register_kind
+class Translation(Supervised):
+    name, metric, registry = "translation", "test_bleu", "nnlab-translator"
+    channels_last = False
+    summary_columns = ("test_exact_match", "test_chrf")
+    baselines = {"test_bleu": "baseline_test_bleu", "test_exact_match": "baseline_test_exact_match"}
+    val_limit = 1_000  # validation pairs decoded after each epoch
+
+    def metric_for(self, source: str) -> str:
+        # numbers: a German number is one word, so BLEU's 2- to 4-grams do not exist and it reads 0 for every
+        # model; exact match ranks them
+        return "test_exact_match" if source == "numbers" else self.metric
+
+    def step(self, model, cfg, seed, device):  # only encoder-decoders get here: config validation's misfit
+        return TranslationStep(model, cfg, device)
+
+    def on_epoch(self, job: Job, epoch: int, metrics: dict, trainer) -> None:
+        """Greedy decoding of (the first `val_limit` of) the validation pairs: exact match, BLEU and chrF curves."""
+        val = _texts(job.data_dir)["val"][:self.val_limit]
+        m = job.data.manifest
+        dev = next(job.model.parameters()).device
+        ids, _ = decode(job.model, torch.as_tensor(job.data.x_val[:len(val)], device=dev), m["text"]["target_length"])
+        hyp = outputs_as_text(Vocab.load(job.data_dir / TARGET_VOCAB), ids)
+        metrics |= scores(hyp, [r for _, r in val], "val")
+
+    def served(self, job: Job):
+        m = job.data.manifest
+        files = [job.data_dir / VOCAB, job.data_dir / TARGET_VOCAB]
+        for f in files:
+            job.run.log_file(f, "data")
+        meta = {"task": self.name, "tokenizer": m["text"]["tokenizer"]}
+        return self.wrap(copy.deepcopy(job.model).float().cpu(), m, job.mean, job.std), job.data.x_test[:4], meta, files
+
+    def wrap(self, net, manifest, mean, std):
+        return Translator(net, manifest["text"]["target_length"], beam_size(net))
+
+    def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
+        m = data.manifest
+        test_pairs = _texts(data_dir)["test"]
+        tgt_vocab = Vocab.load(Path(data_dir) / TARGET_VOCAB)
+        src = torch.as_tensor(data.x_test, device=device)
+        step = TranslationStep(model, cfg.train, device)
+        forced = step.evaluate(self.test_split(final, data, device), "test")  # teacher-forced loss and accuracy
+        beam = beam_size(model)
+        ids, attention = decode(model, src, m["text"]["target_length"], beam)
+        hyp = outputs_as_text(tgt_vocab, ids)
+        refs = [r for _, r in test_pairs]
+        metrics = {"test_loss": forced["test_loss"], "test_token_accuracy": forced["test_accuracy"]}
+        metrics |= scores(hyp, refs, "test")
+        train_targets = outputs_as_text(tgt_vocab, [[int(i) for i in row] for row in data.y_train])
+        common = Counter(train_targets).most_common(1)[0][0]
+        base = scores([common] * len(refs), refs, "baseline_test")  # the most common training target, for all
+        metrics |= {k: base[k] for k in ("baseline_test_bleu", "baseline_test_exact_match")}
+        lengths = (data.x_test != 0).sum(1)
+        long = lengths >= np.quantile(lengths, 2 / 3)  # the longest third of the sources
+        metrics["test_exact_match_long"] = float(np.mean([hyp[i] == refs[i] for i in np.flatnonzero(long)]))
+        metrics["test_exact_match_short"] = float(np.mean([hyp[i] == refs[i] for i in np.flatnonzero(~long)]))
+        print(f"{name}: test exact match {metrics['test_exact_match']:.4f} (longest third of the sources "
+              f"{metrics['test_exact_match_long']:.4f}), BLEU {metrics['test_bleu']:.2f}, chrF {metrics['test_chrf']:.2f}"
+              f" over {len(refs)} held-out pairs ({'beam ' + str(beam) if beam > 1 else 'greedy'})",
+              flush=True)
+        for (s, r), h in list(zip(test_pairs, hyp))[:3]:
+            print(f"  {s!r} -> {h!r}" + ("" if h == r else f"   (reference {r!r})"), flush=True)
+        table = "source\treference\toutput\tcorrect\n" + "".join(
+            f"{s}\t{r}\t{h}\t{str(h == r).lower()}\n" for (s, r), h in list(zip(test_pairs, hyp))[:50])
+        src_vocab = Vocab.load(Path(data_dir) / VOCAB)
+        fig = attention_figure([(test_pairs[i][0], hyp[i], attention[i], src_vocab.tokenizer) for i in range(4)
+                                if i < len(hyp) and attention[i].numel()],
+                               f"{name}: test BLEU {metrics['test_bleu']:.1f}, exact match {metrics['test_exact_match']:.3f}")
+        return Evaluation(metrics, fig, "plots/attention.png", texts={"translations.tsv": table})
+
+
+def attention_figure(examples: list[tuple[str, str, torch.Tensor, str]], title: str):
+    """One heat map per example: output tokens (rows) over source tokens (columns). Without attention (the
+    no-attention twin) a note says so."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not examples:
+        fig, ax = plt.subplots(figsize=(5, 1.4), dpi=110)
+        ax.axis("off")
+        ax.text(0.5, 0.5, "this model has no attention (attention: none):\nevery output step reads one summary",
+                ha="center", va="center", fontsize=9)
+        ax.set_title(title, fontsize=9)
+        return fig
+    fig, axes = plt.subplots(1, len(examples), figsize=(4.2 * len(examples), 4.2), dpi=110, squeeze=False)
+    for ax, (src, out, w, tok) in zip(axes[0], examples):
+        src_t, out_t = tokenize(src, tok), (list(out) if tok == "char" else out.split()) + [EOS_TOKEN]
+        w = w[:len(out_t), :len(src_t)].numpy()
+        ax.imshow(w, aspect="auto", cmap="magma", vmin=0)
+        ax.set_xticks(range(len(src_t)), src_t, fontsize=7, rotation=90)
+        ax.set_yticks(range(len(out_t[:len(w)])), out_t[:len(w)], fontsize=7)
+        ax.set_xlabel("source")
+    axes[0, 0].set_ylabel("output")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
