@@ -38,6 +38,7 @@ def main(argv=None) -> list[dict]:
     from tasks.data import load_prepared, prepare
     from tasks.kinds.supervised import classification_metrics, predict
     from tasks.train import Trainer, seed_everything, to_device
+    from tasks.kinds.supervised import SupervisedStep
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,7 +60,7 @@ def main(argv=None) -> list[dict]:
         model = create_model(arch, input_shape=m["input_shape"], num_classes=m["num_classes"])
         params, macs = count_parameters(model), count_macs(model, tuple(m["input_shape"]))
         model = model.to(device, memory_format=torch.channels_last)
-        res = Trainer(model, cfg, 0, device).fit(train, val)
+        res = Trainer(model, cfg, 0, device, SupervisedStep(model, cfg, device)).fit(train, val)
         model = model.float().to(memory_format=torch.contiguous_format)
         acc = classification_metrics(predict(model, test.x), test.y, m["num_classes"])[0]["test_accuracy"]
         epoch_s = [h["epoch_seconds"] for h in res.history]

@@ -13,6 +13,7 @@ from tasks.config import TrainConfig
 from tasks.data import load_prepared, prepare
 from tasks.config import DataConfig
 from tasks.train import Trainer, seed_everything, to_device
+from tasks.kinds.supervised import SupervisedStep
 
 
 def epoch_seconds(arch: str, data, diagnostics: bool, every: int) -> Trainer:
@@ -21,7 +22,7 @@ def epoch_seconds(arch: str, data, diagnostics: bool, every: int) -> Trainer:
     model = create_model(arch, input_shape=m["input_shape"], num_classes=m["num_classes"])
     model = model.to(memory_format=torch.channels_last)
     cfg = TrainConfig(epochs=1, device="cpu", diagnostics={"enabled": diagnostics, "every": every})
-    return Trainer(model, cfg, 0, torch.device("cpu"))
+    return Trainer(model, cfg, 0, torch.device("cpu"), SupervisedStep(model, cfg, torch.device("cpu")))
 
 
 def main() -> None:

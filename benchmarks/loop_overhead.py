@@ -151,8 +151,9 @@ def our_loop(model, train, val, cfg, name: str, tmp: Path, epochs: int | None, o
     from tasks.stages import epoch_callback
     from tasks.tracking import Run
     from tasks.train import Trainer
+    from tasks.kinds.supervised import SupervisedStep
 
-    trainer = Trainer(model, cfg, SEED, torch.device(DEVICE))
+    trainer = Trainer(model, cfg, SEED, torch.device(DEVICE), SupervisedStep(model, cfg, torch.device(DEVICE)))
     progress = EpochProgress(name, 10_000, live=False)
     if epochs is not None:  # only whole epochs write to MLflow (training steps alone need no store)
         run = Run.start("loop-overhead", name, {"nnlab.run": name}, flatten({"train": cfg.model_dump()}))
@@ -236,6 +237,7 @@ def precision_formats(arch: str, d, quick: bool) -> dict:
     import torch
 
     from tasks.train import Trainer
+    from tasks.kinds.supervised import SupervisedStep
 
     image = len(d.manifest["input_shape"]) == 3
     loops = {}
@@ -244,7 +246,8 @@ def precision_formats(arch: str, d, quick: bool) -> dict:
             if channels_last and not image:
                 continue
             cfg = train_config(precision=precision, channels_last=channels_last)
-            trainer = Trainer(build(arch, d.manifest, channels_last), cfg, SEED, torch.device(DEVICE))
+            model = build(arch, d.manifest, channels_last)
+            trainer = Trainer(model, cfg, SEED, torch.device(DEVICE), SupervisedStep(model, cfg, torch.device(DEVICE)))
             train = splits(d, channels_last)[0]
             loops[f"{precision} {'channels_last' if channels_last else 'contiguous'}"] = (
                 lambda t=trainer, s=train: t.train_one_epoch(s))
@@ -259,6 +262,7 @@ def bf16_accuracy(arch: str, d, epochs: int) -> dict:
 
     from tasks.kinds.supervised import classification_metrics, predict
     from tasks.train import Trainer
+    from tasks.kinds.supervised import SupervisedStep
 
     out = {}
     for precision, channels_last in (("fp32", False), ("bf16", True)):
@@ -266,7 +270,7 @@ def bf16_accuracy(arch: str, d, epochs: int) -> dict:
         test = splits(d, False)[2]
         model = build(arch, d.manifest, channels_last)
         trainer = Trainer(model, train_config(precision=precision, channels_last=channels_last, epochs=epochs),
-                          SEED, torch.device(DEVICE))
+                          SEED, torch.device(DEVICE), SupervisedStep(model, train_config(precision=precision, channels_last=channels_last, epochs=epochs), torch.device(DEVICE)))
         res = trainer.fit(train, val)
         model = model.float().to(memory_format=torch.contiguous_format)
         metrics, _ = classification_metrics(predict(model, test.x), test.y, d.manifest["num_classes"])

@@ -20,7 +20,7 @@ from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.experiment import link_mlflow_run, prefect_ids, prepare_data
 from tasks.config import Config, SweepConfig, flatten
-from tasks.kinds import main_metric
+from tasks.kinds import main_metric, ranking
 from tasks.phases import mark
 from tasks.stages import evaluate_stage, train_stage
 from tasks.sweep import expand, fold_sets, register_by_mean, report, show_best_on_parent, todo
@@ -322,8 +322,9 @@ class SweepCrashed(Exception):
 def _cells_and_report(parent, spec_: SweepConfig, cells: list) -> dict:
     from tasks.tracking import Run, child_runs
 
-    metric = main_metric(cells[0].cfg)
-    pending = todo(parent.run_id, cells, metric)
+    rank = ranking(cells[0].cfg)  # worked out once for the sweep; each cell's evaluation records the same
+    parent.set_tags({"nnlab.ranking_metric": rank["metric"], "nnlab.lower_is_better": str(rank["lower_is_better"]).lower()})
+    pending = todo(parent.run_id, cells, rank["metric"])
 
     data = {}
     for cell in pending:  # one prepare per distinct data config (the seed changes the split)
@@ -343,11 +344,11 @@ def _cells_and_report(parent, spec_: SweepConfig, cells: list) -> dict:
             Run(r["run_id"]).finish("FAILED", f"its worker ({r['tags'].get('nnlab.worker', '?')}) died mid-cell; "
                                               f"a newer run of the cell or `nnlab sweep --resume` finishes it")
 
-    paths, rows = report(parent.run_id, spec_, cells, REPORTS / f"{spec_.name}-{parent.run_id[:8]}")
+    paths, rows = report(parent.run_id, spec_, cells, REPORTS / f"{spec_.name}-{parent.run_id[:8]}", rank)
     mark("report written")
     failed = [r for r in rows if r["status"] != "FINISHED"]
-    show_best_on_parent(parent.run_id, rows, metric)
-    registered = register_by_mean(rows, spec_, cells[0].cfg, parent.run_id) if spec_.register else None
+    show_best_on_parent(parent.run_id, rows, rank)
+    registered = register_by_mean(rows, spec_, cells[0].cfg, parent.run_id, rank) if spec_.register else None
     parent.set_tags({"nnlab.sweep_failed_cells": str(len(failed))})
     parent.finish("FINISHED" if not failed else "FAILED",
                   f"{len(failed)} cell(s) did not finish; `nnlab sweep --resume {parent.run_id}`" if failed else None)

@@ -20,6 +20,7 @@ from torchvision.transforms import v2
 
 from tasks.config import AugmentConfig
 from tasks.data import AUGMENTED, load_prepared, raw_max  # noqa: F401  (AUGMENTED: the stage's folder)
+from tasks.figures import pyplot
 
 FLIP_SOURCES = ("cifar10", "fashion_mnist")  # mirrored they are still the same class; a mirrored digit is not
 
@@ -106,10 +107,7 @@ def augment_raw(aug: BatchAugment, x: np.ndarray, batch_size: int = 512) -> np.n
 
 def preview_figure(x: np.ndarray, versions: list[np.ndarray], max_value: float, title: str):
     """Rows: examples; first column the original, then its augmented versions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n, cols = len(x), 1 + len(versions)
     fig, axes = plt.subplots(n, cols, figsize=(1.3 * cols, 1.3 * n + 0.5), squeeze=False)
@@ -150,7 +148,9 @@ def expand_offline(cfg: AugmentConfig, data_dir: str | Path, out_dir: str | Path
     x = np.concatenate([data.x_train] + [augment_raw(aug, data.x_train) for _ in range(cfg.offline_copies)])
     y = np.concatenate([data.y_train] * (cfg.offline_copies + 1))
     splits = {"train": (x, y), "val": (data.x_val, data.y_val), "test": (data.x_test, data.y_test)}
-    # normalisation stays the original training split's: the statistics of the images the model will see
+    # normalisation stays the original training split's: the statistics of the images the model will see; the
+    # data's config and seed stay its own (sizes, files and data hash: write_prepared's, of this folder)
     return write_prepared(Path(out_dir), splits, {
-        **m, "sizes": {**m["sizes"], "train": len(y)},
-        "augment": {"offline_copies": cfg.offline_copies, "from": m["data_hash"], **cfg.model_dump()}})
+        **{k: v for k, v in m.items() if k not in ("sizes", "config", "seed", "files", "data_hash")},
+        "augment": {"offline_copies": cfg.offline_copies, "from": m["data_hash"], **cfg.model_dump()}},
+        cfg=m["config"], seed=m["seed"])

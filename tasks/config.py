@@ -17,8 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.options import UnknownModelError, get_spec
-from tasks.kinds import kind_name, misfit, rules
-from tasks.sources import NAMES as SOURCE_NAMES
+from tasks.sources import NAMES as SOURCE_NAMES, kind_name, misfit, rules
 
 INIT_ALIASES = {"glorot_normal": "xavier_normal", "glorot_uniform": "xavier_uniform",
                 "kaiming_normal": "he_normal", "kaiming_uniform": "he_uniform"}
@@ -150,7 +149,7 @@ class TrainConfig(Section):
 class RegisterConfig(Section):
     enabled: bool = True
     # registered model name; auto: the kind's own and the dataset's (nnlab-classifier-digits,
-    # nnlab-forecaster-sunspots, ...: tasks/kinds.py register_name), so `champion` is only ever challenged by a
+    # nnlab-forecaster-sunspots, ...: tasks/kinds/ register_name), so `champion` is only ever challenged by a
     # model of the same kind and data; a name given holds one dataset
     name: str = Field(default="auto", min_length=1)
     # auto: accuracy (higher wins); forecasts: rmse, charlm/wordlm: perplexity, image GANs: classifier Frechet

@@ -2,16 +2,26 @@
 learned, attention, sample grids, point clouds, GAN curves and evolution strips, image rows."""
 from __future__ import annotations
 
-import matplotlib
+from typing import TYPE_CHECKING
 
-matplotlib.use("Agg")  # files only; never opens a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+
+def pyplot():
+    """matplotlib's pyplot drawing into files only (the Agg backend: never a window): every figure's one set-up."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def confusion_figure(cm: np.ndarray, classes: list[str], title: str):
+    plt = pyplot()
     n = len(classes)
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.55 * n), dpi=110)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
@@ -31,6 +41,7 @@ def confusion_figure(cm: np.ndarray, classes: list[str], title: str):
 
 
 def learning_curve_figure(history: list[dict], title: str):
+    plt = pyplot()
     epochs = range(1, len(history) + 1)
     has_acc = "val_accuracy" in history[0]
     fig, axes = plt.subplots(1, 1 + has_acc, figsize=(5 * (1 + has_acc), 3.6), dpi=110, squeeze=False)
@@ -52,6 +63,7 @@ def learning_curve_figure(history: list[dict], title: str):
 
 def perplexity_figure(history: list[dict], title: str):
     """Language models: train and validation perplexity per epoch (log axis: it falls by orders at first)."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=110)
     epochs = range(1, len(history) + 1)
     for split in ("train", "val"):
@@ -70,6 +82,7 @@ def perplexity_figure(history: list[dict], title: str):
 
 def kernels_figure(weight: torch.Tensor, title: str, max_kernels: int = 64):
     """First-layer kernels (out, in, kh, kw): one tile each, RGB when the input is RGB, else the mean over inputs."""
+    plt = pyplot()
     w = weight.detach().float().cpu()[:max_kernels]
     tiles = w.permute(0, 2, 3, 1) if w.shape[1] == 3 else w.mean(1, keepdim=True).permute(0, 2, 3, 1)
     lo, hi = tiles.amin((1, 2, 3), keepdim=True), tiles.amax((1, 2, 3), keepdim=True)
@@ -87,24 +100,9 @@ def kernels_figure(weight: torch.Tensor, title: str, max_kernels: int = 64):
     return fig
 
 
-@torch.no_grad()
-def feature_maps(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Outputs (C, H, W) of the first and the last of `model.features`' blocks for one input (1, C, H, W)."""
-    blocks = list(model.features.children())
-    wanted = {"early (block 1)": blocks[0], f"late (block {len(blocks)})": blocks[-1]}
-    out: dict[str, torch.Tensor] = {}
-    hooks = [b.register_forward_hook(lambda m, i, o, k=k: out.__setitem__(k, o[0].float().cpu()))
-             for k, b in wanted.items()]
-    try:
-        model.eval()(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return out
-
-
 def feature_maps_figure(image: np.ndarray, maps: dict[str, torch.Tensor], title: str, per_row: int = 8):
     """The input image, then up to `per_row` channels of each feature map (those with the most activation)."""
+    plt = pyplot()
     rows = len(maps)
     fig, axes = plt.subplots(rows, per_row + 1, figsize=(1.1 * (per_row + 1), 1.25 * rows + 0.4), dpi=110,
                              squeeze=False)
@@ -128,6 +126,7 @@ def feature_maps_figure(image: np.ndarray, maps: dict[str, torch.Tensor], title:
 
 def attention_figure(weights: np.ndarray, labels: list[str], title: str, step_name: str = "time step"):
     """Attention over time steps (rows: examples), one heat-map row per example."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(min(12, 1.5 + 0.3 * weights.shape[1]), 0.9 + 0.45 * len(weights)), dpi=110)
     im = ax.imshow(weights, aspect="auto", cmap="magma", vmin=0)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
@@ -138,17 +137,10 @@ def attention_figure(weights: np.ndarray, labels: list[str], title: str, step_na
     return fig
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never opens a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
 
 def tile(images, nrow: int = 8) -> np.ndarray:
     # (N, C, H, W) in [0, 1] -> one (H', W', 3) image, nrow images per row, 1-pixel white borders
+    import torch
     from torchvision.utils import make_grid
 
     grid = make_grid(torch.as_tensor(np.asarray(images, dtype=np.float32)), nrow=nrow, padding=1, pad_value=1.0)
@@ -156,7 +148,7 @@ def tile(images, nrow: int = 8) -> np.ndarray:
 
 
 def sample_grid_figure(images, nrow: int, title: str):
-    plt = _plt()
+    plt = pyplot()
     grid = tile(images, nrow)
     fig, ax = plt.subplots(figsize=(max(2.5, grid.shape[1] / 40), max(2.5, grid.shape[0] / 40) + 0.4), dpi=110)
     ax.imshow(grid, interpolation="nearest")
@@ -168,7 +160,7 @@ def sample_grid_figure(images, nrow: int, title: str):
 
 def curves_figure(history: list[dict], left: list[str], right: list[str], ylabels: tuple[str, str], title: str):
     # two panels of per-epoch curves: the keys `left` and `right` of each epoch's metrics
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
     epochs = range(1, len(history) + 1)
     for ax, keys, label in zip(axes, (left, right), ylabels):
@@ -195,7 +187,7 @@ def _points(ax, real, fake, centers) -> None:
 
 def points_figure(real, fake, centers, title: str):
     # 2-D data: real points (grey), generated (red), the mixture's centres (x)
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.2, 4.4), dpi=110)
     _points(ax, real, fake, centers)
     ax.legend(fontsize=7, loc="upper right", markerscale=3)
@@ -207,7 +199,7 @@ def points_figure(real, fake, centers, title: str):
 def evolution_strip(samples: list, epochs: list[int], title: str = "", nrow: int = 8, centers=None):
     # One panel per epoch, left to right: an image batch (N, C, H, W) in [0, 1] as a grid, or 2-D points (N, 2)
     # as a scatter (with `centers` marked). Drawn from the fixed noise, so a panel differs only by training.
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(samples), figsize=(2.6 * len(samples), 2.9), dpi=110, squeeze=False)
     for ax, s, e in zip(axes[0], samples, epochs):
         s = np.asarray(s)
@@ -225,9 +217,8 @@ def evolution_strip(samples: list, epochs: list[int], title: str = "", nrow: int
 
 
 def rows_figure(rows: list[np.ndarray], labels: list[str], title: str):
-    from tasks.figures import _plt, tile
 
-    plt = _plt()
+    plt = pyplot()
     n = max(len(r) for r in rows)
     fig, axes = plt.subplots(len(rows), 1, figsize=(max(4.0, 0.55 * n + 1.6), 0.62 * len(rows) + 0.8), dpi=110,
                              squeeze=False)

@@ -12,14 +12,12 @@ import io
 import math
 from pathlib import Path
 
-import matplotlib
+import matplotlib.ticker  # noqa: F401
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402,F401
-import numpy as np  # noqa: E402
+from tasks.figures import pyplot
 
-from tasks.kinds import lower_is_better  # noqa: E402
+plt = pyplot()
 
 
 def ci95(values: list[float]) -> tuple[float, float]:
@@ -48,7 +46,7 @@ def epochs_to_95(history: list[float]) -> int | None:
     return next(i + 1 for i, v in enumerate(history) if v >= 0.95 * best)
 
 
-def cell_table(rows: list[dict], factors: list[str], metric: str) -> list[dict]:
+def cell_table(rows: list[dict], factors: list[str], metric: str, lower: bool = False) -> list[dict]:
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
         cells.setdefault(tuple(str(r["levels"][f]) for f in factors), []).append(r)
@@ -63,7 +61,7 @@ def cell_table(rows: list[dict], factors: list[str], metric: str) -> list[dict]:
                       **{k: float(np.mean(v)) if v else float("nan") for k, v in seconds.items()},
                       "diverged": sum(r.get("diverged", False) for r in runs),
                       "failed": sum(r["status"] != "FINISHED" for r in runs)})
-    sign = 1 if lower_is_better(metric) else -1  # best first: lowest error, or highest accuracy
+    sign = 1 if lower else -1  # best first: lowest error, or highest accuracy
     table.sort(key=lambda c: sign * c["mean"] if math.isfinite(c["mean"]) else math.inf)
     return table
 
@@ -154,11 +152,12 @@ def activations_figure():
 
 
 def write_report(title: str, rows: list[dict], factors: list[str], metric: str, out_dir: str | Path,
-                 notes: list[str] | None = None) -> dict[str, Path]:
-    """Write report.md, report.html and the PNGs into out_dir; returns their paths."""
+                 notes: list[str] | None = None, lower: bool = False) -> dict[str, Path]:
+    """Write report.md, report.html and the PNGs into out_dir, cells ranked by `metric` (lower=True: lower
+    wins, as the sweep's ranking says); returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = cell_table(rows, factors, metric)
+    table = cell_table(rows, factors, metric, lower)
     effects = main_effects(rows, factors, metric)
     figures = {"main_effects.png": _png(effects_figure(effects, metric))}
     for f in factors:
@@ -168,19 +167,19 @@ def write_report(title: str, rows: list[dict], factors: list[str], metric: str, 
     for name, data in figures.items():
         (out_dir / name).write_bytes(data)
 
-    md = _markdown(title, rows, factors, metric, table, effects, list(figures), notes or [])
+    md = _markdown(title, rows, factors, metric, lower, table, effects, list(figures), notes or [])
     (out_dir / "report.md").write_text(md)
     (out_dir / "report.html").write_text(_html(title, md, figures))
     return {"md": out_dir / "report.md", "html": out_dir / "report.html",
             **{n: out_dir / n for n in figures}}
 
 
-def _markdown(title, rows, factors, metric, table, effects, figures, notes) -> str:
+def _markdown(title, rows, factors, metric, lower, table, effects, figures, notes) -> str:
     finished = sum(r["status"] == "FINISHED" for r in rows)
     diverged = sum(r.get("diverged", False) for r in rows)
     lines = [f"# {title}", "",
              f"{len(rows)} runs, {finished} finished, {diverged} diverged. Main metric: `{metric}` "
-             f"(test split; mean ± 95% CI over seeds; {'lower' if lower_is_better(metric) else 'higher'} is better). "
+             f"(test split; mean ± 95% CI over seeds; {'lower' if lower else 'higher'} is better). "
              "★ marks the best cell.", ""]
     lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     accuracy = any(math.isfinite(c["epochs_to_95"]) for c in table)  # classifiers: how fast, too
@@ -199,7 +198,7 @@ def _markdown(title, rows, factors, metric, table, effects, figures, notes) -> s
                                         str(c["n"]), *speed, *cost, str(c["diverged"])]) + " |")
     lines += ["", "## Main effects", "", "Each level's mean over all other factors and seeds.", ""]
     for f, levels in effects.items():
-        pick = min if lower_is_better(metric) else max
+        pick = min if lower else max
         best = pick((lv for lv in levels if math.isfinite(lv["mean"])), key=lambda lv: lv["mean"], default=None)
         lines.append(f"**{f}**: " + " · ".join(
             f"{lv['level']} {fmt(lv['mean'], lv['ci'])}" + (" (best)" if lv is best else "") for lv in levels))

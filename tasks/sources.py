@@ -1,15 +1,21 @@
-"""The one table of data sources: name -> reader -> kind of data. Adding a source is one row plus its reader.
+"""The one table of data sources (name -> reader -> kind of data) and what config validation asks of each kind
+of run. Adding a source is one row plus its reader in tasks/data/.
 
 A kind of data says how a source's records become prepared splits (its preparer) and which kind of run they
-make unless the model brings its own (tasks/kinds.py: GANs make generators from any data). Readers and
-preparers are named "module:function" and imported when used: config validation reads this table without
-importing torch or the readers' libraries.
+make unless the model brings its own (tasks/kinds/: GANs make generators from any data). Readers and
+preparers are named "module:function" and imported when used: config validation reads this table and RULES
+without importing torch, the readers' libraries or the kinds.
 """
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+from models.options import get_spec, list_models
+
+if TYPE_CHECKING:
+    from tasks.config import Config, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -82,3 +88,83 @@ def data_kind(source: str) -> str:
 
 def task(source: str) -> str:
     return DATA[SOURCES[source].data].task
+
+
+# ---------------------------------------------------------------- what config validation asks of a kind of run
+
+@dataclass(frozen=True)
+class Rules:
+    data: tuple[str, ...] = ()  # the kinds of data (tasks/sources.py DATA) it trains on; empty: any
+    own_models: bool = False  # its data trains only the models of this kind (translation: encoder-decoders)
+    # settings it cannot honour, each as `key: why` (validation turns them into an error)
+    refuse: Callable[["Config", "TrainConfig"], list[str]] = lambda cfg, train: []
+
+
+def _refuses(early_stopping: str | None = None, augment: str | None = None):
+    """The rule of a kind that cannot honour early stopping and/or augmentation: each given reason, as
+    `key: reason`, when that setting is on."""
+
+    def refuse(cfg: "Config", train: "TrainConfig") -> list[str]:
+        return ([f"train.early_stopping.enabled: {early_stopping}"] if early_stopping and train.early_stopping.enabled
+                else []) + ([f"augment.enabled: {augment}"] if augment and cfg.augment.enabled else [])
+
+    return refuse
+
+
+_generation_refuses = _refuses(
+    early_stopping="a GAN has no held-out loss to watch (its losses say nothing of its samples); set it to false "
+                   "and choose train.epochs",
+    augment="a GAN learns the distribution of its training images, augmentations included; set it to false")
+_translation_refuses = _refuses(augment="image augmentation does not apply to text; set it to false")
+_image_translation_refuses = _refuses(
+    early_stopping="an image GAN's losses do not say when its outputs are best; set it to false and choose "
+                   "train.epochs",
+    augment="the pairs are built in data preparation; set it to false")
+
+
+def _speech_refuses(cfg: "Config", train: "TrainConfig") -> list[str]:
+    out = []
+    if cfg.augment.offline_copies:
+        out.append("augment.offline_copies: speech is augmented on the fly (SpecAugment); set it to 0")
+    if train.early_stopping.enabled and train.early_stopping.monitor == "val_accuracy":
+        out.append("train.early_stopping.monitor: speech runs have no accuracy; monitor val_loss")
+    return out
+
+
+RULES = {  # kind -> its rules; every @register_kind class has its row
+    "classification": Rules(),
+    "regression": Rules(),
+    "language_model": Rules(),
+    "word_language_model": Rules(data=("words",), own_models=True),
+    "generation": Rules(refuse=_generation_refuses),
+    "style_generation": Rules(data=("images",), refuse=_generation_refuses),
+    "translation": Rules(data=("pairs",), own_models=True, refuse=_translation_refuses),
+    "image_translation": Rules(data=("image_pairs",), own_models=True, refuse=_image_translation_refuses),
+    "speech_recognition": Rules(data=("audio",), own_models=True, refuse=_speech_refuses),
+}
+
+
+def kind_name(arch: str, source: str) -> str:
+    """The name of the kind of a run of architecture `arch` on data `source`, without importing the kind."""
+    return get_spec(arch).kind or task(source)
+
+
+def rules(name: str) -> Rules:
+    if name not in RULES:
+        raise KeyError(f"unknown kind of run {name!r}; known: {', '.join(sorted(RULES))}")
+    return RULES[name]
+
+
+def misfit(arch: str, source: str) -> str | None:
+    """Why architecture `arch` cannot train on `source`, or None: a model of one kind on data it does not read
+    (an encoder-decoder on images), or data whose kind needs its own models (translation pairs in an LSTM
+    classifier)."""
+    spec, data = get_spec(arch), data_kind(source)
+    if spec.kind is not None and rules(spec.kind).data and data not in rules(spec.kind).data:
+        readers = [n for n, s in SOURCES.items() if s.data in rules(spec.kind).data]
+        return f"{arch} makes {spec.kind} runs, from {', '.join(readers)} data; data.source is {source}"
+    own = task(source)
+    if rules(own).own_models and spec.kind != own:
+        takes = [n for n in list_models() if get_spec(n).kind == own]
+        return f"{source} data makes {own} runs, which train: {', '.join(takes)} (not {arch})"
+    return None

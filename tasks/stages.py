@@ -11,17 +11,19 @@ from pathlib import Path
 
 import torch
 
-from models.registry import count_parameters, create_model, get_spec, list_models
+from models.registry import count_parameters, get_spec
 from tasks.config import Config, flatten, params_hash
 from tasks.data import AUGMENTED, PROCESSED, load_prepared, prepare, raw_max
 from tasks.files import (StoreWriteError, atomic_path, code_hash, exclusive, load_torch, save_torch, write_failure,
                          write_json)
-from tasks.kinds import Job, Kind, get_kind, kind_of, main_metric, register_name
+from tasks.kinds import Job, Kind, get_kind, kind_of, ranking, register_name
+from tasks.networks import build, load_trained
 from tasks.phases import mark
 from tasks.progress import EpochProgress
 from tasks.tracking import Run, git_commit, prepare_model_logging, store_path
 from tasks.train import (CheckpointFormatError, FitResult, Trainer, init_weights, resolve_device, seed_everything,
                          to_device)
+from tasks.figures import pyplot
 
 CHECKPOINTS = Path(".nnlab/checkpoints")  # resume state of unfinished runs; never a DVC output (DVC wipes those)
 
@@ -76,9 +78,7 @@ def augment_stage(cfg: Config, data_dir: str | Path = PROCESSED, out_dir: str | 
         fig = preview(cfg.augment, data, cfg.seed) if image else _no_augmentation_figure(data.manifest["source"])
         with atomic_path(preview_path) as tmp:
             fig.savefig(tmp, format="png", dpi=110)
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        pyplot().close(fig)
     if cfg.augment.offline_copies and not image:
         raise ValueError(f"augment.offline_copies: {data.manifest['source']} holds no images; image augmentation "
                          "applies to image sources only (set augment.offline_copies: 0)")
@@ -93,10 +93,7 @@ def augment_stage(cfg: Config, data_dir: str | Path = PROCESSED, out_dir: str | 
 
 
 def _no_augmentation_figure(source: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(4, 1.2))
     ax.axis("off")
@@ -117,25 +114,6 @@ def run_params(cfg: Config, name: str) -> dict:
     d["models"] = {name: cfg.models[name]}
     d["train"] = cfg.train_for(name).model_dump()  # what this run really used
     return d
-
-
-def build(arch: str, options: dict, manifest: dict) -> torch.nn.Module:
-    """create_model for the data `manifest` describes: token data hands its vocabulary size to the embedding;
-    a base named by a tracking reference (transfer learning) is fetched here and handed over loaded."""
-    spec = get_spec(arch)
-    if manifest.get("vocab_size"):
-        if "vocab_size" not in spec.options.model_fields:
-            takes = [n for n in list_models() if "vocab_size" in get_spec(n).options.model_fields]
-            raise ValueError(f"model {arch!r} does not read token ids ({manifest.get('source', 'the data')} is text); "
-                             f"models that do: {', '.join(takes)}")
-        options = {**options, "vocab_size": manifest["vocab_size"]}
-    base = options.get("base")
-    if "base_checkpoint" in spec.options.model_fields and base and not base.startswith("torchvision:"):
-        from tasks.tracking import load_checkpoint
-
-        checkpoint, uri = load_checkpoint(base)
-        options = {**options, "base": uri, "base_checkpoint": checkpoint}
-    return create_model(arch, input_shape=tuple(manifest["input_shape"]), num_classes=manifest["num_classes"], **options)
 
 
 def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_dir: str | Path | None = None,
@@ -334,36 +312,6 @@ def run_title(name: str, source: str, lr: float, cell: str | None = None) -> str
     return f"{name} · {source} · lr={lr:g}"
 
 
-def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild a trained network from its self-describing `model.pt` (weights and plain data only)."""
-    final = load_torch(path, map_location=device)
-    return rebuild(final, device), final
-
-
-def rebuild(final: dict, device: torch.device | str = "cpu") -> torch.nn.Module:
-    model = build(final["arch"], final["options"], final)
-    model.load_state_dict(final["model"])
-    return model.to(device).eval()
-
-
-def load_served(ref: str):
-    """(the served module of a logged or registered model, its vocabulary dict or None, its metadata, the pinned
-    URI). The module is rebuilt from the run's self-describing checkpoint, read as weights and plain data only,
-    through the model registry and the kind's `wrap`: nnlab never unpickles the logged MLflow model (a pickle,
-    or a torch.export archive whose weights torch reads with a full unpickler), so a model planted in a shared
-    store cannot run code here. The logged model stays what `mlflow models serve` serves."""
-    from tasks.tracking import extra_file, load_checkpoint, model_metadata
-
-    final, uri = load_checkpoint(ref)
-    if "manifest" not in final:
-        raise LookupError(f"{uri}: trained by an older nnlab (its checkpoint does not describe its data); train it "
-                          "again to serve it")
-    norm = final["normalization"]
-    net = rebuild(final).float()
-    served = get_kind(final["task"]).wrap(net, final["manifest"], norm["mean"], norm["std"]).eval()
-    return served, extra_file(uri, "vocab.json"), model_metadata(uri), uri
-
-
 # ---------------------------------------------------------------- evaluate
 
 def evaluate_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, train_dir: str | Path | None = None,
@@ -380,6 +328,9 @@ def evaluate_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, tra
     data = load_prepared(data_dir)
     kind = get_kind(final.get("task", "classification"))
     ev = kind.evaluate(cfg, name, model, final, data, Path(data_dir), device)
+    rank = ranking(cfg)  # recorded with the evaluation: registration and sweeps read it, never work it out again
+    ev.tags = {**ev.tags, "nnlab.ranking_metric": rank["metric"],
+               "nnlab.lower_is_better": str(rank["lower_is_better"]).lower()}
     verdict = beats_baseline(kind, kind.metric_for(final["source"]), ev.metrics)
     if verdict is not None:
         ev.tags = {**ev.tags, "nnlab.beats_baseline": str(verdict[0]).lower(), "nnlab.baseline": verdict[1]}
@@ -401,7 +352,7 @@ def evaluate_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, tra
     summary = {**ev.metrics, **ev.summary, "health": run.health(), "name": name, "arch": final["arch"],
                "family": final["family"],
                "run_id": final["run_id"], "model_uri": final["model_uri"], "epochs": final["epochs"],
-               "seconds": round(final["seconds"], 3)}
+               "seconds": round(final["seconds"], 3), "ranking": rank}
     write_json(summary_path, summary)
     write_json(metrics_path, numbers_only(summary))
     return summary
@@ -427,8 +378,7 @@ def publish_for_dvc(name: str, flow_dir: Path) -> None:
 
 def _plot_history(path: Path, history: list[dict], name: str) -> None:
     """The learning curves as an image too: DVC's own rendering of history.csv needs Vega from the network."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     epochs = range(1, len(history) + 1)
     losses = [k for k in history[0] if k.endswith("loss")] if history else []
     scores = [k for k in history[0] if k.startswith("val_") and not k.endswith("loss")] if history else []
@@ -453,13 +403,11 @@ def _plot_history(path: Path, history: list[dict], name: str) -> None:
 def beats_baseline(kind: Kind, metric: str, metrics: dict) -> tuple[bool, str] | None:
     """(whether `metric` beats the kind's trivial predictor on the same test split, what was compared), or None
     when the kind has none for it (GAN samples)."""
-    from tasks.kinds import lower_is_better
-
     base = kind.baselines.get(metric)
     if base is None or base not in metrics or metric not in metrics:
         return None
     value, ref = metrics[metric], metrics[base]
-    wins = value < ref if lower_is_better(metric) else value > ref
+    wins = value < ref if kind.lower_wins(metric) else value > ref
     return wins, f"{metric} {value:.4f} vs {base} {ref:.4f}"
 
 
@@ -474,13 +422,23 @@ def _write_history(path: Path, history: list[dict]) -> None:
 # ---------------------------------------------------------------- register
 
 def register_stage(cfg: Config, results: list[dict], out_path: str | Path | None = "data/register.json") -> dict:
-    """Register the best of `results` (evaluate summaries); alias `champion` only if it beats the current one."""
-    from tasks.kinds import lower_is_better
-    from tasks.tracking import register_best
+    """Register the best of `results` (evaluate summaries) by the ranking their evaluation recorded; alias
+    `champion` only if it beats the current one."""
+    from tasks.registration import register_best
 
-    metric = main_metric(cfg)
-    outcome = register_best(register_name(cfg), metric, results, cfg.register.min_delta, not lower_is_better(metric))
+    rank = recorded_ranking(results) or ranking(cfg)  # summaries written before rankings were recorded: work it out
+    outcome = register_best(register_name(cfg), rank["metric"], results, cfg.register.min_delta,
+                            not rank["lower_is_better"])
     if out_path:
         write_json(out_path, outcome)
     return outcome
 
+
+def recorded_ranking(results: list[dict]) -> dict | None:
+    """The ranking the evaluations of `results` recorded (None if none did); results ranked differently cannot be
+    compared."""
+    found = {(r["ranking"]["metric"], r["ranking"]["lower_is_better"]): r["ranking"] for r in results if r.get("ranking")}
+    if len(found) > 1:
+        raise ValueError("these results were ranked by different metrics and cannot be compared: "
+                         + ", ".join(f"{r.get('name')}: {r['ranking']['metric']}" for r in results if r.get("ranking")))
+    return next(iter(found.values()), None)

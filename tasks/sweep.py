@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from tasks.config import (Config, ConfigError, SweepConfig, apply_sets, format_errors, parse_set, read_yaml,
                           select_models, validate)
-from tasks.kinds import lower_is_better, main_metric, register_name
+from tasks.kinds import ranking, register_name
 
 SweepSpec = SweepConfig
 
@@ -181,12 +181,15 @@ def todo(parent_run_id: str, cells: list[Cell], metric: str) -> list[Cell]:
     return [c for c in cells if c.id not in done]
 
 
-def report(parent_run_id: str, spec: SweepSpec, cells: list[Cell], out_dir: str | Path) -> tuple[dict, list[dict]]:
-    """Write the report for `parent_run_id` under out_dir, log it to the parent run; returns (paths, rows)."""
+def report(parent_run_id: str, spec: SweepSpec, cells: list[Cell], out_dir: str | Path,
+           rank: dict | None = None) -> tuple[dict, list[dict]]:
+    """Write the report for `parent_run_id` under out_dir, ranked by `rank` (the sweep's: tasks.kinds.ranking of
+    its cells, worked out once), log it to the parent run; returns (paths, rows)."""
     from tasks.report import write_report
     from tasks.tracking import Run
 
-    metric = main_metric(cells[0].cfg)
+    rank = rank or ranking(cells[0].cfg)
+    metric = rank["metric"]
     rows = collect_rows(parent_run_id, cells, metric)
     factors = [a for a in spec.grid if a != "seed"] or ["seed"]
     for r in rows:
@@ -200,26 +203,28 @@ def report(parent_run_id: str, spec: SweepSpec, cells: list[Cell], out_dir: str 
     sources = sorted({c.cfg.data.source for c in cells})
     notes.append(f"MLflow parent run `{parent_run_id}`; {'models' if len(archs) > 1 else 'model'} "
                  f"{', '.join(f'`{a}`' for a in archs)} on {', '.join(f'`{s}`' for s in sources)}.")
-    paths = write_report(f"Sweep report: {spec.name}", rows, factors, metric, out_dir, notes)
+    paths = write_report(f"Sweep report: {spec.name}", rows, factors, metric, out_dir, notes,
+                         lower=rank["lower_is_better"])
     run = Run(parent_run_id)
     for p in paths.values():
         run.log_file(p, "report")
     return {k: str(v) for k, v in paths.items()}, rows
 
 
-def best_cell(rows: list[dict], metric: str) -> dict | None:
+def best_cell(rows: list[dict], rank: dict) -> dict | None:
     """The sweep's best cell by its mean over seeds, and its best seed's run (healthy first): what the parent run
     shows and what registration promotes. None when no cell finished with the metric and a model."""
     from tasks.report import ci95
-    from tasks.tracking import champion_blockers
+    from tasks.registration import champion_blockers
 
+    metric = rank["metric"]
     by_cell: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["status"] == "FINISHED" and r.get(metric) is not None and r.get("model_uri"):
             by_cell.setdefault(tuple(sorted((k, str(v)) for k, v in r["levels"].items() if k != "seed")), []).append(r)
     if not by_cell:
         return None
-    pick = min if lower_is_better(metric) else max
+    pick = min if rank["lower_is_better"] else max
     key, runs = pick(by_cell.items(), key=lambda kv: ci95([r[metric] for r in kv[1]])[0])
     mean, half = ci95([r[metric] for r in runs])
     best = pick([r for r in runs if not champion_blockers(r)] or runs, key=lambda r: r[metric])
@@ -227,12 +232,12 @@ def best_cell(rows: list[dict], metric: str) -> dict | None:
             "run": best}
 
 
-def show_best_on_parent(parent_run_id: str, rows: list[dict], metric: str) -> dict | None:
+def show_best_on_parent(parent_run_id: str, rows: list[dict], rank: dict) -> dict | None:
     """The parent run carries its best cell: `<metric>` (its mean over seeds, the runs list's column),
     `<metric>_ci95`, `best_seed_<metric>`, and tags naming the cell and its best run."""
     from tasks.tracking import Run
 
-    best = best_cell(rows, metric)
+    best, metric = best_cell(rows, rank), rank["metric"]
     if best is None:
         return None
     run = Run(parent_run_id)
@@ -242,13 +247,13 @@ def show_best_on_parent(parent_run_id: str, rows: list[dict], metric: str) -> di
     return best
 
 
-def register_by_mean(rows: list[dict], spec: SweepSpec, cfg: Config, parent_run_id: str) -> dict | None:
+def register_by_mean(rows: list[dict], spec: SweepSpec, cfg: Config, parent_run_id: str, rank: dict) -> dict | None:
     """Promotion over seeds: the best cell by its mean over seeds; its best seed's model is registered and
     becomes `champion` only when that mean beats the champion's score by more than register.min_delta."""
-    from tasks.tracking import champion_blockers, register_version
+    from tasks.registration import champion_blockers, register_version
 
-    metric = main_metric(cfg)
-    found = best_cell(rows, metric)
+    metric = rank["metric"]
+    found = best_cell(rows, rank)
     if found is None:
         return None
     mean, half, best = found["mean"], found["ci95"], found["run"]
@@ -256,5 +261,5 @@ def register_by_mean(rows: list[dict], spec: SweepSpec, cfg: Config, parent_run_
             "nnlab.cell": found["cell"], f"mean_{metric}": mean, f"ci95_{metric}": half,
             "n_seeds": found["n_seeds"], "nnlab.run_id": best["run_id"]}
     out = register_version(register_name(cfg), best["model_uri"], mean, cfg.register.min_delta, tags,
-                           higher=not lower_is_better(metric), blocked=champion_blockers(best))
+                           higher=not rank["lower_is_better"], blocked=champion_blockers(best))
     return {**out, "cell": tags["nnlab.cell"], "mean": mean, "ci95": half, "run_id": best["run_id"]}

@@ -1,4 +1,5 @@
-"""The one module that talks to MLflow. Everything else hands it plain dicts, figures and modules."""
+"""The door to MLflow's tracking: the store, runs and what they log (tasks/registration.py is the door to its model
+registry). Everything else hands them plain dicts, figures and modules."""
 from __future__ import annotations
 
 import os
@@ -144,27 +145,12 @@ def experiment_id(name: str) -> str:
         return exp.experiment_id
 
 
-# What makes two registered versions the same result: the run's tags that a version copies.
-IDENTITY = ("nnlab.dataset", "nnlab.data_hash", "nnlab.params_hash", "nnlab.code_hash")
-
-
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-# Health tags (nnlab.health.<rule> = true) that bar a run from `champion`: it trained on broken gradients or its
-# generator collapsed. Such a run may still be registered, as `challenger`, with the reason as a tag. Dead units
-# alone are a warning: a net with many dead ReLUs can still be the best one.
-BLOCKS_CHAMPION = ("vanishing", "exploding", "mode_collapse")
-
-
-def champion_blockers(result: dict) -> list[str]:
-    """The health rules in a result's `health` that bar it from `champion`."""
-    return sorted(set(result.get("health") or []) & set(BLOCKS_CHAMPION))
 
 
 def fired_health(tags: dict[str, str]) -> list[str]:
@@ -306,8 +292,9 @@ class Run:
         self.c.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_figure(self, fig, path: str, close: bool = True) -> None:
-        import matplotlib.pyplot as plt
+        from tasks.figures import pyplot
 
+        plt = pyplot()
         self.c.log_figure(self.run_id, fig, path)
         if close:  # pyplot keeps every open figure alive: a sweep worker would pile them up
             plt.close(fig)
@@ -351,109 +338,6 @@ class Run:
         self.c.set_terminated(self.run_id, status=status)
 
 
-
-def register_best(name: str, metric: str, results: list[dict], min_delta: float = 0.0, higher: bool = True) -> dict:
-    """Register the best result's model under `name` (see `register_version`): the highest `metric`, or the
-    lowest with higher=False. A result barred by its health (`champion_blockers`) competes only when no healthy
-    result has the metric, and then as `challenger`."""
-    ok = [r for r in results if r.get(metric) is not None]
-    if not ok:
-        raise ValueError(f"nothing to register: no result has {metric!r}")
-    trivial = [r for r in ok if r.get("beats_baseline") is False]
-    ok = [r for r in ok if r.get("beats_baseline") is not False]
-    if not ok:  # a model at chance is no model: nothing goes into the registry
-        return {"name": name, "registered": False, "metric": metric,
-                "reason": "no run beats its trivial baseline (" + "; ".join(f"{r['name']}: {r['baseline']}"
-                                                                       for r in trivial) + ")"}
-    best = (max if higher else min)([r for r in ok if not champion_blockers(r)] or ok, key=lambda r: r[metric])
-    out = register_version(name, best["model_uri"], best[metric], min_delta,
-                           {"nnlab.run": best["name"], "nnlab.run_id": best["run_id"], metric: best[metric],
-                            "nnlab.metric": metric}, higher=higher, blocked=champion_blockers(best))
-    return {**out, "run_id": best["run_id"], "model": best["name"], metric: best[metric]}
-
-
-def register_version(name: str, model_uri: str, score: float, min_delta: float, tags: dict,
-                     higher: bool = True, blocked: list[str] | tuple = ()) -> dict:
-    """New version of `name`; alias `champion` moves to it only when `score` beats the current champion's by
-    more than `min_delta` (higher is better, or lower with higher=False: test_rmse), else it gets
-    `challenger`. A version `blocked` by health rules (mode collapse, vanishing or exploding gradients) is
-    never champion, even as the first. The decision and the numbers behind it are tags of the version."""
-    import mlflow
-
-    c = client()
-    identity = {}
-    if tags.get("nnlab.run_id"):  # the dataset, data, params and code of the run behind the model
-        run_tags = c.get_run(tags["nnlab.run_id"]).data.tags
-        identity = {k: run_tags[k] for k in IDENTITY if k in run_tags}
-        versions = _versions(c, name)  # read once: the dataset rule and the duplicate rule look at the same list
-        held = {v.tags.get("nnlab.dataset") for v in versions} - {None, identity.get("nnlab.dataset")}
-        if held and identity.get("nnlab.dataset"):  # one registered model, one dataset: never compared across
-            return {"name": name, "registered": False, "version": None, "alias": None, "score": score,
-                    "previous_champion": None,
-                    "reason": f"{name} holds models trained on {', '.join(sorted(held))}, this one on "
-                              f"{identity['nnlab.dataset']}: set register.name to auto (one registered model per "
-                              "dataset) or to a name of this dataset's own"}
-        same = _same_result(versions, identity, score)
-        if same is not None:
-            return {"name": name, "registered": False, "version": int(same.version), "alias": None,
-                    "score": score, "previous_champion": None,
-                    "reason": f"identical to version {same.version} (same dataset, data, params and code, same "
-                              "score)"}
-    try:
-        champ = c.get_model_version_by_alias(name, "champion")
-        champ_score = float(champ.tags.get("nnlab.score", "nan"))
-        if champ_score != champ_score:  # registered before scores were tagged: its run's metric
-            metric = tags.get("nnlab.metric", "test_accuracy")
-            champ_score = c.get_run(champ.run_id).data.metrics.get(metric, float("nan"))
-    except Exception:  # no such model or alias yet
-        champ, champ_score = None, None
-    version = mlflow.register_model(model_uri, name)
-    if blocked:
-        wins = False
-    elif champ_score is None or champ_score != champ_score:
-        wins = True
-    else:
-        wins = score > champ_score + min_delta if higher else score < champ_score - min_delta
-    alias = "champion" if wins else "challenger"
-    if blocked:
-        decision = f"health: {', '.join(blocked)}: never champion, registered as challenger"
-        tags = {**tags, "nnlab.not_champion": ", ".join(blocked)}
-    elif champ is None:
-        decision = "first version: champion"
-    else:
-        decision = f"{score:.4f} vs champion v{champ.version} {champ_score:.4f} (min_delta {min_delta}): {alias}"
-    for k, v in {**tags, **identity, "nnlab.score": score, "nnlab.decision": decision,
-                 "nnlab.previous_champion_score": champ_score}.items():
-        c.set_model_version_tag(name, version.version, k, str(v))
-    c.set_registered_model_alias(name, alias, version.version)
-    return {"name": name, "registered": True, "version": int(version.version), "alias": alias, "score": score,
-            "previous_champion": champ_score, "decision": decision}
-
-
-def _versions(c, name: str) -> list:
-    try:
-        return c.search_model_versions(f"name = '{name}'", max_results=1000)
-    except Exception:  # no such registered model yet
-        return []
-
-
-def _same_result(versions: list, identity: dict[str, str], score: float):
-    """The version among `versions` with the same identity (every IDENTITY tag known and equal) and the same score: the
-    same run again (training is seeded, so the same inputs give the same model). None when there is none."""
-    import math
-
-    if len(identity) < len(IDENTITY):
-        return None
-    for v in versions:
-        try:
-            same_score = math.isclose(float(v.tags.get("nnlab.score", "nan")), score, rel_tol=1e-9, abs_tol=1e-12)
-        except ValueError:
-            same_score = False
-        if same_score and all(v.tags.get(k) == val for k, val in identity.items()):
-            return v
-    return None
-
-
 # ---------------------------------------------------------------- sweeps
 
 def child_runs(parent_run_id: str) -> list[dict]:
@@ -478,107 +362,3 @@ def load_artifact_json(run_id: str, path: str) -> dict:
 
     local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=tracking_uri())
     return json.loads(Path(local).read_text())
-
-
-# ---------------------------------------------------------------- reuse of logged models
-
-def resolve_model_uri(ref: str) -> str:
-    """A pinned URI for `ref`, checked against the project's store (`tracking_uri()`, which it also makes MLflow's
-    for the loads that follow: never MLflow's default ./mlflow.db): models:/<name>@<alias> -> models:/<name>/<version>
-    (an alias may move later), a bare run id -> runs:/<id>/model; models:/<name>/<version> and runs:/<id>/... as
-    given, once the version or run is found there."""
-    import re
-
-    c = client()  # sets MLflow's tracking URI to the project's store
-    if re.fullmatch(r"[0-9a-f]{32}", ref):
-        ref = f"runs:/{ref}/model"
-    m = re.fullmatch(r"models:/([^@/]+)@([\w.-]+)", ref)
-    if m:
-        name = _per_dataset(c, m[1])
-        try:
-            version = c.get_model_version_by_alias(name, m[2]).version
-        except Exception as e:
-            raise LookupError(f"{ref}: no registered model {name!r} with alias {m[2]!r} in {tracking_uri()} "
-                              f"({type(e).__name__})") from None
-        return f"models:/{name}/{version}"
-    m = re.fullmatch(r"models:/([^@/]+)/(\d+)(/.*)?", ref)
-    if m:
-        try:
-            c.get_model_version(m[1], m[2])
-        except Exception as e:
-            raise LookupError(f"{ref}: no version {m[2]} of registered model {m[1]!r} in {tracking_uri()} "
-                              f"({type(e).__name__})") from None
-        return ref
-    m = re.fullmatch(r"runs:/([0-9a-f]{32})(/.*)?", ref)
-    if m:
-        try:
-            c.get_run(m[1])
-        except Exception as e:
-            raise LookupError(f"{ref}: no run {m[1]} in {tracking_uri()} ({type(e).__name__})") from None
-        return ref
-    raise ValueError(f"{ref!r} is not a model reference: use models:/<name>@<alias>, models:/<name>/<version>, "
-                     "runs:/<run id>/model or a run id")
-
-
-def _per_dataset(c, name: str) -> str:
-    """`name` itself when registered; else the one `name-<dataset>` there is (register.name auto registers one
-    model per dataset: models:/nnlab-asr@champion finds nnlab-asr-synth_speech); several: an error naming them."""
-    try:
-        c.get_registered_model(name)
-        return name
-    except Exception:
-        pass
-    found = sorted(m.name for m in c.search_registered_models(f"name LIKE '{name}-%'", max_results=1000))
-    if len(found) > 1:
-        raise LookupError(f"models:/{name}: one registered model per dataset; name one of: {', '.join(found)}")
-    return found[0] if found else name
-
-
-def load_checkpoint(ref: str) -> tuple[dict, str]:
-    """(the self-describing checkpoint a training run logged under checkpoint/model.pt, the pinned URI of `ref`),
-    read as weights and plain data only (tasks.files.load_torch): a planted pickle is refused, never run."""
-    import mlflow.artifacts
-
-    from tasks.files import load_torch
-
-    uri = resolve_model_uri(ref)
-    c = client()
-    if uri.startswith("runs:/"):
-        run_id = uri[len("runs:/"):].split("/")[0]
-    else:
-        name, version = uri[len("models:/"):].split("/")[:2]
-        try:
-            run_id = c.get_model_version(name, version).run_id
-        except Exception as e:
-            raise LookupError(f"{uri}: no such model version in {tracking_uri()} ({type(e).__name__})") from None
-    try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint/model.pt",
-                                                    tracking_uri=tracking_uri())
-    except Exception as e:
-        raise LookupError(f"{uri}: run {run_id} has no checkpoint/model.pt artifact (not trained by nnlab?): "
-                          f"{type(e).__name__}") from None
-    return load_torch(local), uri
-
-
-def extra_file(uri: str, name: str) -> dict | None:
-    """A JSON file logged beside a model (its vocabularies), or None when it has none."""
-    import json
-
-    import mlflow.artifacts
-
-    try:
-        return json.loads(Path(mlflow.artifacts.download_artifacts(f"{uri}/extra_files/{name}",
-                                                                   tracking_uri=tracking_uri())).read_text())
-    except Exception:
-        return None
-
-
-def model_metadata(uri: str) -> dict:
-    """The metadata logged with a model (its MLmodel file: YAML, no code)."""
-    from mlflow.models import get_model_info
-
-    try:
-        return get_model_info(uri).metadata or {}
-    except Exception as e:
-        raise LookupError(f"{uri}: cannot read the model's description from {tracking_uri()} ({type(e).__name__}: {e})"
-                          ) from None

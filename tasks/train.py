@@ -259,14 +259,14 @@ CHECKPOINT_FORMAT = 2  # 2: the step's state under "step" (1, before: the superv
 @dataclass
 class Trainer:
     """The one loop over epochs and batches: batch order, augmentation, early stopping, progress, the
-    per-epoch callback and everything a checkpoint must capture. What a batch does is `step`'s (default:
-    a supervised classifier's)."""
+    per-epoch callback and everything a checkpoint must capture. What a batch does is `step`'s (a supervised
+    classifier's: tasks/kinds/supervised.py SupervisedStep)."""
 
     model: nn.Module
     cfg: TrainConfig
     seed: int
     device: torch.device
-    step: Step | None = None
+    step: Step
     augment: Callable | None = None  # (B, C, H, W) batch -> augmented batch, applied to training batches only
     stopper: EarlyStopping = field(init=False)
     shuffle: torch.Generator = field(init=False)
@@ -276,10 +276,6 @@ class Trainer:
     seconds: float = 0.0
 
     def __post_init__(self):
-        if self.step is None:  # a classifier's
-            from tasks.kinds.supervised import SupervisedStep
-
-            self.step = SupervisedStep(self.model, self.cfg, self.device)
         self.stopper = EarlyStopping(self.cfg.early_stopping)
         self.shuffle = torch.Generator().manual_seed(self.seed)  # batch order; separate from dropout's RNG
 

@@ -119,6 +119,7 @@ def test_trainer_resumes_with_the_same_augmentation_draws():
     from models.registry import create_model
     from tasks.config import TrainConfig
     from tasks.train import Split, Trainer, seed_everything
+    from tasks.kinds.supervised import SupervisedStep
 
     torch.manual_seed(0)
     data = Split(torch.randn(256, 1, 8, 8), torch.randint(0, 10, (256,)))
@@ -127,7 +128,7 @@ def test_trainer_resumes_with_the_same_augmentation_draws():
         seed_everything(0)
         model = create_model("simple_cnn", input_shape=(1, 8, 8), num_classes=10, filters=[8], dense=16)
         cfg = TrainConfig(epochs=2, device="cpu", diagnostics={"enabled": False})
-        return Trainer(model, cfg, 0, torch.device("cpu"), augment=aug(rotation=20, width_shift=0.2))
+        return Trainer(model, cfg, 0, torch.device("cpu"), SupervisedStep(model, cfg, torch.device("cpu")), augment=aug(rotation=20, width_shift=0.2))
 
     straight = fresh()
     straight.fit(data, data)
@@ -174,6 +175,7 @@ def test_augmentation_improves_test_accuracy_on_a_small_training_set(tmp_path):
     from tasks.data import load_prepared, prepare
     from tasks.kinds.supervised import classification_metrics, predict
     from tasks.train import Trainer, seed_everything, to_device
+    from tasks.kinds.supervised import SupervisedStep
 
     cfg = Config(data={"source": "mnist5k", "max_train": 300}, train={"epochs": 20, "device": "cpu"},
                  augment={"enabled": True})
@@ -187,7 +189,7 @@ def test_augmentation_improves_test_accuracy_on_a_small_training_set(tmp_path):
         seed_everything(0)
         model = create_model("simple_cnn", input_shape=m["input_shape"], num_classes=10)
         model = model.to(memory_format=torch.channels_last)
-        Trainer(model, cfg.train, 0, cpu, augment=BatchAugment.for_data(cfg.augment, m, 0) if on else None).fit(train, val)
+        Trainer(model, cfg.train, 0, cpu, SupervisedStep(model, cfg.train, cpu), augment=BatchAugment.for_data(cfg.augment, m, 0) if on else None).fit(train, val)
         model = model.to(memory_format=torch.contiguous_format)
         acc[on] = classification_metrics(predict(model, test.x), test.y, 10)[0]["test_accuracy"]
     assert acc[True] > acc[False] + 0.02, acc

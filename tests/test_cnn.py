@@ -8,6 +8,7 @@ from models.registry import count_parameters, create_model
 from tasks.config import DataConfig, TrainConfig
 from tasks.data import load_prepared, prepare
 from tasks.train import Trainer, seed_everything, to_device
+from tasks.kinds.supervised import SupervisedStep
 
 CNNS = ["vgg", "resnet", "inception", "mobilenet"]
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (3, 64, 64)]
@@ -281,7 +282,7 @@ def test_receptive_field_follows_the_widest_inception_branch():
 
 def test_models_table_shows_a_field_wider_than_its_probe_as_a_lower_bound_and_caches_the_rows(tmp_path, monkeypatch):
     import models.registry
-    from flows.cli import model_rows
+    from flows.admin import model_rows
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(models.registry, "list_models", lambda: ["simple_cnn", "wgan_gp", "seq2seq"])
@@ -325,7 +326,7 @@ def test_each_cnn_learns_digits(digits_splits, name):
     model = create_model(name, input_shape=tuple(manifest["input_shape"]), num_classes=manifest["num_classes"],
                          **options).to(memory_format=torch.channels_last)
     cfg = TrainConfig(epochs=epochs, device="cpu", diagnostics={"enabled": False})
-    trainer = Trainer(model, cfg, 0, CPU)
+    trainer = Trainer(model, cfg, 0, CPU, SupervisedStep(model, cfg, CPU))
     trainer.fit(train, val)
     acc = trainer.evaluate(test, "test")["test_accuracy"]
     print(f"{name}: digits test accuracy {acc:.4f} after {epochs} epochs")

@@ -174,7 +174,7 @@ def test_a_run_in_training_is_locked_and_its_lock_dies_with_its_process(project)
 TORCH_FREE_CHECK = """
 import sys
 from tasks.config import ConfigError, load_config, read_yaml, select_models
-from tasks.kinds import misfit
+from tasks.sources import misfit
 from tasks.sources import SOURCES
 from tasks.sweep import expand, load_spec
 from models.options import list_models

@@ -7,6 +7,7 @@ from models.registry import create_model
 from tasks.augment import BatchAugment
 from tasks.config import AugmentConfig, TrainConfig
 from tasks.train import Split, Trainer, seed_everything
+from tasks.kinds.supervised import SupervisedStep
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CNNS = ["simple_cnn", "vgg", "resnet", "inception", "mobilenet", "transfer"]
@@ -31,7 +32,7 @@ def test_trains_in_bf16_channels_last(arch, digits):
     model = create_model(arch, input_shape=(1, 8, 8), num_classes=10, **options)
     model = model.cuda().to(memory_format=torch.channels_last)
     train = {"epochs": 15, "lr": 3e-3} if arch in SEQUENCE else {"epochs": 8}  # recurrent nets learn slower here
-    t = Trainer(model, TrainConfig(device="cuda", **train), 0, torch.device("cuda"))
+    t = Trainer(model, TrainConfig(device="cuda", **train), 0, torch.device("cuda"), SupervisedStep(model, TrainConfig(device="cuda", **train), torch.device("cuda")))
     assert t.step.bf16  # precision auto on CUDA
     res = t.fit(*digits)
     assert res.history[-1]["val_accuracy"] > 0.85, res.history[-1]
@@ -53,7 +54,7 @@ def test_resume_on_cuda_is_exact(digits):
         seed_everything(0)
         model = create_model("resnet", input_shape=(1, 8, 8), num_classes=10).cuda()
         aug = BatchAugment(AugmentConfig(enabled=True), flip=False, mean=[0.0], std=[1.0], max_value=1.0, seed=0)
-        return Trainer(model, TrainConfig(epochs=2, device="cuda", precision="fp32"), 0, torch.device("cuda"),
+        return Trainer(model, TrainConfig(epochs=2, device="cuda", precision="fp32"), 0, torch.device("cuda"), SupervisedStep(model, TrainConfig(epochs=2, device="cuda", precision="fp32"), torch.device("cuda")),
                        augment=aug)
 
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
@@ -84,7 +85,7 @@ def test_token_models_train_on_the_device(arch):
     val = to_device(ids[1000:].numpy(), y[1000:].numpy(), [0.0], [1.0], torch.device("cuda"), False)
     assert train.x.dtype == torch.long and train.x.is_cuda
     model = create_model(arch, input_shape=(20,), num_classes=2, vocab_size=50).cuda()
-    tr = Trainer(model, TrainConfig(epochs=8, lr=3e-3, device="cuda", precision="bf16"), 0, torch.device("cuda"))
+    tr = Trainer(model, TrainConfig(epochs=8, lr=3e-3, device="cuda", precision="bf16"), 0, torch.device("cuda"), SupervisedStep(model, TrainConfig(epochs=8, lr=3e-3, device="cuda", precision="bf16"), torch.device("cuda")))
     tr.fit(train, val)
     assert tr.history[-1]["val_accuracy"] > 0.9, tr.history[-1]
 

@@ -1,4 +1,4 @@
-"""tasks/data.py: every source through prepare -> load_prepared, on small files written here (no network)."""
+"""tasks/data/: every source through prepare -> load_prepared, on small files written here (no network)."""
 from __future__ import annotations
 
 import gzip

@@ -7,6 +7,7 @@ from models.registry import create_model
 from tasks.config import TrainConfig
 from tasks.diagnostics import dead_fraction
 from tasks.train import NonFiniteLoss, Split, Trainer, init_weights, seed_everything
+from tasks.kinds.supervised import SupervisedStep
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def deep(activation, init, scale=1.0, **train):
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(scale)
-    return Trainer(model, cfg, 0, torch.device("cpu"))
+    return Trainer(model, cfg, 0, torch.device("cpu"), SupervisedStep(model, cfg, torch.device("cpu")))
 
 
 def test_deep_sigmoid_with_tiny_weights_is_flagged_vanishing(digits):

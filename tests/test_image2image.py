@@ -143,7 +143,7 @@ def test_pix2pix_on_edges_beats_its_untrained_self_and_translates_a_png(workdir,
 
     from flows.cli import app
     from tasks.kinds.image2image import ImageTranslator, translate
-    from tasks.stages import load_trained
+    from tasks.networks import load_trained
     from tasks.tracking import client
 
     cfg = validate({"data": {"source": "paired", "pairing": "edges", "max_train": 400, "test_fraction": 0.05,

@@ -13,8 +13,9 @@ from models.options import ModelSpec
 from models.registry import Options, get_spec, register_model
 from tasks.config import validate
 from tasks.data import prepare
-from tasks.kinds import (Evaluation, Kind, Rules, get_kind, kind_of, lower_is_better, main_metric, register_kind,
+from tasks.kinds import (Evaluation, Kind, get_kind, kind_of, ranking, register_kind,
                          register_name)
+from tasks.sources import Rules
 from tasks.train import Step, build_optimizer, build_scheduler, to_device
 
 
@@ -113,14 +114,14 @@ class Reconstruction(Kind):
 
 @pytest.fixture
 def reconstruction(monkeypatch):
-    """The model's row in models/options.py MODELS and the kind's in tasks/kinds.py RULES (nothing refused), then
+    """The model's row in models/options.py MODELS and the kind's in tasks/sources.py RULES (nothing refused), then
     what their modules do on import: attach the builder, register the kind. Undone after the test, so the
     registry-wide tests elsewhere see only the shipped models."""
     from models import options, registry
-    from tasks import kinds
+    from tasks import kinds, sources
 
     monkeypatch.setitem(options.MODELS, SPEC.name, SPEC)
-    monkeypatch.setitem(kinds.RULES, "reconstruction", Rules())
+    monkeypatch.setitem(sources.RULES, "reconstruction", Rules())
     register_model("tiny_autoencoder", family="mlp")(tiny_autoencoder)
     register_kind(Reconstruction)
     yield
@@ -136,7 +137,7 @@ def test_a_new_kind_runs_through_the_shared_stages_and_registry(reconstruction, 
     cfg = validate({"data": {"source": "digits"}, "train": {"epochs": 3, "device": "cpu", "lr": 3e-3},
                     "register": {"name": "autoencoder-example"}, "models": {"tiny_autoencoder": {"code": 16}}})
     assert kind_of("tiny_autoencoder", "digits") is get_kind("reconstruction")
-    assert main_metric(cfg) == "test_reconstruction_mse" and lower_is_better("test_reconstruction_mse")
+    assert ranking(cfg) == {"metric": "test_reconstruction_mse", "lower_is_better": True}
     assert register_name(cfg) == "autoencoder-example" and get_spec("tiny_autoencoder").kind == "reconstruction"
     prepare(cfg.data, 0, "d")
     trained = train_stage(cfg, "tiny_autoencoder", "d", "out")

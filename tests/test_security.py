@@ -101,7 +101,7 @@ def test_a_pickle_planted_as_the_runs_checkpoint_is_refused(registered, tmp_path
         plant(ckpt, marker)
         out = CliRunner().invoke(app, ["predict", f"models:/{name}@champion", "-t", "a superb film"])
         assert out.exit_code == 2 and "refused to load" in out.output, out.output
-        from tasks.tracking import load_checkpoint  # transfer bases and GAN judges load the same way
+        from tasks.registration import load_checkpoint  # transfer bases and GAN judges load the same way
 
         with pytest.raises(UnsafeCheckpoint):
             load_checkpoint(f"models:/{name}@champion")

@@ -7,6 +7,7 @@ from torch import nn
 from models.registry import count_parameters, create_model, get_spec
 from tasks.config import DataConfig, TrainConfig
 from tasks.train import Split, Trainer, init_weights, seed_everything
+from tasks.kinds.supervised import SupervisedStep
 
 ARCHS = ["rnn", "lstm", "gru", "attention", "transformer"]
 SMALL = {  # fast variants of each architecture
@@ -200,7 +201,7 @@ def test_each_arch_learns_a_token_task(arch):
         {**SMALL[arch], "d_model": 32, "heads": 4, "dropout": 0.0}
     model = create_model(arch, input_shape=(16,), num_classes=2, vocab_size=VOCAB, **opts)
     cfg = TrainConfig(epochs=5, lr=0.01, batch_size=32, device="cpu", diagnostics={"enabled": False})
-    res = Trainer(model, cfg, 0, torch.device("cpu")).fit(presence_task(600, 0), presence_task(400, 1))
+    res = Trainer(model, cfg, 0, torch.device("cpu"), SupervisedStep(model, cfg, torch.device("cpu"))).fit(presence_task(600, 0), presence_task(400, 1))
     assert res.history[-1]["val_accuracy"] >= 0.9
 
 
@@ -225,7 +226,7 @@ def test_lstm_reads_mnist_row_by_row(tmp_path):
     model = create_model("lstm", input_shape=tuple(m["input_shape"]), num_classes=m["num_classes"], hidden=128,
                          bidirectional=True)
     cfg = TrainConfig(epochs=10, lr=3e-3, schedule="cosine", device="cpu", diagnostics={"enabled": False})
-    Trainer(model, cfg, 0, cpu).fit(train, val)
+    Trainer(model, cfg, 0, cpu, SupervisedStep(model, cfg, cpu)).fit(train, val)
     acc = (predict(model, test.x).argmax(1) == test.y).float().mean().item()
     assert acc >= 0.95, f"sequential mnist5k test accuracy {acc:.4f}"
 

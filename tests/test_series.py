@@ -161,8 +161,8 @@ def test_sweep_report_ranks_errors_lowest_first(tmp_path):
     rows = [{"levels": {"model": m, "seed": s}, "status": "FINISHED", "test_rmse": rmse + s, "cell": f"{m}-{s}",
              "history": {"val_loss": [1.0, 0.5]}}
             for m, rmse in (("lstm", 20.0), ("gru", 19.0), ("mlp", 24.0)) for s in (0, 1)]
-    assert [c["levels"]["model"] for c in cell_table(rows, ["model"], "test_rmse")] == ["gru", "lstm", "mlp"]
-    md = write_report("forecasters", rows, ["model"], "test_rmse", tmp_path)["md"].read_text()
+    assert [c["levels"]["model"] for c in cell_table(rows, ["model"], "test_rmse", lower=True)] == ["gru", "lstm", "mlp"]
+    md = write_report("forecasters", rows, ["model"], "test_rmse", tmp_path, lower=True)["md"].read_text()
     assert "| gru | 19.5000 ± " in md and "lower is better" in md
     best_row = next(line for line in md.splitlines() if "★" in line and line.startswith("|"))
     assert best_row.startswith("| gru |")

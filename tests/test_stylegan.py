@@ -10,12 +10,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from flows import cli
+from flows import cli, serve
 from models.registry import create_model, get_spec
 from tasks.config import TrainConfig, validate
 from tasks.kinds.gan import GanStep
-from tasks.kinds import get_kind, kind_of, main_metric, misfit, register_name
-from tasks.kinds.style import StyleSampler, ink_colours, mixing_grid
+from tasks.kinds import get_kind, kind_of, main_metric, register_name
+from tasks.sources import misfit
+from tasks.kinds.generation import ServedSampler
+from tasks.kinds.style import ServedStyleSampler, StyleSampler, ink_colours, mixing_grid
 from tasks.train import Split, Trainer, seed_everything
 
 CPU = torch.device("cpu")
@@ -172,7 +174,7 @@ def test_checkpoint_resume_is_bit_identical():
 
 
 def test_mnist32_and_colour_digits_sources(monkeypatch):
-    from tasks import data
+    from tasks.data import images as data
     from tasks.data.images import COLOUR_SEED, PALETTE, read_colour_digits, read_mnist32
     from tasks.sources import data_kind
 
@@ -199,7 +201,7 @@ def test_sample_truncation_needs_a_mapping_network(tmp_path, monkeypatch):
     G = style_gan((1, 8, 8)).generator
     style = StyleSampler(G, 8, [8.0], [8.0], 16.0).eval()
     meta = {"nnlab.kind": "generator", "latent_dim": 8, "image": True, "max_value": 16.0, "truncation": True}
-    monkeypatch.setattr(cli, "served_model", lambda ref: (style, None, meta, "models:/g/1"))
+    monkeypatch.setattr(serve, "served_model", lambda ref: ServedStyleSampler(style, None, meta, "models:/g/1"))
     res = CliRunner().invoke(cli.app, ["sample", "-n", "4", "-o", str(tmp_path / "s.png"), "--truncation", "0.5"])
     assert res.exit_code == 0, res.output
     assert style.truncation == 0.5 and (tmp_path / "s.png").stat().st_size > 500
@@ -207,7 +209,7 @@ def test_sample_truncation_needs_a_mapping_network(tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "(0, 1]" in bad.output
 
     plain = {"nnlab.kind": "generator", "nnlab.arch": "dcgan", "latent_dim": 8, "image": True, "max_value": 16.0}
-    monkeypatch.setattr(cli, "served_model", lambda ref: (None, None, plain, "models:/dc/1"))
+    monkeypatch.setattr(serve, "served_model", lambda ref: ServedSampler(None, None, plain, "models:/dc/1"))
     res = CliRunner().invoke(cli.app, ["sample", "--truncation", "0.7", "-o", str(tmp_path / "x.png")])
     assert res.exit_code == 2 and "no mapping network" in res.output and "dcgan" in res.output
 

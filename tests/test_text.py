@@ -140,7 +140,7 @@ def test_missing_or_single_labels_are_data_errors_unless_dropped(tmp_path):
 
 
 def test_only_sequence_models_take_token_ids(tmp_path):
-    from tasks.stages import build
+    from tasks.networks import build
 
     prepare(text_cfg(write_reviews(tmp_path / "r.csv", n=60), max_length=8), 0, tmp_path / "d")
     m = load_prepared(tmp_path / "d").manifest

@@ -8,6 +8,7 @@ from sklearn.datasets import load_digits
 from models.registry import create_model
 from tasks.config import TrainConfig
 from tasks.train import NonFiniteLoss, Split, Trainer, init_weights, seed_everything
+from tasks.kinds.supervised import SupervisedStep
 
 CPU = torch.device("cpu")
 
@@ -25,7 +26,7 @@ def trainer(arch="mlp", seed=0, options=None, **train):
     cfg = TrainConfig(**{"epochs": 3, "batch_size": 64, "device": "cpu", **train})
     model = create_model(arch, input_shape=(1, 8, 8), num_classes=10, **(options or {"dropout": 0.0}))
     init_weights(model, cfg.init)
-    return Trainer(model, cfg, seed, CPU)
+    return Trainer(model, cfg, seed, CPU, SupervisedStep(model, cfg, CPU))
 
 
 def weights(model):

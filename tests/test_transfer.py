@@ -7,6 +7,7 @@ import torch
 from models.registry import create_model
 from tasks.config import TrainConfig, validate
 from tasks.train import Split, Trainer, seed_everything
+from tasks.kinds.supervised import SupervisedStep
 
 BASE = {"depth": 8}
 
@@ -18,7 +19,7 @@ def test_frozen_base_and_fine_tune_phase_with_its_own_learning_rate():
     blocks = list(model.features.children())
     before = [{k: v.clone() for k, v in b.state_dict().items()} for b in blocks]
     cfg = TrainConfig(epochs=2, lr=1e-2, device="cpu", diagnostics={"enabled": False})
-    t = Trainer(model, cfg, 0, torch.device("cpu"))
+    t = Trainer(model, cfg, 0, torch.device("cpu"), SupervisedStep(model, cfg, torch.device("cpu")))
     assert [g["lr"] for g in t.step.opt.param_groups] == [1e-2, pytest.approx(1e-3)]
     data = Split(torch.randn(128, 1, 8, 8), torch.randint(0, 5, (128,)))
     t.fit(data, data)
@@ -46,7 +47,7 @@ def test_transfer_from_a_registered_model_beats_training_from_scratch(tmp_path, 
     test accuracy, the same network from scratch 0.45-0.48, a frozen random base 0.24-0.27."""
     from tasks.data import prepare
     from tasks.stages import evaluate_stage, train_stage
-    from tasks.tracking import register_version
+    from tasks.registration import register_version
 
     monkeypatch.chdir(tmp_path)
     name = f"mnist04-{uuid.uuid4().hex[:6]}"

@@ -17,13 +17,13 @@ import numpy as np
 
 from tasks.config import DataConfig
 from tasks.files import atomic_path
-from tasks.data.text import VOCAB
 
 PROCESSED = Path("data/processed")  # where DVC's `prepare` stage writes
 AUGMENTED = Path("data/augmented")  # ... and its `augment` stage (offline copies)
 RAW_MAX = {"digits": 16.0}  # largest raw pixel value per source (uint8 sources: 255)
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
+OWNED = ("sizes", "config", "seed", "files", "data_hash")  # manifest entries write_prepared sets itself
 REBUILD = "rebuild it with `dvc repro prepare` (or `nnlab run`, which does)"
 DOWNLOAD_HINT = "set `data.download: true` (or `--set data.download=true`) to allow the download"
 
@@ -51,8 +51,8 @@ class Dataset:
 # ---------------------------------------------------------------- shaping and splitting
 
 
-def _take(idx: np.ndarray, y: np.ndarray, size: float | int, seed: int, what: str):
-    # Stratified, seeded: (rest, taken); `size` is a fraction of idx or a count.
+def take_stratified(idx: np.ndarray, y: np.ndarray, size: float | int, seed: int, what: str):
+    """Stratified, seeded: (rest, taken); `size` is a fraction of idx or a count."""
     from sklearn.model_selection import train_test_split
 
     try:
@@ -62,7 +62,7 @@ def _take(idx: np.ndarray, y: np.ndarray, size: float | int, seed: int, what: st
     return rest, taken
 
 
-def _keep_classes(x, y, test, classes: list[str], keep: list[str]):
+def keep_classes(x, y, test, classes: list[str], keep: list[str]):
     """Only the examples of classes `keep`, relabelled 0..k-1 in the order given (transfer-learning splits)."""
     unknown = [c for c in keep if c not in classes]
     if unknown:
@@ -79,19 +79,21 @@ def _keep_classes(x, y, test, classes: list[str], keep: list[str]):
     return x, y, (pick(*test) if test is not None else None), list(keep)
 
 
-def _split(x, y, test, cfg: DataConfig, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def stratified_split(x, y, test, cfg: DataConfig, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Train/val/test (x, y) pairs, stratified by class and seeded; `test`: the source's official test split, or
+    None to hold out data.test_fraction."""
     idx = np.arange(len(y))
     if test is None:  # no official test split: hold out test_fraction of everything
-        idx, test_idx = _take(idx, y, cfg.test_fraction, seed, "test (data.test_fraction)")
+        idx, test_idx = take_stratified(idx, y, cfg.test_fraction, seed, "test (data.test_fraction)")
         test = x[test_idx], y[test_idx]
-    train_idx, val_idx = _take(idx, y, cfg.val_fraction, seed, "val (data.val_fraction)")
+    train_idx, val_idx = take_stratified(idx, y, cfg.val_fraction, seed, "val (data.val_fraction)")
     if cfg.max_train and cfg.max_train < len(train_idx):
-        _, train_idx = _take(train_idx, y, cfg.max_train, seed, "train subset (data.max_train)")
+        _, train_idx = take_stratified(train_idx, y, cfg.max_train, seed, "train subset (data.max_train)")
     return {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]), "test": test}
 
 
-def _channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
-    # Exact per-channel mean/std of uint8 data from a 256-bin histogram: no float copy of the whole set.
+def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
+    """Exact per-channel mean/std of uint8 (N, C, ...) data from a 256-bin histogram: no float copy of the set."""
     values = np.arange(256, dtype=np.float64)
     mean, std = [], []
     for c in range(x.shape[1]):
@@ -116,10 +118,21 @@ def _sha256(path: Path) -> str:
 
 
 def _clear(out_dir: Path) -> None:
-    # Manifest first: a folder without one is visibly incomplete until the new manifest lands.
+    # What the old manifest lists, the manifest first: a folder without one is visibly incomplete until the new
+    # manifest lands. No (readable) manifest: never prepared, or a crash before it landed: only the splits and
+    # arrays (*.npz) go. Leftover temp files (*.tmp) of a crashed write go either way.
+    listed = _listed(out_dir)
     (out_dir / MANIFEST).unlink(missing_ok=True)
-    for p in [*out_dir.glob("*.npz"), *out_dir.glob("*.tmp"), out_dir / VOCAB]:
+    for p in [*listed, *out_dir.glob("*.tmp")]:
         p.unlink(missing_ok=True)
+
+
+def _listed(out_dir: Path) -> list[Path]:
+    try:
+        names = list(json.loads((out_dir / MANIFEST).read_text())["files"])
+        return [out_dir / n for n in names if n == Path(n).name and n not in ("", ".", "..")]  # never outside
+    except (OSError, ValueError, KeyError, TypeError):
+        return list(out_dir.glob("*.npz"))
 
 
 def _data_hash(files: dict[str, str]) -> str:
@@ -151,12 +164,21 @@ def split_groups(groups: list[str], cfg: DataConfig, seed: int) -> dict[str, np.
     return out
 
 
-def write_prepared(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], manifest: dict,
-                   extra: dict[str, str] | None = None, arrays: dict[str, dict[str, np.ndarray]] | None = None) -> dict:
-    """The one writer of prepared-data folders (prepare, forecasting windows, text, offline augmentation): each
+def write_prepared(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], manifest: dict, *,
+                   cfg: DataConfig | dict, seed: int, extra: dict[str, str] | None = None,
+                   arrays: dict[str, dict[str, np.ndarray]] | None = None) -> dict:
+    """The one writer of prepared-data folders (every kind of data's preparer, offline augmentation): each
     split as an npz, each `extra` file (name -> text, e.g. a vocabulary) and each `arrays` npz (name -> arrays,
-    e.g. image-to-image labels), then `manifest` plus the files' sha256 and the data hash, last: its presence
-    means complete."""
+    e.g. image-to-image labels), then the manifest, last: its presence means complete.
+
+    `manifest` holds what is particular to the data; the entries every manifest has are set here: `sizes` (each
+    split's len(y), just before `normalization`), `config` (cfg.model_dump(); a dict: a configuration already
+    recorded, as offline copies keep their source's) and `seed` after the data's own entries, then `files`
+    (each file's sha256) and `data_hash`."""
+    if owned := [k for k in OWNED if k in manifest]:
+        raise ValueError(f"write_prepared sets {', '.join(owned)} itself; leave them out of the manifest passed in")
+    manifest = _with_sizes(manifest, {name: len(ys) for name, (_, ys) in splits.items()})
+    manifest = {**manifest, "config": cfg if isinstance(cfg, dict) else cfg.model_dump(), "seed": seed}
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear(out_dir)
     files = {}
@@ -174,6 +196,16 @@ def write_prepared(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray
     text = json.dumps(manifest, indent=2) + "\n"
     _atomic_write(out_dir / MANIFEST, lambda f: f.write(text.encode()))
     return manifest
+
+
+def _with_sizes(manifest: dict, sizes: dict[str, int]) -> dict:
+    # `sizes` where manifests have always had it: before any other per-split size (sizes_a) and `normalization`
+    out = {}
+    for key, value in manifest.items():
+        if "sizes" not in out and (key == "normalization" or key.startswith("sizes_")):
+            out["sizes"] = sizes
+        out[key] = value
+    return out if "sizes" in out else {**out, "sizes": sizes}
 
 
 # ---------------------------------------------------------------- reading

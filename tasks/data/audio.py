@@ -35,6 +35,8 @@ import torch
 
 from models.speech import LOG_FLOOR, LogMel
 from tasks.config import DataConfig
+from tasks.data import DataError, split_groups, write_prepared
+from tasks.progress import bar
 
 ALPHABET, TEXTS, WAVES, TRANSCRIPTS = "alphabet.json", "texts.json", "waves.npz", "transcripts.tsv"
 AUDIO = (".wav", ".flac", ".ogg")
@@ -43,12 +45,6 @@ COMMANDS = (("turn on", "turn off", "open", "close", "start", "stop", "check", "
             ("lights", "door", "window", "music", "radio", "heater", "fan", "oven", "alarm", "blinds"),
             ("kitchen", "bedroom", "garage", "office", "hall", "garden"))
 MIN_SECONDS = 0.1
-
-
-def _error(msg: str):
-    from tasks.data import DataError
-
-    return DataError(msg)
 
 
 @dataclass
@@ -74,7 +70,8 @@ def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
     try:
         wave, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:
-        raise _error(f"{path}: not a readable recording ({type(e).__name__}: {e}); WAV, FLAC or OGG is read") from None
+        raise DataError(f"{path}: not a readable recording ({type(e).__name__}: {e}); WAV, FLAC or OGG is "
+                        "read") from None
     wave = wave.mean(1)
     if rate != sample_rate:
         g = np.gcd(int(rate), sample_rate)
@@ -85,8 +82,9 @@ def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
 def read_speech(cfg: DataConfig, out_dir: Path | None = None) -> Recordings:
     root = Path(cfg.folder)
     if not root.is_dir():
-        raise _error(f"data.path: {root} is not a folder; speech reads a folder of recordings with a "
-                     f"{TRANSCRIPTS} (or .csv), LibriSpeech's *.trans.txt layout, or <digit>_<speaker>_<n>.wav files")
+        raise DataError(f"data.path: {root} is not a folder; speech reads a folder of recordings with a "
+                        f"{TRANSCRIPTS} (or .csv), LibriSpeech's *.trans.txt layout, or <digit>_<speaker>_<n>.wav "
+                        "files")
     for table in (root / TRANSCRIPTS, root / "transcripts.csv"):
         if table.is_file():
             return _read_table(table)
@@ -96,8 +94,8 @@ def read_speech(cfg: DataConfig, out_dir: Path | None = None) -> Recordings:
     if digits:
         return Recordings([p for p, _ in digits], [DIGITS[int(m[1])] for _, m in digits], [m[2] for _, m in digits],
                           f"spoken digits in {root} (free-spoken-digit-dataset layout)")
-    raise _error(f"data.path: {root} holds no {TRANSCRIPTS} / transcripts.csv, no *.trans.txt and no "
-                 f"<digit>_<speaker>_<n>.wav files; those are the layouts speech reads")
+    raise DataError(f"data.path: {root} holds no {TRANSCRIPTS} / transcripts.csv, no *.trans.txt and no "
+                    f"<digit>_<speaker>_<n>.wav files; those are the layouts speech reads")
 
 
 def _read_table(table: Path) -> Recordings:
@@ -112,15 +110,16 @@ def _read_table(table: Path) -> Recordings:
     files, texts, speakers = [], [], []
     for line, row in enumerate(rows, 2 if cols != (0, 1, 2) else 1):
         if len(row) < 2:
-            raise _error(f"{table}, line {line}: {len(row)} column(s); each row names a recording and its transcript")
+            raise DataError(f"{table}, line {line}: {len(row)} column(s); each row names a recording and its "
+                            "transcript")
         path = table.parent / row[cols[0]].strip()
         if not path.is_file():
-            raise _error(f"{table}, line {line}: {path} does not exist")
+            raise DataError(f"{table}, line {line}: {path} does not exist")
         files.append(path)
         texts.append(row[cols[1]])
         speakers.append(row[cols[2]].strip() if cols[2] is not None and len(row) > cols[2] else path.parent.name)
     if not files:
-        raise _error(f"{table}: no recordings listed")
+        raise DataError(f"{table}: no recordings listed")
     return Recordings(files, texts, speakers, f"recordings listed in {table}")
 
 
@@ -133,7 +132,7 @@ def _read_librispeech(root: Path) -> Recordings:
             uid, _, text = line.partition(" ")
             audio = next((trans.parent / f"{uid}{ext}" for ext in AUDIO if (trans.parent / f"{uid}{ext}").is_file()), None)
             if audio is None:
-                raise _error(f"{trans}: no recording {uid}.flac (or .wav) beside it")
+                raise DataError(f"{trans}: no recording {uid}.flac (or .wav) beside it")
             files.append(audio)
             texts.append(text)
             speakers.append(uid.split("-")[0])
@@ -148,8 +147,8 @@ def script(cfg: DataConfig, rng: np.random.Generator) -> str:
 
 
 def read_synth_speech(cfg: DataConfig, out_dir: Path) -> Recordings:
-    """Speak `data.utterances` scripts with eSpeak NG (tasks/espeak.py) into `out_dir`/wav, then read them back
-    as a `speech` folder. The draw is fixed (seed 16000): the same recordings for every seed."""
+    """Speak `data.utterances` scripts with eSpeak NG (tasks/data/espeak.py) into `out_dir`/wav, then read them
+    back as a `speech` folder. The draw is fixed (seed 16000): the same recordings for every seed."""
     from tasks.data.espeak import Utterance, synthesise_fresh, voices
 
     rng = np.random.default_rng(16_000)
@@ -175,11 +174,40 @@ def read_synth_speech(cfg: DataConfig, out_dir: Path) -> Recordings:
 
 
 def prepare_audio(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
-    from tasks.data import split_groups, write_prepared
-    from tasks.progress import bar
-
     rec = read(cfg, out_dir)
-    features = LogMel(cfg.sample_rate, cfg.n_mels)
+    keep, waves, dropped = _usable(rec, cfg)
+    texts = [normalise(rec.texts[i]) for i in keep]
+    speakers = [rec.speakers[i] for i in keep]
+    by_speaker = len(set(speakers)) >= 3
+    idx = split_groups(speakers if by_speaker else [str(i) for i in range(len(keep))], cfg, seed)
+    alphabet = sorted({c for i in idx["train"] for c in texts[i]})
+    ids = {c: k for k, c in enumerate(alphabet, 1)}  # 0: the blank
+    mels = _log_mels(waves, cfg)
+    frames, chars = max(len(m) for m in mels), max(len(t) for t in texts)
+    splits = {s: _encode([mels[i] for i in ix], [texts[i] for i in ix], ids, (frames, cfg.n_mels), chars)
+              for s, ix in idx.items()}
+    listing = {s: [[str(rec.files[keep[i]].name), speakers[i], texts[i]] for i in ix] for s, ix in idx.items()}
+    train_frames = np.concatenate([mels[i] for i in idx["train"]])
+    mean, std = train_frames.mean(0), train_frames.std(0) + 1e-5
+    seconds = {s: round(sum(len(waves[i]) for i in ix) / cfg.sample_rate, 1) for s, ix in idx.items()}
+    unseen = {s: sum(c not in ids for i in ix for c in texts[i]) for s, ix in idx.items() if s != "train"}
+    return write_prepared(out_dir, splits, {
+        "source": cfg.source, "task": "speech_recognition", "description": rec.description,
+        "input_shape": [frames, cfg.n_mels], "num_classes": len(alphabet) + 1, "classes": [],
+        "normalization": {"mean": mean.tolist(), "std": std.tolist()},
+        "speech": {"sample_rate": cfg.sample_rate, "n_mels": cfg.n_mels, "hop_ms": 10, "window_ms": 25,
+                   "max_frames": frames, "max_characters": chars, "alphabet": "".join(alphabet),
+                   "recordings": len(rec.files), "kept": len(keep), "dropped": dict(dropped),
+                   "split_by": "speaker" if by_speaker else "recording (fewer than 3 speakers)",
+                   "speakers": {s: len({speakers[i] for i in ix}) for s, ix in idx.items()},
+                   "seconds": seconds, "unseen_characters": unseen, **rec.made},
+    }, cfg=cfg, seed=seed, extra={ALPHABET: json.dumps(alphabet, ensure_ascii=False) + "\n",
+                                  TEXTS: json.dumps(listing, ensure_ascii=False) + "\n"},
+        arrays={WAVES: _examples([waves[i] for i in idx["test"][:4]])})
+
+
+def _usable(rec: Recordings, cfg: DataConfig) -> tuple[list[int], list[np.ndarray], Counter]:
+    """The recordings kept (their index in `rec`), their waves, and how many were left out, by reason."""
     waves, keep, dropped = [], [], Counter()
     for i, path in enumerate(bar(rec.files, "reading recordings")):
         text, wave = normalise(rec.texts[i]), load_audio(path, cfg.sample_rate)
@@ -192,49 +220,33 @@ def prepare_audio(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
         keep.append(i)
         waves.append(wave)
     if len(keep) < 30:
-        raise _error(f"{rec.description}: {len(keep)} usable recordings (dropped: {dict(dropped) or 'none'}); speech "
-                     f"recognition needs at least 30 (data.max_seconds is {cfg.max_seconds})")
-    texts = [normalise(rec.texts[i]) for i in keep]
-    speakers = [rec.speakers[i] for i in keep]
-    by_speaker = len(set(speakers)) >= 3
-    idx = split_groups(speakers if by_speaker else [str(i) for i in range(len(keep))], cfg, seed)
-    alphabet = sorted({c for i in idx["train"] for c in texts[i]})
-    ids = {c: k for k, c in enumerate(alphabet, 1)}  # 0: the blank
+        raise DataError(f"{rec.description}: {len(keep)} usable recordings (dropped: {dict(dropped) or 'none'}); "
+                        f"speech recognition needs at least 30 (data.max_seconds is {cfg.max_seconds})")
+    return keep, waves, dropped
+
+
+def _log_mels(waves: list[np.ndarray], cfg: DataConfig) -> list[np.ndarray]:  # each (frames, n_mels) float32
+    features = LogMel(cfg.sample_rate, cfg.n_mels)
     with torch.no_grad():
-        mels = [features(torch.from_numpy(w)[None])[0].numpy() for w in bar(waves, "log-mel features")]
-    frames, chars = max(len(m) for m in mels), max(len(t) for t in texts)
-    splits, listing = {}, {}
-    for s, ix in idx.items():
-        x = np.full((len(ix), frames, cfg.n_mels), np.log(LOG_FLOOR), dtype=np.float16)
-        y = np.zeros((len(ix), 1 + chars), dtype=np.int64)
-        for row, i in enumerate(ix):
-            x[row, :len(mels[i])] = mels[i]
-            y[row, 0] = len(mels[i])
-            coded = [ids[c] for c in texts[i] if c in ids]  # a character never seen in training cannot be output
-            y[row, 1:1 + len(coded)] = coded
-        splits[s] = (x, y)
-        listing[s] = [[str(rec.files[keep[i]].name), speakers[i], texts[i]] for i in ix]
-    train_frames = np.concatenate([mels[i] for i in idx["train"]])
-    mean, std = train_frames.mean(0), train_frames.std(0) + 1e-5
-    shown = idx["test"][:4]
-    longest = max(len(waves[i]) for i in shown)
-    pcm = np.zeros((len(shown), longest), dtype=np.int16)
-    for row, i in enumerate(shown):
-        pcm[row, :len(waves[i])] = np.clip(waves[i] * 32768.0, -32768, 32767).astype(np.int16)
-    seconds = {s: round(sum(len(waves[i]) for i in ix) / cfg.sample_rate, 1) for s, ix in idx.items()}
-    unseen = {s: sum(c not in ids for i in ix for c in texts[i]) for s, ix in idx.items() if s != "train"}
-    return write_prepared(out_dir, splits, {
-        "source": cfg.source, "task": "speech_recognition", "description": rec.description,
-        "input_shape": [frames, cfg.n_mels], "num_classes": len(alphabet) + 1, "classes": [],
-        "sizes": {s: len(ix) for s, ix in idx.items()},
-        "normalization": {"mean": mean.tolist(), "std": std.tolist()},
-        "speech": {"sample_rate": cfg.sample_rate, "n_mels": cfg.n_mels, "hop_ms": 10, "window_ms": 25,
-                   "max_frames": frames, "max_characters": chars, "alphabet": "".join(alphabet),
-                   "recordings": len(rec.files), "kept": len(keep), "dropped": dict(dropped),
-                   "split_by": "speaker" if by_speaker else "recording (fewer than 3 speakers)",
-                   "speakers": {s: len({speakers[i] for i in ix}) for s, ix in idx.items()},
-                   "seconds": seconds, "unseen_characters": unseen, **rec.made},
-        "config": cfg.model_dump(), "seed": seed,
-    }, extra={ALPHABET: json.dumps(alphabet, ensure_ascii=False) + "\n",
-              TEXTS: json.dumps(listing, ensure_ascii=False) + "\n"},
-        arrays={WAVES: {"pcm": pcm, "lengths": np.array([len(waves[i]) for i in shown])}})
+        return [features(torch.from_numpy(w)[None])[0].numpy() for w in bar(waves, "log-mel features")]
+
+
+def _encode(mels: list[np.ndarray], texts: list[str], ids: dict[str, int], shape: tuple[int, int], chars: int):
+    """One split: x (N, frames, n_mels) float16 log-mels padded with log(LOG_FLOOR); y (N, 1 + chars): the frame
+    count, then the character ids, 0-padded."""
+    x = np.full((len(mels), *shape), np.log(LOG_FLOOR), dtype=np.float16)
+    y = np.zeros((len(mels), 1 + chars), dtype=np.int64)
+    for row, (mel, text) in enumerate(zip(mels, texts)):
+        x[row, :len(mel)] = mel
+        y[row, 0] = len(mel)
+        coded = [ids[c] for c in text if c in ids]  # a character never seen in training cannot be output
+        y[row, 1:1 + len(coded)] = coded
+    return x, y
+
+
+def _examples(waves: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """A few recordings as 16-bit samples, zero-padded to the longest (waves.npz)."""
+    pcm = np.zeros((len(waves), max(len(w) for w in waves)), dtype=np.int16)
+    for row, w in enumerate(waves):
+        pcm[row, :len(w)] = np.clip(w * 32768.0, -32768, 32767).astype(np.int16)
+    return {"pcm": pcm, "lengths": np.array([len(w) for w in waves])}

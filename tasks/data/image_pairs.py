@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.config import DataConfig
+from tasks.data import take_stratified, write_prepared
 
 SIZE = 32  # every prepared image is SIZE x SIZE: U-Nets halve it cleanly down to 1x1
 LABELS = "labels.npz"
@@ -97,9 +98,7 @@ def occluded(x: np.ndarray, seed: int, side: int = 12) -> np.ndarray:
 
 
 def _halves(n: int, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from tasks.data import _take
-
-    return _take(np.arange(n), labels, 0.5, seed, "the two domains (half each)")
+    return take_stratified(np.arange(n), labels, 0.5, seed, "the two domains (half each)")
 
 
 def read_paired(cfg: DataConfig) -> Domains:
@@ -129,18 +128,14 @@ def read_unpaired(cfg: DataConfig) -> Domains:
 
 
 def _split(labels: np.ndarray, cfg: DataConfig, seed: int) -> dict[str, np.ndarray]:
-    from tasks.data import _take
-
-    idx, test = _take(np.arange(len(labels)), labels, cfg.test_fraction, seed, "test (data.test_fraction)")
-    train, val = _take(idx, labels, cfg.val_fraction, seed, "val (data.val_fraction)")
+    idx, test = take_stratified(np.arange(len(labels)), labels, cfg.test_fraction, seed, "test (data.test_fraction)")
+    train, val = take_stratified(idx, labels, cfg.val_fraction, seed, "val (data.val_fraction)")
     if cfg.max_train and cfg.max_train < len(train):
-        _, train = _take(train, labels, cfg.max_train, seed, "train subset (data.max_train)")
+        _, train = take_stratified(train, labels, cfg.max_train, seed, "train subset (data.max_train)")
     return {"train": train, "val": val, "test": test}
 
 
 def prepare_image_pairs(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
-    from tasks.data import write_prepared
-
     d = read(cfg)
     ia = _split(d.labels_a, cfg, seed)
     ib = ia if d.paired else _split(d.labels_b, cfg, seed + 1)
@@ -158,11 +153,9 @@ def prepare_image_pairs(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict
         "description": f"{d.names[0]} -> {d.names[1]}, {'paired' if d.paired else 'unpaired'}",
         "domains": {"a": d.names[0], "b": d.names[1], "paired": d.paired, "baseline": d.baseline},
         "input_shape": list(d.a.shape[1:]), "num_classes": 10, "classes": classes,
-        "sizes": {s: len(b) for s, (_, b) in splits.items()},
         "sizes_a": {s: len(a) for s, (a, _) in splits.items()},
         "normalization": {"mean": [127.5] * channels, "std": [127.5] * channels},  # uint8 -> [-1, 1]
-        "config": cfg.model_dump(), "seed": seed,
-    }, arrays={LABELS: labels})
+    }, cfg=cfg, seed=seed, arrays={LABELS: labels})
 
 
 def _repeat(idx: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from tasks.config import DataConfig
-from tasks.data import DOWNLOAD_HINT, DataError, _channel_stats, _keep_classes, _split, write_prepared
+from tasks.data import DOWNLOAD_HINT, DataError, channel_stats, keep_classes, stratified_split, write_prepared
 from tasks.progress import bar
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -223,9 +223,9 @@ def _resize(img: np.ndarray, size: int) -> np.ndarray:  # (C, H, W) -> (C, size,
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
-def _manifest(cfg: DataConfig, seed: int, classes: list[str], splits: dict) -> dict:
+def _manifest(cfg: DataConfig, classes: list[str], splits: dict) -> dict:
     x_train = splits["train"][0]
-    mean, std = _channel_stats(x_train)
+    mean, std = channel_stats(x_train)
     return {
         "source": cfg.source,
         "task": "classification",
@@ -234,19 +234,17 @@ def _manifest(cfg: DataConfig, seed: int, classes: list[str], splits: dict) -> d
         "classes": classes,
         "counts": {s: {c: int(n) for c, n in zip(classes, np.bincount(y, minlength=len(classes)))}
                    for s, (_, y) in splits.items()},
-        "sizes": {s: len(y) for s, (_, y) in splits.items()},
         "normalization": {"mean": mean, "std": std},  # raw units, training split only
-        "config": cfg.model_dump(),
-        "seed": seed,
     }
 
 
 def prepare_images(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
     x, y, test, classes, *extra = read(cfg)
     if cfg.classes:
-        x, y, test, classes = _keep_classes(x, y, test, classes, cfg.classes)
+        x, y, test, classes = keep_classes(x, y, test, classes, cfg.classes)
     x = _conform(x, cfg.image_size, cfg.channels)  # no-op for image_folder, read at its target shape
     if test is not None:
         test = _conform(test[0], cfg.image_size, cfg.channels), test[1]
-    splits = _split(x, y, test, cfg, seed)
-    return write_prepared(out_dir, splits, {**_manifest(cfg, seed, classes, splits), **(extra[0] if extra else {})})
+    splits = stratified_split(x, y, test, cfg, seed)
+    return write_prepared(out_dir, splits, {**_manifest(cfg, classes, splits), **(extra[0] if extra else {})},
+                          cfg=cfg, seed=seed)

@@ -25,6 +25,7 @@ import numpy as np
 
 from models.seq2seq import BOS, EOS
 from tasks.config import DataConfig
+from tasks.data import DataError, split_groups, write_prepared
 from tasks.data.text import PAD as PAD_TOKEN, UNK as UNK_TOKEN, VOCAB, Vocab, tokenize
 
 TARGET_VOCAB, TEXTS = "target_vocab.json", "texts.json"
@@ -53,17 +54,11 @@ class Corpus:
     ambiguous: int = 0  # generated sources that read two ways, left out
 
 
-def _error(msg: str):
-    from tasks.data import DataError
-
-    return DataError(msg)
-
-
 def read_pairs(cfg: DataConfig) -> Corpus:
     path = Path(cfg.path)
     if not path.is_file():
-        raise _error(f"data.path: {path} is not a file; pairs reads a TSV (source<TAB>target[<TAB>attribution], "
-                     f"Tatoeba's layout) or a CSV/TSV with data.source_column and data.target_column")
+        raise DataError(f"data.path: {path} is not a file; pairs reads a TSV (source<TAB>target[<TAB>attribution], "
+                        f"Tatoeba's layout) or a CSV/TSV with data.source_column and data.target_column")
     tab = path.suffix.lower() != ".csv"
     pairs = []
     with open(path, encoding="utf-8", errors="replace", newline="") as f:
@@ -72,8 +67,8 @@ def read_pairs(cfg: DataConfig) -> Corpus:
             header = next(rows, [])
             missing = [c for c in (cfg.source_column, cfg.target_column) if c not in header]
             if missing:
-                raise _error(f"data.source_column/target_column: no column {missing[0]!r} in {path}; its header "
-                             f"is: {', '.join(header) or '(empty)'}")
+                raise DataError(f"data.source_column/target_column: no column {missing[0]!r} in {path}; its header "
+                                f"is: {', '.join(header) or '(empty)'}")
             cols = header.index(cfg.source_column), header.index(cfg.target_column)
         else:
             cols = 0, 1
@@ -81,13 +76,13 @@ def read_pairs(cfg: DataConfig) -> Corpus:
             if not any(c.strip() for c in row):
                 continue
             if len(row) <= max(cols):
-                raise _error(f"{path}, line {line}: {len(row)} column(s); a pair needs a source and a target "
-                             f"({'tab' if tab else 'comma'}-separated)")
+                raise DataError(f"{path}, line {line}: {len(row)} column(s); a pair needs a source and a target "
+                                f"({'tab' if tab else 'comma'}-separated)")
             src, tgt = row[cols[0]].strip(), row[cols[1]].strip()
             if src and tgt:
                 pairs.append((src, tgt))
     if len(pairs) < 20:
-        raise _error(f"{path}: {len(pairs)} pair(s); a translation corpus needs at least 20")
+        raise DataError(f"{path}: {len(pairs)} pair(s); a translation corpus needs at least 20")
     return Corpus(pairs, [s for s, _ in pairs], "word", str(path))
 
 
@@ -125,8 +120,8 @@ def read_numbers(cfg: DataConfig, most: int = 20_000) -> Corpus:
     from num2words import CONVERTER_CLASSES, num2words
 
     if cfg.language not in CONVERTER_CLASSES:
-        raise _error(f"data.language: {cfg.language!r} is not a num2words language; allowed: "
-                     f"{', '.join(sorted(CONVERTER_CLASSES))}")
+        raise DataError(f"data.language: {cfg.language!r} is not a num2words language; allowed: "
+                        f"{', '.join(sorted(CONVERTER_CLASSES))}")
     count = cfg.number_max + 1
     numbers = (np.arange(count) if count <= most else
                np.sort(np.random.default_rng(97).choice(count, size=most, replace=False)))
@@ -175,8 +170,6 @@ def encode_targets(vocab: Vocab, token_lists: list[list[str]], length: int) -> n
 
 
 def prepare_pairs(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
-    from tasks.data import split_groups, write_prepared
-
     corpus = read(cfg)
     tok = cfg.tokenizer or corpus.tokenizer
     cap = cfg.max_length or DEFAULT_LENGTH[cfg.source]
@@ -184,8 +177,8 @@ def prepare_pairs(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
     keep = [i for i, (s, t) in enumerate(tokens) if s and t and len(s) <= cap and len(t) <= cap]
     too_long = sum(1 for s, t in tokens if len(s) > cap or len(t) > cap)
     if len(keep) < 20:
-        raise _error(f"{corpus.description}: {len(keep)} pairs within data.max_length={cap} tokens a side "
-                     f"({too_long} longer); raise data.max_length")
+        raise DataError(f"{corpus.description}: {len(keep)} pairs within data.max_length={cap} tokens a side "
+                        f"({too_long} longer); raise data.max_length")
     idx = split_groups([corpus.groups[i] for i in keep], cfg, seed)
     idx = {s: [keep[i] for i in ix] for s, ix in idx.items()}
     src_len = max(len(tokens[i][0]) for i in keep)
@@ -205,13 +198,11 @@ def prepare_pairs(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
     return write_prepared(out_dir, splits, {
         "source": cfg.source, "task": "translation", "description": corpus.description,
         "input_shape": [src_len], "num_classes": len(tgt_vocab), "classes": [], "vocab_size": len(src_vocab),
-        "sizes": {s: len(ix) for s, ix in idx.items()},
         "normalization": {"mean": [0.0], "std": [1.0]},
         "text": {"tokenizer": tok, "source_length": src_len, "target_length": tgt_len,
                  "source_vocab_size": len(src_vocab), "target_vocab_size": len(tgt_vocab), "pairs": len(corpus.pairs),
                  "kept": len(keep), "dropped_too_long": too_long, "dropped_ambiguous": corpus.ambiguous,
                  "max_length": cap, "target_oov_rate": oov},
-        "config": cfg.model_dump(), "seed": seed,
-    }, extra={VOCAB: json.dumps(src_vocab.to_dict(), ensure_ascii=False) + "\n",
-              TARGET_VOCAB: json.dumps(tgt_vocab.to_dict(), ensure_ascii=False) + "\n",
-              TEXTS: json.dumps(texts, ensure_ascii=False) + "\n"})
+    }, cfg=cfg, seed=seed, extra={VOCAB: json.dumps(src_vocab.to_dict(), ensure_ascii=False) + "\n",
+                                  TARGET_VOCAB: json.dumps(tgt_vocab.to_dict(), ensure_ascii=False) + "\n",
+                                  TEXTS: json.dumps(texts, ensure_ascii=False) + "\n"})

@@ -6,22 +6,21 @@ from pathlib import Path
 import numpy as np
 
 from tasks.config import DataConfig
-from tasks.data import _split, write_prepared
+from tasks.data import stratified_split, write_prepared
 
 
 def prepare_points(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
     ring = {"radius": 2.0, "std": 0.02, "centers": centers(8, 2.0).tolist()}  # the benchmark's usual ring
     x, y = read(cfg.ring8_size, seed, ring["radius"], ring["std"])
-    splits = _split(x, y, None, cfg, seed)
+    splits = stratified_split(x, y, None, cfg, seed)
     classes = [f"mode {k}" for k in range(8)]
     return write_prepared(out_dir, splits, {
         "source": cfg.source, "task": "generation", "description": "8 Gaussians on a circle (mode-collapse benchmark)",
         "input_shape": [2], "num_classes": 8, "classes": classes,
         "counts": {s: {c: int(n) for c, n in zip(classes, np.bincount(ys, minlength=8))} for s, (_, ys) in splits.items()},
-        "sizes": {s: len(ys) for s, (_, ys) in splits.items()},
         "normalization": {"mean": [0.0, 0.0], "std": [1.0, 1.0]},  # the points' own units
-        "ring8": ring, "config": cfg.model_dump(), "seed": seed,
-    })
+        "ring8": ring,
+    }, cfg=cfg, seed=seed)
 
 
 def centers(k: int = 8, radius: float = 2.0) -> np.ndarray:

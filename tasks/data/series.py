@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.config import DataConfig
+from tasks.data import DataError, write_prepared
 
 SEASON = {"sunspots": 11, "co2": 12}  # the solar cycle in years; months in a year
 
@@ -40,8 +41,6 @@ def windows(series: np.ndarray, lookback: int, horizon: int, targets: range) -> 
 
 
 def split_series(cfg: DataConfig, series: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from tasks.data import DataError
-
     n, L, H = len(series), cfg.lookback, cfg.horizon
     n_test, n_val = int(round(n * cfg.test_fraction)), int(round(n * cfg.val_fraction))
     val_start, test_start = n - n_test - n_val, n - n_test
@@ -54,8 +53,6 @@ def split_series(cfg: DataConfig, series: np.ndarray) -> dict[str, tuple[np.ndar
 
 
 def prepare_series(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
-    from tasks.data import write_prepared
-
     series, description = read(cfg)
     splits = split_series(cfg, series)  # raises before out_dir is touched
     n_train = len(series) - int(round(len(series) * cfg.test_fraction)) - int(round(len(series) * cfg.val_fraction))
@@ -63,9 +60,8 @@ def prepare_series(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
     return write_prepared(out_dir, splits, {
         "source": cfg.source, "task": "regression", "description": description,
         "input_shape": [cfg.lookback, 1], "num_classes": cfg.horizon,  # outputs: one per forecast step
-        "classes": [], "sizes": {s: len(y) for s, (_, y) in splits.items()},
+        "classes": [],
         "normalization": {"mean": [float(fit.mean())], "std": [float(max(fit.std(), 1e-8))]},
         "series": {"length": len(series), "lookback": cfg.lookback, "horizon": cfg.horizon,
                    "season": cfg.season or SEASON[cfg.source], "train_values": n_train},
-        "config": cfg.model_dump(), "seed": seed,
-    })
+    }, cfg=cfg, seed=seed)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.config import DataConfig
+from tasks.data import DOWNLOAD_HINT, DataError, keep_classes, stratified_split, write_prepared
 
 PAD, UNK = "<pad>", "<unk>"  # ids 0 and 1
 VOCAB = "vocab.json"
@@ -95,12 +96,6 @@ class Vocab:
 
 # ---------------------------------------------------------------- sources: (texts, labels, test, classes)
 
-def _error(msg: str):
-    from tasks.data import DataError
-
-    return DataError(msg)
-
-
 def class_names(labels) -> tuple[np.ndarray, list[str]]:
     """Labels as strings or integers -> (class index per example, class names); integer labels sort as numbers."""
     names = sorted({str(v).strip() for v in labels})
@@ -118,27 +113,28 @@ def read_text_csv(cfg: DataConfig):
 
     path = Path(cfg.path)
     if not path.is_file():
-        raise _error(f"data.path: {path} is not a file; text_csv reads a CSV or TSV file with columns "
-                     f"{cfg.text_column!r} and {cfg.label_column!r}")
+        raise DataError(f"data.path: {path} is not a file; text_csv reads a CSV or TSV file with columns "
+                        f"{cfg.text_column!r} and {cfg.label_column!r}")
     sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     try:
         df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
     except Exception as e:  # malformed quoting, binary file, ...
-        raise _error(f"data.path: cannot read {path} as {'TSV' if sep == chr(9) else 'CSV'}: {e}") from e
+        raise DataError(f"data.path: cannot read {path} as {'TSV' if sep == chr(9) else 'CSV'}: {e}") from e
     for key, col in (("data.text_column", cfg.text_column), ("data.label_column", cfg.label_column)):
         if col not in df.columns:
-            raise _error(f"{key}: no column {col!r} in {path}; its columns are: {', '.join(map(str, df.columns))}")
+            raise DataError(f"{key}: no column {col!r} in {path}; its columns are: {', '.join(map(str, df.columns))}")
     missing = df[cfg.label_column].str.strip().str.lower().isin(MISSING_LABELS)
     if missing.any() and not cfg.drop_missing_labels:
         lines = ", ".join(str(i + 2) for i in np.flatnonzero(missing.to_numpy())[:5])  # + header, 1-based
-        raise _error(f"{path}: {int(missing.sum())} of {len(df)} rows have no label in column {cfg.label_column!r} "
-                     f"(empty, NaN, NA, null, ...; lines {lines}{', ...' if missing.sum() > 5 else ''}); fill them in, "
-                     "or set data.drop_missing_labels: true to leave those rows out")
+        raise DataError(f"{path}: {int(missing.sum())} of {len(df)} rows have no label in column "
+                        f"{cfg.label_column!r} (empty, NaN, NA, null, ...; lines {lines}"
+                        f"{', ...' if missing.sum() > 5 else ''}); fill them in, "
+                        "or set data.drop_missing_labels: true to leave those rows out")
     df = df[~missing]  # rows without a label cannot be learned from
     y, classes = class_names(df[cfg.label_column])
     if len(classes) < 2:
-        raise _error(f"{path}: column {cfg.label_column!r} holds {len(classes)} distinct label(s); "
-                     "classification needs at least 2")
+        raise DataError(f"{path}: column {cfg.label_column!r} holds {len(classes)} distinct label(s); "
+                        "classification needs at least 2")
     return df[cfg.text_column].to_numpy(dtype=object), y, None, classes
 
 
@@ -152,10 +148,8 @@ def imdb_folder(cfg: DataConfig) -> Path:
     archive = root / IMDB_ARCHIVE
     if not archive.is_file():
         if not cfg.download:
-            from tasks.data import DOWNLOAD_HINT
-
-            raise _error(f"IMDB reviews not found in {root} (expected {root / 'aclImdb'}/train/pos/*.txt ... or "
-                         f"{archive}); {DOWNLOAD_HINT} (84 MB from {IMDB_URL})")
+            raise DataError(f"IMDB reviews not found in {root} (expected {root / 'aclImdb'}/train/pos/*.txt ... or "
+                            f"{archive}); {DOWNLOAD_HINT} (84 MB from {IMDB_URL})")
         _download(IMDB_URL, archive)
     with tempfile.TemporaryDirectory(dir=root, prefix=".extract-") as tmp:  # extract, then rename: never half there
         with tarfile.open(archive) as tar:
@@ -186,7 +180,7 @@ def read_imdb(cfg: DataConfig):
     def read(split: str):
         files = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / split / c).glob("*.txt"))]
         if not files or len({i for _, i in files}) < 2:
-            raise _error(f"{folder / split}: expected review files in both neg/ and pos/")
+            raise DataError(f"{folder / split}: expected review files in both neg/ and pos/")
         texts = [p.read_text(encoding="utf-8", errors="replace")
                  for p, _ in bar(files, f"reading {len(files)} {split} reviews")]
         return np.array(texts, dtype=object), np.array([i for _, i in files], dtype=np.int64)
@@ -200,8 +194,8 @@ def corpus(cfg: DataConfig) -> tuple[str, str]:
     if cfg.path is not None:
         path = Path(cfg.path)
         if not path.is_file():
-            raise _error(f"data.path: {path} is not a text file (charlm reads one; leave data.path unset for the "
-                         "bundled corpus)")
+            raise DataError(f"data.path: {path} is not a text file (charlm reads one; leave data.path unset for the "
+                            "bundled corpus)")
         return path.read_text(encoding="utf-8", errors="replace"), str(path)
     from pydoc_data.topics import topics
 
@@ -211,12 +205,10 @@ def corpus(cfg: DataConfig) -> tuple[str, str]:
 # ---------------------------------------------------------------- prepare
 
 def prepare_texts(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
-    from tasks.data import _keep_classes, _split, write_prepared
-
     x, y, test, classes = read(cfg)
     if cfg.classes:
-        x, y, test, classes = _keep_classes(x, y, test, classes, cfg.classes)
-    splits = _split(x, y, test, cfg, seed)
+        x, y, test, classes = keep_classes(x, y, test, classes, cfg.classes)
+    splits = stratified_split(x, y, test, cfg, seed)
     train_texts = splits["train"][0]
     tokenizer = cfg.tokenizer or "word"
     lengths = np.array([len(tokenize(t, tokenizer)) for t in train_texts])
@@ -231,13 +223,11 @@ def prepare_texts(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
         "input_shape": [steps], "num_classes": len(classes), "classes": classes, "vocab_size": len(vocab),
         "counts": {s: {c: int(n) for c, n in zip(classes, np.bincount(lab, minlength=len(classes)))}
                    for s, (_, lab) in encoded.items()},
-        "sizes": {s: len(lab) for s, (_, lab) in encoded.items()},
         "normalization": {"mean": [0.0], "std": [1.0]},  # token ids are indices, never scaled
         "text": {"tokenizer": tokenizer, "max_length": steps, "vocab_size": len(vocab),
                  "mean_tokens": round(float(lengths.mean()), 1), "truncated": round(float((lengths > steps).mean()), 4),
                  "val_oov_rate": round(oov, 4)},
-        "config": cfg.model_dump(), "seed": seed,
-    }, extra={VOCAB: json.dumps(vocab.to_dict(), ensure_ascii=False) + "\n"})
+    }, cfg=cfg, seed=seed, extra={VOCAB: json.dumps(vocab.to_dict(), ensure_ascii=False) + "\n"})
 
 
 def char_windows(ids: np.ndarray, steps: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -256,14 +246,12 @@ def in_order(seq, cfg: DataConfig, steps: int, what: str, unit: str) -> dict:
     n_test, n_val = int(n * cfg.test_fraction), int(n * cfg.val_fraction)
     parts = {"train": seq[:n - n_val - n_test], "val": seq[n - n_val - n_test:n - n_test], "test": seq[n - n_test:]}
     if min(len(p) for p in parts.values()) <= steps + 1:
-        raise _error(f"{what} leave too few for {steps}-{unit} windows in every split; use a longer text or a "
-                     "smaller data.max_length")
+        raise DataError(f"{what} leave too few for {steps}-{unit} windows in every split; use a longer text or a "
+                        "smaller data.max_length")
     return parts
 
 
 def prepare_characters(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
-    from tasks.data import write_prepared
-
     text, description = read(cfg)
     steps = cfg.max_length or DEFAULT_LENGTH[cfg.source]
     n, parts = len(text), in_order(text, cfg, steps, f"{description}: {len(text)} characters", "character")
@@ -276,12 +264,10 @@ def prepare_characters(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
     return write_prepared(out_dir, splits, {
         "source": cfg.source, "task": "language_model", "description": description,
         "input_shape": [steps], "num_classes": len(vocab), "classes": [], "vocab_size": len(vocab),
-        "sizes": {s: len(y) for s, (_, y) in splits.items()},
         "normalization": {"mean": [0.0], "std": [1.0]},
         "text": {"tokenizer": "char", "max_length": steps, "vocab_size": len(vocab), "characters": n,
                  "split_characters": {s: len(p) for s, p in parts.items()}},
-        "config": cfg.model_dump(), "seed": seed,
-    }, extra={VOCAB: json.dumps(vocab.to_dict(), ensure_ascii=False) + "\n"})
+    }, cfg=cfg, seed=seed, extra={VOCAB: json.dumps(vocab.to_dict(), ensure_ascii=False) + "\n"})
 
 
 def prepare_words(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
@@ -289,8 +275,6 @@ def prepare_words(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
     by position (train, val, test), a vocabulary from the training part (min_freq, max_vocab; the rest is
     <unk>), cut into consecutive windows of `steps` words; y is x shifted by one word, so every position is a
     prediction and every word of a split is predicted exactly once."""
-    from tasks.data import write_prepared
-
     text, description = read(cfg)
     steps = cfg.max_length or DEFAULT_LENGTH[cfg.source]
     words = tokenize(text, "word")
@@ -307,12 +291,10 @@ def prepare_words(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
     return write_prepared(out_dir, splits, {
         "source": cfg.source, "task": "word_language_model", "description": description,
         "input_shape": [steps], "num_classes": len(vocab), "classes": [], "vocab_size": len(vocab),
-        "sizes": {s: len(y) for s, (_, y) in splits.items()},
         "normalization": {"mean": [0.0], "std": [1.0]},
         "text": {"tokenizer": "word", "max_length": steps, "vocab_size": len(vocab), "words": n,
                  "split_words": {s: len(p) for s, p in parts.items()}, "unk_rate": unk},
-        "config": cfg.model_dump(), "seed": seed,
-    }, extra={VOCAB: json.dumps(vocab.to_dict(), ensure_ascii=False) + "\n"})
+    }, cfg=cfg, seed=seed, extra={VOCAB: json.dumps(vocab.to_dict(), ensure_ascii=False) + "\n"})
 
 
 # ---------------------------------------------------------------- a real text CSV every Python ships

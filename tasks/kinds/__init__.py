@@ -6,16 +6,17 @@ lifecycle (tasks/stages.py) and the loop (tasks/train.py) are shared and never a
 
 A run's kind is its model's own (GANs make generators from any data) or else its data's (tasks/sources.py).
 What config validation asks of a kind (the data it trains on, whether that data trains only its own models, the
-settings it refuses) is its row of RULES here, read without importing the kind's module or torch.
-Adding a kind: its row in RULES, a `@register_kind` class in its module, that module in KIND_MODULES, its models
-(models/options.py) and tests.
+settings it refuses) is its row of tasks/sources.py RULES, read without importing the kinds or torch.
+Adding a kind: its row in RULES, a `@register_kind` class in a module of this folder (found by importing every
+module here), its models (models/options.py) and tests.
 """
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -26,8 +27,8 @@ if TYPE_CHECKING:
     from tasks.tracking import Run
     from tasks.train import FitResult, Step, Trainer
 
-KIND_MODULES = ("tasks.kinds.supervised", "tasks.kinds.forecasting", "tasks.kinds.language", "tasks.kinds.generation",
-                "tasks.kinds.style", "tasks.kinds.translation", "tasks.kinds.image2image", "tasks.kinds.speech")  # importing them runs their @register_kind
+from tasks.sources import RULES, kind_name
+
 _KINDS: dict[str, "Kind"] = {}
 
 
@@ -59,58 +60,44 @@ class Evaluation:
     texts: dict[str, str] = field(default_factory=dict)  # more artifacts: name -> text (e.g. sample outputs)
 
 
-# ---------------------------------------------------------------- what config validation checks, without torch
+# ---------------------------------------------------------------- serving
 
-@dataclass(frozen=True)
-class Rules:
-    data: tuple[str, ...] = ()  # the kinds of data (tasks/sources.py DATA) it trains on; empty: any
-    own_models: bool = False  # its data trains only the models of this kind (translation: encoder-decoders)
-    # settings it cannot honour, each as `key: why` (validation turns them into an error)
-    refuse: Callable[["Config", "TrainConfig"], list[str]] = lambda cfg, train: []
+class ServingError(ValueError):
+    """Raw inputs a served model cannot take (an unreadable recording or image, an option it has no use for);
+    the message says which, and the serving commands report it (exit 2)."""
 
 
-def _refuses(early_stopping: str | None = None, augment: str | None = None):
-    """The rule of a kind that cannot honour early stopping and/or augmentation: each given reason, as
-    `key: reason`, when that setting is on."""
+class Served:
+    """A logged or registered model, served: the module its kind's `wrap` rebuilt from the run's weights-only
+    checkpoint (tasks/serving.py load_serving), with its vocabulary (or None), its logged metadata and pinned URI,
+    and knowing its own raw inputs. `takes` names them, `gives` what it returns, `command` the nnlab command that
+    serves it ("" when only `mlflow models serve` does: raw arrays in, raw arrays out). Calling it turns raw
+    inputs into outputs (ServingError for inputs it cannot take):
 
-    def refuse(cfg: "Config", train: "TrainConfig") -> list[str]:
-        return ([f"train.early_stopping.enabled: {early_stopping}"] if early_stopping and train.early_stopping.enabled
-                else []) + ([f"augment.enabled: {augment}"] if augment and cfg.augment.enabled else [])
+      takes    gives     called with                            returns
+      text     classes   texts, top=k                           per text, its k likeliest (class, probability)
+      text     text      texts                                  per text, its translation
+      audio    text      recording paths, beam=width or None    per recording, its transcript
+      noise    samples   n, seed=, truncation=psi               n samples in raw data units (an array)
+      image    image     image paths                            the images as read, and their translations
+      arrays   classes, forecasts                               (served by `mlflow models serve` only)
 
-    return refuse
+    Those that give pictures (samples, image) write them as one PNG with `png(outputs, path)`."""
 
+    takes: str = "arrays"
+    gives: str = ""
+    command: str = ""  # e.g. "predict", "sample --input"
+    truncates: bool = False  # noise: whether `truncation` (psi < 1) means anything to it
 
-_generation_refuses = _refuses(
-    early_stopping="a GAN has no held-out loss to watch (its losses say nothing of its samples); set it to false "
-                   "and choose train.epochs",
-    augment="a GAN learns the distribution of its training images, augmentations included; set it to false")
-_translation_refuses = _refuses(augment="image augmentation does not apply to text; set it to false")
-_image_translation_refuses = _refuses(
-    early_stopping="an image GAN's losses do not say when its outputs are best; set it to false and choose "
-                   "train.epochs",
-    augment="the pairs are built in data preparation; set it to false")
+    def __init__(self, module: "nn.Module", vocab: dict | None, meta: dict, uri: str):
+        self.module, self.vocab, self.meta, self.uri = module, vocab, meta, uri
 
+    def __call__(self, inputs, **options):
+        raise ServingError(f"{self.uri} takes raw {self.takes}, which `mlflow models serve` serves; no nnlab "
+                           "command reads them")
 
-def _speech_refuses(cfg: "Config", train: "TrainConfig") -> list[str]:
-    out = []
-    if cfg.augment.offline_copies:
-        out.append("augment.offline_copies: speech is augmented on the fly (SpecAugment); set it to 0")
-    if train.early_stopping.enabled and train.early_stopping.monitor == "val_accuracy":
-        out.append("train.early_stopping.monitor: speech runs have no accuracy; monitor val_loss")
-    return out
-
-
-RULES = {  # kind -> its rules; every @register_kind class has its row
-    "classification": Rules(),
-    "regression": Rules(),
-    "language_model": Rules(),
-    "word_language_model": Rules(data=("words",), own_models=True),
-    "generation": Rules(refuse=_generation_refuses),
-    "style_generation": Rules(data=("images",), refuse=_generation_refuses),
-    "translation": Rules(data=("pairs",), own_models=True, refuse=_translation_refuses),
-    "image_translation": Rules(data=("image_pairs",), own_models=True, refuse=_image_translation_refuses),
-    "speech_recognition": Rules(data=("audio",), own_models=True, refuse=_speech_refuses),
-}
+    def png(self, outputs, path: Path) -> None:
+        raise NotImplementedError(f"{type(self).__name__} gives {self.gives}, not pictures")
 
 
 # ---------------------------------------------------------------- the kinds
@@ -129,6 +116,10 @@ class Kind:
 
     def metric_for(self, source: str) -> str:
         return self.metric
+
+    def lower_wins(self, metric: str) -> bool:
+        """Whether lower values of `metric` win: the kind's own list, and every loss."""
+        return metric in self.lower_is_better or metric.endswith("_loss")
 
     def registered_name(self, register: "RegisterConfig") -> str:
         return register.name if register.name != "auto" else self.registry or f"nnlab-{self.name}"
@@ -161,8 +152,16 @@ class Kind:
     def wrap(self, net: "nn.Module", manifest: dict, mean: list[float], std: list[float]) -> "nn.Module":
         """The served module around a trained network (a CPU float32 copy) for data `manifest` scaled by
         mean/std: what `served` logs, and what nnlab rebuilds from a run's weights-only checkpoint to serve it
-        (tasks/stages.py load_served) instead of unpickling the logged model."""
+        (tasks/serving.py load_served) instead of unpickling the logged model."""
         raise NotImplementedError
+
+    served_as: type[Served] = Served  # what `serving` makes of the module `wrap` rebuilt
+
+    def serving(self, module: "nn.Module", vocab: dict | None, meta: dict, uri: str) -> Served:
+        """The served model around `module` (what `wrap` made, rebuilt from a run's checkpoint): it takes its own
+        raw inputs and gives its outputs (`Served`); what `nnlab predict`, `translate`, `transcribe` and `sample`
+        call."""
+        return self.served_as(module, vocab, meta, uri)
 
     def evaluate(self, cfg: "Config", name: str, model: "nn.Module", final: dict, data: "Dataset", data_dir: Path,
                  device: "torch.device") -> Evaluation:
@@ -173,60 +172,27 @@ def register_kind(cls: type[Kind]) -> type[Kind]:
     if cls.name in _KINDS:
         raise ValueError(f"kind {cls.name!r} is already registered")
     if cls.name not in RULES:
-        raise ValueError(f"kind {cls.name!r} has no row in tasks/kinds.py RULES (what config validation checks)")
+        raise ValueError(f"kind {cls.name!r} has no row in tasks/sources.py RULES (what config validation checks)")
     _KINDS[cls.name] = cls()
     return cls
 
 
+def _import_kinds() -> None:
+    """Import every module of this folder: their @register_kind classes register themselves."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
 def get_kind(name: str) -> Kind:
-    for module in KIND_MODULES:
-        importlib.import_module(module)
+    _import_kinds()
     if name not in _KINDS:
         raise KeyError(f"unknown kind of run {name!r}; known: {', '.join(sorted(_KINDS))}")
     return _KINDS[name]
 
 
-def kind_name(arch: str, source: str) -> str:
-    """The name of the kind of a run of architecture `arch` on data `source`, without importing the kind."""
-    from models.options import get_spec
-    from tasks.sources import task
-
-    return get_spec(arch).kind or task(source)
-
-
 def kind_of(arch: str, source: str) -> Kind:
     """The one lookup: the kind of a run of architecture `arch` on data `source`."""
     return get_kind(kind_name(arch, source))
-
-
-def rules(name: str) -> Rules:
-    if name not in RULES:
-        raise KeyError(f"unknown kind of run {name!r}; known: {', '.join(sorted(RULES))}")
-    return RULES[name]
-
-
-def misfit(arch: str, source: str) -> str | None:
-    """Why architecture `arch` cannot train on `source`, or None: a model of one kind on data it does not read
-    (an encoder-decoder on images), or data whose kind needs its own models (translation pairs in an LSTM
-    classifier)."""
-    from models.options import get_spec, list_models
-    from tasks.sources import data_kind, task
-
-    spec, data = get_spec(arch), data_kind(source)
-    if spec.kind is not None and rules(spec.kind).data and data not in rules(spec.kind).data:
-        readers = [n for n, s in _sources().items() if s in rules(spec.kind).data]
-        return f"{arch} makes {spec.kind} runs, from {', '.join(readers)} data; data.source is {source}"
-    own = task(source)
-    if rules(own).own_models and spec.kind != own:
-        takes = [n for n in list_models() if get_spec(n).kind == own]
-        return f"{source} data makes {own} runs, which train: {', '.join(takes)} (not {arch})"
-    return None
-
-
-def _sources() -> dict[str, str]:
-    from tasks.sources import SOURCES
-
-    return {n: s.data for n, s in SOURCES.items()}
 
 
 def experiment_kind(cfg: "Config") -> Kind:
@@ -241,18 +207,17 @@ def experiment_kind(cfg: "Config") -> Kind:
     return get_kind(kinds.pop() if len(kinds) == 1 else task(cfg.data.source))
 
 
-def lower_is_better(metric: str) -> bool:
-    """Whether lower values of `metric` win, as the kind that reports it says."""
-    for module in KIND_MODULES:
-        importlib.import_module(module)
-    return any(metric in k.lower_is_better for k in _KINDS.values())
+def ranking(cfg: "Config") -> dict:
+    """What ranks this experiment's runs, as its evaluation records it (tasks/stages.py evaluate_stage) and
+    registration and sweeps read it: {"metric": register.metric or the kind's, "lower_is_better": its direction}."""
+    kind = experiment_kind(cfg)
+    metric = cfg.register.metric if cfg.register.metric != "auto" else kind.metric_for(cfg.data.source)
+    return {"metric": metric, "lower_is_better": kind.lower_wins(metric)}
 
 
 def main_metric(cfg: "Config") -> str:
     """The metric registration and sweeps compare: register.metric, or the kind's when it is `auto`."""
-    if cfg.register.metric != "auto":
-        return cfg.register.metric
-    return experiment_kind(cfg).metric_for(cfg.data.source)
+    return ranking(cfg)["metric"]
 
 
 def register_name(cfg: "Config") -> str:

@@ -8,6 +8,7 @@ import numpy as np
 
 from tasks.kinds import Evaluation, register_kind
 from tasks.kinds.supervised import Supervised
+from tasks.figures import pyplot
 
 
 def baselines(x: np.ndarray, horizon: int, season: int) -> dict[str, np.ndarray]:
@@ -61,10 +62,7 @@ def arima_reference(manifest: dict, y_test: np.ndarray) -> dict:
 
 def forecast_figure(series_x: np.ndarray, y: np.ndarray, pred: np.ndarray, naive: np.ndarray, title: str):
     """One-step-ahead forecasts over the test part against the actual values and the naive forecast."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(9, 3.4), dpi=110)
     t = np.arange(len(y))

@@ -1,4 +1,4 @@
-"""The generation kind: GANs on the shared loop and run lifecycle. Its step is tasks/gan.py's GanStep; here are
+"""The generation kind: GANs on the shared loop and run lifecycle. Its step is tasks/kinds/gan.py's GanStep; here are
 what it measures each epoch (ring8 coverage, sample grids of a fixed noise), what it logs and registers, and the
 evaluation that says whether a GAN worked.
 
@@ -20,9 +20,10 @@ from tasks.config import Config
 from tasks.files import save_torch
 from tasks.kinds.gan import GanStep, class_coverage, frechet_distance, label_entropy, mode_collapse, mode_coverage
 from tasks.figures import curves_figure, evolution_strip, points_figure, sample_grid_figure
-from tasks.kinds import Evaluation, Job, Kind, get_kind, register_kind
+from tasks.kinds import Evaluation, Job, Kind, Served, ServingError, get_kind, register_kind
 from tasks.sources import data_kind
 from tasks.train import Trainer, seed_everything, to_device
+from tasks.kinds.supervised import SupervisedStep
 
 EVAL_SAMPLES = 2000  # generated samples measured at evaluation (ring8; images: up to the test split's size)
 EPOCH_SAMPLES = 1000  # ring8: samples measured after every epoch (modes_covered per epoch)
@@ -62,6 +63,33 @@ def to_unit(x: torch.Tensor | np.ndarray, max_value: float) -> np.ndarray:  # ra
     return np.asarray(torch.as_tensor(x).float().cpu()) / max_value
 
 
+# ---------------------------------------------------------------- served
+
+class ServedSampler(Served):
+    """A GAN generator: n draws of seeded noise -> n samples in raw data units (images (n, C, H, W), or points
+    (n, 2)); `png` draws them as a grid of images, or a scatter plot of points. `truncation` (psi < 1) needs a
+    mapping network (ServedStyleSampler); this one refuses it."""
+
+    takes, gives, command = "noise", "samples", "sample"
+
+    def __call__(self, n: int, seed: int = 0, truncation: float = 1.0) -> np.ndarray:
+        if truncation != 1.0 and not self.truncates:
+            raise ServingError(f"{self.uri} ({self.meta.get('nnlab.arch', 'its generator')}) has no mapping network, "
+                               "so no mean w to truncate towards; it needs a style-based generator "
+                               "(`nnlab run --models stylegan`)")
+        z = torch.randn(n, int(self.meta["latent_dim"]), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            return torch.cat([self.module(z[i:i + 256]) for i in range(0, n, 256)]).numpy()
+
+    def png(self, samples: np.ndarray, path) -> None:
+        n, title = len(samples), f"{len(samples)} samples from {self.uri}"
+        if self.meta["image"]:
+            fig = sample_grid_figure(samples / float(self.meta["max_value"]), max(1, int(round(n ** 0.5))), title)
+        else:
+            fig = points_figure(None, samples, None, title)
+        fig.savefig(path, format="png")
+
+
 # ---------------------------------------------------------------- the kind
 
 @register_kind
@@ -71,6 +99,7 @@ class Generation(Kind):
     name, metric, registry = "generation", "classifier_fid", "nnlab-generator"
     lower_is_better = ("classifier_fid", "frechet_distance")
     channels_last = False  # the GAN trainer has always fed contiguous batches
+    served_as = ServedSampler
 
     def metric_for(self, source: str) -> str:
         # points from known modes: how the samples share out over them (a Frechet distance between 2-D Gaussian
@@ -195,11 +224,11 @@ def _image_evaluation(cfg, name, sampler, latent_dim, final, data, data_dir, dev
 def judge_classifier(cfg: Config, data_dir, data, device) -> tuple[nn.Module, str]:
     """The registered champion classifier when it was trained on exactly this data (same data hash); else a
     simple_cnn trained here, without MLflow, cached beside the prepared data under its hash."""
-    from tasks.stages import build
+    from tasks.networks import build
 
     m = data.manifest
     try:
-        from tasks.tracking import load_checkpoint
+        from tasks.registration import load_checkpoint
 
         from tasks.kinds import for_dataset
 
@@ -220,10 +249,10 @@ def trained_judge(cfg: Config, key: str, train, val, test, classes: list[str], d
     """A simple_cnn trained on the images and labels `train` (each split an (x, y) pair in raw units), without
     MLflow, cached under .nnlab/judges/ by `key`. Returns it, what it is (with its test accuracy) and the
     {"normalization": ...} its inputs take (`normalization`, or the training images' per-channel statistics)."""
-    from tasks.data import _channel_stats
+    from tasks.data import channel_stats
 
     if normalization is None:
-        mean, std = _channel_stats(np.asarray(train[0]))
+        mean, std = channel_stats(np.asarray(train[0]))
         normalization = {"mean": mean, "std": std}
     stats = {"normalization": normalization}
     cache = Path(".nnlab/judges") / f"simple_cnn-{key}.pt"
@@ -241,7 +270,7 @@ def trained_judge(cfg: Config, key: str, train, val, test, classes: list[str], d
     clf.to(device)
     mean, std = normalization["mean"], normalization["std"]
     split = [to_device(x, y, mean, std, device, False) for x, y in (train, val, test)]
-    tr = Trainer(clf, tcfg, cfg.seed, device)
+    tr = Trainer(clf, tcfg, cfg.seed, device, SupervisedStep(clf, tcfg, device))
     tr.fit(split[0], split[1])
     acc = tr.evaluate(split[2], "test")["test_accuracy"]
     judge = f"simple_cnn trained for the judgement ({JUDGE_EPOCHS} epochs, test accuracy {acc:.3f})"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 
 from tasks.figures import rows_figure
 from tasks.data.image_pairs import load_labels
-from tasks.kinds import Evaluation, Job, Kind, register_kind
+from tasks.kinds import Evaluation, Job, Kind, Served, ServingError, register_kind
 from tasks.train import NonFiniteLoss, Step, autocast, build_optimizer, build_scheduler, penalty, use_bf16
 
 EXAMPLES = 8  # validation examples drawn in the per-epoch translation grids
@@ -251,6 +252,46 @@ def translate(net: nn.Module, raw: np.ndarray, device) -> np.ndarray:  # uint8 (
         return torch.cat([net(x[i:i + 256].to(device)).cpu() for i in range(0, len(x), 256)]).numpy()
 
 
+
+class Translated(NamedTuple):
+    inputs: np.ndarray  # (N, C, H, W) float32 in 0..255: the images as read, at the model's channels and size
+    outputs: np.ndarray  # their translations, same shape and units
+
+
+class ServedImageTranslator(Served):
+    """An image-to-image generator: image files (up to 64), each read at the model's channels and size ->
+    `Translated` (the images as read, their translations); `png` writes one image's translation as that image
+    itself, several as a grid of inputs (top) over outputs."""
+
+    takes, gives, command = "image", "image", "sample --input"
+
+    def __call__(self, images: list[Path]) -> Translated:
+        x = np.stack([self._read(f) for f in images[:64]])
+        return Translated(x, translate(self.module, x, torch.device("cpu")))
+
+    def _read(self, f: Path) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        c, h, w = self.meta["shape"]
+        try:
+            with Image.open(f) as im:
+                im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.Resampling.BILINEAR)
+        except (OSError, UnidentifiedImageError) as e:
+            raise ServingError(f"cannot read image {f}: {e}") from None
+        a = np.asarray(im, np.float32)
+        return a[None] if c == 1 else a.transpose(2, 0, 1)
+
+    def png(self, t: Translated, path) -> None:
+        from PIL import Image
+
+        if len(t.outputs) == 1:
+            pixels = np.round(t.outputs[0]).astype(np.uint8)
+            Image.fromarray(pixels[0] if len(pixels) == 1 else pixels.transpose(1, 2, 0)).save(path, format="PNG")
+        else:
+            rows_figure([t.inputs / 255.0, t.outputs / 255.0], ["input", "output"],
+                        f"{len(t.inputs)} images translated by {self.uri}").savefig(path, format="png")
+
+
 # ---------------------------------------------------------------- the kind
 
 
@@ -263,6 +304,7 @@ class ImageTranslation(Kind):
     lower_is_better = ("test_l1", "baseline_l1", "classifier_fid_ba", "cycle_l1_a", "cycle_l1_b")
     channels_last = False
     summary_columns = ("test_ssim", "cycle_l1_a")
+    served_as = ServedImageTranslator
 
     def step(self, model, cfg, seed, device) -> TwoNetworkStep:
         return Pix2PixStep(model, cfg, seed, device) if model.kind == "paired" else CycleStep(model, cfg, seed, device)

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from models.registry import beam_size
 from models.speech import Transcriber, decode, greedy
 from tasks.data.audio import ALPHABET, TEXTS, WAVES
-from tasks.kinds import Evaluation, Job, register_kind
+from tasks.kinds import Evaluation, Job, Served, ServingError, register_kind
 from tasks.kinds.supervised import Supervised, SupervisedStep
+from tasks.figures import pyplot
 
 
 
@@ -138,6 +139,34 @@ class CTCStep(SupervisedStep):
         self.logged = len(self.trace)  # a checkpoint is written after its epoch's trace was logged
 
 
+# ---------------------------------------------------------------- served
+
+class ServedTranscriber(Served):
+    """A speech model: recordings (WAV, FLAC or OGG files), read at its sample rate -> their transcripts, by CTC
+    beam search of width `beam` (default: the model's own; 1: greedy)."""
+
+    takes, gives, command = "audio", "text", "transcribe"
+
+    def __call__(self, recordings: list[Path], beam: int | None = None) -> list[str]:
+        from models.speech import beam_search
+        from tasks.data import DataError
+        from tasks.data.audio import load_audio
+
+        width = beam or int(self.meta.get("beam_size", 1))
+        out = []
+        for path in recordings:
+            try:
+                wave = load_audio(path, int(self.meta["sample_rate"]))
+            except DataError as e:
+                raise ServingError(str(e)) from None
+            pcm = torch.as_tensor(np.clip(wave * 32768.0, -32768, 32767).astype(np.int16))[None]
+            with torch.no_grad():
+                lp = self.module(pcm)
+            ids = greedy(lp)[0] if width == 1 else beam_search(lp, beam=width)[0]
+            out.append(as_text(self.meta["alphabet"], [ids])[0])
+        return out
+
+
 @register_kind
 class SpeechRecognition(Supervised):
     name, metric, registry = "speech_recognition", "test_wer", "nnlab-asr"
@@ -202,6 +231,9 @@ class SpeechRecognition(Supervised):
         s = manifest["speech"]
         return Transcriber(net.eval(), s["sample_rate"], s["n_mels"], mean, std).eval()
 
+    def serving(self, module, vocab, meta, uri) -> Served:
+        return ServedTranscriber(module, vocab, meta, uri)
+
     def served(self, job: Job):
         s = job.data.manifest["speech"]
         with np.load(Path(job.data_dir) / WAVES) as z:
@@ -249,10 +281,7 @@ def error_curves_figure(history: list[dict], title: str, trace: list[tuple[int, 
     """CTC loss (train, validation) and validation CER, WER, exact and empty outputs per epoch; with the step's
     trace, the blank-only phase by optimizer step: CTC first learns to output blanks only (every transcript
     empty, CER 1), then characters."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     epochs = range(1, len(history) + 1)
     fig, axes = plt.subplots(1, 3 if trace else 2, figsize=(15 if trace else 10, 3.6), dpi=110)
@@ -286,10 +315,7 @@ def error_curves_figure(history: list[dict], title: str, trace: list[tuple[int, 
 def spectrogram_figure(mel: np.ndarray, masked: np.ndarray | None, probs: np.ndarray, alphabet: str, title: str):
     """One test recording: its log-mel spectrogram, the same with SpecAugment's masks (when training used them)
     and the trained model's per-step character probabilities (blank row first)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [("log-mel", mel.T)] + ([("SpecAugment (normalised)", masked.T)] if masked is not None else [])
     rows.append(("CTC output", probs.T))

@@ -1,5 +1,5 @@
 """The style-generation kind: StyleGAN (models/stylegan.py) on the shared loop and run lifecycle. It is the
-generation kind (tasks/generation.py: GanStep trains it, the same samples, judge, classifier FID, registry
+generation kind (tasks/kinds/generation.py: GanStep trains it, the same samples, judge, classifier FID, registry
 `nnlab-generator`) plus what shows that styles act at different scales:
 
 - the style-mixing grid: row sources A on the left, column sources B on top, each cell the synthesis with A's w
@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from tasks.data import raw_max
-from tasks.figures import _plt, tile
-from tasks.kinds.generation import Generation, Sampler, evaluate_generator, judge_classifier, judge_outputs, to_unit
+from tasks.figures import pyplot, tile
+from tasks.kinds.generation import (Generation, Sampler, ServedSampler, evaluate_generator, judge_classifier,
+                                    judge_outputs, to_unit)
 from tasks.kinds import Evaluation, Job, register_kind
 
 MIX_PAIRS = 1000  # random (A, B) pairs measured at evaluation
@@ -38,6 +39,18 @@ class StyleSampler(Sampler):
     def forward(self, z):
         x = self.generator(z.float(), self.truncation).float() * self.std + self.mean
         return x.clamp(0, self.max_value)
+
+
+
+class ServedStyleSampler(ServedSampler):
+    """A style-based generator: as any sampler, and `truncation` psi in (0, 1] pulls every w towards the mean w
+    (w = w_avg + psi (w - w_avg)): smaller psi, samples closer to the average one."""
+
+    truncates = True
+
+    def __call__(self, n: int, seed: int = 0, truncation: float = 1.0) -> np.ndarray:
+        self.module.truncation.fill_(truncation)  # the served StyleSampler's psi
+        return super().__call__(n, seed, truncation)
 
 
 # ---------------------------------------------------------------- mixing, in raw units
@@ -99,7 +112,7 @@ def mixing_grid(generator, mean, std, max_value, device, seed: int, rows: int = 
 
 
 def mixing_figure(grid: np.ndarray, coarse: str, fine: str, title: str):
-    plt = _plt()
+    plt = pyplot()
     n = int(round(len(grid) ** 0.5))
     image = tile(grid, n)
     fig, ax = plt.subplots(figsize=(max(3.0, image.shape[1] / 38), max(3.0, image.shape[0] / 38) + 0.6), dpi=110)
@@ -127,6 +140,7 @@ class StyleGeneration(Generation):
 
     name = "style_generation"
     summary_columns = ("mixing_class_follows_coarse", "mixing_colour_follows_fine")
+    served_as = ServedStyleSampler
 
     def after_fit(self, job: Job, result) -> None:
         super().after_fit(job, result)
@@ -151,7 +165,7 @@ class StyleGeneration(Generation):
 
     def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
         ev = evaluate_generator(cfg, name, model, final, data, data_dir, device)
-        _plt().close(ev.figure)
+        pyplot().close(ev.figure)
         G, m = model.generator.eval(), data.manifest
         mean, std, top = final["normalization"]["mean"], final["normalization"]["std"], final["max_value"]
         clf, _ = judge_classifier(cfg, data_dir, data, device)

@@ -17,7 +17,7 @@ from torch import nn
 
 from tasks.config import TrainConfig
 from tasks.diagnostics import Diagnostics
-from tasks.kinds import Evaluation, Job, Kind, register_kind
+from tasks.kinds import Evaluation, Job, Kind, Served, register_kind
 from tasks.train import NonFiniteLoss, Split, Step, autocast, build_optimizer, build_scheduler, penalty, to_device, use_bf16
 
 
@@ -137,6 +137,41 @@ class SupervisedStep(Step):
             self.sched.load_state_dict(s["scheduler"])
         if self.diagnostics is not None and s["diagnostics"] is not None:
             self.diagnostics.load_state_dict(s["diagnostics"])
+
+
+# ---------------------------------------------------------------- served
+
+class ServedClassifier(Served):
+    """A model trained on text (a classifier, or a language model: its classes are the next token): texts, encoded
+    with its own vocabulary (extra_files/vocab.json) -> per text its `top` likeliest classes and probabilities."""
+
+    takes, gives, command = "text", "classes", "predict"
+
+    def __call__(self, texts: list[str], top: int = 3) -> list[list[tuple[str | int, float]]]:
+        from tasks.data.text import Vocab
+
+        classes = self.meta.get("classes") or []
+        with torch.no_grad():
+            probs = self.module(torch.as_tensor(Vocab.from_dict(self.vocab).encode(texts)))
+        out = []
+        for p in probs:
+            best = torch.topk(p, min(top, len(p)))
+            out.append([(classes[i] if i < len(classes) else i, float(q))
+                        for q, i in zip(best.values, best.indices.tolist())])
+        return out
+
+
+class ServedArrays(Served):
+    """An image, feature or series model: it takes raw arrays (images (N, C, H, W) in pixel units, feature rows,
+    windows (N, L, 1)) and gives class probabilities; `mlflow models serve` serves it, no nnlab command."""
+
+    takes, gives = "arrays", "classes"
+
+
+class ServedForecasts(ServedArrays):
+    gives = "forecasts"  # the next values of the series, in its units
+
+
 # ---------------------------------------------------------------- the kinds
 
 class Supervised(Kind):
@@ -176,6 +211,11 @@ class Supervised(Kind):
         net = net.to(memory_format=torch.contiguous_format)
         return Deployed(net, mean, std, regression=not self.classify, input_dims=len(manifest["input_shape"]))
 
+    def serving(self, module, vocab, meta, uri) -> Served:
+        # text models (their vocabulary logged beside them) read text; the others take raw arrays
+        kind = ServedClassifier if vocab is not None else ServedArrays if self.classify else ServedForecasts
+        return kind(module, vocab, meta, uri)
+
     def test_split(self, final: dict, data, device) -> Split:
         norm = final["normalization"]
         return to_device(data.x_test, data.y_test, norm["mean"], norm["std"], device, channels_last=False)
@@ -202,7 +242,7 @@ class Classification(Supervised):
 
 def _log_what_it_learned(job: Job) -> None:
     """CNNs: the first-layer kernels, and the feature maps of one test image after an early and a late block."""
-    from tasks.figures import feature_maps, feature_maps_figure, kernels_figure
+    from tasks.figures import feature_maps_figure, kernels_figure
 
     model, name, x_raw = job.model, job.name, job.data.x_test[:1]
     first = getattr(model, "first_conv", None) or next(m for m in model.modules() if isinstance(m, nn.Conv2d))
@@ -249,3 +289,19 @@ def classification_metrics(logits: torch.Tensor, y: torch.Tensor, num_classes: i
         "test_macro_f1": float(f1.mean()),
     }
     return metrics, cm
+
+
+@torch.no_grad()
+def feature_maps(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Outputs (C, H, W) of the first and the last of `model.features`' blocks for one input (1, C, H, W)."""
+    blocks = list(model.features.children())
+    wanted = {"early (block 1)": blocks[0], f"late (block {len(blocks)})": blocks[-1]}
+    out: dict[str, torch.Tensor] = {}
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: out.__setitem__(k, o[0].float().cpu()))
+             for k, b in wanted.items()]
+    try:
+        model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out

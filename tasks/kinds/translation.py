@@ -15,10 +15,11 @@ import torch.nn.functional as F
 
 from models.registry import beam_size
 from models.seq2seq import EOS, PAD, Translator, decode
-from tasks.kinds import Evaluation, Job, register_kind
+from tasks.kinds import Evaluation, Job, Served, ServingError, register_kind
 from tasks.data.pairs import EOS_TOKEN, TARGET_VOCAB, TEXTS
 from tasks.data.text import VOCAB, Vocab, tokenize
 from tasks.kinds.supervised import Supervised, SupervisedStep
+from tasks.figures import pyplot
 
 
 
@@ -67,6 +68,28 @@ class TranslationStep(SupervisedStep):
         return ((out.argmax(1) == y) & (y != PAD)).sum()
 
 
+# ---------------------------------------------------------------- served
+
+class ServedTranslator(Served):
+    """A translation model: texts, encoded with its source vocabulary (extra_files/vocab.json; never cut) ->
+    their translations, decoded with its target vocabulary (extra_files/target_vocab.json)."""
+
+    takes, gives, command = "text", "text", "translate"
+
+    def __call__(self, texts: list[str]) -> list[str]:
+        from tasks.registration import extra_file
+
+        target = extra_file(self.uri, TARGET_VOCAB) if self.vocab is not None else None
+        if self.vocab is None or target is None:
+            raise ServingError(f"{self.uri} has no extra_files/{VOCAB if self.vocab is None else TARGET_VOCAB}: "
+                               "its vocabularies were not logged beside it; train it again to serve it")
+        source = Vocab.from_dict(self.vocab)
+        source.max_length = max(source.max_length, max(len(source.ids(t)) for t in texts))  # encode without cutting
+        with torch.no_grad():
+            ids = self.module(torch.as_tensor(source.encode(texts)))
+        return outputs_as_text(Vocab.from_dict(target), ids.tolist())
+
+
 @register_kind
 class Translation(Supervised):
     name, metric, registry = "translation", "test_bleu", "nnlab-translator"
@@ -102,6 +125,9 @@ class Translation(Supervised):
 
     def wrap(self, net, manifest, mean, std):
         return Translator(net, manifest["text"]["target_length"], beam_size(net))
+
+    def serving(self, module, vocab, meta, uri) -> Served:
+        return ServedTranslator(module, vocab, meta, uri)
 
     def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
         m = data.manifest
@@ -142,10 +168,7 @@ class Translation(Supervised):
 def attention_figure(examples: list[tuple[str, str, torch.Tensor, str]], title: str):
     """One heat map per example: output tokens (rows) over source tokens (columns). Without attention (the
     no-attention twin) a note says so."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if not examples:
         fig, ax = plt.subplots(figsize=(5, 1.4), dpi=110)
