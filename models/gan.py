@@ -11,7 +11,7 @@ Data comes as images (C, H, W) scaled to [-1, 1] by the caller (the generator en
 (D,) in their own units (linear output: e.g. the 2-D ring of Gaussians `ring8`). dcgan and wgan_gp use
 convolutions on images and dense networks on points; gan_mlp is dense on both.
 
-The training step itself (D then G, gradient penalty, n_critic) is in tasks/gan.py; the knobs the textbook
+The training step itself (D then G, gradient penalty, n_critic) is in tasks/kinds/gan.py; the knobs the textbook
 names against instability live in their options (models/options.py), so `params.yaml` sets them per
 architecture.
 """

@@ -5,7 +5,7 @@ end in tanh; the caller scales). `forward(a)` is the A -> B translation, so the 
 the model on data. The discriminators are PatchGANs: a grid of logits, one per overlapping patch of the input,
 so they judge texture and local structure and leave the global layout to the L1 / cycle losses.
 
-The training steps (D then G, the image pool, the losses) are in tasks/image2image.py; what varies between
+The training steps (D then G, the image pool, the losses) are in tasks/kinds/image2image.py; what varies between
 runs is in their options (models/options.py).
 """
 from __future__ import annotations

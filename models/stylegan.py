@@ -9,9 +9,9 @@ The generator is two networks:
 
 Coarse and fine: the layers at resolutions up to 8x8 are coarse (at 32x32: 4x4 and 8x8, the first 4 of 8 ws;
 pose and shape in the paper, the digit's class here); the layers above are fine (16x16 and 32x32: colour and
-stroke). `coarse_layers` is that split: the mixing grid and its metrics (tasks/style.py) cross over there.
+stroke). `coarse_layers` is that split: the mixing grid and its metrics (tasks/kinds/style.py) cross over there.
 
-In training mode the generator's forward does the paper's two regularising tricks itself, so tasks/gan.py's
+In training mode the generator's forward does the paper's two regularising tricks itself, so tasks/kinds/gan.py's
 GanStep trains it like any GAN: style mixing (with probability `mixing_prob` a batch takes a second z's w from a
 random layer on) and the running mean of w (`w_avg`, the centre the truncation trick pulls towards). Noise is
 fresh per forward in training; in eval mode every layer reads its fixed noise buffer (StyleGAN2's

@@ -95,6 +95,22 @@ def test_changing_one_model_reruns_only_its_stages(repo):
     assert "Running stage 'prepare'" not in out and "Running stage 'train@simple_cnn'" not in out
 
 
+def test_code_deps_are_folders_editing_a_kind_never_touches_prepare(repo):
+    """dvc.yaml names tasks/kinds and tasks/data as folders: an edit to any kind (here one neither model runs)
+    changes train and evaluate, never prepare; an edit to a kind of data changes prepare."""
+    sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
+    for path, changed, unchanged in (("tasks/kinds/speech.py", ("train@mlp", "evaluate@simple_cnn"), ("prepare:",)),
+                                     ("tasks/data/points.py", ("prepare:",), ())):
+        original = (repo / path).read_text()
+        (repo / path).write_text(original + "\n# an edit\n")
+        try:
+            status = sh(sys.executable, "-m", "dvc", "status", cwd=repo).stdout
+        finally:
+            (repo / path).write_text(original)
+        assert all(s in status for s in changed) and not any(s in status for s in unchanged), status
+    assert "up to date" in sh(sys.executable, "-m", "dvc", "status", cwd=repo).stdout
+
+
 HOLD_LOCK = """
 import sys
 from dvc.repo import Repo
