@@ -284,7 +284,7 @@ def _flow_run_name() -> str:
 @flow(name="nnlab-sweep", log_prints=False, flow_run_name=_flow_run_name)
 def sweep(spec: dict, params: dict, sets: list[str] | None = None, resume: str | None = None) -> dict:
     """`spec` is a sweep file's content, `params` the params.yaml content it applies to."""
-    from tasks.tracking import Run, child_runs, prepare_store
+    from tasks.tracking import Run, prepare_store
 
     mark("flow started")
     spec = fold_sets(spec, sets)  # --set overrides become the sweep's own grid and fixed values
