@@ -26,10 +26,13 @@ BLANK = 0
 LOG_FLOOR = 1e-6  # log(power + floor): silence and padding read log(1e-6) = -13.8
 
 
-def mel_filterbank(n_freqs: int, sample_rate: int, n_mels: int, f_min: float = 0.0) -> torch.Tensor:
-    """(n_freqs, n_mels) triangular filters equally spaced on the HTK mel scale, mel = 2595 log10(1 + f/700)."""
+def mel_filterbank(n_freqs: int, sample_rate: int, n_mels: int, f_min: float = 0.0,
+                   f_max: float | None = None) -> torch.Tensor:
+    """(n_freqs, n_mels) triangular filters equally spaced on the HTK mel scale, mel = 2595 log10(1 + f/700),
+    from f_min to f_max (None: the Nyquist frequency)."""
     mel = lambda f: 2595.0 * math.log10(1.0 + f / 700.0)  # noqa: E731
-    m = torch.linspace(mel(f_min), mel(sample_rate / 2), n_mels + 2, dtype=torch.float64)
+    top = min(f_max or sample_rate / 2, sample_rate / 2)
+    m = torch.linspace(mel(f_min), mel(top), n_mels + 2, dtype=torch.float64)
     f_pts = 700.0 * (10 ** (m / 2595.0) - 1.0)  # the filters' edges and centres in Hz
     freqs = torch.linspace(0, sample_rate / 2, n_freqs, dtype=torch.float64)
     slopes = f_pts[None, :] - freqs[:, None]  # (n_freqs, n_mels + 2)
@@ -41,16 +44,19 @@ def mel_filterbank(n_freqs: int, sample_rate: int, n_mels: int, f_min: float = 0
 
 class LogMel(nn.Module):
     """Waveform (B, L) in [-1, 1] -> log-mel spectrogram (B, T, n_mels): 25 ms Hann windows every 10 ms, power
-    spectrum, mel filters, log. T = L // hop + 1 (windows centred on every hop)."""
+    spectrum, mel filters up to `f_max` (None: the Nyquist frequency; 8 kHz recordings read at 16 kHz hold
+    nothing above 4 kHz), log. T = L // hop + 1 (windows centred on every hop)."""
 
-    def __init__(self, sample_rate: int, n_mels: int = 40, window_ms: float = 25.0, hop_ms: float = 10.0):
+    def __init__(self, sample_rate: int, n_mels: int = 40, window_ms: float = 25.0, hop_ms: float = 10.0,
+                 f_max: float | None = None):
         super().__init__()
-        self.sample_rate, self.n_mels = sample_rate, n_mels
+        self.sample_rate, self.n_mels, self.f_max = sample_rate, n_mels, f_max
         self.win = int(sample_rate * window_ms / 1000)
         self.hop = int(sample_rate * hop_ms / 1000)
         self.n_fft = 1 << (self.win - 1).bit_length()  # the next power of two
         self.register_buffer("window", torch.hann_window(self.win), persistent=False)
-        self.register_buffer("filters", mel_filterbank(self.n_fft // 2 + 1, sample_rate, n_mels), persistent=False)
+        self.register_buffer("filters", mel_filterbank(self.n_fft // 2 + 1, sample_rate, n_mels, f_max=f_max),
+                             persistent=False)
 
     def frames(self, samples: int) -> int:
         return samples // self.hop + 1
@@ -59,6 +65,13 @@ class LogMel(nn.Module):
         spec = torch.stft(wave.float(), self.n_fft, self.hop, self.win, self.window, center=True,
                           return_complex=True).abs().pow(2)  # (B, n_fft/2 + 1, T)
         return torch.log(spec.transpose(1, 2) @ self.filters + LOG_FLOOR)  # (B, T, n_mels)
+
+
+def utterance_cmvn(mel: torch.Tensor) -> torch.Tensor:
+    """Per-utterance cepstral mean and variance normalisation of log-mel frames (..., T, n_mels): each band of
+    each recording to mean 0 and standard deviation 1 over its own frames. A recording's level and its
+    microphone's colouring (a constant gain per band) are then gone before the model sees it."""
+    return (mel - mel.mean(-2, keepdim=True)) / (mel.std(-2, keepdim=True, unbiased=False) + 1e-3)
 
 
 # ---------------------------------------------------------------- the acoustic models
@@ -278,14 +291,21 @@ def decode(model: nn.Module, x: torch.Tensor, lengths: torch.Tensor, beam_size: 
 class Transcriber(nn.Module):
     """What gets logged and served: 16-bit PCM samples (B, L) at the training sample rate -> log-mel ->
     the training split's normalisation -> the network -> log-probabilities (B, T', C) per output step (id 0 the
-    CTC blank; the metadata's `alphabet` names the rest). Greedy decoding: argmax, merge repeats, drop blanks."""
+    CTC blank; the metadata's `alphabet` names the rest). Greedy decoding: argmax, merge repeats, drop blanks.
+    With `cmvn`, each recording's frames are normalised on their own first (`utterance_cmvn`), as in training;
+    a batch then holds one recording, or recordings of the same length."""
 
-    def __init__(self, net: nn.Module, sample_rate: int, n_mels: int, mean: list[float], std: list[float]):
+    def __init__(self, net: nn.Module, sample_rate: int, n_mels: int, mean: list[float], std: list[float],
+                 f_max: float | None = None, cmvn: bool = False):
         super().__init__()
-        self.net, self.features = net, LogMel(sample_rate, n_mels)
+        self.net, self.features, self.cmvn = net, LogMel(sample_rate, n_mels, f_max=f_max), cmvn
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
 
+    def log_mel(self, pcm: torch.Tensor) -> torch.Tensor:
+        """16-bit PCM (B, L) -> the features the network was trained on, before the training split's scaling."""
+        mel = self.features(pcm.float() / 32768.0)
+        return utterance_cmvn(mel) if self.cmvn else mel
+
     def forward(self, pcm: torch.Tensor) -> torch.Tensor:
-        x = (self.features(pcm.float() / 32768.0) - self.mean) / self.std
-        return self.net(x)
+        return self.net((self.log_mel(pcm) - self.mean) / self.std)

@@ -52,13 +52,15 @@ class DataConfig(Section):
     text_column: str = "text"  # text_csv: column holding the text
     label_column: str = "label"  # text_csv: column holding the label (strings or integers)
     drop_missing_labels: bool = False  # text_csv: leave out rows whose label is empty/NaN/NA/null (else an error)
-    # lowercased words and punctuation, or characters; None: the source's own (char for charlm, dates and
-    # numbers; word for text_csv, imdb, wordlm and pairs)
-    tokenizer: Literal["word", "char"] | None = None
+    # word (lowercased), char, subword (pairs, dates, numbers: sentencepiece); None: the source's own (char/word)
+    tokenizer: Literal["word", "char", "subword"] | None = None
     # tokens per text (None: 200), charlm/wordlm context (64/35), pairs: longest side kept (None: 50; longer dropped)
     max_length: int | None = Field(default=None, ge=2, le=10_000)
     source_column: str | None = None  # pairs: header of the source column (None: first column, no header row)
     target_column: str | None = None  # pairs: header of the target column (None: second column)
+    source_lang: str | None = None  # pairs from a folder of line-aligned train/val/test*.<lang> files: e.g. de
+    target_lang: str | None = None  # ... and the side translated into, e.g. en
+    subword_vocab: int | None = Field(default=None, ge=16, le=64_000)  # pieces a side (None: train pairs/4, 256-8000)
     language: str = "de"  # numbers: the language the integers are written in (num2words' code: de, fr, es, ...)
     number_max: int = Field(default=9_999, ge=10, le=10**9)  # numbers: integers 0..number_max (at most 20,000 drawn)
     min_freq: int = Field(default=2, ge=1)  # a token enters the vocabulary when seen this often in training texts
@@ -69,6 +71,23 @@ class DataConfig(Section):
     sample_rate: int = Field(default=16_000, ge=4_000, le=48_000)  # speech: recordings resampled to this (Hz)
     n_mels: int = Field(default=40, ge=8, le=128)  # speech: mel bands of the log-mel features (10 ms frames)
     max_seconds: float = Field(default=10.0, gt=0.0, le=60.0)  # speech: longer recordings are left out (counted)
+    # speech front end (tasks/data/audio.py): mel filters' top in Hz (None: the lowest Nyquist frequency of the
+    # recordings as recorded, so 8 kHz data read at 16 kHz has no empty bands); silence trimmed from both ends
+    # below this many dB under the loudest 25 ms (0: none), keeping trim_margin_ms; each recording's level set;
+    # per-utterance mean/variance normalisation of the log-mels
+    f_max: float | None = Field(default=None, ge=1_000.0, le=24_000.0)
+    trim_db: float = Field(default=35.0, ge=0.0, le=100.0)
+    trim_margin_ms: float = Field(default=60.0, ge=0.0, le=1_000.0)
+    cmvn: bool = True
+    # speech: training recordings also added at these speeds (resampled copies: tempo and pitch; Ko et al. 2015);
+    # None: [0.9, 1.1] for speech, none for synth_speech (its voices already speak at 130-210 words a minute)
+    speed_perturb: list[float] | None = None
+    mix_synth: int = Field(default=0, ge=0, le=100_000)  # speech: eSpeak NG utterances added to training only
+    # speech: in training, each utterance's mel axis warped by a factor in [1 - vtlp, 1 + vtlp] (vocal tract
+    # length perturbation, on the fly; 0: off), with augment.enabled also SpecAugment's masks
+    vtlp: float = Field(default=0.1, ge=0.0, le=0.3)
+    test_speakers: list[str] | None = None  # speech: these speakers are the test split (else drawn by seed)
+    val_speakers: list[str] | None = None  # speech: these are validation (else by speaker from 8 on, or a slice)
     script: Literal["digits", "commands"] = "digits"  # synth_speech: digit strings or short spoken commands
     utterances: int = Field(default=3_000, ge=30, le=100_000)  # synth_speech: recordings made (all splits)
 
@@ -77,15 +96,13 @@ class DataConfig(Section):
         if self.source == "text_csv" and not self.path:
             raise ValueError("data.path: text_csv needs the CSV or TSV file to read (e.g. --set data.path=reviews.csv)")
         if self.source == "pairs" and not self.path:
-            raise ValueError("data.path: pairs needs the parallel corpus to read, a TSV/CSV of source and target "
-                             "(e.g. --set data.path=deu.txt; `nnlab example-pairs` writes one)")
+            raise ValueError("data.path: pairs needs a TSV/CSV (`nnlab example-pairs` writes one) or a folder")
         if self.source == "charlm" and self.tokenizer == "word" or self.source == "wordlm" and self.tokenizer == "char":
             raise ValueError(f"data.tokenizer: {self.source} models {'characters' if self.source == 'charlm' else 'words'}"
                              f"; use data.source={'wordlm' if self.source == 'charlm' else 'charlm'} for "
                              f"{'words' if self.source == 'charlm' else 'characters'}")
         if (self.source_column is None) != (self.target_column is None):
-            raise ValueError("data.source_column and data.target_column: set both (a file with a header row) or "
-                             "neither (the first two columns, no header)")
+            raise ValueError("data.source_column and data.target_column: set both (a header row) or neither")
         return self
 
     @property
@@ -100,7 +117,8 @@ class DataConfig(Section):
 
 class EarlyStoppingConfig(Section):
     enabled: bool = False
-    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    # maximised: accuracy and translation's (each epoch: greedy decoding of the val pairs); minimised: the loss
+    monitor: Literal["val_loss", "val_accuracy", "val_bleu", "val_chrf", "val_exact_match"] = "val_loss"
     patience: int = Field(default=5, ge=1)  # epochs without improvement before stopping
     min_delta: float = Field(default=0.0, ge=0.0)  # smallest change that counts as improvement
     restore_best: bool = True  # put back the weights of the best epoch when stopping
@@ -122,14 +140,16 @@ class TrainConfig(Section):
     weight_decay: float = Field(default=0.0, ge=0.0)  # the optimizer's own decay (decoupled for adamw)
     l1: float = Field(default=0.0, ge=0.0)  # penalty l1 * sum|w| on weight matrices and kernels
     l2: float = Field(default=0.0, ge=0.0)  # penalty l2 * sum w^2 on weight matrices and kernels
-    schedule: Literal["none", "step", "cosine"] = "none"
+    schedule: Literal["none", "step", "cosine", "warmup"] = "none"  # warmup: per optimizer step (tasks/train.py)
+    warmup_steps: int = Field(default=4_000, ge=1)  # warmup: linear rise to lr, then lr * sqrt(warmup_steps / step)
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)  # translation's training loss (Szegedy et al. 2016)
     step_size: int = Field(default=10, ge=1)  # epochs between lr drops for `step`
     gamma: float = Field(default=0.1, gt=0.0, le=1.0)  # lr factor per drop for `step`
     init: Literal["default", "he_normal", "he_uniform", "xavier_normal", "xavier_uniform", "orthogonal"] = "default"
     grad_clip: float | None = Field(default=None, gt=0.0)  # max global grad norm
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool = True  # NHWC memory format for image batches (faster convolutions)
 
@@ -137,13 +157,6 @@ class TrainConfig(Section):
     @classmethod
     def _init_alias(cls, v):
         return INIT_ALIASES.get(v, v) if isinstance(v, str) else v
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str):
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
-            raise ValueError("must be auto, cpu, cuda or cuda:N")
-        return v
 
 
 class RegisterConfig(Section):

@@ -146,11 +146,39 @@ def build_optimizer(params, cfg: TrainConfig, lr: float | None = None,
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
+    """`step` and `cosine` are stepped once per epoch (Step.schedule), `warmup` after each optimizer step."""
     if cfg.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    return None
+    return Warmup(opt, cfg.warmup_steps) if cfg.schedule == "warmup" else None
+
+
+class Warmup:
+    """Linear warm-up to each group's lr over `warmup` optimizer steps, then inverse-square-root decay (Vaswani
+    et al. 2017; fairseq's inverse_sqrt): lr * min(s / warmup, sqrt(warmup / s)) at step s, set by a hook after
+    each optimizer step (any Step gets it per step; its per-epoch `step` does nothing). No horizon to know."""
+
+    def __init__(self, opt: torch.optim.Optimizer, warmup: int):
+        self.opt, self.warmup, self.steps, self.base = opt, warmup, 0, [g["lr"] for g in opt.param_groups]
+        self.set_lr()
+        opt.register_step_post_hook(lambda *_: self.set_lr(1))
+
+    def set_lr(self, advance: int = 0) -> None:
+        self.steps += advance
+        s = self.steps + 1  # the coming optimizer step
+        for g, lr in zip(self.opt.param_groups, self.base):
+            g["lr"] = lr * min(s / self.warmup, math.sqrt(self.warmup / s))
+
+    def step(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.steps = s["steps"]
+        self.set_lr()
 
 
 def penalty(model: nn.Module, l1: float, l2: float) -> torch.Tensor:
@@ -168,6 +196,7 @@ def penalty(model: nn.Module, l1: float, l2: float) -> torch.Tensor:
 
 @dataclass
 class EarlyStopping:
+    higher_wins = ("accuracy", "bleu", "chrf", "exact_match")  # monitored metrics (by their ending) maximised
     cfg: EarlyStoppingConfig
     best: float = math.inf
     best_epoch: int = 0
@@ -175,11 +204,15 @@ class EarlyStopping:
     best_state: dict | None = None
 
     def update(self, epoch: int, metrics: dict, model: nn.Module) -> bool:
-        """Record `epoch`; True when training should stop. A step without held-out metrics (a GAN's) is never
-        stopped (config validation refuses early stopping there)."""
+        """Judge `epoch` on its metrics (the kind's included, e.g. translation's val_bleu); True when training
+        should stop. A step without held-out metrics (a GAN's) is never stopped (validation refuses it there)."""
         if self.cfg.monitor not in metrics:
+            held_out = sorted(k for k in metrics if k.startswith("val_"))
+            if self.cfg.enabled and held_out:
+                raise ValueError(f"train.early_stopping.monitor: this run does not measure {self.cfg.monitor}; "
+                                 f"it measures {', '.join(held_out)}")
             return False
-        sign = -1.0 if self.cfg.monitor.endswith("accuracy") else 1.0  # always minimise sign * value
+        sign = -1.0 if self.cfg.monitor.endswith(self.higher_wins) else 1.0  # always minimise sign * value
         value = sign * metrics[self.cfg.monitor]
         if value < self.best - self.cfg.min_delta:
             self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
@@ -187,6 +220,10 @@ class EarlyStopping:
                 self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             self.bad_epochs += 1
+        return self.done
+
+    @property
+    def done(self) -> bool:
         return self.cfg.enabled and self.bad_epochs >= self.cfg.patience
 
     def state_dict(self) -> dict:
@@ -307,7 +344,7 @@ class Trainer:
             progress: Callable | None = None) -> FitResult:
         self.step.begin_fit(train, val)
         mark("fit start")
-        stopped = False
+        stopped = self.stopper.done  # a run resumed after its stopping epoch ends here
         while self.epoch < self.cfg.epochs and not stopped:
             t0 = time.perf_counter()
             self.epoch_start()
@@ -320,12 +357,12 @@ class Trainer:
             metrics |= self.step.lrs()
             self.step.schedule()
             self.epoch += 1
-            stopped = self.stopper.update(self.epoch, metrics, self.model)
             self.seconds += time.perf_counter() - t0
             metrics["epoch_seconds"] = time.perf_counter() - t0
             self.history.append(metrics)
-            if on_epoch is not None:
+            if on_epoch is not None:  # the kind's measurements (into `metrics`), logging, the checkpoint
                 on_epoch(self.epoch, metrics, self)
+            stopped = self.stopper.update(self.epoch, metrics, self.model)  # judged on all of them
         mark("fit end")
         if self.stopper.best_state is not None:
             self.model.load_state_dict(self.stopper.best_state)
@@ -361,6 +398,9 @@ class Trainer:
         self.model.load_state_dict(s["model"])
         self.step.load_state_dict(s["step"])
         self.stopper.load_state_dict(s["early_stopping"])
+        # checkpointed before its last epoch was judged (each judged epoch is the best or one more bad one)?
+        if self.history and self.stopper.best_epoch + self.stopper.bad_epochs < self.epoch:
+            self.stopper.update(self.epoch, self.history[-1], self.model)
         set_rng_state(s["rng"], self.shuffle)
         if self.augment is not None and s["rng"].get("augment") is not None:
             self.augment.generator.set_state(s["rng"]["augment"])

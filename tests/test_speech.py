@@ -14,7 +14,7 @@ from models.speech import LogMel, beam_search, greedy, mel_filterbank
 from tasks.config import DataConfig, TrainConfig, validate
 from tasks.data import DataError, load_prepared, prepare
 from tasks.kinds.speech import CTCStep, SpecAugment, scores
-from tasks.data.audio import normalise, read_speech
+from tasks.data.audio import condition, normalise, perturb_speed, read_speech
 from tasks.train import Split, Trainer, seed_everything
 
 CPU = torch.device("cpu")
@@ -137,18 +137,50 @@ def test_speech_reads_the_digit_layout_resampled_and_split_by_speaker(tmp_path):
         for d in range(10):
             _tone(raw / f"{d}_{speaker}_0.wav", 0.3 + 0.02 * d, freq=200 + 60 * d)
     _tone(raw / "3_theo_1.wav", 12.0)  # over data.max_seconds: left out, counted
-    cfg = DataConfig(source="speech", path=str(raw), max_seconds=5.0)
+    cfg = DataConfig(source="speech", path=str(raw), max_seconds=5.0, speed_perturb=[0.9, 1.1])
     m = prepare(cfg, 0, tmp_path / "out")
     s = m["speech"]
-    assert s["dropped"] == {"too_long": 1} and s["kept"] == 40 and s["split_by"] == "speaker"
+    assert s["dropped"] == {"too_long": 1} and s["kept"] == 40 and s["split_by"].startswith("speaker")
+    assert s["f_max"] == 4_000  # 8 kHz recordings read at 16 kHz: nothing above 4 kHz to filter
     texts = __import__("json").loads((tmp_path / "out" / "texts.json").read_text())
     speakers = {k: {sp for _, sp, _ in v} for k, v in texts.items()}
-    assert not (speakers["train"] & speakers["test"]) and not (speakers["train"] & speakers["val"])
+    # 3 speakers left after the test one: all of them train, validation is a slice of their recordings
+    assert len(speakers["test"]) == 1 and not (speakers["train"] & speakers["test"]) and speakers["val"] <= speakers["train"]
+    originals = [f for f, _, _ in texts["train"] if "speed" not in f]
+    assert len(texts["train"]) == 3 * len(originals) and not {f for f, _, _ in texts["val"]} & set(originals)
     assert {t for _, _, t in texts["train"]} <= set("zero one two three four five six seven eight nine".split())
     data = load_prepared(tmp_path / "out")
-    frames = data.y_train[:, 0]
+    frames = data.y_train[:len(originals), 0]
     assert data.x_train.shape[2] == 40 and frames.min() >= 0.3 * 100  # 10 ms frames of >= 0.3 s
     assert m["input_shape"] == [data.x_train.shape[1], 40] and m["num_classes"] == len(s["alphabet"]) + 1
+    x = data.x_test[0, :int(data.y_test[0, 0])].astype(np.float32)  # per-utterance CMVN: each band mean 0
+    assert np.abs(x.mean(0)).max() < 0.02 and np.abs(x.std(0) - 1).max() < 0.05
+
+    named = prepare(DataConfig(source="speech", path=str(raw), max_seconds=5.0, test_speakers=["theo"],
+                               val_speakers=["nicolas"], speed_perturb=[]), 0, tmp_path / "named")
+    texts = __import__("json").loads((tmp_path / "named" / "texts.json").read_text())
+    assert {sp for _, sp, _ in texts["test"]} == {"theo"} and {sp for _, sp, _ in texts["val"]} == {"nicolas"}
+    assert named["sizes"]["train"] == 20 and named["speech"]["test_speakers"] == ["theo"]
+    with pytest.raises(DataError, match="nobody.*not among the 4 speakers"):
+        prepare(DataConfig(source="speech", path=str(raw), test_speakers=["nobody"]), 0, tmp_path / "x")
+
+
+def test_front_end_trims_silence_sets_the_level_and_perturbs_speed():
+    rate = 16_000
+    t = np.arange(rate // 2) / rate
+    tone = 0.01 * np.sin(2 * np.pi * 300 * t)  # a quiet half second ...
+    wave = np.concatenate([np.zeros(rate), tone, np.zeros(rate // 2)]).astype(np.float32)  # ... amid 1.5 s of silence
+    wave += np.random.default_rng(0).normal(0, 1e-5, len(wave)).astype(np.float32)  # a noise floor, -60 dB
+    out = condition(wave, rate, trim_db=35.0, margin_ms=50.0)
+    assert 0.55 * rate <= len(out) <= 0.66 * rate  # the tone, 50 ms either side (and up to a 25 ms frame more)
+    assert np.sqrt(np.mean(out ** 2)) == pytest.approx(0.1, rel=0.05)  # -20 dBFS whatever it was recorded at
+    assert len(condition(wave, rate, trim_db=0.0, margin_ms=50.0)) == len(wave)  # 0 dB: nothing trimmed
+    assert len(condition(np.zeros(0, np.float32), rate, 35.0, 50.0)) == 0
+    assert len(perturb_speed(out, 1.1)) == pytest.approx(len(out) / 1.1, abs=2)
+    assert len(perturb_speed(out, 0.9)) == pytest.approx(len(out) / 0.9, abs=2)
+    full, low = LogMel(rate, 40), LogMel(rate, 40, f_max=4_000)
+    tone_5k = torch.sin(2 * np.pi * 5_000 * torch.arange(rate) / rate)[None]
+    assert full(tone_5k)[0, 50].max() > 0 and low(tone_5k)[0, 50].max() < -5  # above f_max: no band hears it
 
 
 def test_speech_reads_transcript_tables_and_librispeech(tmp_path):
@@ -185,6 +217,22 @@ def test_speech_errors_name_the_file_and_the_layouts(tmp_path):
     (tmp_path / "transcripts.tsv").write_text("file\ttext\nbad.wav\thello\n")
     with pytest.raises(DataError, match="bad.wav: not a readable recording"):
         prepare(DataConfig(source="speech", path=str(tmp_path)), 0, tmp_path / "out")
+
+
+def test_an_undecodable_recording_is_named_and_leaves_the_prepared_folder_as_it_was(tmp_path):
+    raw = tmp_path / "fsdd"
+    raw.mkdir()
+    for speaker in ("a", "b", "c"):
+        for d in range(10):
+            _tone(raw / f"{d}_{speaker}_0.wav", 0.3, freq=200 + 60 * d)
+    cfg = DataConfig(source="speech", path=str(raw), speed_perturb=[])
+    before = prepare(cfg, 0, tmp_path / "out")
+    listing = sorted(p.name for p in (tmp_path / "out").iterdir())
+    (raw / "4_c_1.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt broken")  # a WAV header cut short
+    with pytest.raises(DataError, match="4_c_1.wav: not a readable recording"):
+        prepare(cfg, 0, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == listing
+    assert load_prepared(tmp_path / "out").manifest["data_hash"] == before["data_hash"]
 
 
 def test_synth_speech_is_deterministic_and_holds_test_voices_out(tmp_path):

@@ -172,6 +172,39 @@ def test_schedules(digits, schedule, expect):
         assert lrs[0] == 1e-2 and all(a > b for a, b in zip(lrs, lrs[1:]))
 
 
+def test_warmup_rises_linearly_then_decays_as_one_over_the_root_of_the_step(digits):
+    # 1200 examples in batches of 400: 3 optimizer steps an epoch; the lr logged is the coming step's
+    t = trainer(lr=1e-2, optimizer="sgd", epochs=8, batch_size=400, schedule="warmup", warmup_steps=10)
+    assert t.step.opt.param_groups[0]["lr"] == pytest.approx(1e-3)  # the first step's: 1/10 of the way up
+    lrs = [h["lr"] for h in t.fit(*digits).history]
+    expect = [1e-2 * min(s / 10, math.sqrt(10 / s)) for s in range(4, 26, 3)]
+    assert np.allclose(lrs, expect) and max(lrs) == pytest.approx(1e-2)  # step 10: the peak, train.lr
+
+
+def test_selection_on_a_score_the_kind_adds_keeps_its_best_epoch_and_survives_a_resume(digits):
+    """A kind's on_epoch adds its score (translation: val_bleu, higher wins); the stopper judges the epoch on
+    it, after the checkpoint was written, so a resumed run judges the checkpointed epoch again."""
+    bleu = {1: 5.0, 2: 9.0, 3: 7.0, 4: 8.0, 5: 1.0}
+    kw = dict(epochs=5, early_stopping={"enabled": True, "monitor": "val_bleu", "patience": 2})
+    snapshots, states = {}, []
+
+    def measure(e, m, tr):
+        m["val_bleu"] = bleu[e]
+        snapshots[e] = {k: v.clone() for k, v in tr.model.state_dict().items()}
+        states.append(tr.state_dict())
+
+    res = trainer(**kw).fit(*digits, on_epoch=measure)
+    assert res.stopped_early and (res.epochs, res.best_epoch) == (4, 2)
+    resumed = trainer(**kw)
+    resumed.load_state_dict(states[3])  # killed after epoch 4's checkpoint, before it was judged
+    again = resumed.fit(*digits, on_epoch=measure)
+    assert again.stopped_early and (again.epochs, again.best_epoch) == (4, 2)
+    for k, v in resumed.model.state_dict().items():
+        assert torch.equal(v, snapshots[2][k])
+    with pytest.raises(ValueError, match="does not measure val_bleu; it measures val_accuracy, val_loss"):
+        trainer(**kw).fit(*digits)
+
+
 # ---------------------------------------------------------------- failure, determinism, resume
 
 def test_non_finite_loss_names_epoch_and_step(digits):
@@ -190,8 +223,10 @@ def test_same_seed_same_metrics(digits):
     assert strip(a) == strip(b) and strip(a) != strip(c)
 
 
-def test_checkpoint_resume_is_bit_identical(digits):
-    kw = dict(seed=1, options={"dropout": 0.3}, epochs=4, schedule="step", step_size=1, gamma=0.5)
+@pytest.mark.parametrize("schedule", [dict(schedule="step", step_size=1, gamma=0.5),
+                                      dict(schedule="warmup", warmup_steps=30, batch_size=100)])
+def test_checkpoint_resume_is_bit_identical(digits, schedule):
+    kw = dict(seed=1, options={"dropout": 0.3}, epochs=4, **schedule)
     straight = trainer(**kw)
     straight.fit(*digits)
     first = trainer(**{**kw, "epochs": 4})

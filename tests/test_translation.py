@@ -14,7 +14,8 @@ from tasks.config import ConfigError, DataConfig, validate
 from tasks.data import DataError, load_prepared, prepare
 from tasks.kinds.language import ngram_baselines
 from tasks.data.pairs import TARGET_VOCAB, TEXTS, read_dates, read_numbers
-from tasks.kinds.translation import scores
+from tasks.kinds.translation import ServedTranslator, grouped, outputs_as_text, scores
+from tasks.data.text import VOCAB, Vocab
 
 
 def tatoeba(path, rows):
@@ -65,7 +66,7 @@ def test_pairs_read_tatoebas_layout_drop_long_pairs_and_fit_vocabularies_on_trai
     texts = json.loads((tmp_path / "d" / TEXTS).read_text())
     target = json.loads((tmp_path / "d" / TARGET_VOCAB).read_text())["tokens"]
     assert target[:4] == ["<pad>", "<unk>", "<s>", "</s>"] and "katzen" in target
-    test_numbers = {r.split()[2] for _, r in texts["test"] if r.startswith("ich sehe")}
+    test_numbers = {r.split()[2] for _, r in texts["test"] if r.startswith("Ich sehe")}  # raw references
     assert test_numbers and not test_numbers & set(target)  # a number seen only in test is out of vocabulary
 
     csv_path = tmp_path / "p.csv"
@@ -79,6 +80,137 @@ def test_pairs_read_tatoebas_layout_drop_long_pairs_and_fit_vocabularies_on_trai
         prepare(DataConfig(source="pairs", path=str(tmp_path / "bad.txt")), 0, tmp_path / "b")
     with pytest.raises(ConfigError, match="data.path: pairs needs"):
         validate({"data": {"source": "pairs"}, "models": {"seq2seq": {}}})
+
+
+ANIMALS = ["Hund", "Katze", "Maus", "Vogel", "Pferd", "Kuh", "Ziege", "Fisch"]
+ENGLISH = dict(zip(ANIMALS, ["dog", "cat", "mouse", "bird", "horse", "cow", "goat", "fish"]))
+
+
+def parallel_folder(root, n_train=48, test="test_2016"):
+    """Line-aligned German/English files as Multi30k lays them out; a blank German line in train, a test source
+    translated two ways."""
+    root.mkdir()
+    rows = [(f"Der {a} sieht {k} Bäume.", f"The {ENGLISH[a]} sees {k} trees.") for k in range(12) for a in ANIMALS]
+    parts = {"train": rows[:n_train], "val": rows[60:68],
+             test: rows[80:86] + [(rows[80][0], "The dog looks at 10 trees."),
+                                  ("Der Ziegenhund schläft.", "The goat dog sleeps.")]}
+    parts["train"][5] = ("", "A line whose German side is empty.")
+    for name, part in parts.items():
+        for k, lang in enumerate(("de", "en")):
+            (root / f"{name}.{lang}").write_text("".join(p[k] + "\n" for p in part), encoding="utf-8")
+    return root
+
+
+def test_a_folder_of_line_aligned_files_keeps_its_splits_and_subwords_are_deterministic(tmp_path):
+    folder = parallel_folder(tmp_path / "corpus")
+    cfg = DataConfig(source="pairs", path=str(folder), source_lang="de", target_lang="en", tokenizer="subword",
+                     subword_vocab=120)
+    m = prepare(cfg, 0, tmp_path / "a")
+    t = m["text"]
+    assert m["sizes"] == {"train": 47, "val": 8, "test": 8} and t["official_splits"] and t["skipped_empty_side"] == 1
+    texts = json.loads((tmp_path / "a" / TEXTS).read_text())
+    assert texts["test"][-1] == ["Der Ziegenhund schläft.", "The goat dog sleeps."]  # raw, as written
+    src = Vocab.load(tmp_path / "a" / VOCAB)
+    tgt = Vocab.load(tmp_path / "a" / TARGET_VOCAB)
+    assert src.tokenizer == "subword" and tgt.tokens[:4] == ["<pad>", "<unk>", "<s>", "</s>"] and len(tgt) <= 120
+    pieces = src.split("Ziegenhund")  # never seen in training: spelled out in pieces, not <unk>
+    assert len(pieces) > 1 and 1 not in src.ids("Ziegenhund") and src.detokenize(pieces) == "Ziegenhund"
+    assert tgt.detokenize(tgt.split("The cow sees 7 trees.")) == "The cow sees 7 trees."
+    d = load_prepared(tmp_path / "a")
+    assert outputs_as_text(tgt, [[int(i) for i in d.y_test[0] if i]]) == [texts["test"][0][1]]
+    prepare(cfg, 0, tmp_path / "b")  # same data and seed: byte-identical prepared files
+    assert {f.name: f.read_bytes() for f in (tmp_path / "a").iterdir()} == \
+        {f.name: f.read_bytes() for f in (tmp_path / "b").iterdir()}
+    m = prepare(cfg.model_copy(update={"max_train": 20}), 0, tmp_path / "c")
+    assert m["sizes"] == {"train": 20, "val": 8, "test": 8}  # the official val and test stay whole
+
+
+def test_a_bad_parallel_folder_names_the_file_and_writes_nothing(tmp_path):
+    folder = parallel_folder(tmp_path / "corpus")
+    cfg = DataConfig(source="pairs", path=str(folder), source_lang="de", target_lang="en")
+    out = tmp_path / "out"
+
+    def fails(pattern, **change):
+        with pytest.raises(DataError, match=pattern):
+            prepare(cfg.model_copy(update=change), 0, out)
+        assert not out.exists()
+
+    fails(r"data.target_lang: 'fr'.*languages: de, en", target_lang="fr")
+    fails(r"data.source_lang: unset.*languages: de, en", source_lang=None)
+    (folder / "val.en").write_text("one\ntwo\n")
+    fails(r"val.de has 8 lines and .*val.en has 2")
+    (folder / "val.en").write_text("\n\n")
+    fails(r"val.en: empty")
+    (folder / "val.en").unlink()
+    fails(r"val.en: missing")
+    (folder / "test_2017.de").write_text("x\n")
+    fails(r"2 test files test\*.de \(test_2016, test_2017\)")
+    (tmp_path / "t.csv").write_text("text,label\n" + "".join(f"text {k},{k % 2}\n" for k in range(20)))
+    with pytest.raises(DataError, match="subword pieces come from a model fitted on translation pairs"):
+        prepare(DataConfig(source="text_csv", tokenizer="subword", path=str(tmp_path / "t.csv")), 0, out)
+
+
+def test_scores_are_detokenized_against_raw_and_several_references(caplog):
+    import sacrebleu
+
+    words = Vocab(["<pad>", "<unk>", "<s>", "</s>", "ich", "sehe", "katzen", ".", ",", "ja"], "word")
+    assert outputs_as_text(words, [[4, 5, 6, 7], [9, 8, 4, 5, 1]]) == ["Ich sehe katzen.", "Ja, ich sehe <unk>"]
+    pairs = [["Er läuft.", "He runs."], ["Er läuft.", "He is running."], ["Sie liest.", "She reads a book."]]
+    hyp, refs, first = grouped(pairs, ["He is running.", "He is running.", "She reads."])
+    assert hyp == ["He is running.", "She reads."] and refs == [["He runs.", "He is running."], ["She reads a book."]]
+    assert first == [0, 2]
+    streams = [["He runs.", "She reads a book."], ["He is running.", None]]  # sacreBLEU's reference streams
+    s = scores(hyp, refs, "test")
+    assert s["test_bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyp, streams).score)
+    assert s["test_chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyp, streams).score)
+    one = scores(hyp, [r[0] for r in refs], "test")  # against the first reference only: lower
+    assert s["test_exact_match"] == 0.5 and one["test_exact_match"] == 0 and one["test_bleu"] < s["test_bleu"]
+    with caplog.at_level("WARNING"):  # 150 outputs ending in a period: detokenized, so no "forgot to detokenize"
+        hyp = outputs_as_text(words, [[4, 5, 6, 7]] * 150)
+        scores(hyp, ["Ich sehe Katzen."] * 150, "test")
+        scores(["ich sehe katzen ."] * 150, ["Ich sehe Katzen."] * 150, "test")  # what the warning looks like
+    warned = [r for r in caplog.records if "forgot to detokenize" in r.getMessage()]
+    assert len(warned) == 1  # the tokenized outputs only
+    assert scores(["ich sehe katzen ."], ["Ich sehe Katzen."], "t")["t_exact_match"] == 1.0  # case, spacing aside
+
+
+def test_evaluation_scores_each_distinct_source_against_all_its_references(tmp_path):
+    from tasks.kinds import get_kind
+
+    cfg = validate({"data": {"source": "pairs", "path": str(parallel_folder(tmp_path / "corpus")), "source_lang": "de",
+                             "target_lang": "en", "tokenizer": "subword"}, "models": {"seq2seq": {}}})
+    m = prepare(cfg.data, 0, tmp_path / "d")
+    torch.manual_seed(0)
+    model = create_model("seq2seq", input_shape=tuple(m["input_shape"]), num_classes=m["num_classes"],
+                         vocab_size=m["vocab_size"], hidden=8, embedding_dim=8).eval()
+    ev = get_kind("translation").evaluate(cfg, "s2s", model, {"normalization": m["normalization"]},
+                                          load_prepared(tmp_path / "d"), tmp_path / "d", torch.device("cpu"))
+    assert ev.metrics["test_sources"] == 7 and ev.metrics["test_references"] == 8
+    table = ev.texts["translations.tsv"].splitlines()
+    assert len(table) == 8 and "The dog sees 10 trees. | The dog looks at 10 trees." in table[1]
+    assert "▁" not in ev.texts["translations.tsv"]  # outputs decoded from their pieces
+
+
+def test_a_subword_translator_serves_from_its_vocabularies_alone(tmp_path, monkeypatch):
+    """`nnlab translate`'s served model: the source encoded and the output decoded by the sentencepiece models
+    carried in its vocabulary files (no prepared folder), printed as text."""
+    prepare(DataConfig(source="pairs", path=str(parallel_folder(tmp_path / "corpus")), source_lang="de",
+                       target_lang="en", tokenizer="subword"), 0, tmp_path / "d")
+    src, tgt = (json.loads((tmp_path / "d" / f).read_text()) for f in (VOCAB, TARGET_VOCAB))
+    assert src["tokenizer"] == "subword" and "sentencepiece_model" in tgt
+    seen = []
+    answer = Vocab.from_dict(tgt).ids("The dwarf cow sees 3 trees.")
+
+    def module(x):
+        seen.append(x.tolist())
+        return torch.tensor([answer + [EOS, 0]] * len(x))
+
+    import tasks.registration
+
+    monkeypatch.setattr(tasks.registration, "extra_file", lambda uri, name: tgt if name == TARGET_VOCAB else src)
+    served = ServedTranslator(module, src, {}, "runs:/x/model")
+    assert served(["Der Ziegenhund sieht 3 Bäume."]) == ["The dwarf cow sees 3 trees."]
+    assert seen[0][0] == Vocab.from_dict(src).ids("Der Ziegenhund sieht 3 Bäume.")
 
 
 def test_translation_data_takes_encoder_decoders_only():
@@ -218,3 +350,35 @@ def test_word_lm_beats_the_bigram_baseline(tmp_path, monkeypatch):
     train_stage(cfg, "word_lm", "d", "out")
     r = evaluate_stage(cfg, "word_lm", "d", "out", "m.json", "p")
     assert r["test_perplexity"] < r["bigram_test_perplexity"] < r["unigram_test_perplexity"], r
+
+
+# ---------------------------------------------------------------- training for real data (issue 29)
+
+def test_label_smoothing_is_the_training_losss_only_padding_is_never_scored_or_computed():
+    """train.label_smoothing smooths the teacher-forced training loss; the held-out loss stays plain
+    cross-entropy; padding is ignored by both, and batches and decoding drop all-padding columns."""
+    from models.seq2seq import trim
+    from tasks.config import TrainConfig
+    from tasks.kinds.translation import TranslationStep
+    from tasks.train import Split
+
+    torch.manual_seed(0)
+    model = create_model("seq2seq", input_shape=(12,), num_classes=9, vocab_size=11, hidden=8, embedding_dim=8,
+                         attention_dim=8, dropout=0.0)
+    src = torch.randint(2, 11, (6, 12))
+    src[:, 7:] = 0
+    tgt = torch.cat([torch.full((6, 1), BOS), torch.randint(4, 9, (6, 5)), torch.full((6, 1), EOS),
+                     torch.zeros(6, 3, dtype=torch.long)], 1)
+    cpu = torch.device("cpu")
+    plain, smooth = (TranslationStep(model, TrainConfig(label_smoothing=ls, device="cpu"), cpu) for ls in (0.0, 0.2))
+    with torch.no_grad():
+        out, y = plain.outputs(src, tgt)
+        assert out.shape[0] == 6 * 6 and int((y != 0).sum()) == 6 * 6  # (B, 7 - 1): padding columns gone
+        assert float(smooth.loss(out, y)) > float(plain.loss(out, y))
+        wider = plain.outputs(torch.cat([src, torch.zeros(6, 4, dtype=torch.long)], 1), tgt)[0]
+        assert torch.allclose(wider, out, atol=1e-6)
+    data = Split(src, tgt)
+    assert smooth.evaluate(data) == plain.evaluate(data)  # held out: plain cross-entropy for both
+    assert smooth.smoothing == 0.2  # and back for training
+    assert trim(src).shape == (6, 7) and trim(torch.zeros(2, 5, dtype=torch.long), 2).shape == (2, 2)
+    assert decode(model, src, 8)[0] == decode(model, torch.cat([src, torch.zeros(6, 9, dtype=torch.long)], 1), 8)[0]

@@ -3,16 +3,18 @@
 Sources (all offline):
   pairs    a user's parallel corpus in `data.path`: Tatoeba's layout `source<TAB>target[<TAB>attribution]`
            without a header (what manythings.org's deu.txt, fra.txt... hold), or a CSV/TSV with a header and the
-           columns `data.source_column` / `data.target_column`;
+           columns `data.source_column` / `data.target_column`; or a folder of line-aligned files
+           `train.<lang>`, `val.<lang>`, `test*.<lang>` (Multi30k, WMT-style), `data.source_lang` ->
+           `data.target_lang`, whose official splits are kept (never re-split; too-long pairs leave training only);
   dates    real calendar dates (1950-2049) written as people write them, in eight locales and many styles
            (Babel's CLDR locale data: "Sonntag, 7. März 2021", "7 de marzo de 2021", "3/7/21" is left out as
            ambiguous) -> ISO 8601 "2021-03-07"; the test split's dates are never seen in training;
   numbers  integers 0..data.number_max -> their words in data.language (num2words: German "siebenundneunzig",
            a grammar that reorders digits); test numbers are never seen in training.
 Prepared folders: x (N, S) source ids right-padded with 0; y (N, T) target ids BOS ... EOS then 0; `vocab.json`
-(source) and `target_vocab.json` (ids 2 and 3 are <s> and </s>), both fitted on the training split only;
-`texts.json`, the validation and test pairs as text (BLEU's references: the target as the tokenizer sees it,
-out-of-vocabulary words included, so the score is against the real reference).
+(source) and `target_vocab.json` (ids 2 and 3 are <s> and </s>), both fitted on the training split only
+(`data.tokenizer: subword`: one sentencepiece model per side, carried inside each vocabulary file);
+`texts.json`, the validation and test pairs as raw text (BLEU's references, untouched by any tokenizer).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import numpy as np
 from models.seq2seq import BOS, EOS
 from tasks.config import DataConfig
 from tasks.data import DataError, split_groups, write_prepared
-from tasks.data.text import PAD as PAD_TOKEN, UNK as UNK_TOKEN, VOCAB, Vocab, tokenize
+from tasks.data.text import PAD as PAD_TOKEN, UNK as UNK_TOKEN, VOCAB, Vocab
 
 TARGET_VOCAB, TEXTS = "target_vocab.json", "texts.json"
 BOS_TOKEN, EOS_TOKEN = "<s>", "</s>"
@@ -52,13 +54,62 @@ class Corpus:
     tokenizer: str  # the source's default
     description: str
     ambiguous: int = 0  # generated sources that read two ways, left out
+    splits: dict[str, list[int]] | None = None  # official splits (a folder's files), kept as given
+    empty: int = 0  # line pairs with an empty side, left out
+
+
+def _lines(path: Path) -> list[str]:
+    """A file's lines split on "\n" only (str.splitlines would also split on U+2028 etc., breaking alignment)."""
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    return [line.strip() for line in (lines[:-1] if lines and lines[-1] == "" else lines)]
+
+
+def _split_files(root: Path, src: str, tgt: str) -> dict[str, tuple[Path, Path]]:
+    langs = sorted({p.suffix[1:] for p in root.glob("train.*")})
+    for key, lang in (("source_lang", src), ("target_lang", tgt)):
+        if lang is None or lang not in langs:
+            raise DataError(f"data.{key}: {'unset' if lang is None else repr(lang)}; {root} holds line-aligned files "
+                            f"train.<lang>, val.<lang>, test*.<lang> for the languages: {', '.join(langs) or 'none'}")
+    tests = sorted(p.name[:-len(src) - 1] for p in root.glob(f"test*.{src}"))
+    if len(tests) != 1:
+        raise DataError(f"{root}: {len(tests)} test files test*.{src} ({', '.join(tests) or 'none'}); the folder needs "
+                        "exactly one test set (point data.path at a folder holding the one to score)")
+    out = {s: (root / f"{n}.{src}", root / f"{n}.{tgt}") for s, n in (("train", "train"), ("val", "val"),
+                                                                     ("test", tests[0]))}
+    for f in (f for pair in out.values() for f in pair):
+        if not f.is_file():
+            raise DataError(f"{f}: missing; a folder of line-aligned files needs train, val and test for both sides")
+    return out
+
+
+def read_folder(cfg: DataConfig, root: Path) -> Corpus:
+    """Line-aligned files, one sentence a line: line k of train.de translates line k of train.en. A line pair
+    with an empty side is left out and counted (one blank line need not stop a corpus of 30,000)."""
+    pairs, splits, empty = [], {}, 0
+    for split, (fs, ft) in _split_files(root, cfg.source_lang, cfg.target_lang).items():
+        src, tgt = _lines(fs), _lines(ft)
+        for f, side in ((fs, src), (ft, tgt)):
+            if not any(side):
+                raise DataError(f"{f}: empty; every split needs sentences on both sides")
+        if len(src) != len(tgt):
+            raise DataError(f"{fs} has {len(src)} lines and {ft} has {len(tgt)}; line-aligned files need the same "
+                            "number of lines (line k of one translates line k of the other)")
+        kept = [(s, t) for s, t in zip(src, tgt) if s and t]
+        empty += len(src) - len(kept)
+        splits[split] = list(range(len(pairs), len(pairs) + len(kept)))
+        pairs += kept
+    return Corpus(pairs, [s for s, _ in pairs], "word", f"{root} ({cfg.source_lang} -> {cfg.target_lang})",
+                  splits=splits, empty=empty)
 
 
 def read_pairs(cfg: DataConfig) -> Corpus:
     path = Path(cfg.path)
+    if path.is_dir():
+        return read_folder(cfg, path)
     if not path.is_file():
-        raise DataError(f"data.path: {path} is not a file; pairs reads a TSV (source<TAB>target[<TAB>attribution], "
-                        f"Tatoeba's layout) or a CSV/TSV with data.source_column and data.target_column")
+        raise DataError(f"data.path: {path} is not a file or folder; pairs reads a TSV (source<TAB>target"
+                        f"[<TAB>attribution], Tatoeba's layout), a CSV/TSV with data.source_column and "
+                        f"data.target_column, or a folder of line-aligned train/val/test.<lang> files")
     tab = path.suffix.lower() != ".csv"
     pairs = []
     with open(path, encoding="utf-8", errors="replace", newline="") as f:
@@ -155,53 +206,73 @@ def example_pairs(path: str | Path, n: int = 3_000) -> int:
     return n
 
 
-def target_vocab(texts, tokenizer: str, length: int, min_freq: int, max_size: int) -> Vocab:
-    fitted = Vocab.fit(texts, tokenizer, length, min_freq, max_size - 2)
-    return Vocab([PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, *fitted.tokens[2:]], tokenizer, length)
+def subword_size(cfg: DataConfig, n_train: int) -> int:
+    """data.subword_vocab, or by default a quarter of the training pairs' count within 256..8000 (Multi30k's
+    29,000 pairs: 7,250 pieces a side; 5,000 Tatoeba pairs: 1,250); sentencepiece stops sooner on a small text."""
+    return cfg.subword_vocab or min(8000, max(256, n_train // 4))
 
 
-def encode_targets(vocab: Vocab, token_lists: list[list[str]], length: int) -> np.ndarray:
+def fit_vocabs(cfg: DataConfig, tok: str, train: list[tuple[str, str]]) -> tuple[Vocab, Vocab]:
+    """The source and target vocabularies, from the training pairs only; max_length set by the caller."""
+    if tok == "subword":  # one model a side: encoder and decoder have their own embeddings
+        size = subword_size(cfg, len(train))
+        return tuple(Vocab.fit_subword([p[k] for p in train], size, 0) for k in (0, 1))
+    src = Vocab.fit([s for s, _ in train], tok, 0, cfg.min_freq, cfg.max_vocab)
+    fitted = Vocab.fit([t for _, t in train], tok, 0, cfg.min_freq, cfg.max_vocab - 2)
+    return src, Vocab([PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, *fitted.tokens[2:]], tok, 0)
+
+
+def encode_targets(id_lists: list[list[int]], length: int) -> np.ndarray:
     """(N, length) ids: BOS, the tokens, EOS, then padding."""
-    out = np.zeros((len(token_lists), length), dtype=np.int64)
-    for i, toks in enumerate(token_lists):
-        ids = [BOS, *(vocab.index.get(t, 1) for t in toks), EOS]
+    out = np.zeros((len(id_lists), length), dtype=np.int64)
+    for i, ids in enumerate(id_lists):
+        ids = [BOS, *ids, EOS]
         out[i, :len(ids)] = ids
     return out
+
+
+def _splits(corpus: Corpus, cfg: DataConfig, seed: int) -> dict[str, list[int]]:
+    """The official splits as given, or whole groups drawn at random; training cut to data.max_train."""
+    if corpus.splits is None:
+        return {s: ix.tolist() for s, ix in split_groups(corpus.groups, cfg, seed).items()}
+    idx = dict(corpus.splits)
+    if cfg.max_train and len(idx["train"]) > cfg.max_train:
+        idx["train"] = np.sort(np.random.default_rng(seed).choice(idx["train"], cfg.max_train, replace=False)).tolist()
+    return idx
 
 
 def prepare_pairs(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
     corpus = read(cfg)
     tok = cfg.tokenizer or corpus.tokenizer
     cap = cfg.max_length or DEFAULT_LENGTH[cfg.source]
-    tokens = [(tokenize(s, tok), tokenize(t, tok)) for s, t in corpus.pairs]
-    keep = [i for i, (s, t) in enumerate(tokens) if s and t and len(s) <= cap and len(t) <= cap]
-    too_long = sum(1 for s, t in tokens if len(s) > cap or len(t) > cap)
-    if len(keep) < 20:
-        raise DataError(f"{corpus.description}: {len(keep)} pairs within data.max_length={cap} tokens a side "
+    idx = _splits(corpus, cfg, seed)
+    src_vocab, tgt_vocab = fit_vocabs(cfg, tok, [corpus.pairs[i] for i in idx["train"]])
+    ids = {i: (src_vocab.ids(corpus.pairs[i][0]), tgt_vocab.ids(corpus.pairs[i][1])) for ix in idx.values() for i in ix}
+    fits = {i: bool(s) and bool(t) and len(s) <= cap and len(t) <= cap for i, (s, t) in ids.items()}
+    keep = {s: [i for i in ix if fits[i] or corpus.splits is not None and s != "train" and ids[i][0] and ids[i][1]]
+            for s, ix in idx.items()}  # an official val/test set is scored whole
+    too_long = sum(1 for s, ix in idx.items() for i in set(ix) - set(keep[s]) if max(map(len, ids[i])) > cap)
+    kept = sum(len(ix) for ix in keep.values())
+    if kept < 20 or not keep["train"]:
+        raise DataError(f"{corpus.description}: {kept} pairs within data.max_length={cap} tokens a side "
                         f"({too_long} longer); raise data.max_length")
-    idx = split_groups([corpus.groups[i] for i in keep], cfg, seed)
-    idx = {s: [keep[i] for i in ix] for s, ix in idx.items()}
-    src_len = max(len(tokens[i][0]) for i in keep)
-    tgt_len = max(len(tokens[i][1]) for i in keep) + 2  # BOS ... EOS
-    train_src = [corpus.pairs[i][0] for i in idx["train"]]
-    src_vocab = Vocab.fit(train_src, tok, src_len, cfg.min_freq, cfg.max_vocab)  # training split only
-    tgt_vocab = target_vocab([corpus.pairs[i][1] for i in idx["train"]], tok, tgt_len, cfg.min_freq, cfg.max_vocab)
-    join = "" if tok == "char" else " "
+    src_vocab.max_length = src_len = max(len(ids[i][0]) for ix in keep.values() for i in ix)
+    tgt_vocab.max_length = tgt_len = max(len(ids[i][1]) for ix in keep.values() for i in ix) + 2  # BOS ... EOS
     splits, texts, oov = {}, {}, {}
-    for s, ix in idx.items():
+    for s, ix in keep.items():
         splits[s] = (src_vocab.encode([corpus.pairs[i][0] for i in ix]),
-                     encode_targets(tgt_vocab, [tokens[i][1] for i in ix], tgt_len))
+                     encode_targets([ids[i][1] for i in ix], tgt_len))
         if s != "train":
-            texts[s] = [[corpus.pairs[i][0], join.join(tokens[i][1])] for i in ix]
-            words = [t for i in ix for t in tokens[i][1]]
-            oov[s] = round(sum(t not in tgt_vocab.index for t in words) / max(len(words), 1), 4)
+            texts[s] = [list(corpus.pairs[i]) for i in ix]  # raw: the references as written
+            oov[s] = round(float(np.mean([t == 1 for i in ix for t in ids[i][1]])), 4)
     return write_prepared(out_dir, splits, {
         "source": cfg.source, "task": "translation", "description": corpus.description,
         "input_shape": [src_len], "num_classes": len(tgt_vocab), "classes": [], "vocab_size": len(src_vocab),
         "normalization": {"mean": [0.0], "std": [1.0]},
         "text": {"tokenizer": tok, "source_length": src_len, "target_length": tgt_len,
                  "source_vocab_size": len(src_vocab), "target_vocab_size": len(tgt_vocab), "pairs": len(corpus.pairs),
-                 "kept": len(keep), "dropped_too_long": too_long, "dropped_ambiguous": corpus.ambiguous,
+                 "kept": kept, "dropped_too_long": too_long, "dropped_ambiguous": corpus.ambiguous,
+                 "skipped_empty_side": corpus.empty, "official_splits": corpus.splits is not None,
                  "max_length": cap, "target_oov_rate": oov},
     }, cfg=cfg, seed=seed, extra={VOCAB: json.dumps(src_vocab.to_dict(), ensure_ascii=False) + "\n",
                                   TARGET_VOCAB: json.dumps(tgt_vocab.to_dict(), ensure_ascii=False) + "\n",

@@ -14,7 +14,10 @@ sampling are tasks/kinds/language.py's.
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
+import os
 import re
 import tarfile
 import tempfile
@@ -28,6 +31,7 @@ from tasks.config import DataConfig
 from tasks.data import DOWNLOAD_HINT, DataError, keep_classes, stratified_split, write_prepared
 
 PAD, UNK = "<pad>", "<unk>"  # ids 0 and 1
+BOS, EOS = "<s>", "</s>"  # ids 2 and 3 of a target vocabulary (and of every subword vocabulary)
 VOCAB = "vocab.json"
 DEFAULT_LENGTH = {"text_csv": 200, "imdb": 200, "charlm": 64, "wordlm": 35}  # tokens per example; LMs: context
 # lowercased words of letters and digits in any script (with 's, n't), each other mark alone
@@ -36,10 +40,43 @@ IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 IMDB_ARCHIVE = "aclImdb_v1.tar.gz"
 
 
+# a word tokenizer's output back to text: no space before closing marks, none after opening ones
+GLUE_BEFORE, GLUE_AFTER = re.compile(r" ([.,!?;:%)\]}»…])"), re.compile(r"([(\[{«¿¡]) ")
+
+
 def tokenize(text: str, kind: str = "word") -> list[str]:
     if kind == "char":
         return list(text)
+    if kind == "subword":
+        raise DataError("data.tokenizer: subword pieces come from a model fitted on translation pairs (pairs, "
+                        "dates, numbers: Vocab.split); use word or char here")
     return WORD.findall(text.replace("<br />", " ").lower())  # IMDB marks line breaks with <br />
+
+
+def detokenize(tokens: list[str], kind: str = "word") -> str:
+    """Tokens -> text as a writer puts it: characters joined; words spaced, punctuation glued to its word and the
+    first letter capitalized (the word tokenizer lowercased it; other capitals are lost)."""
+    if kind == "char":
+        return "".join(tokens)
+    text = GLUE_AFTER.sub(r"\1", GLUE_BEFORE.sub(r"\1", " ".join(tokens)))
+    return text[:1].upper() + text[1:]
+
+
+def fit_subword(texts, size: int) -> bytes:
+    """A sentencepiece unigram model of `texts` (serialized), at most `size` pieces (fewer when the texts hold
+    fewer), every character seen kept, ids 0-3 = <pad> <unk> <s> </s> so piece ids are vocabulary ids.
+    Deterministic: one thread, the texts in their order, sentencepiece's generator seeded."""
+    import sentencepiece as spm
+
+    spm.set_random_generator_seed(0)
+    model = io.BytesIO()
+    with open(os.devnull, "w") as quiet:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(list(texts)), model_writer=model, vocab_size=size, model_type="unigram",
+            character_coverage=1.0, hard_vocab_limit=False, num_threads=1, input_sentence_size=0,
+            shuffle_input_sentence=False, pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece=PAD, unk_piece=UNK,
+            bos_piece=BOS, eos_piece=EOS, logstream=quiet)
+    return model.getvalue()
 
 
 @dataclass
@@ -47,10 +84,35 @@ class Vocab:
     tokens: list[str]  # id -> token; 0 padding, 1 out of vocabulary
     tokenizer: str = "word"
     max_length: int = 200  # encode() cuts longer texts and pads shorter ones to this many ids
+    model: bytes | None = None  # subword: the serialized sentencepiece model (its pieces are `tokens`)
     index: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self):
         self.index = {t: i for i, t in enumerate(self.tokens)}
+        self._sp = None
+        if self.model is not None:
+            import sentencepiece as spm
+
+            self._sp = spm.SentencePieceProcessor(model_proto=self.model)
+
+    @classmethod
+    def fit_subword(cls, texts, size: int, max_length: int) -> "Vocab":
+        model = fit_subword(texts, size)
+        return cls.from_model(model, max_length)
+
+    @classmethod
+    def from_model(cls, model: bytes, max_length: int) -> "Vocab":
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_proto=model)
+        return cls([sp.id_to_piece(i) for i in range(sp.get_piece_size())], "subword", max_length, model)
+
+    def split(self, text: str) -> list[str]:
+        """The tokens of `text`: subword pieces (rare words spelled out in pieces), words or characters."""
+        return self._sp.encode(text, out_type=str) if self._sp else tokenize(text, self.tokenizer)
+
+    def detokenize(self, tokens: list[str]) -> str:
+        return self._sp.decode_pieces(tokens) if self._sp else detokenize(tokens, self.tokenizer)
 
     @classmethod
     def fit(cls, texts, tokenizer: str, max_length: int, min_freq: int = 1, max_size: int | None = None) -> "Vocab":
@@ -67,7 +129,7 @@ class Vocab:
         return len(self.tokens)
 
     def ids(self, text: str) -> list[int]:
-        return [self.index.get(t, 1) for t in tokenize(text, self.tokenizer)]
+        return self._sp.encode(text) if self._sp else [self.index.get(t, 1) for t in tokenize(text, self.tokenizer)]
 
     def encode(self, texts) -> np.ndarray:
         """(N,) texts -> (N, max_length) int64 ids, cut at max_length, right-padded with 0."""
@@ -79,15 +141,19 @@ class Vocab:
 
     def decode(self, ids) -> str:
         toks = [self.tokens[int(i)] for i in ids if int(i) != 0]
-        return ("" if self.tokenizer == "char" else " ").join(toks)
+        return self._sp.decode_pieces(toks) if self._sp else ("" if self.tokenizer == "char" else " ").join(toks)
 
     def to_dict(self) -> dict:
-        return {"tokenizer": self.tokenizer, "max_length": self.max_length, "pad_id": 0, "unk_id": 1,
-                "size": len(self.tokens), "tokens": self.tokens}
+        out = {"tokenizer": self.tokenizer, "max_length": self.max_length, "pad_id": 0, "unk_id": 1,
+               "size": len(self.tokens), "tokens": self.tokens}
+        if self.model is not None:  # travels with the logged model: `nnlab translate` needs no prepared folder
+            out["sentencepiece_model"] = base64.b64encode(self.model).decode("ascii")
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "Vocab":
-        return cls(d["tokens"], d["tokenizer"], d["max_length"])
+        model = d.get("sentencepiece_model")
+        return cls(d["tokens"], d["tokenizer"], d["max_length"], base64.b64decode(model) if model else None)
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocab":

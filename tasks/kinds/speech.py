@@ -46,6 +46,27 @@ class SpecAugment:
         return x * keep.to(x.device, x.dtype)
 
 
+class SpeechAugment:
+    """Each training batch of normalised log-mels (B, T, n_mels): a vocal tract length warp (Jaitly and Hinton
+    2013), the mel axis of each utterance stretched or squeezed by a factor drawn from [1 - warp, 1 + warp] (a
+    voice's formants move with its speaker's vocal tract: unheard speakers are the ones this makes up), then
+    SpecAugment's masks when augment.enabled. Lengths never change; one seeded stream."""
+
+    def __init__(self, warp: float, masks: SpecAugment | None, seed: int):
+        self.warp, self.masks = warp, masks
+        self.generator = masks.generator if masks is not None else torch.Generator().manual_seed(seed + 7919)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.warp > 0:
+            b, t, f = x.shape
+            alpha = 1 + (torch.rand(b, generator=self.generator) * 2 - 1) * self.warp
+            src = (torch.arange(f)[None, :] * alpha[:, None]).clamp(0, f - 1).to(x.device)  # (B, F) source bands
+            lo = src.floor().long()
+            hi, w = (lo + 1).clamp(max=f - 1), (src - lo).to(x.dtype)[:, None, :]
+            x = x.gather(2, lo[:, None, :].expand(b, t, f)) * (1 - w) + x.gather(2, hi[:, None, :].expand(b, t, f)) * w
+        return self.masks(x) if self.masks is not None else x
+
+
 # ---------------------------------------------------------------- measuring
 
 def scores(hyp: list[str], refs: list[str], prefix: str) -> dict:
@@ -142,15 +163,16 @@ class CTCStep(SupervisedStep):
 # ---------------------------------------------------------------- served
 
 class ServedTranscriber(Served):
-    """A speech model: recordings (WAV, FLAC or OGG files), read at its sample rate -> their transcripts, by CTC
-    beam search of width `beam` (default: the model's own; 1: greedy)."""
+    """A speech model: recordings (WAV, FLAC or OGG files), read at its sample rate and put through the front end
+    its training data had (tasks/data/audio.py `condition`: silence trimmed, level set) -> their transcripts, by
+    CTC beam search of width `beam` (default: the model's own; 1: greedy)."""
 
     takes, gives, command = "audio", "text", "transcribe"
 
     def __call__(self, recordings: list[Path], beam: int | None = None) -> list[str]:
         from models.speech import beam_search
         from tasks.data import DataError
-        from tasks.data.audio import load_audio
+        from tasks.data.audio import condition, load_audio
 
         width = beam or int(self.meta.get("beam_size", 1))
         out = []
@@ -159,6 +181,10 @@ class ServedTranscriber(Served):
                 wave = load_audio(path, int(self.meta["sample_rate"]))
             except DataError as e:
                 raise ServingError(str(e)) from None
+            wave = condition(wave, int(self.meta["sample_rate"]), float(self.meta.get("trim_db", 0.0)),
+                             float(self.meta.get("trim_margin_ms", 0.0)))
+            if not len(wave):
+                raise ServingError(f"{path}: holds no samples")
             pcm = torch.as_tensor(np.clip(wave * 32768.0, -32768, 32767).astype(np.int16))[None]
             with torch.no_grad():
                 lp = self.module(pcm)
@@ -177,8 +203,9 @@ class SpeechRecognition(Supervised):
     val_limit = 500  # validation recordings decoded after each epoch
 
     def augmenter(self, cfg, manifest):
-        a = cfg.augment
-        return SpecAugment(a.freq_masks, a.freq_width, a.time_masks, a.time_width, cfg.seed) if a.enabled else None
+        a, warp = cfg.augment, getattr(cfg.data, "vtlp", 0.0)
+        masks = SpecAugment(a.freq_masks, a.freq_width, a.time_masks, a.time_width, cfg.seed) if a.enabled else None
+        return SpeechAugment(warp, masks, cfg.seed) if warp > 0 else masks
 
     def step(self, model, cfg, seed, device):
         return CTCStep(model, cfg, device)
@@ -213,10 +240,10 @@ class SpeechRecognition(Supervised):
         served = self._served(job)
         with torch.no_grad():
             wave = torch.as_tensor(pcm)[None]
-            mel = served.features(wave.float() / 32768.0)[0]
+            mel = served.log_mel(wave)[0]
             lp = served(wave)[0]
         masked = None
-        if job.trainer.augment is not None:
+        if job.cfg.augment.enabled:
             x = (mel - served.mean) / served.std
             masked = SpecAugment(*_masks(job.cfg.augment), job.cfg.seed)(x[None])[0]
         text = as_text(m["speech"]["alphabet"], greedy(lp[None]))[0]
@@ -229,7 +256,8 @@ class SpeechRecognition(Supervised):
 
     def wrap(self, net, manifest, mean, std):
         s = manifest["speech"]
-        return Transcriber(net.eval(), s["sample_rate"], s["n_mels"], mean, std).eval()
+        return Transcriber(net.eval(), s["sample_rate"], s["n_mels"], mean, std, s.get("f_max"),
+                           bool(s.get("cmvn", False))).eval()
 
     def serving(self, module, vocab, meta, uri) -> Served:
         return ServedTranscriber(module, vocab, meta, uri)
@@ -240,7 +268,8 @@ class SpeechRecognition(Supervised):
             example = z["pcm"][:1, :int(z["lengths"][0])]
         job.run.log_file(Path(job.data_dir) / ALPHABET, "data")
         meta = {"task": self.name, "nnlab.kind": "transcriber", "alphabet": s["alphabet"],
-                "sample_rate": s["sample_rate"], "beam_size": beam_size(job.model)}
+                "sample_rate": s["sample_rate"], "beam_size": beam_size(job.model),
+                "trim_db": s.get("trim_db", 0.0), "trim_margin_ms": s.get("trim_margin_ms", 0.0)}
         return self._served(job), example, meta, [Path(job.data_dir) / ALPHABET]
 
     def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
