@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Published test 2016 BLEU, De->En (/work/shared/data/README.md: public PyTorch implementations); En->De has none
+# Published test 2016 BLEU, De->En (../shared/data/README.md: public PyTorch implementations); En->De has none
 PUBLISHED = {("de", "en", "transformer"): "30.6 (a small Transformer) to about 35",
              ("de", "en", "gru"): "somewhat below the Transformer's"}
 
