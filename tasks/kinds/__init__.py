@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -177,8 +178,9 @@ def register_kind(cls: type[Kind]) -> type[Kind]:
     return cls
 
 
+@cache
 def _import_kinds() -> None:
-    """Import every module of this folder: their @register_kind classes register themselves."""
+    """Import every module of this folder (once a process): their @register_kind classes register themselves."""
     for module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{module.name}")
 
