@@ -240,7 +240,8 @@ def sweep_cells(file: Path | None, params: Path, set_: list[str] | None, resume:
     settings, so none are left; every cell validated before anything runs. A ConfigError is exit 2."""
     from pydantic import ValidationError
 
-    from tasks.config import ConfigError, SweepConfig, format_errors, read_yaml
+    from tasks.config import ConfigError, SweepConfig, read_yaml
+    from tasks.explain import format_errors
     from tasks.sweep import expand, fold_sets, load_spec
 
     try:

@@ -26,8 +26,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tasks.config import (Config, ConfigError, SweepConfig, apply_sets, format_errors, parse_set, read_yaml,
+from tasks.config import (Config, ConfigError, SweepConfig, apply_sets, parse_set, read_yaml,
                           select_models, validate)
+from tasks.explain import format_errors
 from tasks.kinds import ranking, register_name
 
 SweepSpec = SweepConfig
