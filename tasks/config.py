@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from models.options import UnknownModelError, get_spec
 from tasks.explain import format_errors
-from tasks.sources import NAMES as SOURCE_NAMES, kind_name, misfit, rules
+from tasks.sources import NAMES as SOURCE_NAMES, kind_name, misfit, rules, unwatchable
 
 INIT_ALIASES = {"glorot_normal": "xavier_normal", "glorot_uniform": "xavier_uniform",
                 "kaiming_normal": "he_normal", "kaiming_uniform": "he_uniform"}
@@ -117,8 +117,10 @@ class DataConfig(Section):
 
 class EarlyStoppingConfig(Section):
     enabled: bool = False
-    # maximised: accuracy and translation's (each epoch: greedy decoding of the val pairs); minimised: the loss
-    monitor: Literal["val_loss", "val_accuracy", "val_bleu", "val_chrf", "val_exact_match"] = "val_loss"
+    # maximised: accuracy, translation's BLEU/chrF/exact match (greedy decoding of the val pairs each epoch) and
+    # speech's exact match; minimised: the loss, speech's CER and WER (which kind measures what: sources.RULES)
+    monitor: Literal["val_loss", "val_accuracy", "val_bleu", "val_chrf", "val_exact_match", "val_cer",
+                     "val_wer"] = "val_loss"
     patience: int = Field(default=5, ge=1)  # epochs without improvement before stopping
     min_delta: float = Field(default=0.0, ge=0.0)  # smallest change that counts as improvement
     restore_best: bool = True  # put back the weights of the best epoch when stopping
@@ -350,7 +352,9 @@ def _refuse_inapplicable(cfg: Config, names: list[str]) -> None:
             lines.append(f"models.{name}: {why}")
             continue
         kind = kind_name(arch, cfg.data.source)
-        lines += [f"{line} (models.{name} is a {kind} run)" for line in rules(kind).refuse(cfg, cfg.train_for(name))]
+        train = cfg.train_for(name)
+        refused = [*rules(kind).refuse(cfg, train), *filter(None, [unwatchable(kind, train)])]
+        lines += [f"{line} (models.{name} is a {kind} run)" for line in refused]
     if lines:
         raise ConfigError("invalid params: " + "\n  ".join(lines) if len(lines) == 1 else
                           "invalid params:\n  " + "\n  ".join(lines))

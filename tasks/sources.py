@@ -96,6 +96,8 @@ def task(source: str) -> str:
 class Rules:
     data: tuple[str, ...] = ()  # the kinds of data (tasks/sources.py DATA) it trains on; empty: any
     own_models: bool = False  # its data trains only the models of this kind (translation: encoder-decoders)
+    # what train.early_stopping.monitor may watch: the held-out measures it logs every epoch
+    monitors: tuple[str, ...] = ("val_loss", "val_accuracy")
     # settings it cannot honour, each as `key: why` (validation turns them into an error)
     refuse: Callable[["Config", "TrainConfig"], list[str]] = lambda cfg, train: []
 
@@ -126,21 +128,21 @@ def _speech_refuses(cfg: "Config", train: "TrainConfig") -> list[str]:
     out = []
     if cfg.augment.offline_copies:
         out.append("augment.offline_copies: speech is augmented on the fly (SpecAugment); set it to 0")
-    if train.early_stopping.enabled and train.early_stopping.monitor == "val_accuracy":
-        out.append("train.early_stopping.monitor: speech runs have no accuracy; monitor val_loss")
     return out
 
 
 RULES = {  # kind -> its rules; every @register_kind class has its row
     "classification": Rules(),
-    "regression": Rules(),
+    "regression": Rules(monitors=("val_loss",)),
     "language_model": Rules(),
     "word_language_model": Rules(data=("words",), own_models=True),
     "generation": Rules(refuse=_generation_refuses),
     "style_generation": Rules(data=("images",), refuse=_generation_refuses),
-    "translation": Rules(data=("pairs",), own_models=True, refuse=_translation_refuses),
+    "translation": Rules(data=("pairs",), own_models=True, refuse=_translation_refuses,
+                         monitors=("val_loss", "val_bleu", "val_chrf", "val_exact_match")),
     "image_translation": Rules(data=("image_pairs",), own_models=True, refuse=_image_translation_refuses),
-    "speech_recognition": Rules(data=("audio",), own_models=True, refuse=_speech_refuses),
+    "speech_recognition": Rules(data=("audio",), own_models=True, refuse=_speech_refuses,
+                                monitors=("val_loss", "val_cer", "val_wer", "val_exact_match")),
 }
 
 
@@ -153,6 +155,15 @@ def rules(name: str) -> Rules:
     if name not in RULES:
         raise KeyError(f"unknown kind of run {name!r}; known: {', '.join(sorted(RULES))}")
     return RULES[name]
+
+
+def unwatchable(kind: str, train: "TrainConfig") -> str | None:
+    """Why early stopping cannot watch train.early_stopping.monitor in a run of `kind`, or None."""
+    es, watch = train.early_stopping, rules(kind).monitors
+    if es.enabled and es.monitor not in watch:
+        return (f"train.early_stopping.monitor: {kind} runs do not measure {es.monitor} each epoch; "
+                f"allowed: {', '.join(watch)}")
+    return None
 
 
 def misfit(arch: str, source: str) -> str | None:

@@ -34,6 +34,23 @@ def test_misspelt_nested_key():
     assert "train.early_stopping.patience" in msg
 
 
+def test_early_stopping_watches_only_what_the_kind_measures():
+    """val_bleu on a classifier would fail only after data preparation; validation refuses it up front, naming
+    what that kind measures, and lets each kind watch its own measures."""
+    es = ["train.early_stopping.enabled=true"]
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "params.yaml", [*es, "train.early_stopping.monitor=val_bleu"], ["simple_cnn"])
+    assert "classification runs do not measure val_bleu" in str(e.value) and "val_accuracy" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "params.yaml", [*es, "train.early_stopping.monitor=val_accuracy",
+                                           "data.source=synth_speech"], ["ctc_asr"])
+    assert "val_cer, val_wer, val_exact_match" in str(e.value)
+    for source, model, monitor in [("synth_speech", "ctc_asr", "val_wer"), ("dates", "seq2seq", "val_bleu"),
+                                   ("digits", "mlp", "val_accuracy")]:
+        load_config(ROOT / "params.yaml", [*es, f"train.early_stopping.monitor={monitor}", f"data.source={source}"],
+                    [model])
+
+
 def test_unknown_optimizer_suggests_adam():
     msg = error_of("train.optimizer=adamm")
     assert "train.optimizer" in msg and "'adamm'" in msg and "did you mean 'adam'" in msg
