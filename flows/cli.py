@@ -168,6 +168,7 @@ def print_summary(summary: dict, cfg) -> None:
     from rich.table import Table
 
     from tasks.kinds import experiment_kind, main_metric
+    from tasks.references import beside
     from tasks.tracking import tracking_uri
 
     metric, more = main_metric(cfg), experiment_kind(cfg).summary_columns  # e.g. a forecast's naive RMSE beside it
@@ -192,6 +193,8 @@ def print_summary(summary: dict, cfg) -> None:
                       f"{reg[metric]:.4f}) as [bold]{reg['alias']}[/bold]"
                       + (f" ({reg['decision']})" if reg.get("decision", "").startswith("health") else ""))
     for r in summary["results"]:
+        if r.get("reference"):  # data nnlab knows as a public benchmark: the published figure beside the run's
+            console.print(f"[cyan]published[/cyan] {r['name']}: {beside(r['reference'], r)}")
         for h in r.get("health", []):
             curves = "the run's health/grad_norm and layers/grad_norm.* curves"
             what = {"vanishing": f"vanishing gradients (see {curves})", "exploding": f"exploding gradients (see {curves})",

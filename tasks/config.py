@@ -60,6 +60,7 @@ class DataConfig(Section):
     target_column: str | None = None  # pairs: header of the target column (None: second column)
     source_lang: str | None = None  # pairs from a folder of line-aligned train/val/test*.<lang> files: e.g. de
     target_lang: str | None = None  # ... and the side translated into, e.g. en
+    test_set: str | None = None  # ... and the test*.<lang> set scored, e.g. test_2016_flickr (null: the only one)
     subword_vocab: int | None = Field(default=None, ge=16, le=64_000)  # pieces a side (None: train pairs/4, 256-8000)
     language: str = "de"  # numbers: the language the integers are written in (num2words' code: de, fr, es, ...)
     number_max: int = Field(default=9_999, ge=10, le=10**9)  # numbers: integers 0..number_max (at most 20,000 drawn)

@@ -20,6 +20,7 @@ from tasks.kinds import Job, Kind, get_kind, kind_of, ranking, register_name
 from tasks.networks import build, load_trained
 from tasks.phases import mark
 from tasks.progress import EpochProgress
+from tasks.references import beside, published
 from tasks.tracking import Run, git_commit, prepare_model_logging, store_path
 from tasks.train import (CheckpointFormatError, FitResult, Trainer, init_weights, resolve_device, seed_everything,
                          to_device)
@@ -337,6 +338,9 @@ def evaluate_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, tra
         ev.summary = {**ev.summary, "beats_baseline": verdict[0], "baseline": verdict[1]}
         if not verdict[0]:
             print(f"{name}: does NOT beat the trivial baseline ({verdict[1]}): it will not be registered", flush=True)
+    ref = published(data.manifest.get("benchmark"), final["arch"], ev.metrics)
+    if ref:  # data that is a public benchmark nnlab knows: the published figure beside the run's
+        ev.summary, ev.tags = {**ev.summary, "reference": ref}, {**ev.tags, "nnlab.reference": beside(ref, ev.metrics)}
     run = Run(final["run_id"])
     run.log_metrics(ev.metrics)
     if ev.tags:

@@ -100,7 +100,7 @@ def reaches(prefixes: tuple[str, ...], forbidden: tuple[str, ...]) -> list[str]:
                        "flows")),
     (("tasks.kinds",), ("tasks.stages", "tasks.sweep", "tasks.report", "tasks.dvc", "tasks.serving", "flows")),
     (("models",), ("tasks", "flows")),
-    (("tasks.config", "tasks.sources"), ("tasks.kinds", "tasks.data", "tasks.train", "tasks.stages")),
+    (("tasks.config", "tasks.sources", "tasks.references", "tasks.explain"), ("tasks.kinds", "tasks.data", "tasks.train", "tasks.stages")),
     (("tasks.train", "tasks.augment", "tasks.figures", "tasks.tracking", "tasks.registration"), ("tasks.kinds",)),
 ])
 def test_imports_run_downward(layer, forbidden):
@@ -108,7 +108,7 @@ def test_imports_run_downward(layer, forbidden):
 
 
 def test_config_and_sources_load_without_torch():
-    code = ("import sys, tasks.config, tasks.sources; bad = [m for m in ('torch', 'tasks.kinds', 'tasks.data') "
+    code = ("import sys, tasks.config, tasks.sources, tasks.references; bad = [m for m in ('torch', 'tasks.kinds', 'tasks.data') "
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -130,17 +130,23 @@ def _tone(path, seconds, rate=8_000, freq=440.0):
     sf.write(path, 0.3 * np.sin(2 * np.pi * freq * t), rate, subtype="PCM_16")
 
 
-def test_speech_reads_the_digit_layout_resampled_and_split_by_speaker(tmp_path):
-    raw = tmp_path / "fsdd"
+def _digit_folder(raw):
+    """Tones in the free-spoken-digit-dataset layout: 10 digits by 4 of its speakers."""
     raw.mkdir()
     for speaker in ("jackson", "nicolas", "theo", "yweweler"):
         for d in range(10):
             _tone(raw / f"{d}_{speaker}_0.wav", 0.3 + 0.02 * d, freq=200 + 60 * d)
+    return raw
+
+
+def test_speech_reads_the_digit_layout_resampled_and_split_by_speaker(tmp_path):
+    raw = _digit_folder(tmp_path / "fsdd")
     _tone(raw / "3_theo_1.wav", 12.0)  # over data.max_seconds: left out, counted
     cfg = DataConfig(source="speech", path=str(raw), max_seconds=5.0, speed_perturb=[0.9, 1.1])
     m = prepare(cfg, 0, tmp_path / "out")
     s = m["speech"]
     assert s["dropped"] == {"too_long": 1} and s["kept"] == 40 and s["split_by"].startswith("speaker")
+    assert m["benchmark"] == "fsdd:unheard-speakers"  # its layout and speakers: the summary cites its figure
     assert s["f_max"] == 4_000  # 8 kHz recordings read at 16 kHz: nothing above 4 kHz to filter
     texts = __import__("json").loads((tmp_path / "out" / "texts.json").read_text())
     speakers = {k: {sp for _, sp, _ in v} for k, v in texts.items()}
@@ -163,6 +169,22 @@ def test_speech_reads_the_digit_layout_resampled_and_split_by_speaker(tmp_path):
     assert named["sizes"]["train"] == 20 and named["speech"]["test_speakers"] == ["theo"]
     with pytest.raises(DataError, match="nobody.*not among the 4 speakers"):
         prepare(DataConfig(source="speech", path=str(raw), test_speakers=["nobody"]), 0, tmp_path / "x")
+
+
+def test_a_run_on_a_known_benchmark_puts_the_published_figure_beside_its_own(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from tasks.stages import evaluate_stage, train_stage
+    from tasks.tracking import client
+
+    cfg = validate({"data": {"source": "speech", "path": str(_digit_folder(tmp_path / "fsdd")), "speed_perturb": []},
+                    "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "diagnostics": {"enabled": False}},
+                    "models": {"ctc_asr": {"hidden": 8, "channels": 8, "layers": 1}}})
+    prepare(cfg.data, 0, tmp_path / "d")
+    trained = train_stage(cfg, "ctc_asr", tmp_path / "d", tmp_path / "out")
+    r = evaluate_stage(cfg, "ctc_asr", tmp_path / "d", tmp_path / "out", tmp_path / "m.json", tmp_path / "p")
+    assert r["reference"]["value"] == 0.97 and r["reference"]["metric"] == "test_exact_match"
+    tag = client().get_run(trained.run_id).data.tags["nnlab.reference"]
+    assert tag.startswith(f"test_exact_match {r['test_exact_match']:.4g} vs published 0.97 (small CNN/RNN")
 
 
 def test_front_end_trims_silence_sets_the_level_and_perturbs_speed():

@@ -123,6 +123,23 @@ def test_a_folder_of_line_aligned_files_keeps_its_splits_and_subwords_are_determ
         {f.name: f.read_bytes() for f in (tmp_path / "b").iterdir()}
     m = prepare(cfg.model_copy(update={"max_train": 20}), 0, tmp_path / "c")
     assert m["sizes"] == {"train": 20, "val": 8, "test": 8}  # the official val and test stay whole
+    assert m["benchmark"] is None  # not a corpus nnlab knows the published figures of
+    (folder / "test_2017.de").write_text("Der Hund schläft.\n")
+    (folder / "test_2017.en").write_text("The dog sleeps.\n")
+    m = prepare(cfg.model_copy(update={"test_set": "test_2017"}), 0, tmp_path / "d")
+    assert m["sizes"]["test"] == 1  # data.test_set picks one of several
+
+
+def test_a_known_benchmark_gets_its_published_figure():
+    from tasks.references import beside, published, recognise_corpus
+
+    known = recognise_corpus("test_2016_flickr", 29_000, "de", "en")
+    assert known == "multi30k:de-en" and recognise_corpus("test_2016_flickr", 28_000, "de", "en") is None
+    gru, tf = published(known, "seq2seq", {"test_bleu"}), published(known, "transformer_seq2seq", {"test_bleu"})
+    assert gru["value"] < tf["value"] and "attention" in gru["model"] and "Transformer" in tf["model"]
+    assert published(known, "seq2seq", {"test_chrf"}) is None
+    assert published("multi30k:en-fr", "seq2seq", {"test_bleu"}) is None
+    assert beside(tf, {"test_bleu": 31.25}).startswith("test_bleu 31.25 vs published 35.7 (small Transformer")
 
 
 def test_a_bad_parallel_folder_names_the_file_and_writes_nothing(tmp_path):
@@ -145,6 +162,7 @@ def test_a_bad_parallel_folder_names_the_file_and_writes_nothing(tmp_path):
     fails(r"val.en: missing")
     (folder / "test_2017.de").write_text("x\n")
     fails(r"2 test files test\*.de \(test_2016, test_2017\)")
+    fails(r"data.test_set: 'test_2018' is not a test set of .*test_2016, test_2017", test_set="test_2018")
     (tmp_path / "t.csv").write_text("text,label\n" + "".join(f"text {k},{k % 2}\n" for k in range(20)))
     with pytest.raises(DataError, match="subword pieces come from a model fitted on translation pairs"):
         prepare(DataConfig(source="text_csv", tokenizer="subword", path=str(tmp_path / "t.csv")), 0, out)

@@ -44,6 +44,7 @@ from models.speech import LOG_FLOOR, LogMel, utterance_cmvn
 from tasks.config import DataConfig
 from tasks.data import DataError, split_groups, write_prepared
 from tasks.progress import bar
+from tasks.references import recognise_recordings
 
 ALPHABET, TEXTS, WAVES, TRANSCRIPTS = "alphabet.json", "texts.json", "waves.npz", "transcripts.tsv"
 AUDIO = (".wav", ".flac", ".ogg")
@@ -62,6 +63,7 @@ class Recordings:
     speakers: list[str]
     description: str
     made: dict = field(default_factory=dict)  # synth_speech: how the recordings were made
+    layout: str = ""  # the layout read: table | librispeech | fsdd | espeak
 
 
 def normalise(text: str) -> str:
@@ -133,7 +135,7 @@ def read_speech(cfg: DataConfig, out_dir: Path | None = None) -> Recordings:
     digits = [(p, m) for p in sorted(root.glob("*.wav")) if (m := re.fullmatch(r"(\d)_(.+)_(\d+)", p.stem))]
     if digits:
         return Recordings([p for p, _ in digits], [DIGITS[int(m[1])] for _, m in digits], [m[2] for _, m in digits],
-                          f"spoken digits in {root} (free-spoken-digit-dataset layout)")
+                          f"spoken digits in {root} (free-spoken-digit-dataset layout)", layout="fsdd")
     raise DataError(f"data.path: {root} holds no {TRANSCRIPTS} / transcripts.csv, no *.trans.txt and no "
                     f"<digit>_<speaker>_<n>.wav files; those are the layouts speech reads")
 
@@ -242,6 +244,7 @@ def prepare_audio(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
     unseen = {s: sum(c not in ids for i in ix for c in texts[i]) for s, ix in idx.items() if s != "train"}
     return write_prepared(out_dir, splits, {
         "source": cfg.source, "task": "speech_recognition", "description": rec.description,
+        "benchmark": recognise_recordings(rec.layout, {s for s in rec.speakers if not s.startswith(SYNTH)}, split_by),
         "input_shape": [frames, cfg.n_mels], "num_classes": len(alphabet) + 1, "classes": [],
         "normalization": {"mean": mean.tolist(), "std": std.tolist()},
         "speech": {"sample_rate": cfg.sample_rate, "n_mels": cfg.n_mels, "hop_ms": 10, "window_ms": 25,
@@ -299,7 +302,7 @@ def _with_synth(rec: Recordings, cfg: DataConfig, out_dir: Path) -> Recordings:
     synth = read_synth_speech(cfg.model_copy(update={"utterances": cfg.mix_synth}), out_dir)
     return Recordings(rec.files + synth.files, rec.texts + synth.texts,
                       rec.speakers + [SYNTH + s for s in synth.speakers],
-                      f"{rec.description}, and {cfg.mix_synth} eSpeak NG utterances in training", synth.made)
+                      f"{rec.description}, and {cfg.mix_synth} eSpeak NG utterances in training", synth.made, rec.layout)
 
 
 def _usable(rec: Recordings, cfg: DataConfig) -> tuple[list[int], list[np.ndarray], Counter, int]:

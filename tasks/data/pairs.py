@@ -29,6 +29,7 @@ from models.seq2seq import BOS, EOS
 from tasks.config import DataConfig
 from tasks.data import DataError, split_groups, write_prepared
 from tasks.data.text import PAD as PAD_TOKEN, UNK as UNK_TOKEN, VOCAB, Vocab
+from tasks.references import recognise_corpus
 
 TARGET_VOCAB, TEXTS = "target_vocab.json", "texts.json"
 BOS_TOKEN, EOS_TOKEN = "<s>", "</s>"
@@ -56,6 +57,7 @@ class Corpus:
     ambiguous: int = 0  # generated sources that read two ways, left out
     splits: dict[str, list[int]] | None = None  # official splits (a folder's files), kept as given
     empty: int = 0  # line pairs with an empty side, left out
+    benchmark: str | None = None  # the public benchmark it is (tasks/references.py), if nnlab knows it
 
 
 def _lines(path: Path) -> list[str]:
@@ -64,16 +66,20 @@ def _lines(path: Path) -> list[str]:
     return [line.strip() for line in (lines[:-1] if lines and lines[-1] == "" else lines)]
 
 
-def _split_files(root: Path, src: str, tgt: str) -> dict[str, tuple[Path, Path]]:
+def _split_files(root: Path, src: str, tgt: str, test_set: str | None) -> dict[str, tuple[Path, Path]]:
     langs = sorted({p.suffix[1:] for p in root.glob("train.*")})
     for key, lang in (("source_lang", src), ("target_lang", tgt)):
         if lang is None or lang not in langs:
             raise DataError(f"data.{key}: {'unset' if lang is None else repr(lang)}; {root} holds line-aligned files "
                             f"train.<lang>, val.<lang>, test*.<lang> for the languages: {', '.join(langs) or 'none'}")
     tests = sorted(p.name[:-len(src) - 1] for p in root.glob(f"test*.{src}"))
-    if len(tests) != 1:
-        raise DataError(f"{root}: {len(tests)} test files test*.{src} ({', '.join(tests) or 'none'}); the folder needs "
-                        "exactly one test set (point data.path at a folder holding the one to score)")
+    if test_set is not None and test_set not in tests:
+        raise DataError(f"data.test_set: {test_set!r} is not a test set of {root}; its test*.{src} files name: "
+                        f"{', '.join(tests) or 'none'}")
+    if test_set is None and len(tests) != 1:
+        raise DataError(f"{root}: {len(tests)} test files test*.{src} ({', '.join(tests) or 'none'}); set "
+                        "data.test_set to the one to score")
+    tests = [test_set or tests[0]]
     out = {s: (root / f"{n}.{src}", root / f"{n}.{tgt}") for s, n in (("train", "train"), ("val", "val"),
                                                                      ("test", tests[0]))}
     for f in (f for pair in out.values() for f in pair):
@@ -85,8 +91,9 @@ def _split_files(root: Path, src: str, tgt: str) -> dict[str, tuple[Path, Path]]
 def read_folder(cfg: DataConfig, root: Path) -> Corpus:
     """Line-aligned files, one sentence a line: line k of train.de translates line k of train.en. A line pair
     with an empty side is left out and counted (one blank line need not stop a corpus of 30,000)."""
-    pairs, splits, empty = [], {}, 0
-    for split, (fs, ft) in _split_files(root, cfg.source_lang, cfg.target_lang).items():
+    pairs, splits, empty, lines = [], {}, 0, {}
+    files = _split_files(root, cfg.source_lang, cfg.target_lang, cfg.test_set)
+    for split, (fs, ft) in files.items():
         src, tgt = _lines(fs), _lines(ft)
         for f, side in ((fs, src), (ft, tgt)):
             if not any(side):
@@ -96,10 +103,13 @@ def read_folder(cfg: DataConfig, root: Path) -> Corpus:
                             "number of lines (line k of one translates line k of the other)")
         kept = [(s, t) for s, t in zip(src, tgt) if s and t]
         empty += len(src) - len(kept)
+        lines[split] = len(src)
         splits[split] = list(range(len(pairs), len(pairs) + len(kept)))
         pairs += kept
+    known = recognise_corpus(files["test"][0].name[:-len(cfg.source_lang) - 1], lines["train"],
+                             cfg.source_lang, cfg.target_lang)
     return Corpus(pairs, [s for s, _ in pairs], "word", f"{root} ({cfg.source_lang} -> {cfg.target_lang})",
-                  splits=splits, empty=empty)
+                  splits=splits, empty=empty, benchmark=known)
 
 
 def read_pairs(cfg: DataConfig) -> Corpus:
@@ -266,7 +276,7 @@ def prepare_pairs(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
             texts[s] = [list(corpus.pairs[i]) for i in ix]  # raw: the references as written
             oov[s] = round(float(np.mean([t == 1 for i in ix for t in ids[i][1]])), 4)
     return write_prepared(out_dir, splits, {
-        "source": cfg.source, "task": "translation", "description": corpus.description,
+        "source": cfg.source, "task": "translation", "description": corpus.description, "benchmark": corpus.benchmark,
         "input_shape": [src_len], "num_classes": len(tgt_vocab), "classes": [], "vocab_size": len(src_vocab),
         "normalization": {"mean": [0.0], "std": [1.0]},
         "text": {"tokenizer": tok, "source_length": src_len, "target_length": tgt_len,
