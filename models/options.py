@@ -285,9 +285,15 @@ class CTCOptions(Options):
     layers: int = Field(default=2, ge=1, le=6)
     bidirectional: bool = True  # every frame also hears what follows it (offline recognition)
     channels: int = Field(default=128, ge=8)  # of the convolutional front end
+    # conv1d: mel bands as channels, convolved over time; conv2d: 3x3 filters over (time, band), shared across
+    # bands (a shifted formant pattern meets the same filter: unheard voices), then projected to `channels`
+    front: Literal["conv1d", "conv2d"] = "conv1d"
     subsample: Literal[1, 2, 4] = 2  # frames per output step: 2 -> 20 ms steps, still several per character
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     beam_size: int = Field(default=1, ge=1, le=64)  # evaluation and serving: 1 greedy, more: CTC prefix beam search
+    # evaluation and serving spell only the words of the training transcripts (CTC beam search, 8 wide at least);
+    # auto: when they hold at most 100 distinct words (a closed vocabulary: digits, commands), else greedy/beam
+    lexicon: Literal["auto", "on", "off"] = "auto"
 
 
 class ConformerOptions(Options):
@@ -300,6 +306,7 @@ class ConformerOptions(Options):
     subsample: Literal[1, 2, 4] = 2
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     beam_size: int = Field(default=1, ge=1, le=64)
+    lexicon: Literal["auto", "on", "off"] = "auto"  # as ctc_asr's
 
 
 # ---------------------------------------------------------------- transfer (models/transfer.py)

@@ -105,7 +105,42 @@ class FrontEnd(nn.Module):
         return lengths
 
 
-def _conv_lengths(conv: nn.Conv1d, lengths: torch.Tensor) -> torch.Tensor:
+class FrontEnd2d(nn.Module):
+    """Two 2-D convolutions over (time, mel band) with batch norm and ReLU, each halving the bands (and time as
+    `subsample` asks), then a linear layer from bands x maps to `channels` (ESPnet's Conv2dSubsampling). The same
+    filters slide along the mel axis: a formant pattern shifted by a longer or shorter vocal tract is still met by
+    the same filter, which a 1-D front end (a weight per band) cannot do for a speaker it never heard."""
+
+    maps = 32
+
+    def __init__(self, n_mels: int, channels: int, subsample: int, dropout: float):
+        super().__init__()
+        strides = {1: (1, 1), 2: (2, 1), 4: (2, 2)}[subsample]
+        self.convs = nn.ModuleList([nn.Conv2d(1, self.maps, 3, (strides[0], 2), 1),
+                                    nn.Conv2d(self.maps, self.maps, 3, (strides[1], 2), 1)])
+        self.norms = nn.ModuleList([nn.BatchNorm2d(self.maps) for _ in self.convs])
+        bands = (((n_mels - 1) // 2 + 1) - 1) // 2 + 1
+        self.proj = nn.Linear(self.maps * bands, channels)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, n_mels) -> (B, T', channels); zeros past each recording's end at every layer, as FrontEnd."""
+        x = x.unsqueeze(1)  # (B, 1, T, F)
+        for conv, norm in zip(self.convs, self.norms):
+            if lengths is not None:
+                x = x * (torch.arange(x.shape[2], device=x.device)[None, :] < lengths[:, None])[:, None, :, None]
+                lengths = _conv_lengths(conv, lengths)
+            x = F.relu(norm(conv(x)))
+        b, c, t, f = x.shape
+        return self.drop(self.proj(x.permute(0, 2, 1, 3).reshape(b, t, c * f)))
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            lengths = _conv_lengths(conv, lengths)
+        return lengths
+
+
+def _conv_lengths(conv: nn.Conv1d | nn.Conv2d, lengths: torch.Tensor) -> torch.Tensor:
     k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
     return torch.div(lengths + 2 * p - k, s, rounding_mode="floor") + 1
 
@@ -117,7 +152,7 @@ class CTCRecognizer(nn.Module):
         super().__init__()
         _check(input_shape, "ctc_asr")
         self.o = o
-        self.front = FrontEnd(input_shape[1], o.channels, o.subsample, o.dropout)
+        self.front = (FrontEnd2d if o.front == "conv2d" else FrontEnd)(input_shape[1], o.channels, o.subsample, o.dropout)
         cell = nn.GRU if o.cell == "gru" else nn.LSTM
         self.rnn = cell(o.channels, o.hidden, num_layers=o.layers, batch_first=True, bidirectional=o.bidirectional,
                         dropout=o.dropout if o.layers > 1 else 0.0)
@@ -234,35 +269,67 @@ def greedy(log_probs: torch.Tensor, lengths: torch.Tensor | None = None) -> list
     return out
 
 
+class Lexicon:
+    """The words a closed-vocabulary recogniser may say (digits, commands), as character ids: a label prefix is
+    allowed while every finished word is one of them and the unfinished one begins one. CTC beam search with a
+    lexicon is how the field decodes such tasks (e.g. flashlight's lexicon decoder): a misspelt "zeero" cannot
+    come out, the most probable word does."""
+
+    def __init__(self, words: list[list[int]], space: int):
+        self.words = {tuple(w) for w in words if w}
+        self.starts = {tuple(w[:i]) for w in self.words for i in range(len(w) + 1)}
+        self.space = space
+
+    def _last(self, prefix: tuple) -> tuple:
+        cut = max((i for i, c in enumerate(prefix) if c == self.space), default=-1)
+        return prefix[cut + 1:]
+
+    def allows(self, prefix: tuple, c: int) -> bool:
+        last = self._last(prefix)
+        return last in self.words if c == self.space else last + (c,) in self.starts
+
+    def complete(self, prefix: tuple) -> bool:
+        return self._last(prefix) in self.words
+
+
 def beam_search(log_probs: torch.Tensor, lengths: torch.Tensor | None = None, beam: int = 8,
-                prune: float = -12.0) -> list[list[int]]:
+                prune: float = -12.0, lexicon: Lexicon | None = None) -> list[list[int]]:
     """CTC prefix beam search (Hannun et al. 2014, without a language model): the `beam` most likely label
     prefixes, each scored by the total probability of every frame path that collapses to it (ending in blank,
-    or not). Characters with a frame log-probability below `prune` are not tried at that frame."""
+    or not). Characters with a frame log-probability below `prune` are not tried at that frame. With a
+    `lexicon`, only its words are spelt (the best finished prefix wins; none finished: the best prefix)."""
     lp = log_probs.float().cpu()
     n = lengths.cpu().tolist() if lengths is not None else [lp.shape[1]] * len(lp)
     out = []
     for frames, k in zip(lp, n):
         beams = {(): (0.0, -math.inf)}  # prefix -> (log P ending in blank, log P ending in its last label)
         for t in range(k):
-            row = frames[t]
-            cands = [c for c in torch.nonzero(row > prune).flatten().tolist() if c != BLANK]
-            blank = float(row[BLANK])
-            nxt: dict[tuple, list[float]] = {}
-            for prefix, (pb, pnb) in beams.items():
-                entry = nxt.setdefault(prefix, [-math.inf, -math.inf])
-                entry[0] = _logadd(entry[0], _logadd(pb, pnb) + blank)  # stay: a blank frame
-                if prefix:  # stay: the last label repeated without a blank between
-                    entry[1] = _logadd(entry[1], pnb + float(row[prefix[-1]]))
-                for c in cands:
-                    p = float(row[c])
-                    longer = nxt.setdefault(prefix + (c,), [-math.inf, -math.inf])
-                    # a repeated label needs a blank between: only paths ending in blank extend with it
-                    longer[1] = _logadd(longer[1], (pb if prefix and prefix[-1] == c else _logadd(pb, pnb)) + p)
-            best = sorted(nxt.items(), key=lambda kv: _logadd(*kv[1]), reverse=True)[:beam]
-            beams = {p: tuple(v) for p, v in best}
-        out.append(list(max(beams.items(), key=lambda kv: _logadd(*kv[1]))[0]))
+            beams = _extend(beams, frames[t], beam, prune, lexicon)
+        ranked = sorted(beams.items(), key=lambda kv: _logadd(*kv[1]), reverse=True)
+        done = [p for p, _ in ranked if lexicon is None or lexicon.complete(p)]
+        out.append(list(done[0] if done else ranked[0][0]))
     return out
+
+
+def _extend(beams: dict, row: torch.Tensor, beam: int, prune: float, lexicon: Lexicon | None) -> dict:
+    """One frame of the prefix beam search: every prefix stays (a blank, or its last label again) or grows."""
+    cands = [c for c in torch.nonzero(row > prune).flatten().tolist() if c != BLANK]
+    blank = float(row[BLANK])
+    nxt: dict[tuple, list[float]] = {}
+    for prefix, (pb, pnb) in beams.items():
+        entry = nxt.setdefault(prefix, [-math.inf, -math.inf])
+        entry[0] = _logadd(entry[0], _logadd(pb, pnb) + blank)  # stay: a blank frame
+        if prefix:  # stay: the last label repeated without a blank between
+            entry[1] = _logadd(entry[1], pnb + float(row[prefix[-1]]))
+        for c in cands:
+            if lexicon is not None and not lexicon.allows(prefix, c):
+                continue
+            p = float(row[c])
+            longer = nxt.setdefault(prefix + (c,), [-math.inf, -math.inf])
+            # a repeated label needs a blank between: only paths ending in blank extend with it
+            longer[1] = _logadd(longer[1], (pb if prefix and prefix[-1] == c else _logadd(pb, pnb)) + p)
+    best = sorted(nxt.items(), key=lambda kv: _logadd(*kv[1]), reverse=True)[:beam]
+    return {p: tuple(v) for p, v in best}
 
 
 def _logadd(a: float, b: float) -> float:
@@ -274,8 +341,9 @@ def _logadd(a: float, b: float) -> float:
 
 
 def decode(model: nn.Module, x: torch.Tensor, lengths: torch.Tensor, beam_size: int = 1,
-           batch_size: int = 256) -> list[list[int]]:
-    """Character ids for each utterance of a normalised feature batch: greedy, or beam search for beam_size > 1."""
+           batch_size: int = 256, lexicon: Lexicon | None = None) -> list[list[int]]:
+    """Character ids for each utterance of a normalised feature batch: greedy, or beam search for beam_size > 1
+    or a lexicon."""
     model.eval()
     out = []
     with torch.no_grad():
@@ -284,7 +352,8 @@ def decode(model: nn.Module, x: torch.Tensor, lengths: torch.Tensor, beam_size: 
             xb = x[i:i + batch_size, :int(n.max())]
             lp = model(xb, n)
             steps = model.output_lengths(n).clamp(1, lp.shape[1])
-            out += greedy(lp, steps) if beam_size == 1 else beam_search(lp, steps, beam_size)
+            out += greedy(lp, steps) if beam_size == 1 and lexicon is None else \
+                beam_search(lp, steps, beam_size, lexicon=lexicon)
     return out
 
 

@@ -10,10 +10,10 @@ import soundfile as sf
 import torch
 
 from models.registry import create_model
-from models.speech import LogMel, beam_search, greedy, mel_filterbank
+from models.speech import Lexicon, LogMel, beam_search, greedy, mel_filterbank
 from tasks.config import DataConfig, TrainConfig, validate
 from tasks.data import DataError, load_prepared, prepare
-from tasks.kinds.speech import CTCStep, SpecAugment, scores
+from tasks.kinds.speech import CTCStep, SpecAugment, decoder, lexicon_words, scores
 from tasks.data.audio import condition, normalise, perturb_speed, read_speech
 from tasks.train import Split, Trainer, seed_everything
 
@@ -36,10 +36,10 @@ def test_log_mel_puts_a_tone_in_its_band():
     assert fb.max() <= 1.0 and (fb.sum(0) > 0).all()  # every filter covers some bins
 
 
-@pytest.mark.parametrize("arch", ["ctc_asr", "conformer"])
-def test_models_give_log_probs_that_batching_does_not_change(arch):
+@pytest.mark.parametrize("arch, options", [("ctc_asr", {}), ("ctc_asr", {"front": "conv2d"}), ("conformer", {})])
+def test_models_give_log_probs_that_batching_does_not_change(arch, options):
     torch.manual_seed(0)
-    model = create_model(arch, input_shape=(90, 40), num_classes=17).eval()
+    model = create_model(arch, input_shape=(90, 40), num_classes=17, **options).eval()
     x, n = torch.randn(3, 90, 40), torch.tensor([90, 55, 23])
     out = model(x, n)
     assert out.shape == (3, 45, 17) and torch.allclose(out.exp().sum(-1), torch.ones(3, 45), atol=1e-5)
@@ -70,6 +70,27 @@ def test_greedy_merges_repeats_and_beam_search_sums_paths():
     # two frames, blank 0.6 each: the best single path is "" (0.36), but "a" totals 0.16 + 0.24 + 0.24 = 0.64
     split = lp([[.6, .4, 1e-9], [.6, .4, 1e-9]])
     assert greedy(split) == [[]] and beam_search(split, beam=4) == [[1]]
+
+
+def test_a_lexicon_spells_only_its_words():
+    """Alphabet (blank, a, b, space): the frames say "ab a", but "ab" and "bb" are the only words."""
+    def lp(rows):
+        return torch.tensor(rows, dtype=torch.float32).log()[None]
+
+    frames = lp([[.05, .8, .1, .05], [.05, .1, .8, .05], [.05, .05, .1, .8], [.05, .8, .1, .05]])
+    lexicon = Lexicon([[1, 2], [2, 2]], space=3)
+    assert greedy(frames) == [[1, 2, 3, 1]] and beam_search(frames, beam=8) == [[1, 2, 3, 1]]
+    assert lexicon.allows((1, 2, 3), 1) and lexicon.allows((1, 2), 3) and not lexicon.allows((1,), 3)
+    assert not lexicon.complete((1, 2, 3, 1)) and lexicon.complete((1, 2, 3, 2, 2)) and not lexicon.allows((2,), 1)
+    assert beam_search(frames, beam=8, lexicon=lexicon) == [[1, 2]]  # the best prefix made of words only
+    lone = lp([[.1, .7, .1, .1], [.1, .7, .1, .1]])  # "a" alone is no word: the best finished prefix is "ab"/"ba"
+    assert beam_search(lone, beam=8, lexicon=lexicon)[0] in ([1, 2], [2, 1])
+    words = lexicon_words(create_model("ctc_asr", input_shape=(50, 40), num_classes=5), ["one two", "two"])
+    assert words == ["one", "two"]  # lexicon "auto": a closed vocabulary
+    many = [f"w{k}" for k in range(101)]
+    assert lexicon_words(create_model("ctc_asr", input_shape=(50, 40), num_classes=5), many) is None
+    assert decoder(" abc", None, 1) == (None, 1, "greedy") and decoder(" abc", ["ab"], 2)[1:] == (8, "beam 8, "
+                                                                                                 "lexicon of 1 training words")
 
 
 def test_spec_augment_masks_whole_bands_and_spans_reproducibly():

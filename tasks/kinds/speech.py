@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from models.registry import beam_size
-from models.speech import Transcriber, decode, greedy
+from models.speech import Lexicon, Transcriber, beam_search, decode, greedy
 from tasks.data.audio import ALPHABET, TEXTS, WAVES
 from tasks.kinds import Evaluation, Job, Served, ServingError, register_kind
 from tasks.kinds.supervised import Supervised, SupervisedStep
@@ -83,12 +83,32 @@ def as_text(alphabet: str | list[str], ids: list[list[int]]) -> list[str]:
     return ["".join(alphabet[i - 1] for i in row) for row in ids]
 
 
+def lexicon_words(model, transcripts: list[str]) -> list[str] | None:
+    """The words decoding may spell (the model's `lexicon` option over the training transcripts), or None."""
+    words = sorted({w for t in transcripts for w in t.split()})
+    choice = getattr(getattr(model, "o", None), "lexicon", "off")
+    return words if choice == "on" or choice == "auto" and len(words) <= LEXICON_AUTO else None
+
+
+def decoder(alphabet: str | list[str], words: list[str] | None, beam: int) -> tuple[Lexicon | None, int, str]:
+    """The lexicon of `words` over `alphabet`, the beam width (8 at least with a lexicon) and how it decodes."""
+    if not words:
+        return None, beam, f"beam {beam}" if beam > 1 else "greedy"
+    ids = {c: i + 1 for i, c in enumerate(alphabet)}
+    spelt = [[ids[c] for c in w] for w in words if all(c in ids for c in w)]
+    width = max(beam, 8)
+    return Lexicon(spelt, ids.get(" ", -1)), width, f"beam {width}, lexicon of {len(spelt)} training words"
+
+
 def _texts(data_dir: Path) -> dict:
     return json.loads((Path(data_dir) / TEXTS).read_text(encoding="utf-8"))
 
 
 def _frames(y: torch.Tensor) -> torch.Tensor:
     return y[:, 0]
+
+
+LEXICON_AUTO = 100  # lexicon "auto": on for training transcripts of at most this many distinct words
 
 
 # ---------------------------------------------------------------- the step and the kind
@@ -170,11 +190,11 @@ class ServedTranscriber(Served):
     takes, gives, command = "audio", "text", "transcribe"
 
     def __call__(self, recordings: list[Path], beam: int | None = None) -> list[str]:
-        from models.speech import beam_search
         from tasks.data import DataError
         from tasks.data.audio import condition, load_audio
 
-        width = beam or int(self.meta.get("beam_size", 1))
+        lexicon, width, _ = decoder(self.meta["alphabet"], self.meta.get("lexicon"),
+                                    beam or int(self.meta.get("beam_size", 1)))
         out = []
         for path in recordings:
             try:
@@ -188,7 +208,7 @@ class ServedTranscriber(Served):
             pcm = torch.as_tensor(np.clip(wave * 32768.0, -32768, 32767).astype(np.int16))[None]
             with torch.no_grad():
                 lp = self.module(pcm)
-            ids = greedy(lp)[0] if width == 1 else beam_search(lp, beam=width)[0]
+            ids = greedy(lp)[0] if width == 1 else beam_search(lp, beam=width, lexicon=lexicon)[0]
             out.append(as_text(self.meta["alphabet"], [ids])[0])
         return out
 
@@ -219,12 +239,12 @@ class SpeechRecognition(Supervised):
         job.run.log_series(trainer.step.drain())
 
     @staticmethod
-    def _transcribe(model, x, y, mean, std, manifest, beam_size: int) -> list[str]:
+    def _transcribe(model, x, y, mean, std, manifest, beam_size: int, lexicon: Lexicon | None = None) -> list[str]:
         from tasks.train import to_device
 
         dev = next(model.parameters()).device
         split = to_device(x, y, mean, std, dev, channels_last=False)
-        ids = decode(model, split.x, _frames(split.y), beam_size)
+        ids = decode(model, split.x, _frames(split.y), beam_size, lexicon=lexicon)
         return as_text(manifest["speech"]["alphabet"], ids)
 
     def after_fit(self, job: Job, result) -> None:
@@ -269,24 +289,26 @@ class SpeechRecognition(Supervised):
         job.run.log_file(Path(job.data_dir) / ALPHABET, "data")
         meta = {"task": self.name, "nnlab.kind": "transcriber", "alphabet": s["alphabet"],
                 "sample_rate": s["sample_rate"], "beam_size": beam_size(job.model),
+                "lexicon": lexicon_words(job.model, [t for _, _, t in _texts(job.data_dir)["train"]]),
                 "trim_db": s.get("trim_db", 0.0), "trim_margin_ms": s.get("trim_margin_ms", 0.0)}
         return self._served(job), example, meta, [Path(job.data_dir) / ALPHABET]
 
     def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
         listing = _texts(data_dir)
         m, norm = data.manifest, final["normalization"]
-        beam = beam_size(model)
+        lexicon, beam, how = decoder(m["speech"]["alphabet"],
+                                     lexicon_words(model, [t for _, _, t in listing["train"]]), beam_size(model))
         step = CTCStep(model, cfg.train, device)
         metrics = step.evaluate(self.test_split(final, data, device), "test")
         refs = [t for _, _, t in listing["test"]]
-        hyp = self._transcribe(model, data.x_test, data.y_test, norm["mean"], norm["std"], m, beam)
+        hyp = self._transcribe(model, data.x_test, data.y_test, norm["mean"], norm["std"], m, beam, lexicon)
         metrics |= scores(hyp, refs, "test")
         common = Counter(t for _, _, t in listing["train"]).most_common(1)[0][0]
         base = scores([common] * len(refs), refs, "baseline_test")
         metrics |= {k: v for k, v in base.items() if not k.endswith("_empty")}
         print(f"{name}: test CER {metrics['test_cer']:.4f}, WER {metrics['test_wer']:.4f}, exact match "
               f"{metrics['test_exact_match']:.4f} over {len(refs)} recordings of {m['speech']['speakers']['test']} "
-              f"unheard speakers ({'beam ' + str(beam) if beam > 1 else 'greedy'}); the most common training "
+              f"unheard speakers ({how}); the most common training "
               f"transcript {common!r} for all: CER {base['baseline_test_cer']:.4f}, WER {base['baseline_test_wer']:.4f}",
               flush=True)
         for (_, _, r), h in list(zip(listing["test"], hyp))[:3]:
@@ -296,7 +318,7 @@ class SpeechRecognition(Supervised):
         fig = error_curves_figure(final["history"], f"{name}: test CER {metrics['test_cer']:.3f}, WER "
                                   f"{metrics['test_wer']:.3f} (most common transcript: {base['baseline_test_cer']:.2f}, "
                                   f"{base['baseline_test_wer']:.2f})")
-        return Evaluation(metrics, fig, "plots/error_rates.png", {"nnlab.decoder": f"beam {beam}" if beam > 1 else "greedy"},
+        return Evaluation(metrics, fig, "plots/error_rates.png", {"nnlab.decoder": how},
                           texts={"transcriptions.tsv": table})
 
 
