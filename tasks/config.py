@@ -85,7 +85,7 @@ class DataConfig(Section):
     speed_perturb: list[float] | None = None
     mix_synth: int = Field(default=0, ge=0, le=100_000)  # speech: eSpeak NG utterances added to training only
     # speech: in training, each utterance's mel axis warped by a factor in [1 - vtlp, 1 + vtlp] (vocal tract
-    # length perturbation, on the fly; 0: off), with augment.enabled also SpecAugment's masks
+    # length perturbation, on the fly; 0: off), and SpecAugment's masks unless augment.enabled: false
     vtlp: float = Field(default=0.1, ge=0.0, le=0.3)
     test_speakers: list[str] | None = None  # speech: these speakers are the test split (else drawn by seed)
     val_speakers: list[str] | None = None  # speech: these are validation (else by speaker from 8 on, or a slice)
@@ -208,7 +208,8 @@ class SweepConfig(Section):
 class AugmentConfig(Section):
     """On-the-fly augmentation of each training batch (tasks/augment.py); the `augment` stage previews it."""
 
-    enabled: bool = False
+    # auto: the kind's own choice: on for speech (SpecAugment, as the field trains), off for images and the rest
+    enabled: bool | Literal["auto"] = "auto"
     rotation: float = Field(default=10.0, ge=0.0, le=180.0)  # max degrees, either way
     width_shift: float = Field(default=0.1, ge=0.0, lt=1.0)  # max horizontal shift, fraction of the width
     height_shift: float = Field(default=0.1, ge=0.0, lt=1.0)  # max vertical shift, fraction of the height

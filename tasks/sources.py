@@ -108,7 +108,7 @@ def _refuses(early_stopping: str | None = None, augment: str | None = None):
 
     def refuse(cfg: "Config", train: "TrainConfig") -> list[str]:
         return ([f"train.early_stopping.enabled: {early_stopping}"] if early_stopping and train.early_stopping.enabled
-                else []) + ([f"augment.enabled: {augment}"] if augment and cfg.augment.enabled else [])
+                else []) + ([f"augment.enabled: {augment}"] if augment and cfg.augment.enabled is True else [])
 
     return refuse
 

@@ -138,7 +138,7 @@ class Kind:
         from tasks.augment import BatchAugment
 
         image = len(manifest["input_shape"]) == 3
-        return BatchAugment.for_data(cfg.augment, manifest, cfg.seed) if cfg.augment.enabled and image else None
+        return BatchAugment.for_data(cfg.augment, manifest, cfg.seed) if cfg.augment.enabled is True and image else None
 
     def on_epoch(self, job: Job, epoch: int, metrics: dict, trainer: "Trainer") -> None:
         """After each epoch, before it is logged: more metrics into `metrics`, figures into the run."""

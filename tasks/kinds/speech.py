@@ -50,7 +50,7 @@ class SpeechAugment:
     """Each training batch of normalised log-mels (B, T, n_mels): a vocal tract length warp (Jaitly and Hinton
     2013), the mel axis of each utterance stretched or squeezed by a factor drawn from [1 - warp, 1 + warp] (a
     voice's formants move with its speaker's vocal tract: unheard speakers are the ones this makes up), then
-    SpecAugment's masks when augment.enabled. Lengths never change; one seeded stream."""
+    SpecAugment's masks unless augment.enabled is false. Lengths never change; one seeded stream."""
 
     def __init__(self, warp: float, masks: SpecAugment | None, seed: int):
         self.warp, self.masks = warp, masks
@@ -224,7 +224,7 @@ class SpeechRecognition(Supervised):
 
     def augmenter(self, cfg, manifest):
         a, warp = cfg.augment, getattr(cfg.data, "vtlp", 0.0)
-        masks = SpecAugment(a.freq_masks, a.freq_width, a.time_masks, a.time_width, cfg.seed) if a.enabled else None
+        masks = SpecAugment(*_masks(a), cfg.seed) if a.enabled is not False else None  # auto: on
         return SpeechAugment(warp, masks, cfg.seed) if warp > 0 else masks
 
     def step(self, model, cfg, seed, device):
@@ -263,7 +263,7 @@ class SpeechRecognition(Supervised):
             mel = served.log_mel(wave)[0]
             lp = served(wave)[0]
         masked = None
-        if job.cfg.augment.enabled:
+        if job.cfg.augment.enabled is not False:
             x = (mel - served.mean) / served.std
             masked = SpecAugment(*_masks(job.cfg.augment), job.cfg.seed)(x[None])[0]
         text = as_text(m["speech"]["alphabet"], greedy(lp[None]))[0]
