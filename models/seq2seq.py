@@ -159,9 +159,22 @@ class TransformerSeq2Seq(nn.Module):
                                         tgt_is_causal=True)
 
     def advance(self, state: dict, tokens: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+        """One decoding step with a key/value cache: only the newest token goes through the decoder, its
+        self-attention reading the earlier positions' cached layer inputs (`cache<i>` in the state, reordered with
+        the beams). Causal masking means an earlier position never depends on a later one, so this gives what
+        decoding the whole prefix again gives, at the cost of one position instead of all of them."""
+        pos, d = tokens.shape[1] - 1, self.o.d_model
+        x = self.drop(self.tgt_embed(tokens[:, -1:]) * math.sqrt(d) + sinusoidal(pos + 1, d, tokens.device)[pos:])
+        pad, state = tokens == PAD, dict(state)
         with self.cross_attention() as seen:
-            h = self._decode(state, tokens)
-        return self.out(h[:, -1]), state, seen[-1][:, -1] if seen else None
+            for i, layer in enumerate(self.transformer.decoder.layers):
+                y = layer.norm1(x)
+                past = state[f"cache{i}"] = torch.cat([state[f"cache{i}"], y], 1) if pos else y
+                x = x + layer.dropout1(layer.self_attn(y, past, past, key_padding_mask=pad, need_weights=False)[0])
+                x = x + layer._mha_block(layer.norm2(x), state["memory"], None, ~state["mask"])
+                x = x + layer._ff_block(layer.norm3(x))
+        x = self.transformer.decoder.norm(x) if self.transformer.decoder.norm is not None else x
+        return self.out(x[:, -1]), state, seen[-1][:, -1] if seen else None
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         return self.out(self._decode(self.start(src), tgt_in))

@@ -277,6 +277,25 @@ def test_encoder_decoders_ignore_padding_and_decode_greedy_or_beam(arch, options
     assert served.shape == (3, 7) and [r[:len(b)] for r, b in zip(served.tolist(), beam4)] == beam4
 
 
+def test_the_transformer_decodes_step_by_step_as_it_reads_the_whole_prefix():
+    """The key/value cache: step t of incremental decoding gives the logits and cross-attention that the whole
+    teacher-forced prefix gives at position t, padding (finished beams) included."""
+    torch.manual_seed(0)
+    m = create_model("transformer_seq2seq", input_shape=(9,), num_classes=12, vocab_size=20, decoder_layers=2).eval()
+    src = torch.randint(2, 20, (3, 9))
+    src[1, 5:] = 0
+    tgt = torch.randint(4, 12, (3, 6))
+    tgt[:, 0], tgt[2, 4:] = BOS, 0
+    with torch.no_grad(), m.cross_attention() as seen:
+        full = m(src, tgt)
+    state = m.start(src)
+    for t in range(1, 7):
+        with torch.no_grad():
+            logits, state, w = m.advance(state, tgt[:, :t])
+        assert torch.allclose(logits, full[:, t - 1], atol=1e-5), t
+        assert torch.allclose(w, seen[-1][:, t - 1], atol=1e-5)
+
+
 def test_beam_search_finds_a_likelier_sequence_than_greedy():
     """A 2-step toy model where the greedy first choice leads to a poor second step: beam search (k=2) keeps the
     runner-up and wins on the whole sequence's probability."""
