@@ -52,7 +52,8 @@ class DataConfig(Section):
     text_column: str = "text"  # text_csv: column holding the text
     label_column: str = "label"  # text_csv: column holding the label (strings or integers)
     drop_missing_labels: bool = False  # text_csv: leave out rows whose label is empty/NaN/NA/null (else an error)
-    # word (lowercased), char, subword (pairs, dates, numbers: sentencepiece); None: the source's own (char/word)
+    # word (lowercased), char, subword (pairs, dates, numbers: sentencepiece); None: the source's own (char for
+    # charlm/dates/numbers, subword for a parallel corpus, else word)
     tokenizer: Literal["word", "char", "subword"] | None = None
     # tokens per text (None: 200), charlm/wordlm context (64/35), pairs: longest side kept (None: 50; longer dropped)
     max_length: int | None = Field(default=None, ge=2, le=10_000)

@@ -61,7 +61,7 @@ def test_pairs_read_tatoebas_layout_drop_long_pairs_and_fit_vocabularies_on_trai
     rows += [("word " * 60, "Wort " * 60)]  # longer than max_length: dropped and counted
     rows += [('He said "hi".', 'Er sagte "hallo".')]  # quotes are text in a TSV, not CSV quoting
     path = tatoeba(tmp_path / "deu.txt", rows)
-    m = prepare(DataConfig(source="pairs", path=str(path), min_freq=1), 0, tmp_path / "d")
+    m = prepare(DataConfig(source="pairs", path=str(path), min_freq=1, tokenizer="word"), 0, tmp_path / "d")
     assert m["text"]["dropped_too_long"] == 1 and m["text"]["kept"] == 61 and m["text"]["tokenizer"] == "word"
     texts = json.loads((tmp_path / "d" / TEXTS).read_text())
     target = json.loads((tmp_path / "d" / TARGET_VOCAB).read_text())["tokens"]
@@ -103,8 +103,7 @@ def parallel_folder(root, n_train=48, test="test_2016"):
 
 def test_a_folder_of_line_aligned_files_keeps_its_splits_and_subwords_are_deterministic(tmp_path):
     folder = parallel_folder(tmp_path / "corpus")
-    cfg = DataConfig(source="pairs", path=str(folder), source_lang="de", target_lang="en", tokenizer="subword",
-                     subword_vocab=120)
+    cfg = DataConfig(source="pairs", path=str(folder), source_lang="de", target_lang="en", subword_vocab=120)
     m = prepare(cfg, 0, tmp_path / "a")
     t = m["text"]
     assert m["sizes"] == {"train": 47, "val": 8, "test": 8} and t["official_splits"] and t["skipped_empty_side"] == 1

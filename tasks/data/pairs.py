@@ -13,7 +13,8 @@ Sources (all offline):
            a grammar that reorders digits); test numbers are never seen in training.
 Prepared folders: x (N, S) source ids right-padded with 0; y (N, T) target ids BOS ... EOS then 0; `vocab.json`
 (source) and `target_vocab.json` (ids 2 and 3 are <s> and </s>), both fitted on the training split only
-(`data.tokenizer: subword`: one sentencepiece model per side, carried inside each vocabulary file);
+(subword, a user's corpus's default: one sentencepiece model per side, carried inside each vocabulary file, so a
+word never seen in training is spelt in pieces instead of <unk>; `data.tokenizer: word` for whole words);
 `texts.json`, the validation and test pairs as raw text (BLEU's references, untouched by any tokenizer).
 """
 from __future__ import annotations
@@ -108,7 +109,7 @@ def read_folder(cfg: DataConfig, root: Path) -> Corpus:
         pairs += kept
     known = recognise_corpus(files["test"][0].name[:-len(cfg.source_lang) - 1], lines["train"],
                              cfg.source_lang, cfg.target_lang)
-    return Corpus(pairs, [s for s, _ in pairs], "word", f"{root} ({cfg.source_lang} -> {cfg.target_lang})",
+    return Corpus(pairs, [s for s, _ in pairs], "subword", f"{root} ({cfg.source_lang} -> {cfg.target_lang})",
                   splits=splits, empty=empty, benchmark=known)
 
 
@@ -144,7 +145,7 @@ def read_pairs(cfg: DataConfig) -> Corpus:
                 pairs.append((src, tgt))
     if len(pairs) < 20:
         raise DataError(f"{path}: {len(pairs)} pair(s); a translation corpus needs at least 20")
-    return Corpus(pairs, [s for s, _ in pairs], "word", str(path))
+    return Corpus(pairs, [s for s, _ in pairs], "subword", str(path))
 
 
 def _date_formats():
