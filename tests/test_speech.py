@@ -192,6 +192,24 @@ def test_speech_reads_the_digit_layout_resampled_and_split_by_speaker(tmp_path):
         prepare(DataConfig(source="speech", path=str(raw), test_speakers=["nobody"]), 0, tmp_path / "x")
 
 
+def test_synthetic_voices_say_what_the_training_recordings_say(tmp_path):
+    """data.mix_synth: eSpeak NG utterances of the training split's transcripts, in training only."""
+    raw = _digit_folder(tmp_path / "fsdd")
+    for d in range(10):  # words only the test speaker says: never spoken by a synthetic voice
+        _tone(raw / f"{d}_theo_1.wav", 0.4)
+    words = "zero one two three four five six seven eight nine".split()
+    said = {f.name: "alpha bravo" if "theo" in f.name else words[int(f.name[0])] for f in raw.glob("*.wav")}
+    (raw / "transcripts.tsv").write_text("file\ttext\tspeaker\n" + "".join(
+        f"{name}\t{text}\t{name.split('_')[1]}\n" for name, text in sorted(said.items())))
+    m = prepare(DataConfig(source="speech", path=str(raw), test_speakers=["theo"], mix_synth=6, speed_perturb=[]), 0,
+                tmp_path / "out")
+    texts = __import__("json").loads((tmp_path / "out" / "texts.json").read_text())
+    synth = [t for _, sp, t in texts["train"] if sp.startswith("espeak:")]
+    assert len(synth) == 6 and m["speech"]["mix_synth"] == 6
+    assert set(synth) <= {t for _, sp, t in texts["train"] if not sp.startswith("espeak:")} and "alpha bravo" not in synth
+    assert not any(sp.startswith("espeak:") for split in ("val", "test") for _, sp, _ in texts[split])
+
+
 def test_a_run_on_a_known_benchmark_puts_the_published_figure_beside_its_own(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     from tasks.stages import evaluate_stage, train_stage

@@ -188,14 +188,16 @@ def script(cfg: DataConfig, rng: np.random.Generator) -> str:
     return f"{action} the {thing}" + (f" in the {room}" if rng.random() < 0.5 else "")
 
 
-def read_synth_speech(cfg: DataConfig, out_dir: Path) -> Recordings:
-    """Speak `data.utterances` scripts with eSpeak NG (tasks/data/espeak.py) into `out_dir`/wav, then read them
-    back as a `speech` folder. The draw is fixed (seed 16000): the same recordings for every seed."""
+def read_synth_speech(cfg: DataConfig, out_dir: Path, said: list[str] | None = None) -> Recordings:
+    """Speak `data.utterances` scripts (or transcripts drawn from `said`) with eSpeak NG (tasks/data/espeak.py)
+    into `out_dir`/wav, then read them back as a `speech` folder. The draw is fixed (seed 16000): the same
+    recordings for every seed."""
     from tasks.data.espeak import Utterance, synthesise_fresh, voices
 
     rng = np.random.default_rng(16_000)
     names = voices()
-    utterances = [Utterance(script(cfg, rng), names[int(rng.integers(len(names)))], int(rng.integers(130, 211)),
+    text = (lambda: said[int(rng.integers(len(said)))]) if said else (lambda: script(cfg, rng))
+    utterances = [Utterance(text(), names[int(rng.integers(len(names)))], int(rng.integers(130, 211)),
                             int(rng.integers(25, 76)), float(rng.uniform(20, 40))) for _ in range(cfg.utterances)]
     wav, partial = out_dir / "wav", out_dir / "wav.partial"
     shutil.rmtree(partial, ignore_errors=True)
@@ -218,7 +220,7 @@ def read_synth_speech(cfg: DataConfig, out_dir: Path) -> Recordings:
 def prepare_audio(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
     rec = read(cfg, out_dir)
     if cfg.mix_synth and cfg.source == "speech":
-        rec = _with_synth(rec, cfg, out_dir)
+        rec = _with_synth(rec, cfg, out_dir, seed)
     keep, waves, dropped, native = _usable(rec, cfg)
     texts = [normalise(rec.texts[i]) for i in keep]
     speakers = [rec.speakers[i] for i in keep]
@@ -297,9 +299,12 @@ def _split(speakers: list[str], cfg: DataConfig, seed: int) -> tuple[dict[str, n
     return out, how
 
 
-def _with_synth(rec: Recordings, cfg: DataConfig, out_dir: Path) -> Recordings:
-    """`rec` and data.mix_synth synth_speech utterances (their voices named espeak:<voice>: training only)."""
-    synth = read_synth_speech(cfg.model_copy(update={"utterances": cfg.mix_synth}), out_dir)
+def _with_synth(rec: Recordings, cfg: DataConfig, out_dir: Path, seed: int) -> Recordings:
+    """`rec` and data.mix_synth utterances of eSpeak NG's voices saying what the training split's recordings say
+    (TTS augmentation, as Rosenberg et al. 2019: the words and lengths of the user's data, in voices it lacks;
+    never a test transcript). Their voices are named espeak:<voice> and go to training only."""
+    said = sorted({normalise(rec.texts[i]) for i in _split(rec.speakers, cfg, seed)[0]["train"]} - {""})
+    synth = read_synth_speech(cfg.model_copy(update={"utterances": cfg.mix_synth}), out_dir, said)
     return Recordings(rec.files + synth.files, rec.texts + synth.texts,
                       rec.speakers + [SYNTH + s for s in synth.speakers],
                       f"{rec.description}, and {cfg.mix_synth} eSpeak NG utterances in training", synth.made, rec.layout)
