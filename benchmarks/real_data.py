@@ -29,7 +29,8 @@ def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return gpu or f"{os.cpu_count()} CPU cores ({cpu}), {torch.get_num_threads()} torch threads"
+    threads = torch.get_num_threads()
+    return gpu or f"{os.cpu_count()} CPU cores ({cpu}), {threads} torch thread{'s' * (threads > 1)}"
 
 
 def record(key: str, rows: list[dict]) -> None:

@@ -152,12 +152,12 @@ def main(argv=None) -> dict:
     if "folds" in out and not args.speakers:  # every speaker held out once: the docs' row
         from benchmarks.real_data import record
 
-        record(f"speech fsdd {args.models}", [docs_row(out, args.models, command)])
+        record(" ".join(["speech fsdd", args.models, *args.sets]), [docs_row(out, args.models, command)])
     elif "sim_to_real" in out:
         from benchmarks.real_data import record
 
         r = out["sim_to_real"]
-        record(f"speech fsdd {args.models} sim-to-real", [{
+        record(" ".join(["speech fsdd", args.models, "sim-to-real", *args.sets]), [{
             "family": f"CTC ({args.models}), trained on eSpeak NG voices only",
             "data": f"FSDD, all {r['recordings']:,} real recordings", "nnlab": f"exact match {r['exact_match']:.3f}, "
             f"CER {r['cer']:.3f}", "published": "none (sim-to-real transfer)",
