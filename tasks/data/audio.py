@@ -231,7 +231,7 @@ def prepare_audio(cfg: DataConfig, seed: int, out_dir: Path, read) -> dict:
     mels = _log_mels(waves, cfg, f_max)
     names = [rec.files[i].name for i in keep]
     speeds = cfg.speed_perturb if cfg.speed_perturb is not None else [0.9, 1.1] if cfg.source == "speech" else []
-    copies = [(i, f) for f in speeds if f != 1.0 for i in idx["train"]]
+    copies = [(i, f) for f in speeds if f != 1.0 for i in idx["train"] if not speakers[i].startswith(SYNTH)]
     mels += _log_mels([perturb_speed(waves[i], f) for i, f in bar(copies, "speed perturbation")], cfg, f_max)
     texts, speakers = texts + [texts[i] for i, _ in copies], speakers + [speakers[i] for i, _ in copies]
     names += [f"{names[i]} (speed {f:g})" for i, f in copies]
