@@ -29,8 +29,9 @@ def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    threads = torch.get_num_threads()
-    return gpu or f"{os.cpu_count()} CPU cores ({cpu}), {threads} torch thread{'s' * (threads > 1)}"
+    threads, load = torch.get_num_threads(), os.getloadavg()[1]  # the last 5 minutes: was the machine shared?
+    return gpu or (f"{os.cpu_count()} CPU cores ({cpu}), {threads} torch thread{'s' * (threads > 1)}, "
+                   f"load {load:.1f} at the end")
 
 
 def record(key: str, rows: list[dict]) -> None:
