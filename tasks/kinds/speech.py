@@ -308,7 +308,7 @@ class SpeechRecognition(Supervised):
         metrics |= {k: v for k, v in base.items() if not k.endswith("_empty")}
         print(f"{name}: test CER {metrics['test_cer']:.4f}, WER {metrics['test_wer']:.4f}, exact match "
               f"{metrics['test_exact_match']:.4f} over {len(refs)} recordings of {m['speech']['speakers']['test']} "
-              f"unheard speakers ({how}); the most common training "
+              f"unheard speaker{'s' * (m['speech']['speakers']['test'] != 1)} ({how}); the most common training "
               f"transcript {common!r} for all: CER {base['baseline_test_cer']:.4f}, WER {base['baseline_test_wer']:.4f}",
               flush=True)
         for (_, _, r), h in list(zip(listing["test"], hyp))[:3]:
