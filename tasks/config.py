@@ -156,6 +156,9 @@ class TrainConfig(Section):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool = True  # NHWC memory format for image batches (faster convolutions)
+    # batches of sequences of like length (translation, speech): each pool of `length_pool` batches of the shuffled
+    # split is sorted by length and cut into batches, whose order is shuffled again, so a batch pads little; 1: off
+    length_pool: int = Field(default=50, ge=1, le=100_000)
 
     @field_validator("init", mode="before")
     @classmethod

@@ -274,6 +274,10 @@ class Step:
     def end_epoch(self, epoch: int) -> dict:
         raise NotImplementedError
 
+    def lengths(self, data: Split) -> torch.Tensor | None:
+        """Each example's length when batches of like length pad less (sequences), else None."""
+        return None
+
     def evaluate(self, data: Split, prefix: str = "val") -> dict:
         return {}  # no held-out loss (a GAN's says nothing of its samples)
 
@@ -326,11 +330,14 @@ class Trainer:
     def train_one_epoch(self, data: Split, progress: Callable | None = None) -> dict:
         bs, n = self.cfg.batch_size, len(data.x)
         self.model.train()
-        perm = torch.randperm(n, generator=self.shuffle).to(self.device)
-        batches = math.ceil(n / bs)
+        perm = torch.randperm(n, generator=self.shuffle)
+        lengths = self.step.lengths(data) if self.cfg.length_pool > 1 else None
+        order = (like_lengths(perm, lengths.cpu(), bs, self.cfg.length_pool, self.shuffle) if lengths is not None
+                 else list(perm.split(bs)))
+        batches = len(order)
         self.step.begin_epoch(batches)
-        for i in range(batches):
-            idx = perm[i * bs:(i + 1) * bs]
+        for i, idx in enumerate(order):
+            idx = idx.to(self.device)
             xb, yb = data.x[idx], data.y[idx]
             if self.augment is not None:
                 xb = self.augment(xb)
@@ -404,6 +411,17 @@ class Trainer:
         set_rng_state(s["rng"], self.shuffle)
         if self.augment is not None and s["rng"].get("augment") is not None:
             self.augment.generator.set_state(s["rng"]["augment"])
+
+
+def like_lengths(perm: torch.Tensor, lengths: torch.Tensor, batch_size: int, pool: int,
+                 generator: torch.Generator) -> list[torch.Tensor]:
+    """Batches of a shuffled order whose members have like lengths (the bucketing of fairseq and torchtext):
+    each run of `pool` batches of `perm` sorted by length and cut into batches, all batches then in a random
+    order. As many batches as plain shuffling gives; one random stream, so a resumed run continues it."""
+    batches = []
+    for chunk in perm.split(batch_size * pool):
+        batches += chunk[torch.argsort(lengths[chunk], stable=True)].split(batch_size)
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 class CheckpointFormatError(ValueError):

@@ -260,3 +260,22 @@ def test_bf16_advice_follows_the_cpus_capability(monkeypatch, capsys):
     monkeypatch.setattr(tr, "_BF16_WARNED", [])
     monkeypatch.setattr(tr, "cpu_bf16_native", lambda: True)
     assert tr.use_bf16("bf16", cpu) is True and capsys.readouterr().err == ""
+
+
+def test_batches_of_like_lengths_cover_the_split_once_and_pad_less_than_shuffling():
+    from tasks.train import like_lengths
+
+    lengths = torch.randint(3, 60, (1000,), generator=torch.Generator().manual_seed(1))
+    perm = torch.randperm(1000, generator=torch.Generator().manual_seed(2))
+    batches = like_lengths(perm, lengths, 64, 8, torch.Generator().manual_seed(3))
+    assert len(batches) == len(perm.split(64)) == 16
+    assert sorted(torch.cat(batches).tolist()) == list(range(1000))  # each example once an epoch
+
+    def padding(bs):  # positions computed beyond each example's own length, a batch running to its longest
+        return sum(int((lengths[b].max() - lengths[b]).sum()) for b in bs)
+
+    assert padding(batches) < 0.2 * padding(perm.split(64))
+    again = like_lengths(perm, lengths, 64, 8, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))  # one seeded stream: resumable
+    shortest = [int(lengths[b].min()) for b in batches]
+    assert shortest != sorted(shortest)  # the batches themselves in a random order, not shortest first

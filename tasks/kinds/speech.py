@@ -132,6 +132,9 @@ class CTCStep(SupervisedStep):
         self.step_no = step
         super().__call__(i, step, xb, yb)
 
+    def lengths(self, data):
+        return _frames(data.y)  # a batch runs to its longest recording
+
     def outputs(self, xb, yb):
         frames = _frames(yb)
         lp = self.model(xb[:, :int(frames.max())], frames)  # (B, T', C)

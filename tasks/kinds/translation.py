@@ -85,6 +85,9 @@ class TranslationStep(SupervisedStep):
     def begin_fit(self, train, val) -> None:
         pass  # no dead-unit probe: its forward would need targets
 
+    def lengths(self, data):
+        return torch.maximum((data.x != PAD).sum(1), (data.y != PAD).sum(1))  # a batch runs to its longest side
+
     def outputs(self, xb, yb):
         xb, yb = trim(xb), trim(yb, 2)  # the batch's own longest source and target (one host sync a batch)
         return self.model(xb, yb[:, :-1]).flatten(0, 1), yb[:, 1:].flatten()
