@@ -11,6 +11,7 @@ runs is in their options (models/options.py).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.options import CycleGANOptions, Pix2PixOptions
@@ -19,11 +20,19 @@ from models.registry import register_model
 # ---------------------------------------------------------------- pix2pix: U-Net generator
 
 
+class NoiseDropout(nn.Dropout):
+    """Dropout that stays on in eval mode: pix2pix's only source of noise, which the paper keeps at test time
+    ("we apply dropout at test time", Isola et al. 2017, 3.1), so a translation is one draw of G(x, z)."""
+
+    def forward(self, x):
+        return F.dropout(x, self.p, training=True, inplace=self.inplace)
+
+
 class UNetBlock(nn.Module):
     """One level of the U-Net: down -> (the inner levels) -> up, its input concatenated to its output."""
 
     def __init__(self, outer: int, inner: int, sub: nn.Module | None, outermost: bool = False, dropout: float = 0.0,
-                 in_channels: int | None = None):
+                 in_channels: int | None = None, test_dropout: bool = False):
         super().__init__()
         in_channels = in_channels or outer
         down = [nn.LeakyReLU(0.2, True)] if not outermost else []
@@ -38,7 +47,7 @@ class UNetBlock(nn.Module):
         else:
             up += [nn.ConvTranspose2d(up_in, outer, 4, 2, 1, bias=False), nn.BatchNorm2d(outer)]
             if dropout:
-                up.append(nn.Dropout(dropout))
+                up.append(NoiseDropout(dropout) if test_dropout else nn.Dropout(dropout))
         self.down, self.sub, self.up, self.outermost = nn.Sequential(*down), sub, nn.Sequential(*up), outermost
 
     def forward(self, x):
@@ -49,13 +58,14 @@ class UNetBlock(nn.Module):
         return y if self.outermost else torch.cat([x, y], 1)  # the skip: (B, 2 outer, H, W)
 
 
-def unet(channels: int, width: int, depth: int, dropout: float) -> nn.Module:
+def unet(channels: int, width: int, depth: int, dropout: float, test_dropout: bool = False) -> nn.Module:
     # widths from the outside in: w, 2w, 4w, 8w, 8w, ... (the paper's, capped at 8w); dropout in the 3 innermost
     # decoder layers below the cap, as the paper's first three decoder layers
     widths = [width * min(2 ** i, 8) for i in range(depth)]  # output width of each down-convolution
     block = None
     for i in reversed(range(1, depth)):
-        block = UNetBlock(widths[i - 1], widths[i], block, dropout=dropout if i >= depth - 3 and i > 1 else 0.0)
+        block = UNetBlock(widths[i - 1], widths[i], block, dropout=dropout if i >= depth - 3 and i > 1 else 0.0,
+                          test_dropout=test_dropout)
     return UNetBlock(channels, widths[0], block, outermost=True, in_channels=channels)
 
 
@@ -127,7 +137,7 @@ class Pix2Pix(nn.Module):
     def __init__(self, shape: tuple[int, int, int], options: Pix2PixOptions):
         super().__init__()
         self.options, self.shape = options, shape
-        self.generator = unet(shape[0], options.channels, options.depth, options.dropout)
+        self.generator = unet(shape[0], options.channels, options.depth, options.dropout, options.test_dropout)
         # conditional: D sees the input beside the real or generated output, (B, 2C, H, W)
         self.discriminator = patch_discriminator(2 * shape[0], options.d_channels, options.d_layers, nn.BatchNorm2d)
 

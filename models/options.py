@@ -266,6 +266,7 @@ class ImageGANOptions(Options):
 class Pix2PixOptions(ImageGANOptions):
     depth: int = Field(default=4, ge=1, le=8)  # U-Net halvings: 32x32 -> 2x2 at 4 (the paper: 256 -> 1 at 8)
     dropout: float = Field(default=0.5, ge=0.0, lt=1.0)  # in the first decoder layers: the paper's only noise
+    test_dropout: bool = True  # that noise kept when translating (evaluation, serving), as the paper does
     lambda_l1: float = Field(default=100.0, ge=0.0)  # weight of |G(a) - b|_1 beside the adversarial loss (paper: 100)
     adversarial: bool = True  # false: the L1-only U-Net of the paper's ablation (no discriminator step)
 
@@ -275,6 +276,9 @@ class CycleGANOptions(ImageGANOptions):
     lambda_cycle: float = Field(default=10.0, ge=0.0)  # weight of |F(G(a)) - a|_1 + |G(F(b)) - b|_1 (paper: 10)
     lambda_identity: float = Field(default=0.5, ge=0.0)  # |G(b) - b|_1, as a fraction of lambda_cycle (paper: 0.5)
     pool_size: int = Field(default=50, ge=0, le=1000)  # past fakes shown to the discriminators (0: only the newest)
+    # CyCADA's semantic consistency (Hoffman et al. 2018): a classifier trained on domain A's labelled training
+    # images, frozen, must read in G(a) what it reads in a, and in F(b) what it reads in b; its weight (0: off)
+    lambda_semantic: float = Field(default=0.0, ge=0.0)
 
 
 # ---------------------------------------------------------------- speech (models/speech.py)

@@ -42,7 +42,10 @@ COARSE_MAX = 8  # the highest resolution whose style layers count as coarse (the
 class EqualLinear(nn.Linear):
     """The paper's equalised learning rate: weights stored N(0, 1) and scaled by gain / sqrt(fan_in) at run time,
     so Adam's steps (about lr whatever a weight's scale) move every layer by the same share of its size; the
-    mapping's lower lr (its param group) then means what the paper's lr multiplier means."""
+    mapping's lower lr (its param group) then means what the paper's lr multiplier means. That N(0, 1) is the
+    method, not a choice: `own_init` tells train.init (tasks/train.py init_weights) to leave it."""
+
+    own_init = True
 
     def __init__(self, cin: int, cout: int, gain: float = math.sqrt(2), bias: float = 0.0):
         super().__init__(cin, cout)
@@ -55,6 +58,7 @@ class EqualLinear(nn.Linear):
 
 
 class EqualConv2d(nn.Conv2d):
+    own_init = True  # as EqualLinear's
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, gain: float = math.sqrt(2)):
         super().__init__(cin, cout, kernel, stride, padding)
         nn.init.normal_(self.weight)

@@ -135,7 +135,10 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
         seed_everything(cfg.seed)
         model = build(arch, options, m)
         options = getattr(model, "resolved_options", options)  # e.g. a transfer base pinned to its version
-        init_weights(getattr(model, "fresh", model), tcfg.init)  # `fresh`: only the untrained part (transfer's)
+        kept = init_weights(getattr(model, "fresh", model), tcfg.init)  # `fresh`: only the untrained part (transfer's)
+        if kept:
+            print(f"{name}: train.init {tcfg.init} leaves {kept} layers with their own initialisation "
+                  f"(equalised learning rate)", flush=True)
         image = len(m["input_shape"]) == 3
         channels_last = image and tcfg.channels_last and kind.channels_last
         model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
@@ -175,6 +178,7 @@ def _fit(job: Job, kind: Kind, train, val, ckpt_path: Path) -> FitResult:
     on_epoch = epoch_callback(run, ckpt_path, job.name, progress,
                               lambda epoch, metrics, tr: kind.on_epoch(job, epoch, metrics, tr))
     try:
+        kind.before_fit(job)
         return trainer.fit(train, val, on_epoch=on_epoch, progress=progress.step)
     except Exception as e:
         if write_failure(e):  # not the run's fault: train_stage says so and keeps the checkpoint

@@ -81,10 +81,12 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
-def init_weights(model: nn.Module, scheme: str) -> None:
-    """Re-initialise weight matrices and kernels of Linear/Conv/RNN/attention layers; biases to zero."""
+def init_weights(model: nn.Module, scheme: str) -> int:
+    """Re-initialise weight matrices and kernels of Linear/Conv/RNN/attention layers; biases to zero. Layers
+    whose initialisation is part of their method (`own_init`: StyleGAN's equalised-lr layers) keep it; returns
+    how many did."""
     if scheme == "default":
-        return
+        return 0
     fill = {
         "he_normal": lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"),  # std = sqrt(2 / fan_in)
         "he_uniform": lambda w: nn.init.kaiming_uniform_(w, nonlinearity="relu"),
@@ -92,7 +94,11 @@ def init_weights(model: nn.Module, scheme: str) -> None:
         "xavier_uniform": nn.init.xavier_uniform_,
         "orthogonal": nn.init.orthogonal_,
     }[scheme]
+    kept = 0
     for m in model.modules():
+        if getattr(m, "own_init", False):
+            kept += 1
+            continue
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)):
             fill(m.weight)
             if m.bias is not None:
@@ -126,6 +132,7 @@ def init_weights(model: nn.Module, scheme: str) -> None:
                     fill(block)
             if m.in_proj_bias is not None:
                 nn.init.zeros_(m.in_proj_bias)
+    return kept
 
 
 def build_optimizer(params, cfg: TrainConfig, lr: float | None = None,

@@ -235,3 +235,15 @@ def test_per_network_learning_rates_and_betas():
     assert t.step.opt_g.param_groups[0]["betas"] == (0.3, 0.99)
     w = gan_trainer("wgan_gp")
     assert w.step.opt_d.param_groups[0]["betas"] == (0.0, 0.9) and w.model.options.n_critic == 5
+
+
+def test_a_dcgan_sampler_is_exported_in_eval_mode_so_a_sample_does_not_depend_on_its_batch():
+    from tasks.kinds.generation import Generation
+
+    model = create_model("dcgan", input_shape=(1, 28, 28), num_classes=10)
+    sampler = Generation().wrap(copy.deepcopy(model), {"input_shape": [1, 28, 28], "source": "mnist5k"},
+                                [0.5], [0.5])
+    assert not any(m.training for m in sampler.modules())
+    z = torch.randn(4, model.latent_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(sampler(z)[:1], sampler(z[:1]), atol=1e-5)

@@ -150,9 +150,11 @@ def test_pix2pix_on_edges_beats_its_untrained_self_and_translates_a_png(workdir,
                              "val_fraction": 0.05},
                     "train": {"epochs": 3, "batch_size": 16, "lr": 0.001, "device": "cpu"},
                     "register": {"name": "i2i-test"},
-                    "models": {"pix2pix": {"channels": 16, "d_channels": 16, "depth": 4, "lambda_l1": 100}}})
+                    "models": {"pix2pix": {"channels": 16, "d_channels": 16, "depth": 4, "lambda_l1": 100,
+                                           "test_dropout": False}}})  # served == trained, below, without noise
     seed_everything(0)
-    untrained = create_model("pix2pix", input_shape=(1, 32, 32), num_classes=10, channels=16, d_channels=16)
+    untrained = create_model("pix2pix", input_shape=(1, 32, 32), num_classes=10, channels=16, d_channels=16,
+                             test_dropout=False)
     trained, r = _run(cfg, "pix2pix", workdir, "p")
     data = load_prepared(workdir / "d-p")
     assert np.array_equal(load_labels(workdir / "d-p")["a_test"], load_labels(workdir / "d-p")["b_test"])  # paired
@@ -204,3 +206,42 @@ def test_cyclegan_translations_are_read_better_by_the_target_classifier(workdir,
     assert r["class_agreement"] > r["untranslated_agreement"] + 0.2, r  # translation helps the B classifier
     assert r["class_agreement_ba"] > r["untranslated_agreement_ba"] + 0.2, r
     assert 0 < r["cycle_l1_a"] < 0.3 and 0 < r["cycle_l1_b"] < 0.3
+
+
+def test_pix2pix_keeps_its_dropout_noise_when_translating_unless_told_not_to():
+    a = torch.rand(2, 1, 32, 32) * 2 - 1
+    noisy = create_model("pix2pix", input_shape=(1, 32, 32), num_classes=10, **TINY).eval()
+    with torch.no_grad():  # eval mode, as evaluation and the served model run it: still two draws of G(x, z)
+        assert not torch.equal(noisy(a), noisy(a))
+    plain = create_model("pix2pix", input_shape=(1, 32, 32), num_classes=10, test_dropout=False, **TINY).eval()
+    with torch.no_grad():
+        assert torch.equal(plain(a), plain(a))
+    assert noisy.train()(a).shape == a.shape
+
+
+def test_the_source_classifier_reads_the_steps_images_in_its_own_units():
+    from tasks.kinds.image2image import SourceClassifier
+
+    torch.manual_seed(0)
+    clf = create_model("simple_cnn", input_shape=(1, 32, 32), num_classes=10)
+    f = SourceClassifier(clf, [127.5], [127.5], [40.0], [80.0])
+    x = torch.rand(3, 1, 32, 32) * 2 - 1  # the step's units: raw = x * 127.5 + 127.5
+    assert torch.allclose(f(x), clf.eval()((x * 127.5 + 127.5 - 40.0) / 80.0), atol=1e-5)
+    assert not any(p.requires_grad for p in f.parameters())
+
+
+def test_cycadas_semantic_loss_trains_the_generators_through_a_frozen_domain_a_classifier(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    from tasks.tracking import client, metric_history
+
+    cfg = validate({"data": {"source": "unpaired", "domains": "inverted", "max_train": 96},
+                    "train": {"epochs": 1, "batch_size": 16, "lr": 0.001, "device": "cpu"},
+                    "register": {"enabled": False},
+                    "models": {"cyclegan": {"channels": 8, "d_channels": 8, "blocks": 1, "lambda_semantic": 1.0}}})
+    trained, r = _run(cfg, "cyclegan", workdir, "s")
+    run = client().get_run(trained.run_id)
+    assert "domain A's simple_cnn" in run.data.tags["nnlab.image2image.semantic"]
+    (_, ce), = metric_history(trained.run_id, "semantic_ce")
+    assert 0 < ce < 10 and "class_agreement" in r
+    judge = next((workdir / ".nnlab" / "judges").glob("simple_cnn-*-a.pt"))  # the same one evaluation reads
+    assert judge.is_file()

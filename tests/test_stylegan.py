@@ -246,3 +246,12 @@ def test_mixed_digits_keep_the_class_of_the_coarse_source(tmp_path, monkeypatch)
                                        str(tmp_path / "t.png"), "--truncation", "0.7"])
     assert res.exit_code == 0, res.output
     assert "psi 0.7" in res.output and (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_train_init_leaves_the_equalised_layers_their_unit_normal_weights():
+    from tasks.train import init_weights
+
+    gan = style_gan((1, 8, 8))
+    before = {k: v.clone() for k, v in gan.state_dict().items()}
+    kept = init_weights(gan, "xavier_uniform")
+    assert kept > 0 and all(torch.equal(before[k], v) for k, v in gan.state_dict().items())

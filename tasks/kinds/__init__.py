@@ -140,6 +140,10 @@ class Kind:
         image = len(manifest["input_shape"]) == 3
         return BatchAugment.for_data(cfg.augment, manifest, cfg.seed) if cfg.augment.enabled is True and image else None
 
+    def before_fit(self, job: Job) -> None:
+        """Before the first epoch (of a fresh or a resumed run): what the step needs beyond the model and its
+        settings, e.g. a frozen classifier for a loss."""
+
     def on_epoch(self, job: Job, epoch: int, metrics: dict, trainer: "Trainer") -> None:
         """After each epoch, before it is logged: more metrics into `metrics`, figures into the run."""
 

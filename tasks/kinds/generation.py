@@ -146,7 +146,8 @@ class Generation(Kind):
 
     def wrap(self, net, manifest, mean, std):
         image = len(manifest["input_shape"]) == 3
-        return Sampler(net.generator, net.latent_dim, mean, std, image, raw_max(manifest) if image else 0.0)
+        # eval mode: batch norm from its running statistics, not those of whatever batch is being sampled
+        return Sampler(net.generator, net.latent_dim, mean, std, image, raw_max(manifest) if image else 0.0).eval()
 
     def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
         return evaluate_generator(cfg, name, model, final, data, data_dir, device)

@@ -188,6 +188,17 @@ class CycleStep(TwoNetworkStep):
     def __init__(self, model, cfg, seed: int, device):
         super().__init__(model, cfg, seed, device)
         self.pools = [ImagePool(self.options.pool_size, seed + 11), ImagePool(self.options.pool_size, seed + 12)]
+        self.semantic: SourceClassifier | None = None  # set by the kind before training when lambda_semantic > 0
+        if self.options.lambda_semantic:
+            self.names = (*self.names, "semantic_ce")
+
+    def semantic_loss(self, a, b, fake_b, fake_a) -> torch.Tensor:
+        """CyCADA's L_sem: cross-entropy of the source classifier on each translation against what it reads in
+        the image translated (its own reading: no labels of either domain during training)."""
+        f = self.semantic
+        with torch.no_grad():
+            read_a, read_b = f(a).argmax(1), f(b).argmax(1)
+        return F.cross_entropy(f(fake_b.float()), read_a) + F.cross_entropy(f(fake_a.float()), read_b)
 
     def __call__(self, i: int, step: int, a: torch.Tensor, b: torch.Tensor) -> None:
         m, o = self.model, self.options
@@ -203,7 +214,14 @@ class CycleStep(TwoNetworkStep):
         if lam_i:
             with autocast(self.bf16, self.device):  # each generator should leave its own target domain alone
                 identity = (m.g_ab(b).float() - b).abs().mean() + (m.g_ba(a).float() - a).abs().mean()
-        self.finish(adv + lam_c * cycle + lam_i * identity, self.g, self.opt_g)
+        loss = adv + lam_c * cycle + lam_i * identity
+        semantic = None
+        if o.lambda_semantic:
+            if self.semantic is None:
+                raise RuntimeError("cyclegan: lambda_semantic needs the source classifier (the kind's before_fit)")
+            semantic = self.semantic_loss(a, b, fake_b, fake_a)
+            loss = loss + o.lambda_semantic * semantic
+        self.finish(loss, self.g, self.opt_g)
         _requires_grad(self.d, True)
 
         loss_d = torch.zeros((), device=self.device)
@@ -213,7 +231,8 @@ class CycleStep(TwoNetworkStep):
             loss_d = loss_d + 0.5 * (F.mse_loss(real_out, torch.ones_like(real_out))
                                      + F.mse_loss(fake_out, torch.zeros_like(fake_out)))
         self.finish(loss_d, self.d, self.opt_d)
-        self.record(i, len(a), loss_d / 2, adv / 2, cycle / 4, identity / 4)  # per direction; L1 in [0, 1] units
+        per_direction = (loss_d / 2, adv / 2, cycle / 4, identity / 4)  # L1 in [0, 1] units
+        self.record(i, len(a), *per_direction, *(() if semantic is None else (semantic / 2,)))
 
     def evaluate(self, data, prefix: str = "val") -> dict:
         m = self.model
@@ -229,6 +248,25 @@ class CycleStep(TwoNetworkStep):
         super().load_state_dict(s)
         for pool, state in zip(self.pools, s["pools"]):
             pool.load_state_dict(state, self.device)
+
+
+class SourceClassifier(nn.Module):
+    """A frozen classifier of domain A's images (trained on its labelled training split: domain_judge), reading
+    the step's images ([-1, 1] by the run's scaling) in its own input units."""
+
+    def __init__(self, clf: nn.Module, run_mean, run_std, clf_mean, clf_std):
+        super().__init__()
+        self.clf = clf.eval()
+        for p in self.clf.parameters():
+            p.requires_grad_(False)
+        view = (1, -1, 1, 1)
+        t = lambda v: torch.as_tensor(v, dtype=torch.float32).view(view)  # noqa: E731
+        # x (run units) -> raw -> the classifier's units: one affine map per channel
+        self.register_buffer("scale", t(run_std) / t(clf_std))
+        self.register_buffer("shift", (t(run_mean) - t(clf_mean)) / t(clf_std))
+
+    def forward(self, x):  # (B, C, H, W) -> logits (B, K)
+        return self.clf(x * self.scale + self.shift)
 
 
 # ---------------------------------------------------------------- the served model
@@ -308,6 +346,16 @@ class ImageTranslation(Kind):
 
     def step(self, model, cfg, seed, device) -> TwoNetworkStep:
         return Pix2PixStep(model, cfg, seed, device) if model.kind == "paired" else CycleStep(model, cfg, seed, device)
+
+    def before_fit(self, job: Job) -> None:
+        step = job.trainer.step
+        if isinstance(step, CycleStep) and step.options.lambda_semantic:
+            data, device = job.data, job.trainer.device
+            clf, about, stats = domain_judge(job.cfg, data, load_labels(job.data_dir), "a", job.data_dir, device)
+            n = stats["normalization"]
+            step.semantic = SourceClassifier(clf, job.mean, job.std, n["mean"], n["std"]).to(device)
+            job.run.set_tags({"nnlab.image2image.semantic": f"domain A's {about}"})
+            print(f"{job.name}: semantic consistency by domain A's {about}", flush=True)
 
     def on_epoch(self, job: Job, epoch: int, metrics: dict, trainer) -> None:
         from tasks.kinds.generation import snapshot_epochs
