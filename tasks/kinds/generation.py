@@ -200,6 +200,9 @@ def _points_evaluation(name, sampler, latent_dim, data, device, gen):
     return metrics, collapsed, fig, None
 
 
+CONFIDENT = 0.9  # a sample "reads as" a class when the judge gives that class at least this probability
+
+
 def _image_evaluation(cfg, name, sampler, latent_dim, final, data, data_dir, device, gen):
     n = min(len(data.x_test), 1000)
     with torch.no_grad():
@@ -210,7 +213,9 @@ def _image_evaluation(cfg, name, sampler, latent_dim, final, data, data_dir, dev
     _, feats_real = judge_outputs(clf, data.x_test[:n].astype(np.float32), data.manifest, device)
     k = data.manifest["num_classes"]
     metrics = {"class_coverage": class_coverage(probs_fake), "label_entropy": label_entropy(probs_fake),
-               "label_entropy_max": float(np.log(k)), "classifier_fid": frechet_distance(feats_real, feats_fake)}
+               "label_entropy_max": float(np.log(k)), "classifier_fid": frechet_distance(feats_real, feats_fake),
+               # samples that read as one class: the judge gives it CONFIDENT or more
+               "confident_share": float((probs_fake.max(1) >= CONFIDENT).mean())}
     collapsed = mode_collapse(metrics["class_coverage"], k)
     labels = probs_fake.argmax(1)
     fig = sample_grid_figure(to_unit(fake[:64], final["max_value"]), 8,
