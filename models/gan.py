@@ -57,6 +57,12 @@ class GAN(nn.Module):
     def forward(self, x):  # (B, *shape) data -> (B, 1) discriminator logits / critic scores
         return self.discriminator(x)
 
+    @property
+    def sampling_generator(self) -> nn.Module:
+        """What samples are drawn from: the moving average of G's weights where the GAN keeps one, else G."""
+        ema = getattr(self, "generator_ema", None)
+        return ema if ema is not None else self.generator
+
     def features(self, x):  # (B, *shape) -> (B, F): D's penultimate activations
         return self.discriminator.features(x)
 
@@ -69,10 +75,11 @@ class GAN(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         # eval mode for batch norm's running statistics (a batch of 1 works), then back to what it was
-        was_training = self.generator.training
-        self.generator.eval()
-        x = self.generator(self.noise(n, generator))
-        self.generator.train(was_training)
+        G = self.sampling_generator
+        was_training = G.training
+        G.eval()
+        x = G(self.noise(n, generator))
+        G.train(was_training)
         return x  # (n, *shape); images in [-1, 1]
 
 

@@ -23,6 +23,7 @@ Every layer has the paper's equalised learning rate (EqualLinear, EqualConv2d).
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -209,7 +210,29 @@ def style_discriminator(shape: tuple[int, ...], channels: int, mbstd: bool, name
 
 class StyleGAN(GAN):
     """models.gan.GAN's interface (generator, discriminator, noise, sample, features; forward = D), plus the
-    generator's optimizer groups: the mapping network at lr x mapping_lr_mult."""
+    generator's optimizer groups (the mapping network at lr x mapping_lr_mult) and, unless ema_images is 0, the
+    moving average of the generator's weights that samples are drawn from (`generator_ema`, in the checkpoint
+    with the rest; `update_ema` after each generator step)."""
+
+    def __init__(self, generator, discriminator, latent_dim, options, kind):
+        super().__init__(generator, discriminator, latent_dim, options, kind)
+        self.generator_ema = copy.deepcopy(generator).eval().requires_grad_(False) if options.ema_images else None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.generator_ema is not None:
+            self.generator_ema.eval()  # always the sampling network: fixed noise, no mixing, no w_avg update
+        return self
+
+    @torch.no_grad()
+    def update_ema(self, images_seen: int, batch: int) -> None:
+        o = self.options
+        half_life = min(o.ema_images, o.ema_rampup * images_seen)
+        beta = 0.5 ** (batch / max(half_life, 1e-8))
+        for avg, p in zip(self.generator_ema.parameters(), self.generator.parameters()):
+            avg.lerp_(p.detach(), 1.0 - beta)
+        for avg, b in zip(self.generator_ema.buffers(), self.generator.buffers()):
+            avg.copy_(b)  # w_avg, the fixed noise
 
     def generator_param_groups(self, lr: float) -> list[dict]:
         return self.generator.param_groups(lr, self.options.mapping_lr_mult)

@@ -66,7 +66,8 @@ def test_shapes_range_gradients_and_the_coarse_fine_split(shape, num_ws, coarse)
     out = gan(fake)
     assert out.shape == (5, 1) and torch.isfinite(out).all() and gan.features(fake).dim() == 2
     (out.sum() + gan(torch.randn(5, *shape)).sum()).backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gan.parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gan.parameters() if p.requires_grad)
+    assert not any(p.requires_grad for p in gan.generator_ema.parameters())  # the sampling average: no gradient
     s = gan.sample(3, torch.Generator().manual_seed(1))
     assert s.shape == (3, *shape) and G.training
     assert torch.equal(s, gan.sample(3, torch.Generator().manual_seed(1)))  # eval: fixed noise, no mixing
@@ -255,3 +256,18 @@ def test_train_init_leaves_the_equalised_layers_their_unit_normal_weights():
     before = {k: v.clone() for k, v in gan.state_dict().items()}
     kept = init_weights(gan, "xavier_uniform")
     assert kept > 0 and all(torch.equal(before[k], v) for k, v in gan.state_dict().items())
+
+
+def test_samples_come_from_the_moving_average_of_the_generator_with_its_half_life_ramped_up():
+    gan = style_gan((1, 8, 8))
+    start = [p.clone() for p in gan.generator_ema.parameters()]
+    with torch.no_grad():
+        for p in gan.generator.parameters():
+            p.add_(1.0)
+    gan.update_ema(images_seen=1_000, batch=16)  # half-life min(10,000, 0.05 x 1,000) = 50 images
+    moved = 1 - 0.5 ** (16 / 50)
+    for s, avg, p in zip(start, gan.generator_ema.parameters(), gan.generator.parameters()):
+        assert torch.allclose(avg, s + moved * (p - s), atol=1e-5)
+    assert gan.sampling_generator is gan.generator_ema and not gan.train().generator_ema.training
+    plain = style_gan((1, 8, 8), ema_images=0)
+    assert plain.generator_ema is None and plain.sampling_generator is plain.generator

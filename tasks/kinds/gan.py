@@ -132,6 +132,8 @@ class GanStep(Step):
                     out = D(fake).float()
                     loss_g = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
             self.finish(loss_g, G, self.opt_g)
+            if getattr(self.model, "generator_ema", None) is not None:  # StyleGAN's sampling average
+                self.model.update_ema(step * self.cfg.batch_size, b)
             self.g_losses[i] = loss_g.detach()
             self.g_steps.append(i)
 
@@ -167,10 +169,11 @@ class GanStep(Step):
 
     @torch.no_grad()
     def fixed_samples(self) -> torch.Tensor:
-        G = self.model.generator
+        G = self.model.sampling_generator
+        was_training = G.training
         G.eval()  # batch norm's running statistics: a sample does not depend on the rest of the batch
         x = G(self.fixed_noise)
-        G.train()
+        G.train(was_training)
         return x  # (FIXED_NOISE, *shape); images in [-1, 1]
 
     def state_dict(self) -> dict:

@@ -147,7 +147,8 @@ class Generation(Kind):
     def wrap(self, net, manifest, mean, std):
         image = len(manifest["input_shape"]) == 3
         # eval mode: batch norm from its running statistics, not those of whatever batch is being sampled
-        return Sampler(net.generator, net.latent_dim, mean, std, image, raw_max(manifest) if image else 0.0).eval()
+        return Sampler(net.sampling_generator, net.latent_dim, mean, std, image,
+                       raw_max(manifest) if image else 0.0).eval()
 
     def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
         return evaluate_generator(cfg, name, model, final, data, data_dir, device)
@@ -170,7 +171,7 @@ def evaluate_generator(cfg: Config, name: str, model, final: dict, data, data_di
     """Samples from the trained generator, measured: ring8 mode coverage and the Frechet distance of the points;
     images: what a classifier trained on the same data says they are (class coverage, label entropy) and the
     Frechet distance of its penultimate features (classifier_fid). Tag nnlab.health.mode_collapse."""
-    sampler = Sampler(model.generator, model.latent_dim, final["normalization"]["mean"], final["normalization"]["std"],
+    sampler = Sampler(model.sampling_generator, model.latent_dim, final["normalization"]["mean"], final["normalization"]["std"],
                       len(final["input_shape"]) == 3, final["max_value"]).to(device).eval()
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 12345)
     if "ring8" in data.manifest:

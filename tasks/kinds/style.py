@@ -144,7 +144,7 @@ class StyleGeneration(Generation):
 
     def after_fit(self, job: Job, result) -> None:
         super().after_fit(job, result)
-        G, m = job.model.generator, job.data.manifest
+        G, m = job.model.sampling_generator, job.data.manifest
         was_training = G.training
         G.eval()
         grid = mixing_grid(G, job.mean, job.std, raw_max(m), job.trainer.device, job.cfg.seed + 7)
@@ -154,7 +154,7 @@ class StyleGeneration(Generation):
 
     def served(self, job: Job):
         style, example, metadata, extra = super().served(job)
-        G = job.model.generator
+        G = job.model.sampling_generator
         return style, example, {**metadata, "truncation": True, "num_ws": G.num_ws,
                                 "coarse_layers": G.coarse_layers}, extra
 
@@ -166,7 +166,7 @@ class StyleGeneration(Generation):
     def evaluate(self, cfg, name, model, final, data, data_dir, device) -> Evaluation:
         ev = evaluate_generator(cfg, name, model, final, data, data_dir, device)
         pyplot().close(ev.figure)
-        G, m = model.generator.eval(), data.manifest
+        G, m = model.sampling_generator.eval(), data.manifest
         mean, std, top = final["normalization"]["mean"], final["normalization"]["std"], final["max_value"]
         clf, _ = judge_classifier(cfg, data_dir, data, device)
         mix = mixing_metrics(G, clf, m, mean, std, top, device, cfg.seed + 54321)
