@@ -249,6 +249,7 @@ class StyleGANOptions(BCEOptions):
     w_avg_beta: float = Field(default=0.995, ge=0.0, lt=1.0)  # EMA decay of w_avg, the truncation trick's centre
     mbstd: bool = True  # D's minibatch standard deviation feature: sees a batch's lack of variety
     r1_gamma: float = Field(default=1.0, ge=0.0)  # R1 weight: gamma / 2 E[|grad D(x)|^2] on reals (paper: 10 at 1024^2)
+    r1_every: int = Field(default=16, ge=1, le=1000)  # lazy R1 (StyleGAN2): every k-th D step, weighted x k; 1: each
     # samples come from an exponential moving average of G's weights (Karras et al. 2018; StyleGAN2's ema_kimg 10):
     # its half-life in training images, at most ema_rampup x the images seen so far; 0: the trained G itself
     ema_images: int = Field(default=10_000, ge=0)

@@ -132,12 +132,13 @@ def test_mapping_network_trains_at_its_own_lr():
 
 
 def test_losses_finite_with_r1_and_both_networks_move():
-    t = style_trainer(epochs=2)
+    t = style_trainer(epochs=2, options={"r1_every": 2})  # 3 steps an epoch: R1 at steps 2, 4 and 6
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
     h = t.fit(images(), None).history
     for e in h:
         assert all(math.isfinite(e[k]) for k in ("d_loss", "g_loss", "d_real", "d_fake", "r1_penalty"))
     assert h[-1]["r1_penalty"] > 0 and 0 < h[-1]["d_real"] < 1
+    assert t.step.r1_seen == 32  # lazy: the last epoch's steps 4 and 6 of its 4, 5 and 6 (16 images each)
     after = t.model.state_dict()
     for part in ("generator.mapping", "generator.synthesis", "discriminator"):
         assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(part)), part

@@ -68,6 +68,7 @@ class GanStep(Step):
         self.bf16 = use_bf16(cfg.precision, device) and len(model.generator.out_shape) == 3
         self.wasserstein = model.kind == "wasserstein"
         self.r1_gamma = getattr(o, "r1_gamma", 0.0)  # > 0: gamma / 2 E[|grad D(x)|^2] in D's loss (BCE only)
+        self.r1_every = getattr(o, "r1_every", 1)  # lazy regularisation: the penalty every k-th step, x k
         self.regularised = bool(cfg.l1 or cfg.l2)
 
     def finish(self, loss: torch.Tensor, net: nn.Module, opt: torch.optim.Optimizer) -> None:
@@ -85,7 +86,7 @@ class GanStep(Step):
         self.g_losses = torch.zeros(batches, device=self.device)
         self.stats = torch.zeros(3, device=self.device)  # sums over examples of D(x), D(G(z)), and the penalty
         self.g_steps: list[int] = []
-        self.seen = 0
+        self.seen = self.r1_seen = 0
 
     def __call__(self, i: int, step: int, xb: torch.Tensor, yb: torch.Tensor) -> None:
         G, D, o = self.model.generator, self.model.discriminator, self.options
@@ -94,7 +95,8 @@ class GanStep(Step):
             fake = G(self.model.noise(b))  # (B, *shape); G's graph kept for its own step below
 
             # -- discriminator / critic: real up, fake down; fake.detach() keeps G out of this update
-            if self.r1_gamma:  # D(x) with the graph to x kept, for the gradient penalty on reals
+            lazy_r1 = self.r1_gamma and step % self.r1_every == 0
+            if lazy_r1:  # D(x) with the graph to x kept, for the gradient penalty on reals
                 real_out, r1 = r1_penalty(D, xb)
                 real_out = real_out.float()
             else:
@@ -107,8 +109,8 @@ class GanStep(Step):
                 real_target = torch.full_like(real_out, 1 - o.label_smoothing)
                 loss_d = (F.binary_cross_entropy_with_logits(real_out, real_target)
                           + F.binary_cross_entropy_with_logits(fake_out, torch.zeros_like(fake_out)))
-                if self.r1_gamma:
-                    loss_d = loss_d + self.r1_gamma / 2 * r1
+                if lazy_r1:
+                    loss_d = loss_d + self.r1_gamma / 2 * self.r1_every * r1
         self.finish(loss_d, D, self.opt_d)
         self.d_losses[i] = loss_d.detach()
         self.seen += b
@@ -116,8 +118,9 @@ class GanStep(Step):
             self.stats += torch.stack([real_out.detach().sum(), fake_out.detach().sum(), gp.detach() * b])
         else:  # probabilities
             self.stats[:2] += torch.sigmoid(torch.stack([real_out.detach(), fake_out.detach()])).sum((1, 2))
-            if self.r1_gamma:
+            if lazy_r1:
                 self.stats[2] += r1.detach() * b
+                self.r1_seen += b
 
         # -- generator: every n_critic-th discriminator step, through the updated discriminator
         if step % o.n_critic == 0:
@@ -153,8 +156,8 @@ class GanStep(Step):
         if self.wasserstein:
             metrics["critic_gap"] = metrics["d_real"] - metrics["d_fake"]  # the Wasserstein-1 estimate
             metrics["gradient_penalty"] = float(stats[2]) / n
-        elif self.r1_gamma:
-            metrics["r1_penalty"] = float(stats[2]) / n  # E[|grad D(x)|^2] on reals, before gamma / 2
+        elif self.r1_seen:  # an epoch with a lazy R1 step
+            metrics["r1_penalty"] = float(stats[2]) / max(self.r1_seen, 1)  # E[|grad D(x)|^2] on reals, before gamma / 2
         return metrics
 
     def lrs(self) -> dict:
