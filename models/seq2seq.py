@@ -135,6 +135,11 @@ class TransformerSeq2Seq(nn.Module):
         self.o, self.vocab = o, num_classes
         self.src_embed = nn.Embedding(o.vocab_size, o.d_model, padding_idx=PAD)
         self.tgt_embed = nn.Embedding(num_classes, o.d_model, padding_idx=PAD)
+        # N(0, 1/d), as Vaswani et al. 2017 and fairseq: times sqrt(d) in _embed, a token weighs as much as its
+        # position; PyTorch's N(0, 1) would drown the positions 16 to 1 at d 256 and slow learning
+        for table in (self.src_embed, self.tgt_embed):
+            nn.init.normal_(table.weight, 0.0, o.d_model ** -0.5)
+            nn.init.zeros_(table.weight[PAD])
         with warnings.catch_warnings():  # pre-norm layers cannot use the nested-tensor fast path: expected
             warnings.simplefilter("ignore", UserWarning)
             self.transformer = nn.Transformer(o.d_model, o.heads, o.encoder_layers, o.decoder_layers, o.ff, o.dropout,
