@@ -22,8 +22,8 @@ from tasks.phases import mark
 from tasks.progress import EpochProgress
 from tasks.references import beside, published
 from tasks.tracking import Run, git_commit, prepare_model_logging, store_path
-from tasks.train import (CheckpointFormatError, FitResult, Trainer, init_weights, resolve_device, seed_everything,
-                         to_device)
+from tasks.initialization import init_weights
+from tasks.train import CheckpointFormatError, FitResult, Trainer, resolve_device, seed_everything, to_device
 from tasks.figures import pyplot
 
 CHECKPOINTS = Path(".nnlab/checkpoints")  # resume state of unfinished runs; never a DVC output (DVC wipes those)
@@ -135,10 +135,8 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
         seed_everything(cfg.seed)
         model = build(arch, options, m)
         options = getattr(model, "resolved_options", options)  # e.g. a transfer base pinned to its version
-        kept = init_weights(getattr(model, "fresh", model), tcfg.init)  # `fresh`: only the untrained part (transfer's)
-        if kept:
-            print(f"{name}: train.init {tcfg.init} leaves {kept} layers with their own initialisation "
-                  f"(equalised learning rate)", flush=True)
+        if kept := init_weights(getattr(model, "fresh", model), tcfg.init):  # `fresh`: transfer's untrained part
+            print(f"{name}: train.init {tcfg.init} leaves {kept} layers their own initialisation", flush=True)
         image = len(m["input_shape"]) == 3
         channels_last = image and tcfg.channels_last and kind.channels_last
         model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)

@@ -6,7 +6,8 @@ from torch import nn
 
 from models.registry import count_parameters, create_model, get_spec
 from tasks.config import DataConfig, TrainConfig
-from tasks.train import Split, Trainer, init_weights, seed_everything
+from tasks.initialization import init_weights
+from tasks.train import Split, Trainer, seed_everything
 from tasks.kinds.supervised import SupervisedStep
 
 ARCHS = ["rnn", "lstm", "gru", "attention", "transformer"]

@@ -251,7 +251,7 @@ def test_mixed_digits_keep_the_class_of_the_coarse_source(tmp_path, monkeypatch)
 
 
 def test_train_init_leaves_the_equalised_layers_their_unit_normal_weights():
-    from tasks.train import init_weights
+    from tasks.initialization import init_weights
 
     gan = style_gan((1, 8, 8))
     before = {k: v.clone() for k, v in gan.state_dict().items()}

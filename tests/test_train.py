@@ -7,7 +7,8 @@ from sklearn.datasets import load_digits
 
 from models.registry import create_model
 from tasks.config import TrainConfig
-from tasks.train import NonFiniteLoss, Split, Trainer, init_weights, seed_everything
+from tasks.initialization import init_weights
+from tasks.train import NonFiniteLoss, Split, Trainer, seed_everything
 from tasks.kinds.supervised import SupervisedStep
 
 CPU = torch.device("cpu")

@@ -124,21 +124,25 @@ class GanStep(Step):
 
         # -- generator: every n_critic-th discriminator step, through the updated discriminator
         if step % o.n_critic == 0:
-            with autocast(self.bf16, self.device):
-                if o.feature_matching:  # match D's mean penultimate features of real data (Salimans et al. 2016)
-                    with torch.no_grad():
-                        target = D.features(xb).float().mean(0)  # (F,)
-                    loss_g = (D.features(fake).float().mean(0) - target).pow(2).sum()
-                elif self.wasserstein:
-                    loss_g = -D(fake).float().mean()
-                else:  # non-saturating: maximise log D(G(z)) (target 1) instead of minimising log(1 - D(G(z)))
-                    out = D(fake).float()
-                    loss_g = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
-            self.finish(loss_g, G, self.opt_g)
-            if getattr(self.model, "generator_ema", None) is not None:  # StyleGAN's sampling average
-                self.model.update_ema(step * self.cfg.batch_size, b)
-            self.g_losses[i] = loss_g.detach()
-            self.g_steps.append(i)
+            self.generator_step(i, step, xb, fake)
+
+    def generator_step(self, i: int, step: int, xb: torch.Tensor, fake: torch.Tensor) -> None:
+        G, D, o = self.model.generator, self.model.discriminator, self.options
+        with autocast(self.bf16, self.device):
+            if o.feature_matching:  # match D's mean penultimate features of real data (Salimans et al. 2016)
+                with torch.no_grad():
+                    target = D.features(xb).float().mean(0)  # (F,)
+                loss_g = (D.features(fake).float().mean(0) - target).pow(2).sum()
+            elif self.wasserstein:
+                loss_g = -D(fake).float().mean()
+            else:  # non-saturating: maximise log D(G(z)) (target 1) instead of minimising log(1 - D(G(z)))
+                out = D(fake).float()
+                loss_g = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
+        self.finish(loss_g, G, self.opt_g)
+        if getattr(self.model, "generator_ema", None) is not None:  # StyleGAN's sampling average
+            self.model.update_ema(step * self.cfg.batch_size, len(xb))
+        self.g_losses[i] = loss_g.detach()
+        self.g_steps.append(i)
 
     def end_epoch(self, epoch: int) -> dict:
         steps, n = len(self.d_losses), self.seen

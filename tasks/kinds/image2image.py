@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.image2image import ImagePool, SourceClassifier
 from tasks.figures import rows_figure
 from tasks.data.image_pairs import load_labels
 from tasks.kinds import Evaluation, Job, Kind, Served, ServingError, register_kind
@@ -30,38 +31,6 @@ EVAL_MAX = 1000  # test images measured per domain
 
 
 # ---------------------------------------------------------------- steps
-
-
-class ImagePool:
-    """Shrivastava et al.'s history of generated images: the discriminator sees, half the time, a fake from
-    earlier steps instead of the newest, which damps the oscillation between G and D (CycleGAN, pool of 50)."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.images = size, []
-        self.rng = torch.Generator().manual_seed(seed)
-
-    def query(self, fakes: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W), detached
-        if self.size == 0:
-            return fakes.detach()
-        out = []
-        for img in fakes.detach():
-            if len(self.images) < self.size:
-                self.images.append(img.clone())
-                out.append(img)
-            elif torch.rand((), generator=self.rng) < 0.5:
-                k = int(torch.randint(len(self.images), (), generator=self.rng))
-                out.append(self.images[k].clone())
-                self.images[k] = img.clone()
-            else:
-                out.append(img)
-        return torch.stack(out)
-
-    def state_dict(self) -> dict:
-        return {"images": torch.stack(self.images) if self.images else None, "rng": self.rng.get_state()}
-
-    def load_state_dict(self, s: dict, device) -> None:
-        self.images = [] if s["images"] is None else [img.to(device) for img in s["images"]]
-        self.rng.set_state(s["rng"])
 
 
 class TwoNetworkStep(Step):
@@ -248,25 +217,6 @@ class CycleStep(TwoNetworkStep):
         super().load_state_dict(s)
         for pool, state in zip(self.pools, s["pools"]):
             pool.load_state_dict(state, self.device)
-
-
-class SourceClassifier(nn.Module):
-    """A frozen classifier of domain A's images (trained on its labelled training split: domain_judge), reading
-    the step's images ([-1, 1] by the run's scaling) in its own input units."""
-
-    def __init__(self, clf: nn.Module, run_mean, run_std, clf_mean, clf_std):
-        super().__init__()
-        self.clf = clf.eval()
-        for p in self.clf.parameters():
-            p.requires_grad_(False)
-        view = (1, -1, 1, 1)
-        t = lambda v: torch.as_tensor(v, dtype=torch.float32).view(view)  # noqa: E731
-        # x (run units) -> raw -> the classifier's units: one affine map per channel
-        self.register_buffer("scale", t(run_std) / t(clf_std))
-        self.register_buffer("shift", (t(run_mean) - t(clf_mean)) / t(clf_std))
-
-    def forward(self, x):  # (B, C, H, W) -> logits (B, K)
-        return self.clf(x * self.scale + self.shift)
 
 
 # ---------------------------------------------------------------- the served model
