@@ -23,7 +23,8 @@ from models.image2image import ImagePool, SourceClassifier
 from tasks.figures import rows_figure
 from tasks.data.image_pairs import load_labels
 from tasks.kinds import Evaluation, Job, Kind, Served, ServingError, register_kind
-from tasks.train import NonFiniteLoss, Step, autocast, build_optimizer, build_scheduler, penalty, use_bf16
+from tasks.train import (NonFiniteLoss, Step, autocast, build_optimizer, build_scheduler, penalty, rng_state,
+                         set_rng_state, use_bf16)
 
 EXAMPLES = 8  # validation examples drawn in the per-epoch translation grids
 SNAPSHOTS = 6  # translation grids logged over a run
@@ -300,8 +301,9 @@ class ImageTranslation(Kind):
     def before_fit(self, job: Job) -> None:
         step = job.trainer.step
         if isinstance(step, CycleStep) and step.options.lambda_semantic:
-            data, device = job.data, job.trainer.device
+            data, device, saved = job.data, job.trainer.device, rng_state(job.trainer.shuffle)
             clf, about, stats = domain_judge(job.cfg, data, load_labels(job.data_dir), "a", job.data_dir, device)
+            set_rng_state(saved, job.trainer.shuffle)  # training it (not cached yet) seeds: a resume stays exact
             n = stats["normalization"]
             step.semantic = SourceClassifier(clf, job.mean, job.std, n["mean"], n["std"]).to(device)
             job.run.set_tags({"nnlab.image2image.semantic": f"domain A's {about}"})
