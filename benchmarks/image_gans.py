@@ -69,7 +69,7 @@ def docs_rows(bench: str, rows: list[dict], command: str) -> list[dict]:
                           f"(untranslated {r['untranslated_agreement']:.1%}); reverse {r['class_agreement_ba']:.1%} "
                           f"(untranslated {r['untranslated_agreement_ba']:.1%})",
                  "published": "none on this pair (goal here 85%)",
-                 "training": f"{r['train_minutes']:.0f} min, {r['epochs']} epochs", "command": f"`{command}`"}]
+                 "training": f"{r['train_minutes']:.0f} min, {int(r['epochs'])} epochs", "command": f"`{command}`"}]
     dcgan = next((r for r in rows if r["model"] == "dcgan"), None)
     out = []
     for r in rows:
@@ -80,7 +80,7 @@ def docs_rows(bench: str, rows: list[dict], command: str) -> list[dict]:
                     "nnlab": f"{r['confident_share']:.0%} of samples read as a digit (p >= 0.9), classifier FID "
                              f"{r['classifier_fid']:.1f}{ratio}{mixing}",
                     "published": "none (goal here: 80% read, FID within 2x DCGAN)",
-                    "training": f"{r['train_minutes']:.0f} min, {r['epochs']} epochs", "command": f"`{command}`"})
+                    "training": f"{r['train_minutes']:.0f} min, {int(r['epochs'])} epochs", "command": f"`{command}`"})
     return out
 
 
