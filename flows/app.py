@@ -9,6 +9,10 @@ from typing import NoReturn
 
 import typer
 
+# MLflow's "Downloading artifacts" bars (a run reading its own files back, a served model loading): local and
+# instant, not the user's progress; every command, a user's own setting wins
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Reproducible, tracked deep-learning experiments: Prefect flows, DVC data, MLflow runs.")
 

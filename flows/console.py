@@ -4,6 +4,8 @@ Prefect logs a failed or crashed task run and flow run with full tracebacks (thr
 lines for a Ctrl-C). When the cause is one nnlab explains in one line of its own (bad data, a full or read-only
 disk, DVC's lock held too long, an interrupt), those records are left out of the terminal; they still reach
 the Prefect API, so the Prefect UI keeps the whole story. Any other failure is shown as Prefect logs it.
+Prefect's INFO lines (runs begun and finished) and MLflow's known chatter stay off the terminal too: a run prints
+its own lines (NNLAB_SHOW_PREFECT_LINKS=1 brings Prefect's back).
 """
 from __future__ import annotations
 
@@ -19,17 +21,24 @@ CRASH_WORDS = ("aborted by an interrupt signal", "aborted by a termination signa
 
 # Prefect's "View at <UI>/runs/flow-run/<id>" points at the server the flow reports to. nnlab's temporary server
 # serves no UI and stops with the command: such a link is dead on arrival, so it stays out of the terminal
-# (flows/prefect_server.py sets this while its temporary server is the API; NNLAB_SHOW_PREFECT_LINKS=1 shows it).
+# (flows/prefect_server.py sets this while its temporary server is the API; NNLAB_SHOW_PREFECT_LINKS=1 shows it);
+# a link to the user's own server (PREFECT_API_URL) is printed.
 TEMPORARY_API: list[str] = []
+
+
+def prefect_chatter_shown() -> bool:
+    """Prefect's INFO lines (flow and task runs begun and finished, the "View at" link) on the terminal: off by
+    default, a run prints its own lines; NNLAB_SHOW_PREFECT_LINKS=1 shows them (the Prefect UI has them all)."""
+    return os.environ.get("NNLAB_SHOW_PREFECT_LINKS") == "1"
 
 
 class HideExplained(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith("prefect") or record.levelno < logging.INFO:
             return True
-        if TEMPORARY_API and record.getMessage().startswith("View at ") \
-                and os.environ.get("NNLAB_SHOW_PREFECT_LINKS") != "1":
-            return False
+        if record.levelno < logging.WARNING and not prefect_chatter_shown():
+            # a link into the UI of the user's own Prefect server is worth its line; the temporary one has none
+            return not TEMPORARY_API and record.getMessage().startswith("View at ")
         if record.exc_info and record.exc_info[0] is not None:
             if any(c.__name__ in EXPLAINED for c in record.exc_info[0].__mro__):
                 return False
@@ -37,6 +46,31 @@ class HideExplained(logging.Filter):
         if any(w in message for w in CRASH_WORDS):
             return False
         return not any(f"{name}(" in message or f"{name}:" in message for name in EXPLAINED)
+
+
+# MLflow's lines that are not about the user's run: the store's first migration, and the pickle caution of models
+# whose inputs torch.export cannot trace (token ids): nnlab serves them from the logged weights alone
+# (tasks/serving.py: no code from the store runs); loading that MLflow model with mlflow.pyfunc does unpickle it,
+# as docs/pipeline.md says. Everything else MLflow logs is shown.
+MLFLOW_CHATTER = ("Creating initial MLflow database tables", "Updating database tables",
+                  "Saving pytorch model by Pickle or CloudPickle format")
+
+
+class HideLibraryChatter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("mlflow") and record.levelno < logging.ERROR
+                    and record.getMessage().startswith(MLFLOW_CHATTER))
+
+
+def quiet_libraries() -> None:
+    """MLflow's known, harmless console lines left out (its logger has a handler of its own; alembic's INFO lines
+    of a first migration go to the root)."""
+    import mlflow  # noqa: F401  (sets up MLflow's logging on import)
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    for handler in logging.getLogger("mlflow").handlers:
+        if not any(isinstance(f, HideLibraryChatter) for f in handler.filters):
+            handler.addFilter(HideLibraryChatter())
 
 
 def _thread_excepthook(args) -> None:
@@ -55,6 +89,7 @@ def hide_explained_failures() -> None:
     import prefect.main  # noqa: F401  (sets up Prefect's logging on import)
 
     threading.excepthook = _thread_excepthook
+    quiet_libraries()
 
     for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):  # "": the root, where run logs land
         for handler in logging.getLogger(name).handlers:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 import time
 
+QUIET_LINE_SECONDS = 30.0  # off a terminal: at most one line this often within an epoch
+
 
 def _fmt(metrics: dict) -> str:
     keys = ("train_loss", "val_loss", "val_accuracy", "val_perplexity", "d_loss", "g_loss", "d_real", "d_fake",
@@ -22,7 +24,8 @@ def bar(items, label: str):
 
 class EpochProgress:
     def __init__(self, label: str, epochs: int, start_epoch: int = 0, live: bool | None = None):
-        self.label, self.epochs = label, epochs
+        self.label, self.epochs, self.epoch = label, epochs, start_epoch
+        self._epoch_start = time.monotonic()
         self.live = sys.stdout.isatty() if live is None else live
         self._last = 0.0
         if self.live:
@@ -34,15 +37,23 @@ class EpochProgress:
             self.task = self.bar.add_task(f"{label} epoch {start_epoch + 1}/{epochs}", total=None)
 
     def step(self, i: int, steps: int) -> None:
-        # Called every batch; redraw at most 10 times a second so the bar costs nothing measurable.
-        if not self.live:
-            return
+        # Called every batch; redraw at most 10 times a second so the bar costs nothing measurable. Off a terminal
+        # (a log, CI, `dvc repro`), a plain line every QUIET_LINE_SECONDS within a long epoch: alive, and how far.
         now = time.monotonic()
+        if not self.live:
+            if i == 1:
+                self._epoch_start = self._last = now
+            elif now - self._last >= QUIET_LINE_SECONDS and i < steps:
+                self._last = now
+                print(f"{self.label} epoch {self.epoch + 1}/{self.epochs}  step {i}/{steps}  "
+                      f"{now - self._epoch_start:.0f}s", flush=True)
+            return
         if now - self._last > 0.1 or i == steps:
             self._last = now
             self.bar.update(self.task, completed=i, total=steps)
 
     def epoch_end(self, epoch: int, metrics: dict) -> None:
+        self.epoch = epoch
         line = f"{self.label} epoch {epoch}/{self.epochs}  {_fmt(metrics)}  {metrics.get('epoch_seconds', 0):.2f}s"
         if self.live:  # a lasting line per epoch above the bar, the bar restarts for the next epoch
             self.bar.console.print(line, highlight=False)
