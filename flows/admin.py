@@ -1,6 +1,7 @@
 """The store, the examples, the catalogue and deployment: `nnlab tracking-server`, `example-csv`, `example-pairs`,
-`models`, `ui` and `deploy`, registered on the one app (flows/app.py; flows/cli.py imports this module). Heavy
-libraries are imported inside the commands, so `nnlab --help` stays fast."""
+`example-wav`, `example-image`, `models`, `ui` and `deploy`, registered on the one app (flows/app.py;
+flows/cli.py imports this module). Heavy libraries are imported inside the commands, so `nnlab --help` stays
+fast."""
 from __future__ import annotations
 
 import json
@@ -66,6 +67,150 @@ def example_pairs_cmd(out: Annotated[Path, typer.Argument(help="TSV file to writ
 
     n = example_pairs(out)
     typer.echo(f"{out}: {n} English -> German date phrases, made from CLDR locale data (source<TAB>target<TAB>note)")
+
+
+RATE = 16_000  # example-wav's WAVs: synth_speech's data.sample_rate (a served model resamples to its own anyway)
+FSDD = r"(\d)_(.+)_(\d+)"  # the free-spoken-digit-dataset's <digit>_<speaker>_<n>.wav
+
+
+@app.command("example-wav")
+def example_wav(
+        out: Annotated[Path, typer.Argument(help="WAV file to write (16-bit mono, 16 kHz)")] = Path("recording.wav"),
+        digits: Annotated[Optional[str], typer.Option(help="the digits said, e.g. 314 (default: three drawn by "
+                                                           "--seed; --from: one)")] = None,
+        voice: Annotated[str, typer.Option(help="eSpeak NG voice <accent>+<variant>, one of synth_speech's 160")]
+        = "en-us+m3",
+        seed: Annotated[int, typer.Option(help="seed of the digits drawn (and of --from's file)")] = 0,
+        source: Annotated[Optional[Path], typer.Option("--from", help="a Free Spoken Digit Dataset recording "
+                                                       "(<digit>_<speaker>_<n>.wav) or its recordings/ folder: "
+                                                       "that recording instead of eSpeak NG's")] = None):
+    """Write a recording of spoken digits to try `nnlab transcribe` offline: eSpeak NG (synth_speech's voices)
+    saying them, or a Free Spoken Digit Dataset recording given with --from."""
+    import soundfile as sf
+
+    from tasks.data.audio import DIGITS  # the words synth_speech's and FSDD's transcripts say
+
+    said = spoken_digits(digits, seed, one=source is not None)
+    if source is not None:
+        said, how = fsdd_wav(source, said[0] if said else None, seed, out)
+    else:
+        how = espeak_wav(" ".join(DIGITS[d] for d in said), voice, seed, out)
+    words = " ".join(DIGITS[d] for d in said)
+    info = sf.info(str(out))
+    typer.echo(f"{out}: {how} saying {words!r} ({''.join(map(str, said))}), {info.duration:.2f} s, 16-bit mono "
+               f"at {info.samplerate} Hz")
+    typer.echo(f"try: nnlab transcribe models:/nnlab-asr@champion {out}   (it should print: {words})")
+
+
+def spoken_digits(digits: str | None, seed: int, one: bool) -> list[int]:
+    """--digits as a list of digits (spaces and commas ignored), at most `one`; not given: three drawn by `seed`,
+    or none ([]: any) for `one`."""
+    if digits is None:
+        import numpy as np
+
+        return [] if one else [int(d) for d in np.random.default_rng(seed).integers(10, size=3)]
+    said = [c for c in digits if c not in " ,"]
+    if not said or not all(c in "0123456789" for c in said):
+        fail(f"--digits: {digits!r}: give digits, e.g. 314")
+    if one and len(said) > 1:
+        fail(f"--digits: {digits!r}: a Free Spoken Digit Dataset recording says one digit; give one with --from")
+    return [int(c) for c in said]
+
+
+def espeak_wav(words: str, voice: str, seed: int, out: Path) -> str:
+    """eSpeak NG saying `words` in `voice` (synth_speech's engine and voices, offline: the espeakng-loader wheel),
+    at 170 words a minute and pitch 50, with noise 40 dB under it (synth_speech's quietest), into `out`."""
+    import shutil
+    import tempfile
+
+    from tasks.data.espeak import EspeakMissing, Utterance, synthesise_fresh, voices
+    from tasks.files import atomic_path
+
+    try:
+        known = voices()
+        if voice not in known:
+            fail(f"--voice: eSpeak NG has no voice {voice!r}; e.g. {', '.join(known[:4])} (<accent>+<variant>)")
+        with tempfile.TemporaryDirectory() as tmp:
+            synthesise_fresh([Utterance(words, voice, 170, 50, 40.0)], RATE, tmp, seed)
+            with atomic_path(out) as part:
+                shutil.copyfile(Path(tmp) / "00000.wav", part)
+    except EspeakMissing as e:
+        fail(f"{e}; or give a Free Spoken Digit Dataset recording with --from")
+    return f"eSpeak NG voice {voice}"
+
+
+def fsdd_wav(source: Path, digit: int | None, seed: int, out: Path) -> tuple[list[int], str]:
+    """A Free Spoken Digit Dataset recording (`source`, or one in the folder `source`, of `digit` if given, drawn
+    by `seed`) written to `out` as 16-bit mono at 16 kHz; ([its digit], where it came from)."""
+    import re
+
+    import numpy as np
+    import soundfile as sf
+
+    from tasks.data import DataError
+    from tasks.data.audio import load_audio
+    from tasks.files import atomic_path
+
+    if source.is_dir():
+        found = [p for p in sorted(source.glob("*.wav"))
+                 if re.fullmatch(FSDD, p.stem) and digit in (None, int(p.stem[0]))]
+        if not found:
+            fail(f"--from: no <digit>_<speaker>_<n>.wav recording{'' if digit is None else f' of a {digit}'} in "
+                 f"{source}")
+        source = found[int(np.random.default_rng(seed).integers(len(found)))]
+    m = re.fullmatch(FSDD, source.stem)
+    if not source.is_file() or m is None:
+        fail(f"--from: {source} is not a Free Spoken Digit Dataset recording (<digit>_<speaker>_<n>.wav) or folder")
+    if digit is not None and int(m[1]) != digit:
+        fail(f"--digits: {source.name} says a {m[1]}, not a {digit}")
+    try:
+        wave = load_audio(source, RATE)
+    except DataError as e:
+        fail(f"--from: {e}")
+    with atomic_path(out) as part:
+        sf.write(str(part), wave, RATE, subtype="PCM_16", format="WAV")
+    return [int(m[1])], f"speaker {m[2]} (Free Spoken Digit Dataset {source.name})"
+
+
+# example-image's inputs: what each makes of a 32x32 digit, and the runs whose translators take it
+LOOKS = {"edges": ("as its Canny edge map", "pix2pix on data.source=paired (data.pairing edges)"),
+         "super_resolution": ("shrunk to 8x8, bicubic back to 32x32",
+                              "pix2pix on paired, data.pairing super_resolution"),
+         "occlusion": ("under a grey 12x12 square", "pix2pix on paired, data.pairing occlusion"),
+         "digits_mnist": ("in MNIST's 20x20 box", "cyclegan on data.source=unpaired (data.domains digits_mnist)")}
+
+
+@app.command("example-image")
+def example_image(
+        out: Annotated[Path, typer.Argument(help="PNG to write (32x32 grey)")] = Path("edges.png"),
+        domain: Annotated[str, typer.Option(help="edges | super_resolution | occlusion: an image-to-image input "
+                                                 "made from an MNIST digit (paired's data.pairing); digits_mnist: a "
+                                                 "scikit-learn digit (unpaired's domain A)")] = "edges",
+        index: Annotated[int, typer.Option(min=0, help="which digit: its row in mnist5k (5,000) or, for "
+                                                       "digits_mnist, in scikit-learn's digits (1,797)")] = 0):
+    """Write an image-to-image model's input to try `nnlab sample --input` offline: a real digit from the data
+    the translators train on, as their domain A (default: an MNIST digit's edge map, pix2pix's input)."""
+    if domain not in LOOKS:
+        fail(f"--domain: {domain!r}; one of {', '.join(LOOKS)}")
+    from PIL import Image
+
+    from tasks.data import image_pairs
+    from tasks.files import atomic_path
+
+    x, labels = image_pairs.sklearn_digits32() if domain == "digits_mnist" else image_pairs.mnist32()
+    if index >= len(x):
+        fail(f"--index: {index}; there are {len(x)} digits (0 to {len(x) - 1})")
+    make = {"edges": image_pairs.edges, "super_resolution": image_pairs.low_resolution,
+            "occlusion": lambda a: image_pairs.occluded(a, seed=index), "digits_mnist": lambda a: a}[domain]
+    img = make(x[index:index + 1])[0, 0]  # (32, 32) uint8
+    with atomic_path(out) as part:
+        Image.fromarray(img).save(part, format="PNG")
+    looks, trained = LOOKS[domain]
+    digit = int(labels[index])
+    typer.echo(f"{out}: a {digit} ({'scikit-learn digits' if domain == 'digits_mnist' else 'mnist5k'} #{index}) "
+               f"{looks}, 32x32 grey: the input of {trained}")
+    typer.echo(f"try: nnlab sample --model models:/nnlab-image-translator@champion --input {out} -o digit.png   "
+               f"(it should draw a {digit})")
 
 
 @app.command("models")
@@ -139,8 +284,12 @@ def ui(port: int = 5000, host: str = "127.0.0.1"):
 
     for k, v in server_env(uri).items():  # as `nnlab tracking-server`: no GenAI job consumers, no telemetry
         os.environ.setdefault(k, v)
+    # what is left on the terminal are errors: no access log, no uvicorn life cycle, no deprecation warnings of
+    # MLflow's own imports (MLflow's default 4 workers: with one, uvicorn's Ctrl-C ends in a lifespan traceback)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore:starlette.middleware.wsgi is deprecated")
     os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                               "--host", host, "--port", str(port)])
+                               "--registry-store-uri", uri, "--host", host, "--port", str(port),
+                               "--uvicorn-opts", "--log-level warning --no-access-log"])
 
 
 @app.command("deploy")

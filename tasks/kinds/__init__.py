@@ -244,6 +244,12 @@ def dataset_label(data: "DataConfig") -> str:
     label = data.source
     if data.path and data.source in ("text_csv", "pairs"):
         label += "-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data.path).stem).strip("_.-")
+    # another task on the same source than its default: a super-resolution champion never answers an edge map,
+    # a model of spoken commands never a digit string
+    default = type(data).model_fields
+    for source, key in (("paired", "pairing"), ("unpaired", "domains"), ("synth_speech", "script")):
+        if data.source == source and getattr(data, key) != default[key].default:
+            label += "-" + getattr(data, key)
     return label
 
 
