@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from flows.app import app, fail, quiet_prefect
+from flows.console import interruption, take_sigterm, terminated  # standard library only
 from tasks.phases import mark
 
 atexit.register(mark, "exit handlers done")  # registered first, so it runs last of them
@@ -81,7 +82,7 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
         models: Annotated[Optional[str], typer.Option("--models", "-m", help="comma-separated runs to train")] = None):
     """Run the experiment flow: prepare data, train each model, evaluate, register the best."""
     cfg, names = load(params, set_, models, runs=True)  # validate before anything runs: no MLflow run, no data
-    check_writable_places()
+    ready_to_run([cfg])
     mark("config validated")
     quiet_prefect()
     server = boot_prefect_server()
@@ -93,7 +94,7 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
     with explained_failures(), prefect_api(server):
         try:
             with local_flow_settings():
-                summary = experiment(str(params), set_ or [], names)
+                summary = experiment.with_options(on_running=[take_sigterm])(str(params), set_ or [], names)
             code = 0
         except ExperimentFailed as e:
             summary, code = e.summary, 1
@@ -130,6 +131,19 @@ def warm_up(cfg) -> None:
     mark("imported")
 
 
+def ready_to_run(cfgs: list) -> None:
+    """Before the server boots or the store opens: data.path's files looked over (tasks/sources.py; a file its
+    source cannot read is exit 2, named with its problem), the store and the working folder writable; from then
+    on SIGTERM ends the command the way Ctrl-C does, exit 143 (flows/console.py)."""
+    from tasks.sources import unreadable
+
+    for data in {c.data.model_dump_json(): c.data for c in cfgs}.values():
+        if why := unreadable(data):
+            fail(why)
+    check_writable_places()
+    take_sigterm()
+
+
 def check_writable_places() -> None:
     """The tracking store and the working folder (data, checkpoints) take writes, before any work starts."""
     from tasks.files import StoreWriteError, check_writable
@@ -145,7 +159,7 @@ def check_writable_places() -> None:
 @contextmanager
 def explained_failures():
     """End the command with one line of its own for what it can explain: bad data (exit 2), a full or read-only
-    disk, DVC's lock held past the timeout (exit 1), Ctrl-C (exit 130, the interrupted run named)."""
+    disk, DVC's lock held past the timeout (exit 1), Ctrl-C or SIGTERM (exit 130 or 143, the interrupted run named)."""
     from tasks.data import DataError
     from tasks.dvc import DvcLockTimeout
     from tasks.files import StoreWriteError
@@ -157,10 +171,10 @@ def explained_failures():
     except (StoreWriteError, DvcLockTimeout) as e:
         fail(str(e), code=1)
     except KeyboardInterrupt as e:
-        run_id = getattr(e, "run_id", None)
-        typer.secho(f"interrupted: {e.name}'s MLflow run {run_id} is marked KILLED; the same command resumes it from "
-                    "its last finished epoch" if run_id else "interrupted", fg="yellow", err=True)
-        raise typer.Exit(130) from None
+        (what, code), run_id = interruption(), getattr(e, "run_id", None)  # Ctrl-C: 130, SIGTERM: 143
+        typer.secho(f"{what}: {e.name}'s MLflow run {run_id} is marked KILLED; the same command resumes it from "
+                    "its last finished epoch" if run_id else what, fg="yellow", err=True)
+        raise typer.Exit(code) from None
 
 
 def print_summary(summary: dict, cfg) -> None:
@@ -225,7 +239,7 @@ def sweep_cmd(file: Annotated[Optional[Path], typer.Argument(help="sweep file; d
         check_scheduler(spec_.address)
     n = default_workers(spec_, len(cells))
     where = f"the Dask cluster at {spec_.address}" if spec_.engine == "dask" else f"{n} worker(s)"
-    check_writable_places()
+    ready_to_run([c.cfg for c in cells])
     mark("config validated")
     typer.echo(f"sweep {spec_.name}: {len(cells)} cells, {where}")
     quiet_prefect()
@@ -278,7 +292,7 @@ def check_scheduler(address: str) -> None:
 
 def run_sweep(spec_, raw: dict, sets: list[str], cells: list, n: int, resume: str | None, server) -> dict:
     """The sweep flow on `n` workers (or the Dask cluster) against the temporary server: its summary. Ctrl-C is
-    exit 130 (the pool's workers stopped first, the runs marked KILLED), a crashed sweep exit 1."""
+    exit 130 and SIGTERM 143 (the pool's workers stopped first, the runs marked KILLED), a crashed sweep exit 1."""
     from flows.console import hide_explained_failures
     from flows.sweep import SweepCrashed, WarmPool, stop_after_interrupt, sweep, task_runner
 
@@ -296,10 +310,11 @@ def run_sweep(spec_, raw: dict, sets: list[str], cells: list, n: int, resume: st
         hide_explained_failures()
         with explained_failures(), prefect_api(server), local_flow_settings():
             try:
-                return sweep.with_options(task_runner=pool)(spec_.model_dump(), raw, sets, resume)
+                flow = sweep.with_options(task_runner=pool, on_running=[take_sigterm])
+                return flow(spec_.model_dump(), raw, sets, resume)
             except KeyboardInterrupt:  # before the server stops: the pool's workers first, the runs marked KILLED
                 typer.secho(stop_after_interrupt(), fg="yellow", err=True)
-                raise typer.Exit(130) from None
+                raise typer.Exit(interruption()[1]) from None
             except SweepCrashed as e:
                 fail(str(e), code=1)
     finally:
@@ -309,19 +324,14 @@ def run_sweep(spec_, raw: dict, sets: list[str], cells: list, n: int, resume: st
 
 def _sweep_definition(parent_run_id: str):
     from tasks.config import ConfigError
-    from tasks.tracking import load_artifact_json
+    from tasks.tracking import load_artifact_json, tracking_uri
 
     try:
         d = load_artifact_json(parent_run_id, "sweep/sweep.json")
     except Exception as e:
-        raise ConfigError(f"--resume {parent_run_id}: not a sweep parent run in {_uri()} ({type(e).__name__})")
+        raise ConfigError(f"--resume {parent_run_id}: not a sweep parent run in {tracking_uri()} "
+                          f"({type(e).__name__})")
     return d["spec"], d["params"], d["sets"]
-
-
-def _uri() -> str:
-    from tasks.tracking import tracking_uri
-
-    return tracking_uri()
 
 
 def print_sweep(out: dict) -> None:
@@ -337,6 +347,8 @@ def print_sweep(out: dict) -> None:
     elif reg:
         console.print(f"registered {reg['name']} v{reg['version']} ({reg['cell']}, mean {reg['mean']:.4f}"
                       f" ± {reg['ci95']:.4f}) as [bold]{reg['alias']}[/bold]: {reg['decision']}")
+    if out.get("registration_off"):
+        console.print(f"[yellow]not registered[/yellow]: {out['registration_off']}")
     for r in out["failed"]:
         console.print(f"[red]not finished[/red] {r['cell']}: {r.get('error') or r['status']}")
     if out["failed"]:
@@ -403,6 +415,7 @@ def _run_stage(st, name: str, cfg, model: str | None) -> None:
 # (tracking-server, example-csv, example-pairs, models, ui, deploy): on the same app, listed after `stage`
 import flows.serve  # noqa: E402,F401
 import flows.admin  # noqa: E402,F401
+import flows.history  # noqa: E402,F401
 
 
 def main() -> None:
@@ -420,6 +433,7 @@ def main() -> None:
     if code is not None and not isinstance(code, int):  # sys.exit("message")
         print(code, file=sys.stderr)
         code = 1
+    code = interruption()[1] if terminated() else code  # SIGTERM before or after the flow too: 143
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -6,11 +6,15 @@ disk, DVC's lock held too long, an interrupt), those records are left out of the
 the Prefect API, so the Prefect UI keeps the whole story. Any other failure is shown as Prefect logs it.
 Prefect's INFO lines (runs begun and finished) and MLflow's known chatter stay off the terminal too: a run prints
 its own lines (NNLAB_SHOW_PREFECT_LINKS=1 brings Prefect's back).
+
+And how SIGTERM (`kill`, a scheduler's or a container's stop) ends `nnlab run` and `nnlab sweep`: the way Ctrl-C
+does (take_sigterm), with exit code 143.
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 
 # exception class names whose message is the whole story (tasks.data.DataError, tasks.files.StoreWriteError,
@@ -96,3 +100,38 @@ def hide_explained_failures() -> None:
             if isinstance(handler, logging.StreamHandler) and not any(isinstance(f, HideExplained)
                                                                       for f in handler.filters):
                 handler.addFilter(HideExplained())
+
+
+# ---------------------------------------------------------------- SIGTERM, taken as Ctrl-C
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt: whatever stops on Ctrl-C stops on it
+    (the run being trained is marked KILLED, a sweep's workers are stopped, the resume command printed)."""
+
+
+_TERMINATED: list[int] = []  # the signal, once SIGTERM has arrived
+
+
+def _on_sigterm(signum, frame) -> None:
+    if _TERMINATED:  # a second SIGTERM while the first is being handled: the cleanup goes on
+        return
+    _TERMINATED.append(signum)
+    raise Terminated()
+
+
+def take_sigterm(*_hook_args) -> None:
+    """From now on SIGTERM raises Terminated in the main thread. Called as a command starts, and again as its flow's
+    `on_running` hook: for a flow's duration Prefect puts its own SIGTERM handler in place, whose TerminationSignal
+    is no KeyboardInterrupt (nothing is marked KILLED) and which then re-sends the signal to the handler it found;
+    the hook puts this one back inside the flow (Prefect restores it as the flow ends)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def terminated() -> bool:
+    return bool(_TERMINATED)
+
+
+def interruption() -> tuple[str, int]:
+    """How an interrupted command says so, and its exit code: after SIGTERM 143 (128 + 15), after Ctrl-C 130."""
+    return ("terminated (SIGTERM)", 128 + _TERMINATED[0]) if _TERMINATED else ("interrupted", 130)

@@ -11,7 +11,9 @@ and on a port clash may end up talking to another process's server. This one:
   seconds (default 180);
 - stops the whole group (SIGTERM, then SIGKILL after a few seconds) and reaps it on every way out: `with`
   around the flow, atexit, and a SIGTERM handler that turns SIGTERM into SystemExit so those run; the server
-  also stops itself if this process dies without any of them (SIGKILL).
+  also stops itself if this process dies without any of them (SIGKILL);
+- keeps the project's flow runs apart from other checkouts', in .nnlab/prefect/prefect.db (`nnlab history`),
+  unless PREFECT_HOME or PREFECT_SERVER_DATABASE_CONNECTION_URL is set.
 
 Environment: NNLAB_PREFECT_SERVER_TIMEOUT (seconds to wait for the server), NNLAB_PREFECT_SERVER_PORT (port tried
 first), NNLAB_PREFECT_SERVER_START_DELAY (tests only: seconds the server sleeps before it starts).
@@ -93,9 +95,8 @@ def startup_timeout() -> float:
 
 # ------------------------------------------------------------------------------------------- the user's own API
 
-def _profile_api_url() -> str | None:
-    """PREFECT_API_URL from the active Prefect profile (what `prefect config set` writes), read without
-    importing Prefect (seconds). Prefect's other sources (prefect.toml, .env, ...) are checked in use_server()."""
+def _profile_setting(name: str) -> str | None:
+    """Setting `name` of the active Prefect profile (`prefect config set`), read without importing Prefect."""
     import tomllib
 
     home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
@@ -104,14 +105,25 @@ def _profile_api_url() -> str | None:
         data = tomllib.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    name = os.environ.get("PREFECT_PROFILE") or data.get("active")
-    profile = (data.get("profiles") or {}).get(name) or {}
-    return profile.get("PREFECT_API_URL") or None
+    profile = (data.get("profiles") or {}).get(os.environ.get("PREFECT_PROFILE") or data.get("active")) or {}
+    return profile.get(name) or None
 
 
 def user_api_url() -> str | None:
     """The API the user configured: PREFECT_API_URL in the environment or in the active profile."""
-    return os.environ.get("PREFECT_API_URL") or _profile_api_url()
+    return os.environ.get("PREFECT_API_URL") or _profile_setting("PREFECT_API_URL")
+
+
+PROJECT_DATABASE = Path(".nnlab/prefect/prefect.db")  # this checkout's flow-run history (`nnlab history`)
+DATABASE_SETTINGS = ("PREFECT_HOME", "PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
+
+
+def project_database() -> Path | None:
+    """Where the temporary server keeps its flow runs: the project's .nnlab/prefect/prefect.db (absolute), apart
+    from other checkouts'; None when the user chose Prefect's home or database (environment or active profile)."""
+    if any(os.environ.get(k) or _profile_setting(k) for k in DATABASE_SETTINGS):
+        return None
+    return PROJECT_DATABASE.resolve()
 
 
 # ------------------------------------------------------------------------------------------------- the server
@@ -150,6 +162,9 @@ class TemporaryServer:
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
         # what Prefect's SubprocessASGIServer sets: no UI, no background services, last app of the process
         env.update({"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"})
+        if (db := project_database()) is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+            env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{db}"
         cmd = [sys.executable, "-m", "flows.prefect_server", "--fd", str(fd), "--port", str(port),
                "--parent", str(os.getpid())]
         try:

@@ -23,7 +23,7 @@ from tasks.config import Config, SweepConfig, flatten
 from tasks.kinds import main_metric, ranking
 from tasks.phases import mark
 from tasks.stages import evaluate_stage, train_stage
-from tasks.sweep import expand, fold_sets, register_by_mean, report, show_best_on_parent, todo
+from tasks.sweep import expand, fold_sets, register_by_mean, registration_off, report, show_best_on_parent, todo
 
 SWEEPS = Path(".nnlab/sweeps")
 REPORTS = Path("reports")
@@ -41,7 +41,8 @@ def prepare_worker(threads: int, runs: tuple[tuple[str, str], ...] = ()) -> None
     from flows.warm import preload
 
     torch.set_num_threads(threads)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # an idle worker leaves Ctrl-C to the sweep (run_cell takes it)
+    signal.signal(signal.SIGINT, _ignore)  # an idle worker leaves Ctrl-C to the sweep (run_cell takes it)
+    signal.signal(signal.SIGTERM, _stop_worker)  # the fork server's SIG_IGN undone: SIGTERM stops an idle worker
     hide_explained_failures()
     preload(runs)
 
@@ -49,6 +50,21 @@ def prepare_worker(threads: int, runs: tuple[tuple[str, str], ...] = ()) -> None
 # imported once by the fork server the pool's workers are forked from (imports only: no thread, store or device
 # is opened before the fork)
 FORK_SERVER_PRELOAD = ["flows.sweep", "tasks.kinds.supervised", "mlflow", "prefect.task_engine", "torch._dynamo"]
+
+
+def _start_fork_server() -> None:
+    """The fork server, started now with SIGTERM ignored, which it keeps (as it ignores Ctrl-C): a SIGTERM sent to
+    the whole process group (Slurm, systemd) leaves it up, so the sweep can still tell its workers apart and stop
+    them; it is stopped with the pool (_stop_fork_server), or when this process is gone. Main thread only."""
+    import multiprocessing.forkserver as fs
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    saved = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        fs.ensure_running()
+    finally:
+        signal.signal(signal.SIGTERM, saved)
 
 
 def _stop_fork_server() -> None:
@@ -111,6 +127,7 @@ class WarmPool(ProcessPoolTaskRunner):
         self._executor.shutdown(wait=False)
         ctx = get_context("forkserver")
         ctx.set_forkserver_preload(FORK_SERVER_PRELOAD)
+        _start_fork_server()
         self._executor = ProcessPoolExecutor(
             max_workers=self._max_workers, mp_context=ctx, initializer=_initialize_process_pool_worker,
             initargs=(self._subprocess_message_queue, self._initializer, self._initargs))
@@ -134,19 +151,38 @@ class WarmPool(ProcessPoolTaskRunner):
             self.__exit__(None, None, None)
 
 
+def _interrupt(signum, frame):
+    """A cell's first Ctrl-C or SIGTERM: KeyboardInterrupt (the training marks its run KILLED); then Ctrl-C is ignored
+    and SIGTERM stops the worker (the sweep's stop_cells sends it after its grace)."""
+    signal.signal(signal.SIGINT, _ignore)
+    signal.signal(signal.SIGTERM, _stop_worker)
+    raise KeyboardInterrupt
+
+
+# A worker's handlers are Python functions, never SIG_IGN / SIG_DFL: a signal already caught by Python's C handler
+# (SIGTERM to the whole group and the sweep's SIGINT arrive together) then meets a function when its turn comes,
+# not "OSError: Signal 15 ignored due to race condition" and a traceback.
+def _ignore(signum, frame) -> None:
+    pass
+
+
+def _stop_worker(signum, frame) -> None:
+    os._exit(128 + signum)  # as SIGTERM's default would end it: no cleanup, the sweep marks what was left
+
+
 class interruptible:
-    """Ctrl-C raises KeyboardInterrupt in this block (the training marks its run KILLED), even in a pool worker
-    that otherwise ignores it. Off the main thread (a Dask worker's) a no-op."""
+    """Ctrl-C or SIGTERM raises KeyboardInterrupt in this block (the training marks its run KILLED), even in a pool
+    worker that otherwise ignores Ctrl-C (and stops at SIGTERM). Off the main thread (a Dask worker's) a no-op."""
 
     def __enter__(self):
-        self.saved = None
+        self.saved = {}
         if threading.current_thread() is threading.main_thread():
-            self.saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.saved = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc):
-        if self.saved is not None:
-            signal.signal(signal.SIGINT, self.saved)
+        for s, handler in self.saved.items():
+            signal.signal(s, handler)
 
 
 _OPENED: dict[str, str] = {}  # the sweep parent run this process opened: Ctrl-C marks it KILLED
@@ -168,8 +204,16 @@ def stop_cells(grace: float = 3.0) -> None:
     workers are still this process's multiprocessing children.)"""
     import multiprocessing
 
+    from flows.console import terminated
+
     if not multiprocessing.active_children():  # stopped already (the pool's exit on the same interrupt)
         return
+    if terminated():  # a SIGTERM reaches this process alone (`kill PID`): the cells are told as Ctrl-C tells them
+        for p in multiprocessing.active_children():
+            try:
+                os.kill(p.pid, signal.SIGINT)  # a cell marks its run KILLED; an idle worker ignores it
+            except ProcessLookupError:
+                pass
     parent = _OPENED.get("parent")
     deadline = time.monotonic() + grace
     while _running_cells(parent) and time.monotonic() < deadline:
@@ -185,19 +229,20 @@ def stop_cells(grace: float = 3.0) -> None:
 
 
 def stop_after_interrupt(grace: float = 3.0) -> str:
-    """Ctrl-C during a sweep: the workers are stopped (stop_cells; a Ctrl-C sent to this process alone reaches
-    them here), every run still RUNNING and the parent are marked KILLED, and the line to print is returned:
-    the exact command that finishes the sweep."""
+    """Ctrl-C (or SIGTERM) during a sweep: the workers are stopped (stop_cells; a signal sent to this process alone
+    reaches them here), every run still RUNNING and the parent are marked KILLED, and the line to print is
+    returned: the exact command that finishes the sweep."""
+    from flows.console import interruption
     from tasks.tracking import Run
 
-    parent = _OPENED.get("parent")
+    parent, what = _OPENED.get("parent"), interruption()[0]  # interrupted (Ctrl-C) | terminated (SIGTERM)
     stop_cells(grace)
     if not parent:
-        return "interrupted before the sweep's parent run was opened: nothing recorded"
+        return f"{what} before the sweep's parent run was opened: nothing recorded"
     for run_id in _running_cells(parent):
-        Run(run_id).mark_interrupted("interrupted with its sweep; `nnlab sweep --resume` resumes it")
-    Run(parent).mark_interrupted("interrupted; `nnlab sweep --resume` finishes it")
-    return f"interrupted: sweep parent run {parent} is marked KILLED; finish it with: nnlab sweep --resume {parent}"
+        Run(run_id).mark_interrupted(f"{what} with its sweep; `nnlab sweep --resume` resumes it")
+    Run(parent).mark_interrupted(f"{what}; `nnlab sweep --resume` finishes it")
+    return f"{what}: sweep parent run {parent} is marked KILLED; finish it with: nnlab sweep --resume {parent}"
 
 
 def runner(workers: int, runs: tuple[tuple[str, str], ...] = ()) -> WarmPool:
@@ -348,12 +393,13 @@ def _cells_and_report(parent, spec_: SweepConfig, cells: list) -> dict:
     mark("report written")
     failed = [r for r in rows if r["status"] != "FINISHED"]
     show_best_on_parent(parent.run_id, rows, rank)
-    registered = register_by_mean(rows, spec_, cells[0].cfg, parent.run_id, rank) if spec_.register else None
+    off = registration_off(spec_, cells)  # sweep.register, or register.enabled in the cells (fixed, --set)
+    registered = register_by_mean(rows, spec_, cells[0].cfg, parent.run_id, rank) if not off else None
     parent.set_tags({"nnlab.sweep_failed_cells": str(len(failed))})
     parent.finish("FINISHED" if not failed else "FAILED",
                   f"{len(failed)} cell(s) did not finish; `nnlab sweep --resume {parent.run_id}`" if failed else None)
     return {"parent_run_id": parent.run_id, "cells": len(cells), "ran": len(pending), "failed": failed,
-            "report": paths, "registered": registered, "rows": rows}
+            "report": paths, "registered": registered, "registration_off": off, "rows": rows}
 
 
 @flow(name="nnlab-sweep-file", log_prints=False)

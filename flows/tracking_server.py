@@ -17,17 +17,13 @@ def _postgres_url(uri: str):
 
     if not uri.startswith(("postgres://", "postgresql://", "postgresql+")):
         return None
-    url = make_url(uri.replace("postgres://", "postgresql://", 1))
-    if url.drivername == "postgresql":
-        # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the project ships psycopg2(-binary)
-        url = url.set(drivername="postgresql+psycopg2")
-    return url
+    return make_url(uri.replace("postgres://", "postgresql://", 1))
 
 
 def server_store_uri(uri: str) -> str:
-    """`uri` as MLflow's server must get it: a bare PostgreSQL URI names the psycopg2 driver."""
-    url = _postgres_url(uri)
-    return uri if url is None else url.render_as_string(hide_password=False)
+    """`uri` as MLflow's server must get it. A bare postgresql:// is SQLAlchemy 2.1's psycopg (3), which the
+    project ships: it goes unchanged; only libpq's `postgres://` alias, which SQLAlchemy refuses, is spelled out."""
+    return "postgresql://" + uri[len("postgres://"):] if uri.startswith("postgres://") else uri
 
 
 def ensure_database(uri: str) -> bool:
@@ -36,8 +32,8 @@ def ensure_database(uri: str) -> bool:
     url = _postgres_url(uri)
     if url is None:
         return False
-    import psycopg2
-    from psycopg2 import sql
+    import psycopg
+    from psycopg import sql
 
     shown = url.set(drivername="postgresql").render_as_string(hide_password=True)
     args = {**url.translate_connect_args(username="user", database="dbname"), **dict(url.query),
@@ -52,22 +48,20 @@ def ensure_database(uri: str) -> bool:
             "versions in /etc/postgresql) or `sudo systemctl start postgresql`, or pass another --backend-store-uri")
 
     try:
-        psycopg2.connect(**args).close()
+        psycopg.connect(**args).close()
         return False
-    except psycopg2.OperationalError as e:
+    except psycopg.OperationalError as e:
         if f'database "{db}" does not exist' not in str(e):
             raise unreachable(e) from None
-    try:  # the maintenance database of the same server
-        con = psycopg2.connect(**{**args, "dbname": "postgres"})
-    except psycopg2.OperationalError as e:
+    try:  # the maintenance database of the same server; CREATE DATABASE cannot run inside a transaction
+        con = psycopg.connect(**{**args, "dbname": "postgres"}, autocommit=True)
+    except psycopg.OperationalError as e:
         raise unreachable(e) from None
     try:
-        con.autocommit = True  # CREATE DATABASE cannot run inside a transaction
-        with con.cursor() as cur:
-            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
-    except psycopg2.errors.DuplicateDatabase:  # created meanwhile
+        con.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+    except psycopg.errors.DuplicateDatabase:  # created meanwhile
         return False
-    except psycopg2.Error as e:
+    except psycopg.Error as e:
         raise StoreUnreachable(f"cannot create database {db!r} for {shown}: {str(e).strip()}") from None
     finally:
         con.close()

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from models.options import UnknownModelError, get_spec
 from tasks.explain import format_errors
-from tasks.sources import NAMES as SOURCE_NAMES, kind_name, misfit, rules, unwatchable
+from tasks.sources import NAMES as SOURCE_NAMES, kind_name, misfit, rules, unread, unwatchable
 
 INIT_ALIASES = {"glorot_normal": "xavier_normal", "glorot_uniform": "xavier_uniform",
                 "kaiming_normal": "he_normal", "kaiming_uniform": "he_uniform"}
@@ -349,8 +349,9 @@ def validate(raw: dict[str, Any], judge: bool = True) -> Config:
 
 def _refuse_inapplicable(cfg: Config, names: list[str]) -> None:
     """Settings the kind of a run that will train cannot honour are errors, never silently ignored (e.g. early
-    stopping of a GAN). Entries of `models` that this command does not train are not judged."""
-    lines = []
+    stopping of a GAN), as are data settings its source does not read. Entries of `models` that this command does
+    not train are not judged."""
+    lines = unread(cfg.data)
     for name in names:
         arch = cfg.model_options(name)[0]
         why = misfit(arch, cfg.data.source)

@@ -83,8 +83,20 @@ def wait_for_lock(deadline: float, timeout: float, lock: Path = DVC_LOCK) -> Non
 
 
 def repro(*targets: str) -> None:
-    """`dvc repro TARGETS` in a child process. DVC holds one lock per workspace and gives up on it after 3 s;
-    this waits for it (NNLAB_DVC_LOCK_TIMEOUT seconds, default 600), saying whose it is, then fails in one line."""
+    """`dvc repro TARGETS` in a child process, waiting for DVC's workspace lock (see `run_dvc`)."""
+    run_dvc("repro", *targets)
+
+
+def commit(*stages: str) -> None:
+    """`dvc commit -f STAGES`: record the outputs now in the workspace, and the deps and params they were made
+    from, in dvc.lock (and the cache), as if `dvc repro` had just run those stages; waits for the lock as repro."""
+    if stages:
+        run_dvc("commit", "--force", *stages)
+
+
+def run_dvc(*args: str) -> None:
+    """`dvc ARGS` in a child process. DVC holds one lock per workspace and gives up on it after 3 s; this waits for
+    it (NNLAB_DVC_LOCK_TIMEOUT seconds, default 600), saying whose it is, then fails in one line."""
     import time
 
     env = dict(os.environ)
@@ -94,12 +106,11 @@ def repro(*targets: str) -> None:
     deadline = time.monotonic() + timeout
     while True:
         wait_for_lock(deadline, timeout)
-        proc = subprocess.run([sys.executable, "-m", "dvc", "repro", *targets], env=env, capture_output=True,
-                              text=True)
+        proc = subprocess.run([sys.executable, "-m", "dvc", *args], env=env, capture_output=True, text=True)
         if proc.returncode == 0:
             return
         if "Unable to acquire lock" not in proc.stdout + proc.stderr:
-            raise RuntimeError(f"`dvc repro {' '.join(targets)}` failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+            raise RuntimeError(f"`dvc {' '.join(args)}` failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
         if time.monotonic() >= deadline:  # (DVC configured with hardlink_lock: a lock this check cannot see)
             raise lock_timed_out("stayed taken", timeout)
         time.sleep(0.5)  # another DVC command took the lock between our look and DVC's own: wait again

@@ -3,9 +3,12 @@ model, never the same result twice, `champion` only for a better and healthy sco
 model found again by reference (its checkpoint, vocabularies and metadata)."""
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
-from tasks.tracking import client, tracking_uri
+from tasks.descriptions import model_description, registry_line, train_longer, version_description
+from tasks.tracking import Run, client, tracking_uri
 
 
 # What makes two registered versions the same result: the run's tags that a version copies.
@@ -31,15 +34,36 @@ def register_best(name: str, metric: str, results: list[dict], min_delta: float 
         raise ValueError(f"nothing to register: no result has {metric!r}")
     trivial = [r for r in ok if r.get("beats_baseline") is False]
     ok = [r for r in ok if r.get("beats_baseline") is not False]
-    if not ok:  # a model at chance is no model: nothing goes into the registry
-        return {"name": name, "registered": False, "metric": metric,
-                "reason": "no run beats its trivial baseline (" + "; ".join(f"{r['name']}: {r['baseline']}"
-                                                                       for r in trivial) + ")"}
+    if not ok:  # a model at chance is no model: nothing goes into the registry; say what to do about it
+        out = {"name": name, "registered": False, "metric": metric,
+               "reason": "no run beats its trivial baseline (" + "; ".join(f"{r['name']}: {r['baseline']}"
+                                                                      for r in trivial) + "); " + train_longer(trivial)}
+        for r in trivial:
+            describe_run(r.get("run_id"), registry_line(out))
+        return out
     best = (max if higher else min)([r for r in ok if not champion_blockers(r)] or ok, key=lambda r: r[metric])
     out = register_version(name, best["model_uri"], best[metric], min_delta,
                            {"nnlab.run": best["name"], "nnlab.run_id": best["run_id"], metric: best[metric],
                             "nnlab.metric": metric}, higher=higher, blocked=champion_blockers(best))
+    for r in ok:  # the others: why not them
+        if r is not best:
+            describe_run(r.get("run_id"), f"**Registry:** not registered in {name}: {best['name']} ranked first "
+                                          f"({metric} {best[metric]:.4f})")
+    for r in trivial:
+        describe_run(r.get("run_id"), f"**Registry:** not registered in {name}: does not beat its trivial baseline "
+                                      f"({r['baseline']})")
     return {**out, "run_id": best["run_id"], "model": best["name"], metric: best[metric]}
+
+
+def describe_run(run_id: str | None, registry: str) -> None:
+    """The run's description: its headline and `registry`, what the registry made of it. Descriptive: a run that
+    cannot be described (not in this store) is one line, never a failed registration."""
+    if not run_id:
+        return
+    try:
+        Run(run_id).describe(registry)
+    except Exception as e:
+        print(f"MLflow run {run_id}: description not written ({type(e).__name__}: {str(e)[:200]})", flush=True)
 
 
 def register_version(name: str, model_uri: str, score: float, min_delta: float, tags: dict,
@@ -53,9 +77,11 @@ def register_version(name: str, model_uri: str, score: float, min_delta: float, 
     c = client()
     identity, refused = _identity_and_refusal(c, name, score, tags)
     if refused is not None:
+        describe_run(tags.get("nnlab.run_id"), registry_line(refused))
         return refused
     champ, champ_score = _champion(c, name, tags.get("nnlab.metric", "test_accuracy"))
-    version = mlflow.register_model(model_uri, name)
+    with contextlib.redirect_stderr(io.StringIO()):  # MLflow's "Successfully registered…": nnlab says it itself
+        version = mlflow.register_model(model_uri, name)
     if blocked:
         wins = False
     elif champ_score is None or champ_score != champ_score:
@@ -74,8 +100,26 @@ def register_version(name: str, model_uri: str, score: float, min_delta: float, 
                  "nnlab.previous_champion_score": champ_score}.items():
         c.set_model_version_tag(name, version.version, k, str(v))
     c.set_registered_model_alias(name, alias, version.version)
-    return {"name": name, "registered": True, "version": int(version.version), "alias": alias, "score": score,
-            "previous_champion": champ_score, "decision": decision}
+    out = {"name": name, "registered": True, "version": int(version.version), "alias": alias, "score": score,
+           "previous_champion": champ_score, "decision": decision}
+    _describe(c, out, tags, higher)
+    return out
+
+
+def _describe(c, outcome: dict, tags: dict, higher: bool) -> None:
+    """In words (tasks/descriptions.py): the new version's description (its score, the decision, its run), the
+    registered model's (its kind, its data, its ranking) and the run's (its headline and this decision)."""
+    metric, run_id = tags.get("nnlab.metric", "test_accuracy"), tags.get("nnlab.run_id")
+    try:
+        run_tags = c.get_run(run_id).data.tags if run_id else {}
+        c.update_model_version(outcome["name"], str(outcome["version"]), description=version_description(
+            metric, outcome["score"], outcome, tags, run_tags.get("nnlab.run")))
+        c.update_registered_model(outcome["name"], description=model_description(
+            run_tags.get("nnlab.kind"), run_tags.get("nnlab.dataset"), metric, higher))
+    except Exception as e:  # descriptive: never fails a registration done
+        print(f"{outcome['name']} v{outcome['version']}: description not written ({type(e).__name__}: "
+              f"{str(e)[:200]})", flush=True)
+    describe_run(run_id, registry_line(outcome))
 
 
 def _identity_and_refusal(c, name: str, score: float, tags: dict) -> tuple[dict, dict | None]:

@@ -6,6 +6,7 @@ and writes its outputs atomically. MLflow is reached only through tasks.tracking
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from models.registry import count_parameters, get_spec
 from tasks.config import Config, flatten, params_hash
 from tasks.data import AUGMENTED, PROCESSED, load_prepared, prepare, raw_max
+from tasks.descriptions import OVERRIDES_TAG, headline, run_title
 from tasks.files import (StoreWriteError, atomic_path, code_hash, exclusive, load_torch, save_torch, write_failure,
                          write_json)
 from tasks.kinds import Job, Kind, get_kind, kind_of, ranking, register_name
@@ -159,8 +161,8 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
             why = write_failure(e, str(store_path() or "the MLflow store"))
             if why is None:
                 raise
-            run.abandon(f"{why} ({type(e).__name__})")  # FAILED, partial artifacts removed
-            raise StoreWriteError(f"{why}; {name}'s MLflow run {run.run_id} is FAILED, its last epoch's checkpoint "
+            state = run.abandon(f"{why} ({type(e).__name__})")  # FAILED if it can be, partial artifacts removed
+            raise StoreWriteError(f"{why}; {name}'s MLflow run {run.run_id} {state}, its last epoch's checkpoint "
                                   "kept: free space (or make it writable) and run the same command to resume") from None
         except BaseException as e:  # Ctrl-C, SIGTERM (SystemExit, Prefect's TerminationSignal): resumable
             run.mark_interrupted("interrupted; `nnlab run` with the same params resumes it")
@@ -286,7 +288,8 @@ def _open_run(cfg, name, arch, manifest, params, phash, ckpt_path, trainer, pare
         "nnlab.params_hash": phash,
         "nnlab.run": name, **(extra_tags or {}),
     }
-    title = run_title(name, manifest["source"], cfg.train_for(name).lr, tags.get("nnlab.sweep_cell"))
+    overrides = json.loads(tags.get(OVERRIDES_TAG, "[]"))  # the command line's --set (flows/experiment.py)
+    title = run_title(name, manifest["source"], overrides, tags.get("nnlab.sweep_cell"))
     # beside models.<name>.*: the architecture's options (defaults filled in) under one prefix, model.*, so runs
     # of different architectures line up in MLflow's compare view
     logged = flatten({**params, "model": model_params(arch, cfg.model_options(name)[1])})
@@ -303,16 +306,6 @@ def model_params(arch: str, options: dict) -> dict:
     except Exception:  # validated before (load_config); a transfer base resolved since: as given
         pass
     return {"arch": arch, "family": spec.family, **options}
-
-
-def run_title(name: str, source: str, lr: float, cell: str | None = None) -> str:
-    """The MLflow run name, what tells runs apart in the runs list: `mlp · digits · lr=0.001`, or for a sweep
-    cell its levels, `mlp · optimizer=adam · seed=0` (the parent names the sweep and the data)."""
-    import re
-
-    if cell:
-        return " · ".join([name, *re.split(r",(?=[\w.]+=)", cell)])
-    return f"{name} · {source} · lr={lr:g}"
 
 
 # ---------------------------------------------------------------- evaluate
@@ -345,6 +338,9 @@ def evaluate_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, tra
         ev.summary, ev.tags = {**ev.summary, "reference": ref}, {**ev.tags, "nnlab.reference": beside(ref, ev.metrics)}
     run = Run(final["run_id"])
     run.log_metrics(ev.metrics)
+    if head := headline(kind, final["source"], ev.metrics):  # its description, and the runs list's one column
+        run.log_headline(kind.name, **head, registry=None if cfg.register.enabled else "**Registry:** not "
+                         "registered: register.enabled is false")
     if ev.tags:
         run.set_tags(ev.tags)
     plots_dir.mkdir(parents=True, exist_ok=True)

@@ -113,7 +113,7 @@ def expand(spec: SweepSpec, params: dict, sets: list[str] | None = None) -> list
             if unknown:
                 raise ConfigError(f"sweep.grid.{axis}: unknown preset(s) {unknown}; "
                                   f"defined in sweep.presets.{axis}: {', '.join(spec.presets[axis])}")
-    base = apply_sets(params, [f"{k}={_yaml_value(v)}" for k, v in spec.fixed.items()] + list(sets or []))
+    base = apply_sets(params, [f"{k}={_yaml_value(v)}" for k, v in _dotted(spec.fixed).items()] + list(sets or []))
     cells = []
     for combo in itertools.product(*spec.grid.values()):
         levels = dict(zip(spec.grid, combo))
@@ -133,6 +133,28 @@ def expand(spec: SweepSpec, params: dict, sets: list[str] | None = None) -> list
         for c in cells:
             c.id = ",".join(f"{k}={v}" for k, v in c.levels.items())
     return cells
+
+
+def _dotted(fixed: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{register: {enabled: false}}` -> `{register.enabled: false}`: a mapping in `fixed` sets the keys it names
+    and leaves the rest of its section as params.yaml has it (never replaces the whole section)."""
+    out = {}
+    for k, v in fixed.items():
+        if isinstance(v, dict) and v:
+            out.update(_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def registration_off(spec: SweepSpec, cells: list[Cell]) -> str | None:
+    """Why the sweep registers no model, or None: `sweep.register: false`, or `register.enabled: false` in its
+    cells (a sweep file's `fixed`, or `--set register.enabled=false`)."""
+    if not spec.register:
+        return "registration is off (sweep.register: false)"
+    if not all(c.cfg.register.enabled for c in cells):
+        return "registration is off (register.enabled: false)"
+    return None
 
 
 def default_workers(spec: SweepSpec, n_cells: int) -> int:

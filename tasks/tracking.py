@@ -2,6 +2,7 @@
 registry). Everything else hands them plain dicts, figures and modules."""
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import threading
@@ -63,10 +64,49 @@ def client():
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    if uri.startswith("sqlite:///") and uri not in _OPENED:
+        open_sqlite_store(uri)
+        logging.getLogger("mlflow.store.db.utils").addFilter(_not_raised_errors)
     mlflow.set_tracking_uri(uri)
     return _Retrying(MlflowClient(uri))
+
+
+_OPENED: set[str] = set()  # SQLite stores this process has opened (created and migrated if need be)
+
+
+def _not_raised_errors(record: logging.LogRecord) -> bool:
+    """Drops MLflow's log of an SQL store's error (a read-only or full disk, a locked database), a traceback
+    on stderr each time: the same error is raised to the caller, which retries it, explains it in one line or
+    lets it through with its own traceback."""
+    return not str(record.msg).startswith("SQLAlchemy database error")
+
+
+def open_sqlite_store(uri: str) -> None:
+    """Open the SQLite store at `uri` for this process, creating and migrating it if it is new, under an
+    inter-process lock (flock on <db>.lock beside it): MLflow creates a missing store's tables by running its
+    migrations, and two processes doing that at once (two `nnlab run` on a fresh store) crash one of them
+    (alembic: `... 0 found`, then `duplicate column name`). The kernel drops the lock when its holder ends,
+    however it ends. A store whose folder takes no lock file (read-only) is opened without it: it is not created."""
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = open(db.with_name(db.name + ".lock"), "a")
+    except OSError:
+        lock = None
+    try:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # waits while another process creates the store
+        c = MlflowClient(uri)
+        c.search_experiments(max_results=1)  # the tracking tables: created and migrated here when new
+        c.search_registered_models(max_results=1)  # the registry's
+    finally:
+        if lock is not None:
+            lock.close()  # releases the lock
+    _OPENED.add(uri)
 
 
 _MODEL_LOGGING_READY = threading.Event()
@@ -118,9 +158,8 @@ class _Retrying:
 
 
 def prepare_store(experiment: str) -> str:
-    """Create and migrate the store and the experiment once, before parallel writers start (8 processes
-    opening a brand-new SQLite store at once race on its schema migration). Also switches SQLite to WAL,
-    so readers never block the writer. Returns the experiment id."""
+    """Create the store (client: under a lock) and the experiment once, before parallel writers start. Also
+    switches SQLite to WAL, so readers never block the writer. Returns the experiment id."""
     exp = experiment_id(experiment)
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
@@ -151,6 +190,15 @@ def git_commit() -> str:
         return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+# The runs list's one column for every kind: each run logs its kind's main metric (test_accuracy, test_bleu,
+# test_wer, test_rmse, ...: tasks/descriptions.py headline) a second time as `headline`, and names it in the tag
+# nnlab.headline_metric. One unprefixed word, so it sits with the run's own metrics (MLflow charts metrics named
+# `prefix/...`, such as the diagnostics' health/* and layers/*, in sections of their own). Its direction is the
+# metric's: higher accuracy wins, lower WER wins; compare headlines of one kind only.
+HEADLINE = "headline"
+NOTE = "mlflow.note.content"  # the run's description: shown on its page (Markdown)
 
 
 def fired_health(tags: dict[str, str]) -> list[str]:
@@ -255,10 +303,11 @@ class Run:
             print(f"MLflow run {self.run_id} not marked KILLED ({type(e).__name__}: {str(e)[:80]}); the same command "
                   "resumes it", flush=True)
 
-    def abandon(self, reason: str) -> None:
+    def abandon(self, reason: str) -> str:
         """After a failed write (disk full, read-only): FAILED with `reason`, in one try (the store itself may be
         what cannot be written), and the partial model and checkpoint artifacts removed, with any logged-model
-        entry that did not get to READY."""
+        entry that did not get to READY. Returns the run's state in the store, in words: `is FAILED`, or when the
+        store took no write, `stays RUNNING in the store (which cannot be written)`."""
         import shutil
         from urllib.parse import unquote, urlparse
 
@@ -284,7 +333,20 @@ class Run:
                                                        RunTag("nnlab.status", "failed")])
             self.c._inner.set_terminated(self.run_id, status="FAILED")
         except Exception:
-            pass
+            return "stays RUNNING in the store (which cannot be written)"
+        return "is FAILED"
+
+    def log_headline(self, kind: str, metric: str, value: float, text: str, registry: str | None = None) -> None:
+        """The run's headline (tasks/descriptions.py): its metric `headline` (see HEADLINE), its kind and headline as
+        tags, and its description, with `registry` (what the registry made of it) when known already."""
+        self.log_metrics({HEADLINE: value})
+        self.set_tags({"nnlab.kind": kind, "nnlab.headline_metric": metric, "nnlab.headline": text,
+                       NOTE: "\n\n".join(filter(None, [text, registry]))})
+
+    def describe(self, registry: str) -> None:
+        """The run's description: its headline and `registry`, what the registry made of it."""
+        head = self.tags().get("nnlab.headline")
+        self.set_tags({NOTE: "\n\n".join(filter(None, [head, registry]))})
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag

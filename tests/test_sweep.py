@@ -45,8 +45,9 @@ def test_expand_cells_presets_and_stable_ids():
 def test_run_names_tell_runs_and_cells_apart():
     from tasks.stages import run_title
 
-    assert run_title("mlp", "digits", 0.001) == "mlp · digits · lr=0.001"
-    assert run_title("mlp", "digits", 0.001, "optimizer=adam,models.mlp.hidden=[64, 32],seed=0") == \
+    assert run_title("mlp", "digits") == "mlp · digits"
+    assert run_title("mlp", "digits", ["train.epochs=2"]) == "mlp · digits · epochs=2"
+    assert run_title("mlp", "digits", None, "optimizer=adam,models.mlp.hidden=[64, 32],seed=0") == \
         "mlp · optimizer=adam · models.mlp.hidden=[64, 32] · seed=0"
 
 

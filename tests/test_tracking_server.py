@@ -28,29 +28,24 @@ def free_port() -> int:
 
 
 def admin(statements: list[str]) -> list:
-    import psycopg2
+    import psycopg
 
-    con = psycopg2.connect(**PG, dbname="postgres", connect_timeout=5)
-    con.autocommit = True
-    try:
-        with con.cursor() as cur:
-            out = []
-            for st in statements:
-                cur.execute(st)
-                out.append(cur.fetchall() if cur.description else None)
-            return out
-    finally:
-        con.close()
+    with psycopg.connect(**PG, dbname="postgres", connect_timeout=5, autocommit=True) as con:
+        out = []
+        for st in statements:
+            cur = con.execute(st)
+            out.append(cur.fetchall() if cur.description else None)
+        return out
 
 
 @pytest.fixture
 def database():
     """A unique database name on the local PostgreSQL; the server creates it, teardown drops it."""
-    import psycopg2
+    import psycopg
 
     try:
         admin(["SELECT 1"])
-    except psycopg2.OperationalError as e:
+    except psycopg.OperationalError as e:
         pytest.fail(f"PostgreSQL is not reachable on 127.0.0.1:5432 as user postgres ({str(e).strip()}); start it "
                     "with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` (.ci/run does)")
     name = f"nnlab_test_{uuid.uuid4().hex[:12]}"
@@ -97,8 +92,9 @@ def test_server_command_and_store_uri(monkeypatch):
     assert cmd[1:4] == ["-m", "mlflow", "server"] and "--serve-artifacts" in cmd
     assert "--backend-store-uri" not in cmd  # a password there is in every user's `ps`: the environment has it
     env = server_env("postgresql://postgres:pw@127.0.0.1:5432/mlflow")
-    # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not installed: psycopg2 is named
-    assert env["MLFLOW_BACKEND_STORE_URI"] == "postgresql+psycopg2://postgres:pw@127.0.0.1:5432/mlflow"
+    # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, which the project ships: the URI goes unchanged
+    assert env["MLFLOW_BACKEND_STORE_URI"] == "postgresql://postgres:pw@127.0.0.1:5432/mlflow"
+    assert server_store_uri("postgres://a@h/d") == "postgresql://a@h/d"  # libpq's alias, which SQLAlchemy refuses
     assert Path(cmd[cmd.index("--artifacts-destination") + 1]).is_absolute()
     assert cmd[-6:] == ["--port", "5001", "--workers", "2", "--app-name", "basic-auth"]
     assert server_command("s3://b/p", "0.0.0.0", 5000)[-5:] == ["s3://b/p", "--host", "0.0.0.0", "--port", "5000"]
@@ -108,6 +104,27 @@ def test_server_command_and_store_uri(monkeypatch):
     assert server_env("sqlite:///x.db")["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
     monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "true")
     assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION" not in server_env("sqlite:///x.db")
+
+
+def test_bare_postgresql_uri_is_psycopg_3_and_mlflow_logs_through_it(database):
+    """MLflow's documented `postgresql://` form, as it is: SQLAlchemy 2.1 resolves it to psycopg (3), which the
+    project installs; a client creates an experiment and logs a run into a database nnlab created."""
+    from sqlalchemy.engine import make_url
+
+    from flows.tracking_server import ensure_database
+    import mlflow
+
+    uri = f"postgresql://postgres@127.0.0.1:5432/{database}"
+    assert make_url(uri).get_dialect().driver == "psycopg"
+    assert server_store_uri(uri) == uri
+    assert ensure_database(uri) is True and ensure_database(uri) is False  # created once
+    c = mlflow.MlflowClient(tracking_uri=uri)
+    run = c.create_run(c.create_experiment(f"bare-{uuid.uuid4().hex[:8]}"))
+    c.log_metric(run.info.run_id, "loss", 0.5)
+    c.set_terminated(run.info.run_id)
+    got = mlflow.MlflowClient(tracking_uri=uri).get_run(run.info.run_id)
+    assert got.data.metrics == {"loss": 0.5} and got.info.status == "FINISHED"
+    assert admin([f"SELECT 1 FROM pg_database WHERE datname = '{database}'"])[0] == [(1,)]
 
 
 def test_unreachable_postgres_is_a_clear_exit_2(tmp_path):

@@ -1,0 +1,239 @@
+"""Faults a user meets at the edges of `nnlab run` and `nnlab sweep`: registration switched off in a sweep, a
+data setting its source does not read, SIGTERM mid-training, and bad data named before anything boots."""
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import wave
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, group_left, write_params
+from tasks.config import DataConfig, read_yaml
+from tasks.sources import unreadable
+from tasks.sweep import expand, fold_sets, load_spec, registration_off
+
+NNLAB = str(Path(sys.executable).parent / "nnlab")
+TINY = {"models.mlp.hidden": [16], "models.mlp.dropout": 0.0}
+
+
+def nnlab(cwd: Path, uri: str, *args: str, timeout: float = 600, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([NNLAB, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": uri, **env})
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def children(uri: str, parent: str) -> list:
+    c = client(uri)
+    exp = c.get_run(parent).info.experiment_id
+    return c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=100)
+
+
+# ---------------------------------------------------------------- 1. a sweep with registration off registers nothing
+
+@pytest.mark.slow
+def test_sweep_with_fixed_register_off_registers_nothing(tmp_path):
+    write_params(tmp_path / "params.yaml")
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({
+        "name": "regoff", "model": "mlp", "workers": 2, "grid": {"train.lr": [0.001, 0.01]},
+        "fixed": {"train.epochs": 1, **TINY, "register": {"enabled": False}}}))
+    out = nnlab(tmp_path, uri, "sweep", "s.yaml")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "not registered: registration is off (register.enabled: false)" in out.stdout, out.stdout[-2000:]
+    parent = out.stdout.split("sweep parent run ")[1].split(":")[0]
+    assert sorted(r.info.status for r in children(uri, parent)) == ["FINISHED", "FINISHED"]
+    assert client(uri).search_registered_models() == []  # before the fix: the best cell became champion
+
+
+@pytest.mark.parametrize("sets, why", [
+    ([], None),
+    (["register.enabled=false"], "registration is off (register.enabled: false)"),
+    (["sweep.register=false"], "registration is off (sweep.register: false)"),
+])
+def test_either_register_setting_turns_the_sweeps_registration_off(sets, why):
+    raw = read_yaml(ROOT / "params.yaml")
+    spec = load_spec(None, {"sweep": {"name": "t", "model": "mlp", "grid": {"train.lr": [0.1, 0.2]}}})
+    spec = spec.model_validate(fold_sets(spec.model_dump(), sets))
+    assert registration_off(spec, expand(spec, raw)) == why
+
+
+def test_a_mapping_in_fixed_sets_its_keys_and_keeps_the_rest_of_the_section():
+    raw = read_yaml(ROOT / "params.yaml")
+    raw["train"]["batch_size"] = 32
+    spec = load_spec(None, {"sweep": {"name": "t", "model": "mlp", "grid": {"seed": [0]},
+                                      "fixed": {"train": {"epochs": 1}, "register": {"enabled": False}}}})
+    cfg = expand(spec, raw)[0].cfg
+    assert cfg.train.epochs == 1 and cfg.train.batch_size == 32  # params.yaml's batch size kept, not the default
+    assert cfg.register.enabled is False
+
+
+# ---------------------------------------------------------------- 2. a data setting its source does not read
+
+def test_data_path_for_a_source_that_reads_none_is_an_error(tmp_path):
+    write_params(tmp_path / "params.yaml")
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    out = nnlab(tmp_path, uri, "run", "--set", "data.path=/nonexistent", "--set", "train.epochs=1", timeout=120)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    line = out.stderr.strip()
+    assert "\n" not in line and "data.path" in line and "digits reads no path" in line
+    assert "text_csv" in line and "pairs" in line and "image_folder" in line  # the sources that do
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"name": "p", "model": "mlp", "grid": {"train.lr": [0.1]}}))
+    swept = nnlab(tmp_path, uri, "sweep", "s.yaml", "--set", "data.path=/nonexistent", timeout=120)
+    assert swept.returncode == 2 and "digits reads no path" in swept.stderr, swept.stderr[-2000:]
+    assert not (tmp_path / "store").exists() and not (tmp_path / ".nnlab").exists()  # no MLflow run, nothing run
+
+
+# ---------------------------------------------------------------- 3. SIGTERM ends a run or a sweep as Ctrl-C does
+
+def start(cwd: Path, uri: str, *args: str) -> tuple[subprocess.Popen, Path]:
+    client(uri).search_experiments()  # the store exists (migrated) before the CLI and this test both open it
+    log = cwd / "out.txt"
+    p = subprocess.Popen([NNLAB, *args], cwd=cwd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                         env={**os.environ, "MLFLOW_TRACKING_URI": uri}, start_new_session=True)
+    return p, log
+
+
+def training_runs(uri: str, p: subprocess.Popen, log: Path, n: int, timeout: float = 300) -> list:
+    """Wait until `n` runs are RUNNING with an epoch logged (mid-training); those runs."""
+    c, deadline = client(uri), time.time() + timeout
+    while time.time() < deadline:
+        assert p.poll() is None, log.read_text()[-3000:]
+        exps = [e.experiment_id for e in c.search_experiments()]
+        runs = [r for r in c.search_runs(exps, "attributes.status = 'RUNNING'") if "train_loss" in r.data.metrics]
+        if len(runs) >= n:
+            return runs
+        time.sleep(0.3)
+    raise AssertionError(f"no training after {timeout} s: {log.read_text()[-3000:]}")
+
+
+def stopped(p: subprocess.Popen, log: Path, sig_to_group: bool) -> str:
+    (os.killpg if sig_to_group else os.kill)(p.pid, signal.SIGTERM)
+    sent = time.monotonic()
+    p.wait(timeout=60)
+    said = log.read_text()
+    assert p.returncode == 143 and time.monotonic() - sent < 30, said[-3000:]
+    assert "Traceback" not in said, said[-3000:]
+    assert not group_left(p.pid, 10), f"left behind: {group_left(p.pid, 0)}"  # no worker, fork server or tracker
+    return said
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_run_marks_it_killed_and_exits_143(tmp_path):
+    write_params(tmp_path / "params.yaml")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p, log = start(tmp_path, uri, "run", "--models", "mlp", "--set", "train.epochs=500", "--set",
+                   "register.enabled=false", "--set", "models.mlp.hidden=[16]")
+    run = training_runs(uri, p, log, 1)[0]
+    said = stopped(p, log, sig_to_group=False)
+    assert f"terminated (SIGTERM): mlp's MLflow run {run.info.run_id} is marked KILLED; the same command " \
+           "resumes it" in said, said[-3000:]
+    assert client(uri).get_run(run.info.run_id).info.status == "KILLED"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig_to_group", [False, True], ids=["kill-pid", "kill-group"])
+def test_sigterm_to_a_sweep_stops_its_workers_marks_it_killed_and_exits_143(tmp_path, sig_to_group):
+    """`kill PID` (docker stop, Kubernetes) or SIGTERM to the whole process group (Slurm's scancel, systemd)."""
+    write_params(tmp_path / "params.yaml")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({
+        "name": "term", "model": "mlp", "workers": 2, "grid": {"train.lr": [0.001, 0.002]},
+        "fixed": {"train.epochs": 500, **TINY, "register.enabled": False}}))
+    p, log = start(tmp_path, uri, "sweep", "s.yaml")
+    parent = training_runs(uri, p, log, 2)[0].data.tags["mlflow.parentRunId"]
+    said = stopped(p, log, sig_to_group)
+    assert f"terminated (SIGTERM): sweep parent run {parent} is marked KILLED; finish it with: " \
+           f"nnlab sweep --resume {parent}" in said, said[-3000:]
+    assert client(uri).get_run(parent).info.status == "KILLED"
+    assert [r.info.status for r in children(uri, parent)] == ["KILLED", "KILLED"]
+
+
+# ---------------------------------------------------------------- 4. bad data named before anything boots
+
+def written(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def pairs_file(path: Path, bad: bool = True) -> Path:
+    lines = [f"hallo {i}\thello {i}" for i in range(30)]
+    if bad:
+        lines.insert(25, "eine Zeile ohne Tabulator")  # line 26
+    return written(path, "\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("source, model, make, needles", [
+    ("text_csv", "text_lstm", lambda d: written(d / "reviews.csv", "text,sentiment\ngood,1\nbad,0\n"),
+     ["data.label_column: no column 'label'", "reviews.csv", "its columns are: text, sentiment"]),
+    ("pairs", "seq2seq", lambda d: pairs_file(d / "deu.txt"), ["deu.txt, line 26: 1 column(s)", "tab-separated"]),
+], ids=["csv-without-label-column", "pairs-line-without-tab"])
+def test_bad_data_is_named_before_the_server_boots(tmp_path, source, model, make, needles):
+    write_params(tmp_path / "params.yaml")
+    path = make(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # a fresh clone: it would boot its own
+    began = time.monotonic()
+    out = subprocess.run([NNLAB, "run", "--models", model, "--set", f"data.source={source}", "--set",
+                          f"data.path={path}"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}",
+                              "PREFECT_HOME": str(tmp_path / "prefect-home")})
+    took = time.monotonic() - began
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert all(n in out.stderr for n in needles), out.stderr
+    assert "Prefect server" not in out.stderr and out.stdout == ""  # no server booted, no flow run, no MLflow line
+    assert took < 12, f"{took:.1f} s"  # the server's boot alone takes longer
+    assert not (tmp_path / "store").exists() and not (tmp_path / ".nnlab").exists()  # no store, no working folder
+
+
+def wav(path: Path) -> Path:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(struct.pack("<800h", *([0] * 800)))
+    return path
+
+
+def recordings(root: Path, bad: bool) -> Path:
+    root.mkdir()
+    for i in range(3):
+        wav(root / f"{i}_anna_{i}.wav")
+    if bad:
+        written(root / "4_anna_4.wav", "not audio at all")
+    return root
+
+
+def images(root: Path, bad: bool) -> Path:
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        Image.new("L", (8, 8)).save(root / c / "a.png")
+        Image.new("L", (8, 8)).save(root / c / "b.jpg", format="PNG")  # a PNG named .jpg: PIL reads it by content
+    if bad:
+        written(root / "dog" / "c.png", "a text file named .png")
+    return root
+
+
+@pytest.mark.parametrize("source, make, needle", [
+    ("speech", lambda d, bad: recordings(d / "rec", bad), "4_anna_4.wav: not a readable recording"),
+    ("image_folder", lambda d, bad: images(d / "img", bad), "cannot read image"),
+    ("charlm", lambda d, bad: written(d / "c.txt", " \n" if bad else "some text"), "c.txt is empty"),
+    ("pairs", lambda d, bad: pairs_file(d / "p.tsv", bad), "p.tsv, line 26: 1 column(s)"),
+    ("text_csv", lambda d, bad: written(d / "t.tsv", "" if bad else "text\tlabel\nx\t1\n"), "no column 'text' in"),
+])
+def test_each_look_names_the_bad_file_and_passes_a_good_one(tmp_path, source, make, needle):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir(), bad.mkdir()
+    assert unreadable(DataConfig(source=source, path=str(make(good, False)))) is None
+    why = unreadable(DataConfig(source=source, path=str(make(bad, True))))
+    assert why is not None and needle in why and str(bad) in why, why
