@@ -107,9 +107,9 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 
 
 def lock_hint() -> None:
-    """The run reproduced DVC's data stages: when that changed dvc.lock (or it was never committed), say so. It
-    records which data the runs trained on; committed beside params.yaml, `git checkout` + `dvc checkout`
-    bring that data back."""
+    """The run reproduced DVC's data stages (and recorded its models as the train/evaluate stages' outputs): when
+    that changed dvc.lock (or it was never committed), say so. Committed beside params.yaml, `git checkout` +
+    `dvc checkout` bring that data and those models back."""
     import subprocess
 
     try:
@@ -119,8 +119,8 @@ def lock_hint() -> None:
         return
     if out.returncode == 0 and out.stdout.strip():
         what = "is new" if out.stdout.startswith("??") else "changed"
-        typer.echo(f"dvc.lock {what} (the data these runs used): commit it with params.yaml, "
-                   "git add dvc.lock params.yaml && git commit")
+        typer.echo(f"dvc.lock {what} (the data, and with params.yaml as it is the models, of this run): commit it "
+                   "with params.yaml, git add dvc.lock params.yaml && git commit")
 
 
 def warm_up(cfg) -> None:
