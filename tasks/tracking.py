@@ -100,11 +100,11 @@ def open_sqlite_store(uri: str) -> None:
     try:
         if lock is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)  # waits while another process creates the store
-        c = MlflowClient(uri)
         # a new store's "Creating initial MLflow database tables" / "Updating database tables" and alembic's lines:
         # not the user's run (the CLI prints where the store is)
         for name in ("mlflow.store.db.utils", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        c = MlflowClient(uri)
         c.search_experiments(max_results=1)  # the tracking tables: created and migrated here when new
         c.search_registered_models(max_results=1)  # the registry's
     finally:
