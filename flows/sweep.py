@@ -23,7 +23,8 @@ from tasks.config import Config, SweepConfig, flatten
 from tasks.kinds import main_metric, ranking
 from tasks.phases import mark
 from tasks.stages import evaluate_stage, train_stage
-from tasks.sweep import expand, fold_sets, register_by_mean, registration_off, report, show_best_on_parent, todo
+from tasks.search import expand  # a grid's cells (tasks/sweep.py), or a search's: one per seed
+from tasks.sweep import fold_sets, register_by_mean, registration_off, report, show_best_on_parent, todo
 
 SWEEPS = Path(".nnlab/sweeps")
 REPORTS = Path("reports")
@@ -53,18 +54,21 @@ FORK_SERVER_PRELOAD = ["flows.sweep", "tasks.kinds.supervised", "mlflow", "prefe
 
 
 def _start_fork_server() -> None:
-    """The fork server, started now with SIGTERM ignored, which it keeps (as it ignores Ctrl-C): a SIGTERM sent to
+    """The fork server, started now with SIGTERM and Ctrl-C ignored, which it keeps: a SIGTERM sent to
     the whole process group (Slurm, systemd) leaves it up, so the sweep can still tell its workers apart and stop
     them; it is stopped with the pool (_stop_fork_server), or when this process is gone. Main thread only."""
     import multiprocessing.forkserver as fs
 
     if threading.current_thread() is not threading.main_thread():
         return
-    saved = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Ctrl-C too: the fork server only ignores it once its preloading (torch: seconds) is done; a Ctrl-C meanwhile
+    # (a pool restarted after a failed cell) would print its KeyboardInterrupt traceback
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         fs.ensure_running()
     finally:
-        signal.signal(signal.SIGTERM, saved)
+        for s, handler in saved.items():
+            signal.signal(s, handler)
 
 
 def _stop_fork_server() -> None:
@@ -347,6 +351,9 @@ def sweep(spec: dict, params: dict, sets: list[str] | None = None, resume: str |
                         "sweep/sweep.json")
     _OPENED["parent"] = parent.run_id
     try:
+        if spec_.search is not None:  # trials asked of an Optuna study, their cells run as a grid's (flows/search.py)
+            from flows.search import search_and_report
+            return search_and_report(parent, spec_, params, cells)
         return _cells_and_report(parent, spec_, cells)
     except Exception as e:  # anything unforeseen: the parent says so and how to finish (Ctrl-C: the CLI marks it)
         crash = SweepCrashed(parent.run_id, f"{type(e).__name__}: {e}")
