@@ -7,6 +7,7 @@ import os
 import subprocess
 import threading
 import time
+import warnings
 from pathlib import Path
 
 
@@ -386,7 +387,10 @@ class Run:
         with torch.no_grad():
             out = module(torch.as_tensor(example)).numpy()
         signature = infer_signature(example, out)
-        with mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None):
+        with mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None), warnings.catch_warnings():
+            # torch.export of a recurrent net: its cuDNN-style flat weight list is reassigned while tracing (a
+            # harmless warning about torch's own nn.LSTM/GRU, not the user's model)
+            warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
             info = mlflow.pytorch.log_model(
                 module, name="model", signature=signature, input_example=example,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], metadata=metadata,
