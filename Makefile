@@ -53,5 +53,8 @@ lock:
 	{ head -n 2 constraints.txt; .venv-lock/bin/python -m pip freeze --exclude-editable; } > constraints.txt.tmp
 	mv constraints.txt.tmp constraints.txt && rm -rf .venv-lock
 
+# Built data, checkpoints, caches and reports; the records stay: the MLflow store (mlruns/) and the project's Prefect
+# flow-run history (.nnlab/prefect/, what `nnlab history` reads)
 clean:
-	rm -rf .nnlab data metrics plots reports
+	rm -rf data metrics plots reports
+	@if [ -d .nnlab ]; then find .nnlab -mindepth 1 -maxdepth 1 ! -name prefect -exec rm -rf {} +; fi
