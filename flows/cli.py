@@ -230,8 +230,8 @@ def sweep_cmd(file: Annotated[Optional[Path], typer.Argument(help="sweep file; d
               engine: Annotated[Optional[str], typer.Option(help="local | dask (default: sweep.engine)")] = None,
               address: Annotated[Optional[str], typer.Option(help="Dask scheduler tcp://host:port "
                                                                   "(default: sweep.address)")] = None):
-    """Run a grid of training choices in parallel, one child MLflow run per cell, then the report."""
-    from tasks.sweep import default_workers
+    """Run a grid (or a search) of training choices in parallel, one child MLflow run per cell, then the report."""
+    from tasks.sweep import default_workers, size
 
     flags = {k: v for k, v in {"workers": workers, "engine": engine, "address": address}.items() if v}
     spec_, raw, sets, cells = sweep_cells(file, params, set_, resume, flags)
@@ -241,7 +241,7 @@ def sweep_cmd(file: Annotated[Optional[Path], typer.Argument(help="sweep file; d
     where = f"the Dask cluster at {spec_.address}" if spec_.engine == "dask" else f"{n} worker(s)"
     ready_to_run([c.cfg for c in cells])
     mark("config validated")
-    typer.echo(f"sweep {spec_.name}: {len(cells)} cells, {where}")
+    typer.echo(f"sweep {spec_.name}: {size(spec_, cells)}, {where}")
     quiet_prefect()
     server = boot_prefect_server()
     out = run_sweep(spec_, raw, sets, cells, n, resume, server)
@@ -259,7 +259,8 @@ def sweep_cells(file: Path | None, params: Path, set_: list[str] | None, resume:
 
     from tasks.config import ConfigError, SweepConfig, read_yaml
     from tasks.explain import format_errors
-    from tasks.sweep import expand, fold_sets, load_spec
+    from tasks.search import expand  # a grid's cells, or a search's (one per seed)
+    from tasks.sweep import fold_sets, load_spec
 
     try:
         if resume:
@@ -339,7 +340,7 @@ def print_sweep(out: dict) -> None:
 
     console = Console() if sys.stdout.isatty() else Console(width=140)
     console.print(f"sweep parent run {out['parent_run_id']}: {out['cells']} cells, ran {out['ran']} now, "
-                  f"{len(out['failed'])} not finished")
+                  f"{len(out['failed'])} not finished{out.get('note', '')}")
     console.print(f"report: {out['report']['html']}  (and {out['report']['md']})")
     reg = out.get("registered")
     if reg and reg.get("registered") is False:
@@ -360,7 +361,8 @@ def report_cmd(parent_run_id: Annotated[str, typer.Argument(help="the sweep's pa
                out: Annotated[Optional[Path], typer.Option(help="folder (default reports/<sweep>-<id>)")] = None):
     """(Re)write the comparison report of a sweep."""
     from tasks.config import ConfigError, SweepConfig
-    from tasks.sweep import expand, report
+    from tasks.search import expand
+    from tasks.search_report import report  # a grid's report, or a search's
 
     try:
         spec, raw, sets = _sweep_definition(parent_run_id)

@@ -23,7 +23,8 @@ from tasks.config import Config, SweepConfig, flatten
 from tasks.kinds import main_metric, ranking
 from tasks.phases import mark
 from tasks.stages import evaluate_stage, train_stage
-from tasks.sweep import expand, fold_sets, register_by_mean, registration_off, report, show_best_on_parent, todo
+from tasks.search import expand  # a grid's cells (tasks/sweep.py), or a search's: one per seed
+from tasks.sweep import fold_sets, register_by_mean, registration_off, report, show_best_on_parent, todo
 
 SWEEPS = Path(".nnlab/sweeps")
 REPORTS = Path("reports")
@@ -350,6 +351,10 @@ def sweep(spec: dict, params: dict, sets: list[str] | None = None, resume: str |
                         "sweep/sweep.json")
     _OPENED["parent"] = parent.run_id
     try:
+        if spec_.search is not None:  # trials asked of an Optuna study, their cells run as a grid's (flows/search.py)
+            from flows.search import search_and_report
+            return search_and_report(parent, spec_, params, cells, run_cell, origin(),
+                                     REPORTS / f"{spec_.name}-{parent.run_id[:8]}")
         return _cells_and_report(parent, spec_, cells)
     except Exception as e:  # anything unforeseen: the parent says so and how to finish (Ctrl-C: the CLI marks it)
         crash = SweepCrashed(parent.run_id, f"{type(e).__name__}: {e}")

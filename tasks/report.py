@@ -152,9 +152,10 @@ def activations_figure():
 
 
 def write_report(title: str, rows: list[dict], factors: list[str], metric: str, out_dir: str | Path,
-                 notes: list[str] | None = None, lower: bool = False) -> dict[str, Path]:
+                 notes: list[str] | None = None, lower: bool = False,
+                 extra: tuple[list[str], dict[str, bytes]] | None = None) -> dict[str, Path]:
     """Write report.md, report.html and the PNGs into out_dir, cells ranked by `metric` (lower=True: lower
-    wins, as the sweep's ranking says); returns their paths."""
+    wins, as the sweep's ranking says), `extra` (Markdown lines, PNGs) before the figures; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = cell_table(rows, factors, metric, lower)
@@ -164,17 +165,19 @@ def write_report(title: str, rows: list[dict], factors: list[str], metric: str, 
         figures[f"curves_{f}.png"] = _png(curves_figure(rows, f))
     if any(f.endswith("activation") for f in factors):
         figures["activations.png"] = _png(activations_figure())
+    figures.update((extra or ([], {}))[1])
     for name, data in figures.items():
         (out_dir / name).write_bytes(data)
 
-    md = _markdown(title, rows, factors, metric, lower, table, effects, list(figures), notes or [])
+    md = _markdown(title, rows, factors, metric, lower, table, effects, list(figures), notes or [],
+                   (extra or ([], {}))[0])
     (out_dir / "report.md").write_text(md)
     (out_dir / "report.html").write_text(_html(title, md, figures))
     return {"md": out_dir / "report.md", "html": out_dir / "report.html",
             **{n: out_dir / n for n in figures}}
 
 
-def _markdown(title, rows, factors, metric, lower, table, effects, figures, notes) -> str:
+def _markdown(title, rows, factors, metric, lower, table, effects, figures, notes, extra=()) -> str:
     finished = sum(r["status"] == "FINISHED" for r in rows)
     diverged = sum(r.get("diverged", False) for r in rows)
     lines = [f"# {title}", "",
@@ -203,7 +206,7 @@ def _markdown(title, rows, factors, metric, lower, table, effects, figures, note
         lines.append(f"**{f}**: " + " · ".join(
             f"{lv['level']} {fmt(lv['mean'], lv['ci'])}" + (" (best)" if lv is best else "") for lv in levels))
         lines.append("")
-    lines += ["## Figures", ""] + [f"![{n}]({n})" for n in figures] + [""]
+    lines += [*extra, "## Figures", ""] + [f"![{n}]({n})" for n in figures] + [""]
     failed = [r for r in rows if r["status"] != "FINISHED"]
     if failed:
         lines += ["## Failed runs", ""] + [f"- `{r['cell']}`: {r.get('error') or r['status']}" for r in failed] + [""]

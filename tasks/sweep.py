@@ -69,7 +69,7 @@ def fold_sets(spec: dict, sets: list[str] | None) -> dict:
         key, parsed = parse_set(item)
         if key.startswith("sweep."):
             field, _, rest = key[len("sweep."):].partition(".")
-            if field in ("grid", "fixed") and rest:
+            if field in ("grid", "fixed", "stop") and rest:
                 if field == "grid" and not isinstance(parsed, list):
                     raise ConfigError(f"--set {item!r}: the levels of an axis are a list, e.g. "
                                       f"sweep.grid.{rest}=[{item.split('=', 1)[1].strip()}]")
@@ -84,6 +84,9 @@ def fold_sets(spec: dict, sets: list[str] | None) -> dict:
         if key in out.get("grid", {}):
             raise ConfigError(f"--set {item!r}: {key} is an axis of sweep {out.get('name')}'s grid, set per cell; "
                               f"change its levels with --set 'sweep.grid.{key}=[...]'")
+        if key in ((out.get("search") or {}).get("space") or {}):
+            raise ConfigError(f"--set {item!r}: {key} is searched (sweep.search.space), sampled per trial; change "
+                              "its range in the sweep file")
         for axis, levels in (out.get("presets") or {}).items():
             if axis in out.get("grid", {}) and any(key in (bundle or {}) for bundle in levels.values()):
                 raise ConfigError(f"--set {item!r}: the presets of axis {axis} set {key} per cell; change it in "
@@ -101,6 +104,8 @@ def _yaml_value(v: Any) -> str:
 
 def expand(spec: SweepSpec, params: dict, sets: list[str] | None = None) -> list[Cell]:
     """All cells of the grid, each a validated Config; any invalid cell is an error before anything runs."""
+    if spec.search is not None or spec.seeds or spec.stop:
+        raise ConfigError("sweep: a search (sweep.search, seeds, stop) is expanded by tasks.search.expand")
     params = dict(params)
     params.pop("sweep", None)
     if not spec.grid:
@@ -158,7 +163,16 @@ def registration_off(spec: SweepSpec, cells: list[Cell]) -> str | None:
 
 
 def default_workers(spec: SweepSpec, n_cells: int) -> int:
+    if spec.search:  # a search's cells: one per seed per trial
+        n_cells *= spec.search.get("trials", 1)
     return max(1, min(spec.workers or os.cpu_count() or 1, n_cells))
+
+
+def size(spec: SweepSpec, cells: list[Cell]) -> str:
+    """What a sweep runs, for its first line: `15 cells`, or `tpe search, 20 trials x 3 seed(s)`."""
+    if spec.search is None:
+        return f"{len(cells)} cells"
+    return f"{spec.search.get('method', 'tpe')} search, {spec.search.get('trials')} trials x {len(cells)} seed(s)"
 
 
 # ---------------------------------------------------------------- after the cells: rows, report, registration
@@ -205,16 +219,17 @@ def todo(parent_run_id: str, cells: list[Cell], metric: str) -> list[Cell]:
 
 
 def report(parent_run_id: str, spec: SweepSpec, cells: list[Cell], out_dir: str | Path,
-           rank: dict | None = None) -> tuple[dict, list[dict]]:
+           rank: dict | None = None, trials: tuple | None = None) -> tuple[dict, list[dict]]:
     """Write the report for `parent_run_id` under out_dir, ranked by `rank` (the sweep's: tasks.kinds.ranking of
-    its cells, worked out once), log it to the parent run; returns (paths, rows)."""
+    its cells, worked out once), log it to the parent run; returns (paths, rows). A search's report
+    (tasks/search_report.py) gives its rows, factors and extra section as `trials`."""
     from tasks.report import write_report
     from tasks.tracking import Run
 
     rank = rank or ranking(cells[0].cfg)
     metric = rank["metric"]
-    rows = collect_rows(parent_run_id, cells, metric)
-    factors = [a for a in spec.grid if a != "seed"] or ["seed"]
+    rows, factors, extra = trials or (collect_rows(parent_run_id, cells, metric),
+                                      [a for a in spec.grid if a != "seed"] or ["seed"], None)
     for r in rows:
         r["levels"] = {**r["levels"], "seed": r["seed"]}
     notes = [spec.description] if spec.description else []
@@ -227,7 +242,7 @@ def report(parent_run_id: str, spec: SweepSpec, cells: list[Cell], out_dir: str 
     notes.append(f"MLflow parent run `{parent_run_id}`; {'models' if len(archs) > 1 else 'model'} "
                  f"{', '.join(f'`{a}`' for a in archs)} on {', '.join(f'`{s}`' for s in sources)}.")
     paths = write_report(f"Sweep report: {spec.name}", rows, factors, metric, out_dir, notes,
-                         lower=rank["lower_is_better"])
+                         lower=rank["lower_is_better"], extra=extra)
     run = Run(parent_run_id)
     for p in paths.values():
         run.log_file(p, "report")

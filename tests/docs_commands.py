@@ -207,7 +207,8 @@ def _check_run(c: Command, sets: list[str], opts: dict, state: State) -> None:
 
 def _check_sweep(c: Command, positional: list[str], sets: list[str]) -> None:
     from tasks.config import ConfigError, read_yaml
-    from tasks.sweep import expand, load_spec
+    from tasks.search import expand  # a grid's cells, or a search's
+    from tasks.sweep import load_spec
 
     params = read_yaml(ROOT / "params.yaml")
     try:

@@ -193,7 +193,8 @@ import sys
 from tasks.config import ConfigError, load_config, read_yaml, select_models
 from tasks.sources import misfit
 from tasks.sources import SOURCES
-from tasks.sweep import expand, load_spec
+from tasks.search import expand  # a grid's cells, or a search's
+from tasks.sweep import load_spec
 from models.options import list_models
 from pathlib import Path
 

@@ -14,7 +14,8 @@ import yaml
 from conftest import ROOT, group_left, write_params
 from tasks.config import ConfigError, read_yaml
 from tasks.report import ci95, epochs_to_95, write_report
-from tasks.sweep import expand, load_spec
+from tasks.search import expand  # a grid's cells (tasks.sweep.expand), or a search's: every shipped file
+from tasks.sweep import load_spec
 
 NNLAB = str(Path(sys.executable).parent / "nnlab")
 TINY = {"train.epochs": 3, "models.mlp.hidden": [16], "models.mlp.dropout": 0.0}

@@ -1,0 +1,169 @@
+"""A search sweep's loop, inside the sweep flow (flows/sweep.py; the pure parts are tasks/search.py): trials asked
+of an Optuna study kept beside the MLflow store, each trial's cells (one per seed) run by the grid's own cell
+task on the same pool or Dask cluster, up to `workers` trials in flight, each trial told the mean of its seeds'
+metric; a failing cell fails its trial only. Then the report, the best trial on the parent and registration,
+as a grid's.
+
+`nnlab sweep --resume <parent>` reloads the study: numbering goes on, finished trials stay, a trial the killed
+sweep left RUNNING is asked again once with the same values and cells (tasks/search.py requeue_interrupted).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flows.experiment import prepare_data
+from tasks.config import ConfigError, SweepConfig
+from tasks.kinds import ranking
+from tasks.phases import mark
+from tasks.search import (Search, open_study, parse, requeue_interrupted, seed_values, stop_reason, study_storage,
+                          trial_cells)
+from tasks.sweep import default_workers, register_by_mean, registration_off, show_best_on_parent
+
+
+@dataclass
+class Flight:
+    trial: Any  # an optuna Trial, RUNNING
+    cells: list
+    futures: list = field(default_factory=list)  # one per cell
+    pending: set = field(default_factory=set)  # its cells' futures not done yet
+
+
+def search_and_report(parent, spec_: SweepConfig, params: dict, probe: list, cell_task, where: dict,
+                      report_dir: Path) -> dict:
+    """The search into `parent` (new or reopened), its cells run by `cell_task` (flows/sweep.py's run_cell, told
+    `where` the client runs), then its report into `report_dir`; the sweep flow's summary."""
+    from tasks.tracking import tracking_uri
+
+    rank = ranking(probe[0].cfg)
+    search = parse(spec_, probe[0].cfg.seed)  # no sweep.seeds: params.yaml's seed
+    storage = study_storage(tracking_uri())
+    study = open_study(parent.run_id, search, rank["lower_is_better"], storage)
+    parent.set_tags({"nnlab.ranking_metric": rank["metric"], "nnlab.search": search.method,
+                     "nnlab.lower_is_better": str(rank["lower_is_better"]).lower(),
+                     "nnlab.study": study.study_name, "nnlab.study_storage": storage})
+    requeued = requeue_interrupted(study)
+    if requeued:
+        print(f"trial(s) {requeued} were interrupted: asked again once, with the same values", flush=True)
+    ran, stopped = drive(study, search, spec_, params, parent.run_id, rank, Launcher(cell_task, where))
+    mark("cells done")
+    _close_lost_runs(parent.run_id)
+    return finish(parent, spec_, study, probe, rank, ran, stopped, report_dir)
+
+
+@dataclass
+class Launcher:
+    cell_task: Any  # flows/sweep.py's run_cell
+    where: dict  # the client's checkout and store (flows/sweep.py's origin)
+    data: dict = field(default_factory=dict)  # prepared data per data config and seed
+
+
+def drive(study, search: Search, spec_: SweepConfig, params: dict, parent_id: str, rank: dict,
+          launcher: Launcher) -> tuple[int, str]:
+    """Ask, run and tell until the budget says stop: (cells launched, why it stopped)."""
+    from prefect.futures import as_completed
+
+    limit = default_workers(spec_, 10**6)  # trials in flight: sweep.workers, else the cores
+    flights: dict[int, Flight] = {}
+    started, launched, cells, stopped = time.monotonic(), 0, 0, None
+    while True:
+        while stopped is None and len(flights) < limit:
+            stopped = stop_reason(study, search, launched, time.monotonic() - started, rank["lower_is_better"])
+            if stopped is None:
+                flight = launch(study, search, spec_, params, parent_id, launcher)
+                launched += 1
+                if flight is not None:
+                    flights[flight.trial.number] = flight
+                    cells += len(flight.cells)
+        if not flights:
+            return cells, stopped or "nothing left to ask"
+        done = next(as_completed([f for fl in flights.values() for f in fl.pending]))
+        for number, fl in list(flights.items()):
+            if done in fl.pending:
+                fl.pending.discard(done)
+                if not fl.pending:  # all its seeds are over: the trial is told
+                    settle(study, fl, parent_id, rank["metric"])
+                    del flights[number]
+
+
+def launch(study, search: Search, spec_: SweepConfig, params: dict, parent_id: str,
+           launcher: Launcher) -> Flight | None:
+    """Ask the study for a trial and submit its cells (one per seed); a trial whose values make no valid config
+    fails at once (None)."""
+    from optuna.trial import TrialState
+
+    trial = study.ask(search.space)
+    values = {k: trial.params[k] for k in search.space}
+    owner = trial.user_attrs.get("nnlab.cells_of", trial.number)  # a rerun trains the interrupted trial's cells
+    try:
+        cells = trial_cells(spec_, params, search, owner, values)
+    except ConfigError as e:
+        trial.set_user_attr("nnlab.error", str(e)[:1000])
+        study.tell(trial, state=TrialState.FAIL)
+        return None
+    trial.set_user_attr("nnlab.cells", [c.id for c in cells])
+    tags = {"nnlab.trial": str(owner), "nnlab.study_trial": str(trial.number), "nnlab.study": study.study_name}
+    flight = Flight(trial, cells)
+    for c in cells:
+        key = c.cfg.data.model_dump_json() + str(c.cfg.seed)  # one prepare per data config and seed (the split)
+        if key not in launcher.data:
+            launcher.data[key] = prepare_data(c.cfg)
+        data_dir, facts = launcher.data[key]
+        flight.futures.append(launcher.cell_task.submit(c.cfg, c.id, data_dir, parent_id, {**facts, **tags},
+                                                        launcher.where))
+    flight.pending.update(flight.futures)
+    return flight
+
+
+def settle(study, flight: Flight, parent_id: str, metric: str) -> None:
+    """Tell the study the trial's mean over its seeds, or FAIL when any seed has no result."""
+    from optuna.trial import TrialState
+
+    values, error = seed_values(parent_id, flight.cells, metric)
+    flight.trial.set_user_attr("nnlab.seed_values", values)
+    crashed = [f.state.message or "" for f in flight.futures if f.wait() is None and f.state.is_failed()]
+    if error and crashed:  # e.g. a cell that raised before its run was created
+        error += " (" + "; ".join(m[:300] for m in crashed) + ")"
+    if error:
+        flight.trial.set_user_attr("nnlab.error", error[:1000])
+        study.tell(flight.trial, state=TrialState.FAIL)
+    else:
+        study.tell(flight.trial, sum(values) / len(values))
+
+
+def _close_lost_runs(parent_id: str) -> None:
+    """Every cell is over: a child run still RUNNING lost its process mid-cell (as the grid's flow does)."""
+    from tasks.tracking import Run, child_runs
+
+    for r in child_runs(parent_id):
+        if r["status"] == "RUNNING":
+            Run(r["run_id"]).finish("FAILED", f"its worker ({r['tags'].get('nnlab.worker', '?')}) died mid-cell; "
+                                              "`nnlab sweep --resume` asks its trial again")
+
+
+def finish(parent, spec_: SweepConfig, study, probe: list, rank: dict, ran: int, stopped: str,
+           report_dir: Path) -> dict:
+    """The report, the best trial on the parent, registration by the mean over seeds; the flow's summary."""
+    from optuna.trial import TrialState
+
+    from tasks.search import counted
+    from tasks.search_report import report
+
+    paths, rows = report(parent.run_id, spec_, probe, report_dir, rank)
+    mark("report written")
+    show_best_on_parent(parent.run_id, rows, rank)
+    off = registration_off(spec_, probe)
+    registered = register_by_mean(rows, spec_, probe[0].cfg, parent.run_id, rank) if not off else None
+    trials = counted(study)
+    complete = sum(t.state == TrialState.COMPLETE for t in trials)
+    failed_trials = sum(t.state == TrialState.FAIL for t in trials)
+    parent.set_tags({"nnlab.search_stopped": stopped, "nnlab.search_trials": str(len(trials)),
+                     "nnlab.sweep_failed_cells": str(sum(r["status"] != "FINISHED" for r in rows))})
+    failed = [] if complete else [r for r in rows if r["status"] != "FINISHED"]
+    parent.finish("FINISHED" if complete else "FAILED", None if complete else "no trial finished")
+    note = (f"; search: {len(trials)} trials, {complete} complete, {failed_trials} failed (listed in the report); "
+            f"stopped: {stopped}")
+    return {"parent_run_id": parent.run_id, "cells": len(rows), "ran": ran, "failed": failed, "report": paths,
+            "registered": registered, "registration_off": off, "rows": rows, "note": note, "stopped": stopped}
