@@ -88,17 +88,21 @@ def print_runs(runs: list, names: dict, mlflow: dict[str, list[str]] | None) -> 
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(show_lines=False)
-    for col in ("flow run", "flow", "state", "started", "duration", "MLflow runs"):
-        table.add_column(col, overflow="fold")
-    for r in runs:
-        ids = "?" if mlflow is None else "\n".join(mlflow.get(str(r.id), [])) or "-"
-        table.add_row(r.name, names.get(r.flow_id, "?"), r.state_name or "?", started(r.start_time),
-                      duration(r.start_time, r.end_time), ids)
+    columns = ("flow run", "flow", "state", "started", "duration", "MLflow runs")
+    rows = [[r.name, names.get(r.flow_id, "?"), r.state_name or "?", started(r.start_time),
+             duration(r.start_time, r.end_time), "?" if mlflow is None else " ".join(mlflow.get(str(r.id), [])) or "-"]
+            for r in runs]
     console = Console()
-    if not console.is_terminal:  # piped: whole run ids on one line
-        console = Console(width=250)
-    console.print(table)
+    if not console.is_terminal:  # piped (grep, a log): one tab-separated line a run, nothing folded or cut
+        for row in (columns, *rows):
+            typer.echo("\t".join(row))
+    else:
+        table = Table(show_lines=False)
+        for col in columns:
+            table.add_column(col, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
     if not runs:
         typer.echo("(no flow runs recorded)")
 
