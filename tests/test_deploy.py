@@ -95,6 +95,7 @@ def test_deploy_schedule_worker_and_a_triggered_run(tmp_path, server):
             gpu = await c.read_work_pool("gpu")
             return nightly, gpu, await c.read_deployment_by_name("nnlab-sweep-file/sweep")
 
+    shared = os.environ.get("PREFECT_API_URL")  # conftest's server, which the worker's later tests use
     os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"]  # the client in this process talks to the same server
     try:
         from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -102,7 +103,10 @@ def test_deploy_schedule_worker_and_a_triggered_run(tmp_path, server):
         with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
             nightly, gpu_pool, sweep = asyncio.run(facts())
     finally:
-        os.environ.pop("PREFECT_API_URL", None)
+        if shared is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = shared
     assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"] and nightly.work_pool_name == "cpu"
     assert gpu_pool.type == "process" and gpu_pool.concurrency_limit == 2  # one flow run per GPU
     assert sweep.work_pool_name == "cpu"

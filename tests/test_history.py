@@ -55,13 +55,15 @@ def test_no_history_yet_is_said_without_booting_anything(tmp_path):
     assert not (tmp_path / ".nnlab").exists() and not (tmp_path / "home/.prefect/prefect.db").exists()
 
 
-def test_history_on_the_users_api_lists_the_projects_flows_with_their_mlflow_runs(tmp_path, monkeypatch):
+def test_history_on_the_users_api_lists_the_projects_flows_with_their_mlflow_runs(tmp_path, monkeypatch,
+                                                                                   prefect_server):
     """conftest's server stands for the user's PREFECT_API_URL: two runs of a project flow, one of another's."""
     import mlflow
     from prefect import flow
 
     from flows.experiment import link_mlflow_run, nnlab_ui_address, prefect_ids
 
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server)  # whatever an earlier test of this worker left
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow_client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
