@@ -81,8 +81,13 @@ def test_history_on_the_users_api_lists_the_projects_flows_with_their_mlflow_run
     def other() -> None:
         pass
 
-    first, second = probe(1), probe(2)
-    other()
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # this process's Prefect settings may still name a server an earlier test of this worker started: the probes
+    # go where `nnlab history` will read
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+        first, second = probe(1), probe(2)
+        other()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # the suite's other workers run nnlab flows on the same server meanwhile: room for theirs in the list
     both = nnlab("history", "--limit", "30", cwd=tmp_path, env=env)
@@ -97,7 +102,7 @@ def test_history_on_the_users_api_lists_the_projects_flows_with_their_mlflow_run
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     flow_run_id = mlflow_client.get_run(second).data.tags["nnlab.prefect_flow_run_id"]
-    with get_client(sync_client=True) as c:
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as c:
         [link] = c.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     assert f"({nnlab_ui_address()}/#/experiments/{experiment}/runs/{second})" in str(link.data)
