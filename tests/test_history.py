@@ -96,7 +96,9 @@ def test_history_on_the_users_api_lists_the_projects_flows_with_their_mlflow_run
     assert "Completed" in both and "nnlab-history-probe" in both
     assert first in both and second in both  # the MLflow run each one made, by its nnlab.prefect_flow_run_id
     newest = nnlab("history", "-n", "1", cwd=tmp_path, env=env)  # the newest nnlab flow: probe 2 or a later one
-    assert f"probe-1-{tag}" not in newest and first not in newest and "nnlab" in newest
+    rows = newest.strip().splitlines()[2:]  # piped: a title line, the columns, then one line a flow run
+    assert len(rows) == 1 and rows[0].split("\t")[1].startswith("nnlab"), newest
+    assert f"probe-1-{tag}" not in newest and first not in newest
     # the Prefect -> MLflow link points where `nnlab ui` serves the store
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
