@@ -322,7 +322,7 @@ def child_flow(heartbeats: bool) -> dict:
     def trivial() -> int:
         return one()
 
-    # off: what flows/cli.py local_flow_settings() does for `nnlab run`; on: Prefect's default frequency
+    # off: what flows/launch.py local_flow_settings() does for `nnlab run`; on: Prefect's default frequency
     settings = contextlib.nullcontext() if heartbeats else temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
     times = []
     with settings:

@@ -1,13 +1,13 @@
-"""The `nnlab` command: its run commands (run, sweep, report, stage) here, on the one app of flows/app.py; the
-serving commands are flows/serve.py's, the store, example, catalogue and deployment commands flows/admin.py's
-(imported below, after `stage`: `nnlab --help` lists them in that order). Heavy libraries (torch, Prefect,
-MLflow) are imported inside commands so `nnlab --help` stays fast."""
+"""The `nnlab` command: its run commands (run, sweep, report, stage) here, on the one app of flows/app.py, with
+what they share around their flows in flows/launch.py; the serving commands are flows/serve.py's, the store,
+example, catalogue and deployment commands flows/admin.py's (imported below, after `stage`: `nnlab --help` lists
+them in that order). Heavy libraries (torch, Prefect, MLflow) are imported inside commands so `nnlab --help` stays
+fast."""
 from __future__ import annotations
 
 import atexit
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,49 +15,14 @@ import typer
 
 from flows.app import app, fail, quiet_prefect
 from flows.console import interruption, take_sigterm, terminated  # standard library only
+from flows.launch import (boot_prefect_server, check_writable_places, explained_failures, local_flow_settings,
+                          prefect_api, ready_to_run, warm_up)
 from tasks.phases import mark
 
 atexit.register(mark, "exit handlers done")  # registered first, so it runs last of them
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (the one source of settings)")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override: dotted.key=value (repeatable)")]
-
-
-def boot_prefect_server():
-    """Start the temporary local Prefect server now (unless the user set PREFECT_API_URL), so its boot overlaps
-    the torch/MLflow imports. `with prefect_api(server):` around the flow waits for it and stops it however
-    the block is left (flows/prefect_server.py; atexit and SIGTERM stop it too)."""
-    from flows.prefect_server import PrefectServerError, start
-
-    try:
-        return start()
-    except PrefectServerError as e:
-        fail(str(e), code=1)
-
-
-@contextmanager
-def prefect_api(server):
-    """Wait for the server boot_prefect_server() started and make it the flow's API; stop it on the way out."""
-    from flows.prefect_server import PrefectServerError
-
-    try:
-        with server:
-            mark("server ready")
-            yield
-    except PrefectServerError as e:
-        fail(str(e), code=1)
-
-
-def local_flow_settings():
-    """Settings for a flow run started from this terminal. Heartbeats exist to spot crashed runs on
-    workers; here the thread's shutdown join costs ~1 s per flow, so they are off unless the user set them."""
-    from contextlib import nullcontext
-
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
-    if "PREFECT_FLOWS_HEARTBEAT_FREQUENCY" in os.environ or "PREFECT_RUNNER_HEARTBEAT_FREQUENCY" in os.environ:
-        return nullcontext()
-    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
 def load(params: Path, sets: list[str] | None, models: str | None = None, runs: bool = False):
@@ -121,60 +86,6 @@ def lock_hint() -> None:
         what = "is new" if out.stdout.startswith("??") else "changed"
         typer.echo(f"dvc.lock {what} (the data, and with params.yaml as it is the models, of this run): commit it "
                    "with params.yaml, git add dvc.lock params.yaml && git commit")
-
-
-def warm_up(cfg) -> None:
-    """flows/warm.py's preload for this config's runs, while the temporary server boots."""
-    from flows.warm import preload
-
-    preload({(cfg.model_options(name)[0], cfg.data.source) for name in cfg.models})
-    mark("imported")
-
-
-def ready_to_run(cfgs: list) -> None:
-    """Before the server boots or the store opens: data.path's files looked over (tasks/sources.py; a file its
-    source cannot read is exit 2, named with its problem), the store and the working folder writable; from then
-    on SIGTERM ends the command the way Ctrl-C does, exit 143 (flows/console.py)."""
-    from tasks.sources import unreadable
-
-    for data in {c.data.model_dump_json(): c.data for c in cfgs}.values():
-        if why := unreadable(data):
-            fail(why)
-    check_writable_places()
-    take_sigterm()
-
-
-def check_writable_places() -> None:
-    """The tracking store and the working folder (data, checkpoints) take writes, before any work starts."""
-    from tasks.files import StoreWriteError, check_writable
-    from tasks.tracking import check_store
-
-    try:
-        check_store()
-        check_writable(Path(".nnlab"), "working folder")
-    except StoreWriteError as e:
-        fail(str(e))
-
-
-@contextmanager
-def explained_failures():
-    """End the command with one line of its own for what it can explain: bad data (exit 2), a full or read-only
-    disk, DVC's lock held past the timeout (exit 1), Ctrl-C or SIGTERM (exit 130 or 143, the interrupted run named)."""
-    from tasks.data import DataError
-    from tasks.dvc import DvcLockTimeout
-    from tasks.files import StoreWriteError
-
-    try:
-        yield
-    except DataError as e:
-        fail(str(e))
-    except (StoreWriteError, DvcLockTimeout) as e:
-        fail(str(e), code=1)
-    except KeyboardInterrupt as e:
-        (what, code), run_id = interruption(), getattr(e, "run_id", None)  # Ctrl-C: 130, SIGTERM: 143
-        typer.secho(f"{what}: {e.name}'s MLflow run {run_id} is marked KILLED; the same command resumes it from "
-                    "its last finished epoch" if run_id else what, fg="yellow", err=True)
-        raise typer.Exit(code) from None
 
 
 def print_summary(summary: dict, cfg) -> None:
@@ -295,7 +206,8 @@ def run_sweep(spec_, raw: dict, sets: list[str], cells: list, n: int, resume: st
     """The sweep flow on `n` workers (or the Dask cluster) against the temporary server: its summary. Ctrl-C is
     exit 130 and SIGTERM 143 (the pool's workers stopped first, the runs marked KILLED), a crashed sweep exit 1."""
     from flows.console import hide_explained_failures
-    from flows.sweep import SweepCrashed, WarmPool, stop_after_interrupt, sweep, task_runner
+    from flows.pool import WarmPool, stop_after_interrupt
+    from flows.sweep import SweepCrashed, sweep, task_runner
 
     from flows.warm import preload
 

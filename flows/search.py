@@ -15,12 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from flows.experiment import prepare_data
+from flows.waiting import Completion
 from tasks.config import ConfigError, SweepConfig
 from tasks.kinds import ranking
 from tasks.phases import mark
+from tasks.pruning import RungWatch, flag_of, parse_prune, pruner, pruning_note
 from tasks.search import (Search, open_study, parse, requeue_interrupted, seed_values, stop_reason, study_storage,
                           trial_cells)
 from tasks.sweep import default_workers, register_by_mean, registration_off, show_best_on_parent
+
+SWEEPS = Path(".nnlab/sweeps")  # flows/sweep.py's: each cell's folder (its pruning flag)
+JUDGE_EVERY = 2.0  # seconds between two looks at the trials training, when the search prunes
 
 
 @dataclass
@@ -40,14 +45,21 @@ def search_and_report(parent, spec_: SweepConfig, params: dict, probe: list, cel
     rank = ranking(probe[0].cfg)
     search = parse(spec_, probe[0].cfg.seed)  # no sweep.seeds: params.yaml's seed
     storage = study_storage(tracking_uri())
-    study = open_study(parent.run_id, search, rank["lower_is_better"], storage)
+    prune = parse_prune(spec_.prune, probe[0].cfg)
+    study = open_study(parent.run_id, search, rank["lower_is_better"], storage, prune and pruner(prune))
     parent.set_tags({"nnlab.ranking_metric": rank["metric"], "nnlab.search": search.method,
                      "nnlab.lower_is_better": str(rank["lower_is_better"]).lower(),
                      "nnlab.study": study.study_name, "nnlab.study_storage": storage})
     requeued = requeue_interrupted(study)
     if requeued:
         print(f"trial(s) {requeued} were interrupted: asked again once, with the same values", flush=True)
-    ran, stopped = drive(study, search, spec_, params, parent.run_id, rank, Launcher(cell_task, where))
+    watch = prune and RungWatch(prune, parent.run_id, SWEEPS, not rank["lower_is_better"], study=study)
+    if watch:
+        for t in study.get_trials(deepcopy=False):  # pruned before a crash: still pruned (their flags set again)
+            if (at := t.user_attrs.get("nnlab.pruned_at")) is not None:
+                for cid in t.user_attrs.get("nnlab.cells", []):
+                    flag_of(SWEEPS, parent.run_id, cid).set(int(at))
+    ran, stopped = drive(study, search, spec_, params, parent.run_id, rank, Launcher(cell_task, where, watch))
     mark("cells done")
     _close_lost_runs(parent.run_id)
     return finish(parent, spec_, study, probe, rank, ran, stopped, report_dir)
@@ -57,16 +69,17 @@ def search_and_report(parent, spec_: SweepConfig, params: dict, probe: list, cel
 class Launcher:
     cell_task: Any  # flows/sweep.py's run_cell
     where: dict  # the client's checkout and store (flows/sweep.py's origin)
+    watch: RungWatch | None = None  # the pruning judge, when the sweep prunes
     data: dict = field(default_factory=dict)  # prepared data per data config and seed
 
 
 def drive(study, search: Search, spec_: SweepConfig, params: dict, parent_id: str, rank: dict,
           launcher: Launcher) -> tuple[int, str]:
-    """Ask, run and tell until the budget says stop: (cells launched, why it stopped)."""
-    from prefect.futures import as_completed
-
+    """Ask, run and tell until the budget says stop: (cells launched, why it stopped). With `prune`, the trials in
+    flight are judged at their rungs on their seeds' mean (tasks/pruning.py) while their cells train."""
     limit = default_workers(spec_, 10**6)  # trials in flight: sweep.workers, else the cores
     flights: dict[int, Flight] = {}
+    waiting, watch = Completion(), launcher.watch
     started, launched, cells, stopped = time.monotonic(), 0, 0, None
     while True:
         while stopped is None and len(flights) < limit:
@@ -77,14 +90,18 @@ def drive(study, search: Search, spec_: SweepConfig, params: dict, parent_id: st
                 if flight is not None:
                     flights[flight.trial.number] = flight
                     cells += len(flight.cells)
+                    for f in flight.futures:
+                        waiting.add(f)
         if not flights:
             return cells, stopped or "nothing left to ask"
-        done = next(as_completed([f for fl in flights.values() for f in fl.pending]))
+        done = waiting.next(*((JUDGE_EVERY, watch.poll) if watch else ()))
         for number, fl in list(flights.items()):
             if done in fl.pending:
                 fl.pending.discard(done)
-                if not fl.pending:  # all its seeds are over: the trial is told
-                    settle(study, fl, parent_id, rank["metric"])
+                if not fl.pending:  # all its seeds are over: the trial is told (its last rungs judged first)
+                    if watch:
+                        watch.poll()
+                    settle(study, fl, parent_id, rank["metric"], watch)
                     del flights[number]
 
 
@@ -114,11 +131,14 @@ def launch(study, search: Search, spec_: SweepConfig, params: dict, parent_id: s
         flight.futures.append(launcher.cell_task.submit(c.cfg, c.id, data_dir, parent_id, {**facts, **tags},
                                                         launcher.where))
     flight.pending.update(flight.futures)
+    if launcher.watch is not None:
+        launcher.watch.add(trial, [c.id for c in cells])
     return flight
 
 
-def settle(study, flight: Flight, parent_id: str, metric: str) -> None:
-    """Tell the study the trial's mean over its seeds, or FAIL when any seed has no result."""
+def settle(study, flight: Flight, parent_id: str, metric: str, watch: RungWatch | None = None) -> None:
+    """Tell the study the trial's mean over its seeds, PRUNED when its rungs cut it, or FAIL when any seed has no
+    result."""
     from optuna.trial import TrialState
 
     values, error = seed_values(parent_id, flight.cells, metric)
@@ -126,7 +146,11 @@ def settle(study, flight: Flight, parent_id: str, metric: str) -> None:
     crashed = [f.state.message or "" for f in flight.futures if f.wait() is None and f.state.is_failed()]
     if error and crashed:  # e.g. a cell that raised before its run was created
         error += " (" + "; ".join(m[:300] for m in crashed) + ")"
-    if error:
+    if watch is not None:
+        watch.told(flight.trial.number)
+    if watch is not None and watch.pruned(flight.trial.number) is not None:
+        study.tell(flight.trial, state=TrialState.PRUNED)
+    elif error:
         flight.trial.set_user_attr("nnlab.error", error[:1000])
         study.tell(flight.trial, state=TrialState.FAIL)
     else:
@@ -163,7 +187,9 @@ def finish(parent, spec_: SweepConfig, study, probe: list, rank: dict, ran: int,
                      "nnlab.sweep_failed_cells": str(sum(r["status"] != "FINISHED" for r in rows))})
     failed = [] if complete else [r for r in rows if r["status"] != "FINISHED"]
     parent.finish("FINISHED" if complete else "FAILED", None if complete else "no trial finished")
-    note = (f"; search: {len(trials)} trials, {complete} complete, {failed_trials} failed (listed in the report); "
-            f"stopped: {stopped}")
+    pruned = sum(t.state == TrialState.PRUNED for t in trials)
+    cut = f"{pruned} pruned, " if spec_.prune is not None else ""
+    note = (f"; search: {len(trials)} trials, {complete} complete, {cut}{failed_trials} failed (listed in the "
+            f"report); stopped: {stopped}") + (pruning_note(parent, rows) if spec_.prune is not None else "")
     return {"parent_run_id": parent.run_id, "cells": len(rows), "ran": ran, "failed": failed, "report": paths,
             "registered": registered, "registration_off": off, "rows": rows, "note": note, "stopped": stopped}

@@ -60,9 +60,10 @@ def cell_table(rows: list[dict], factors: list[str], metric: str, lower: bool = 
                       "epochs_to_95": float(np.mean(speed)) if speed else float("nan"),
                       **{k: float(np.mean(v)) if v else float("nan") for k, v in seconds.items()},
                       "diverged": sum(r.get("diverged", False) for r in runs),
-                      "failed": sum(r["status"] != "FINISHED" for r in runs)})
-    sign = 1 if lower else -1  # best first: lowest error, or highest accuracy
-    table.sort(key=lambda c: sign * c["mean"] if math.isfinite(c["mean"]) else math.inf)
+                      "failed": sum(r["status"] != "FINISHED" for r in runs),
+                      "pruned_at": max((r["pruned_at"] for r in runs if r.get("pruned_at")), default=None)})
+    sign = 1 if lower else -1  # best first: lowest error, or highest accuracy; cells cut by pruning after the rest
+    table.sort(key=lambda c: (c["pruned_at"] is not None, sign * c["mean"] if math.isfinite(c["mean"]) else math.inf))
     return table
 
 
@@ -187,18 +188,22 @@ def _markdown(title, rows, factors, metric, lower, table, effects, figures, note
     lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     accuracy = any(math.isfinite(c["epochs_to_95"]) for c in table)  # classifiers: how fast, too
     timed = any(math.isfinite(c.get("cell_seconds", math.nan)) for c in table)  # what a cell costs beyond training
+    pruned = any(c.get("pruned_at") for c in table)
+    lines += pruning_lines(rows, table) if pruned else []
     lines += ["## Cells", "", "| " + " | ".join([*factors, metric, "seeds",
                                                   *(["epochs to 95% of best val acc"] if accuracy else []),
                                                   *(["seconds: training / whole cell"] if timed else []),
+                                                  *(["pruned at epoch"] if pruned else []),
                                                   "diverged"]) + " |",
-              "|" + "---|" * (len(factors) + 3 + accuracy + timed)]
+              "|" + "---|" * (len(factors) + 3 + accuracy + timed + pruned)]
     for i, c in enumerate(table):
-        star = " ★" if i == 0 and math.isfinite(c["mean"]) else ""
+        star = " ★" if i == 0 and math.isfinite(c["mean"]) and not c.get("pruned_at") else ""
         speed = [f"{c['epochs_to_95']:.1f}" if math.isfinite(c["epochs_to_95"]) else "—"] if accuracy else []
         cost = [f"{c['train_seconds']:.1f} / {c['cell_seconds']:.1f}" if math.isfinite(c["cell_seconds"]) else "—"
                 ] if timed else []
+        cut = [str(c["pruned_at"] or "—")] if pruned else []
         lines.append("| " + " | ".join([*(str(c["levels"][f]) for f in factors), fmt(c["mean"], c["ci"]) + star,
-                                        str(c["n"]), *speed, *cost, str(c["diverged"])]) + " |")
+                                        str(c["n"]), *speed, *cost, *cut, str(c["diverged"])]) + " |")
     lines += ["", "## Main effects", "", "Each level's mean over all other factors and seeds.", ""]
     for f, levels in effects.items():
         pick = min if lower else max
@@ -211,6 +216,18 @@ def _markdown(title, rows, factors, metric, lower, table, effects, figures, note
     if failed:
         lines += ["## Failed runs", ""] + [f"- `{r['cell']}`: {r.get('error') or r['status']}" for r in failed] + [""]
     return "\n".join(lines)
+
+
+def pruning_lines(rows: list[dict], table: list[dict]) -> list[str]:
+    """What pruning cut and what it saved: the cells stopped early, the epochs trained against a full sweep's."""
+    from tasks.pruning import pruning_summary
+
+    s = pruning_summary(rows)
+    cut = sum(bool(c.get("pruned_at")) for c in table)
+    share = f" ({s['epochs'] / s['full_epochs']:.0%})" if s["full_epochs"] else ""
+    return ["## Pruning", "", f"{cut} of {len(table)} cells cut on the mean over their seeds, listed after the "
+            f"others with the epoch they were judged at; never the best cell nor registered. Epochs trained: "
+            f"{s['epochs']} of the {s['full_epochs']}{share} the same runs would train unpruned.", ""]
 
 
 def _html(title: str, md: str, figures: dict[str, bytes]) -> str:

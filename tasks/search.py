@@ -184,8 +184,8 @@ def study_storage(uri: str) -> str:
     """Where the study is kept: `optuna.db` beside a SQLite MLflow store."""
     if uri.startswith("sqlite:///"):
         return f"sqlite:///{(Path(uri[len('sqlite:///'):]).parent / 'optuna.db').resolve()}"
-    raise ConfigError(f"sweep.search: the study is kept beside a SQLite MLflow store (optuna.db next to mlflow.db); "
-                      f"a search on {uri.split('://')[0]}:// stores (PostgreSQL, a tracking server) is not yet "
+    raise ConfigError(f"sweep.search / sweep.prune: the study is kept beside a SQLite MLflow store (optuna.db next "
+                      f"to mlflow.db); a search on {uri.split('://')[0]}:// stores (PostgreSQL, a tracking server) is not yet "
                       "supported: run it with the default store or MLFLOW_TRACKING_URI=sqlite:///…/mlflow.db")
 
 
@@ -241,10 +241,17 @@ def probe_cells(spec: SweepConfig, params: dict, sets: list[str] | None = None) 
 def expand(spec: SweepConfig, params: dict, sets: list[str] | None = None) -> list[Cell]:
     """A sweep's cells checked before anything runs: a grid's (tasks/sweep.py), or a search's one per seed."""
     from tasks import sweep
+    from tasks.pruning import parse_prune
+    from tasks.tracking import tracking_uri
 
     if spec.search is None and not spec.seeds and not spec.stop:
-        return sweep.expand(spec, params, sets)
-    return probe_cells(spec, params, sets)
+        cells = sweep.expand(spec, params, sets)
+    else:
+        cells = probe_cells(spec, params, sets)
+    if spec.prune is not None:  # its keys, and the study's store (a grid's pruning keeps one too)
+        parse_prune(spec.prune, cells[0].cfg)
+        study_storage(tracking_uri())
+    return cells
 
 
 def _check_path(key: str, cfg: Config) -> None:
@@ -312,13 +319,14 @@ def sampler(search: Search, offset: int = 0):
     return optuna.samplers.TPESampler(seed=seed)
 
 
-def open_study(parent_run_id: str, search: Search, lower_is_better: bool, storage: str):
-    """The sweep's study, created on its first command and loaded on every --resume."""
+def open_study(parent_run_id: str, search: Search, lower_is_better: bool, storage: str, pruner=None):
+    """The sweep's study, created on its first command and loaded on every --resume; `pruner` judges its trials'
+    rungs (tasks/pruning.py)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=storage, study_name=study_name(parent_run_id), load_if_exists=True,
-                                direction="minimize" if lower_is_better else "maximize")
+                                direction="minimize" if lower_is_better else "maximize", pruner=pruner)
     study.sampler = sampler(search, len(study.trials))
     return study
 

@@ -75,11 +75,12 @@ def trials_section(study, search: Search, rank: dict) -> list[str]:
     done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value if lower else -t.value)
     rest = [t for t in trials if t.state != TrialState.COMPLETE]
     keys = list(search.space)
-    states = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)}
+    states = {s: sum(t.state == s for t in trials)
+              for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
     lines = ["## Trials, best first", "",
              f"Optuna `{search.method}` search over {', '.join(f'`{k}`' for k in keys)}; each trial trained once per "
              f"seed {search.seeds} and ranked by its mean. {len(trials)} trials: {states[TrialState.COMPLETE]} "
-             f"complete, {states[TrialState.FAIL]} failed, {states[TrialState.RUNNING]} unfinished. Study "
+             f"complete, {states[TrialState.PRUNED]} pruned, {states[TrialState.FAIL]} failed, {states[TrialState.RUNNING]} unfinished. Study "
              f"`{study.study_name}`.", "",
              "| trial | " + " | ".join(keys) + f" | {metric} | seeds | state |", "|" + "---|" * (len(keys) + 4)]
     for i, t in enumerate(done + rest):
@@ -88,13 +89,16 @@ def trials_section(study, search: Search, rank: dict) -> list[str]:
         star = " ★" if i == 0 and t.state == TrialState.COMPLETE else ""
         note = f" (rerun of #{t.user_attrs['nnlab.replaces']})" if "nnlab.replaces" in t.user_attrs else ""
         values = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (t.params.get(k, "—") for k in keys)]
+        state = t.state.name.lower() + (f" at epoch {t.user_attrs['nnlab.pruned_at']}"
+                                        if "nnlab.pruned_at" in t.user_attrs else "")
         lines.append(f"| #{t.number}{note} | " + " | ".join(values) + f" | {fmt(mean, half)}{star} | {len(seeds)} | "
-                     f"{t.state.name.lower()} |")
+                     f"{state} |")
     return [*lines, ""]
 
 
 def study_figures(study, metric: str) -> dict[str, bytes]:
-    """Optuna's optimisation history and parameter importances (fANOVA; it needs two finished trials or more)."""
+    """Optuna's optimisation history, parameter importances (fANOVA; it needs two finished trials or more) and
+    parallel coordinates (each finished trial a line through its values to its mean)."""
     from optuna.visualization import matplotlib as plots
 
     from tasks.report import _png
@@ -103,7 +107,8 @@ def study_figures(study, metric: str) -> dict[str, bytes]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "experimental" and the like
         for name, plot in (("optimization_history.png", plots.plot_optimization_history),
-                           ("param_importances.png", plots.plot_param_importances)):
+                           ("param_importances.png", plots.plot_param_importances),
+                           ("parallel_coordinates.png", plots.plot_parallel_coordinate)):
             try:
                 out[name] = _png(plot(study, target_name=f"{metric} (mean over seeds)").figure)
             except (ValueError, RuntimeError, ZeroDivisionError):  # too few finished trials for this figure

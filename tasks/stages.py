@@ -44,9 +44,9 @@ class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM) during a run: its MLflow run is marked KILLED and its checkpoint kept, so the same
     command resumes it. Still a KeyboardInterrupt: everything that stops on Ctrl-C stops on it."""
 
-    def __init__(self, name: str, run_id: str):
-        super().__init__(name, run_id)
-        self.name, self.run_id = name, run_id
+    def __init__(self, name: str, run_id: str, marked: bool = True):
+        super().__init__(name, run_id, marked)
+        self.name, self.run_id, self.marked = name, run_id, marked
 
 
 @dataclass
@@ -120,9 +120,9 @@ def run_params(cfg: Config, name: str) -> dict:
 
 
 def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_dir: str | Path | None = None,
-                parent_run_id: str | None = None, extra_tags: dict | None = None) -> Trained:
+                parent_run_id: str | None = None, extra_tags: dict | None = None, halt=None) -> Trained:
     """Train run `name` the way its kind says; resumes its unfinished checkpoint (same params, same data) into
-    the same MLflow run."""
+    the same MLflow run. `halt(epoch)` True after an epoch ends the training there (a sweep's pruning)."""
     data = load_prepared(data_dir)
     m = data.manifest
     arch, options = cfg.model_options(name)
@@ -143,7 +143,7 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
         channels_last = image and tcfg.channels_last and kind.channels_last
         model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
         augment = kind.augmenter(cfg, m)
-        trainer = Trainer(model, tcfg, cfg.seed, device, kind.step(model, tcfg, cfg.seed, device), augment)
+        trainer = Trainer(model, tcfg, cfg.seed, device, kind.step(model, tcfg, cfg.seed, device), augment, halt=halt)
 
         mean, std = kind.scaling(m)
         train = to_device(data.x_train, data.y_train, mean, std, device, channels_last)
@@ -165,9 +165,9 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
             raise StoreWriteError(f"{why}; {name}'s MLflow run {run.run_id} {state}, its last epoch's checkpoint "
                                   "kept: free space (or make it writable) and run the same command to resume") from None
         except BaseException as e:  # Ctrl-C, SIGTERM (SystemExit, Prefect's TerminationSignal): resumable
-            run.mark_interrupted("interrupted; `nnlab run` with the same params resumes it")
+            marked = run.mark_interrupted("interrupted; `nnlab run` with the same params resumes it")
             if isinstance(e, KeyboardInterrupt):
-                raise RunInterrupted(name, run.run_id) from None
+                raise RunInterrupted(name, run.run_id, marked) from None
             raise
 
 

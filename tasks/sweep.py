@@ -196,6 +196,9 @@ def collect_rows(parent_run_id: str, cells: list[Cell], metric: str) -> list[dic
                        model_uri=run["tags"].get("nnlab.model_uri"), diverged="non-finite" in error,
                        history={k: [v for _, v in sorted(metric_history(run["run_id"], k))]
                                 for k in ("val_loss", "val_accuracy")})
+            row["epochs"] = len(row["history"]["val_loss"])
+            if "nnlab.pruned_at" in run["tags"]:  # cut by the sweep's pruning (tasks/pruning.py)
+                row["pruned_at"] = int(run["tags"]["nnlab.pruned_at"])
             if run["status"] == "FINISHED":
                 row[metric] = run["metrics"].get(metric)
                 row.update(train_seconds=run["metrics"].get("train_seconds"),
@@ -258,7 +261,7 @@ def best_cell(rows: list[dict], rank: dict) -> dict | None:
     metric = rank["metric"]
     by_cell: dict[tuple, list[dict]] = {}
     for r in rows:
-        if r["status"] == "FINISHED" and r.get(metric) is not None and r.get("model_uri"):
+        if r["status"] == "FINISHED" and r.get(metric) is not None and r.get("model_uri") and not r.get("pruned_at"):
             by_cell.setdefault(tuple(sorted((k, str(v)) for k, v in r["levels"].items() if k != "seed")), []).append(r)
     if not by_cell:
         return None

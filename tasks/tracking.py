@@ -10,6 +10,8 @@ import time
 import warnings
 from pathlib import Path
 
+from tasks.interrupts import signals_held
+
 
 # Offline, MLflow's telemetry thread deletes an environment variable while a REST call's proxy lookup iterates
 # os.environ: a random KeyError in log_batch against a tracking server. MLflow is imported below this line only.
@@ -140,7 +142,8 @@ def prepare_model_logging() -> None:
 
 class _Retrying:
     """MlflowClient whose calls retry for a while when SQLite says the database is locked (parallel cells
-    writing at the same moment); any other error goes straight through."""
+    writing at the same moment); any other error goes straight through. Ctrl-C and SIGTERM wait for a call to
+    end (signals_held): never one cut in half, its transaction left open and the store locked."""
 
     def __init__(self, inner):
         self._inner = inner
@@ -153,7 +156,8 @@ class _Retrying:
         def call(*args, **kwargs):
             for attempt in range(40):
                 try:
-                    return attr(*args, **kwargs)
+                    with signals_held():
+                        return attr(*args, **kwargs)
                 except Exception as e:
                     if "database is locked" not in str(e) or attempt == 39:
                         raise
@@ -295,18 +299,27 @@ class Run:
     def health(self) -> list[str]:
         return fired_health(self.tags())
 
-    def mark_interrupted(self, reason: str) -> None:
-        """KILLED with `reason`, in one try each. The interrupt may have cut an MLflow write short and left the
-        SQLite store locked until this process ends; waiting on it (the retries) would keep Ctrl-C from ending
-        the process. If it cannot be written the run stays RUNNING, and resuming works all the same."""
+    def mark_interrupted(self, reason: str, patience: float = 5.0) -> bool:
+        """KILLED with `reason`; False (said in one line) if the store would not take it within `patience` seconds
+        (other processes writing: a sweep's cells all stop at once). The run then stays RUNNING, and resuming
+        works all the same."""
         from mlflow.entities import RunTag
 
-        try:
-            self.c._inner.log_batch(self.run_id, tags=[RunTag("nnlab.error", reason), RunTag("nnlab.status", "killed")])
-            self.c._inner.set_terminated(self.run_id, status="KILLED")
-        except Exception as e:
-            print(f"MLflow run {self.run_id} not marked KILLED ({type(e).__name__}: {str(e)[:80]}); the same command "
-                  "resumes it", flush=True)
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                with signals_held():
+                    self.c._inner.log_batch(self.run_id, tags=[RunTag("nnlab.error", reason),
+                                                               RunTag("nnlab.status", "killed")])
+                    self.c._inner.set_terminated(self.run_id, status="KILLED")
+                return True
+            except Exception as e:
+                if "database is locked" in str(e) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                print(f"MLflow run {self.run_id} not marked KILLED ({type(e).__name__}: {str(e)[:80]}); the same "
+                      "command resumes it", flush=True)
+                return False
 
     def abandon(self, reason: str) -> str:
         """After a failed write (disk full, read-only): FAILED with `reason`, in one try (the store itself may be

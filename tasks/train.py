@@ -268,6 +268,7 @@ class Trainer:
     steps: int = 0  # optimizer steps (batches) so far, over all epochs
     history: list = field(default_factory=list)
     seconds: float = 0.0
+    halt: Callable[[int], bool] | None = None  # asked after each epoch: True ends training there (a sweep's pruning)
 
     def __post_init__(self):
         self.stopper = EarlyStopping(self.cfg.early_stopping)
@@ -323,6 +324,7 @@ class Trainer:
             if on_epoch is not None:  # the kind's measurements (into `metrics`), logging, the checkpoint
                 on_epoch(self.epoch, metrics, self)
             stopped = self.stopper.update(self.epoch, metrics, self.model)  # judged on all of them
+            stopped = stopped or (self.halt is not None and self.epoch < self.cfg.epochs and self.halt(self.epoch))
         mark("fit end")
         if self.stopper.best_state is not None:
             self.model.load_state_dict(self.stopper.best_state)

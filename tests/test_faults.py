@@ -140,6 +140,56 @@ def test_sigterm_to_a_run_marks_it_killed_and_exits_143(tmp_path):
     assert client(uri).get_run(run.info.run_id).info.status == "KILLED"
 
 
+def test_a_signal_inside_a_held_block_waits_for_its_end_then_meets_its_handler():
+    from tasks.interrupts import signals_held
+
+    ran = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # Python would have run the handler here
+            ran.append("after the signal")
+    assert ran == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    with signals_held():
+        pass  # nothing pending: nothing raised
+
+
+def test_ctrl_c_in_the_middle_of_a_store_write_leaves_the_store_whole_and_unlocked(tmp_path, monkeypatch):
+    """A Ctrl-C that lands inside a write (here: as the metrics are inserted) waits for it to commit: the store is
+    never left locked by a transaction cut in half, so the run can be marked KILLED at once, and the batch is
+    whole."""
+    import sqlite3
+
+    from sqlalchemy import event
+
+    from tasks.tracking import Run, prepare_store
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    prepare_store("held")
+    run = Run.start("held", "w", {}, {})
+    engine, sent = run.c._inner._tracking_client.store.engine, []
+
+    def ctrl_c_once(conn, cursor, statement, *rest):
+        if "INSERT INTO metrics" in statement and not sent:
+            sent.append(statement)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    event.listen(engine, "before_cursor_execute", ctrl_c_once)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run.log_metrics({"a": 1.0, "b": 2.0})
+    finally:
+        event.remove(engine, "before_cursor_execute", ctrl_c_once)
+    assert sent
+    db = sqlite3.connect(tmp_path / "mlflow.db", timeout=0.5)
+    db.execute("BEGIN IMMEDIATE")  # a writer gets the store at once
+    db.rollback()
+    assert db.execute("select key, value from metrics order by key").fetchall() == [("a", 1.0), ("b", 2.0)]
+    assert run.mark_interrupted("test", patience=1.0)
+    assert client(os.environ["MLFLOW_TRACKING_URI"]).get_run(run.run_id).info.status == "KILLED"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig_to_group", [False, True], ids=["kill-pid", "kill-group"])
 def test_sigterm_to_a_sweep_stops_its_workers_marks_it_killed_and_exits_143(tmp_path, sig_to_group):
@@ -170,6 +220,23 @@ def pairs_file(path: Path, bad: bool = True) -> Path:
     if bad:
         lines.insert(25, "eine Zeile ohne Tabulator")  # line 26
     return written(path, "\n".join(lines) + "\n")
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_sweep_leaves_no_worker_and_its_cells_are_marked_killed(tmp_path):
+    """The sweep process gone without a word (kill -9, out of memory): its workers notice, mark the runs they were
+    training KILLED and exit; the fork server and the temporary Prefect server go too."""
+    write_params(tmp_path / "params.yaml")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({
+        "name": "kill9", "model": "mlp", "workers": 2, "grid": {"train.lr": [0.001, 0.002]},
+        "fixed": {"train.epochs": 500, **TINY, "register.enabled": False}}))
+    p, log = start(tmp_path, uri, "sweep", "s.yaml")
+    cells = {r.info.run_id for r in training_runs(uri, p, log, 2)}
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(timeout=10)
+    assert not group_left(p.pid, 30), f"left behind: {group_left(p.pid, 0)}"
+    assert {client(uri).get_run(r).info.status for r in cells} == {"KILLED"}
 
 
 @pytest.mark.parametrize("source, model, make, needles", [

@@ -1,0 +1,258 @@
+"""Pruning judged on seed means: a sweep's group of cells (a grid cell's seeds, or a search trial's) is compared
+with the others at each rung on the MEAN over its seeds of an epoch metric, and only once every seed has reached
+that rung, so no group is cut (or kept) on one lucky seed. The decisions are Optuna's pruners' (ASHA, Hyperband,
+median) on an Optuna study kept beside the MLflow store; a pruned group stops all its seeds.
+
+In a sweep file (a grid's or a search's):
+
+    prune:
+      method: asha          # asha | hyperband | median
+      min_epochs: 1         # the first rung (median: no decision before it)
+      eta: 3                # the reduction factor: rungs at min_epochs * eta^k, 1/eta of a rung goes on
+      monitor: val_loss     # the epoch metric judged (default: train.early_stopping.monitor)
+
+How a cell learns it was pruned: a flag file the sweep writes in the cell's folder, read after every epoch
+(`PruneFlag`); the cell then ends as an early-stopped one does (evaluated, FINISHED), tagged nnlab.pruned_at.
+Checked before anything runs (ConfigError naming the key: exit 2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args
+
+from tasks.config import Config, ConfigError, EarlyStoppingConfig
+
+METHODS = ("asha", "hyperband", "median")
+KEYS = ("method", "min_epochs", "eta", "monitor")
+MONITORS = get_args(EarlyStoppingConfig.model_fields["monitor"].annotation)
+HIGHER_WINS = ("accuracy", "bleu", "chrf", "exact_match")
+
+
+@dataclass
+class Prune:
+    method: str
+    min_epochs: int
+    eta: int
+    monitor: str
+    max_epochs: int  # the cells' train.epochs
+
+    @property
+    def higher_wins(self) -> bool:
+        return self.monitor.endswith(HIGHER_WINS)
+
+    def describe(self) -> str:
+        rule = f"{self.method}, rungs from epoch {self.min_epochs}, eta {self.eta}" if self.method != "median" else \
+            f"median, from epoch {self.min_epochs}"
+        return f"{rule}, on the mean over seeds of {self.monitor}"
+
+
+def parse_prune(raw: Any, cfg: Config) -> Prune | None:
+    """The sweep file's `prune`, every key checked against what `cfg` (a cell's config) trains."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError("sweep.prune: expected a mapping, e.g. {method: asha, min_epochs: 1, eta: 3}")
+    for key in raw:
+        if key not in KEYS:
+            raise ConfigError(f"sweep.prune.{key}: unknown key; allowed: {', '.join(KEYS)}")
+    method = raw.get("method", "asha")
+    if method not in METHODS:
+        raise ConfigError(f"sweep.prune.method: unknown method {method!r}; known: {', '.join(METHODS)}")
+    epochs = cfg.train.epochs
+    min_epochs, eta = raw.get("min_epochs", 1), raw.get("eta", 3)
+    if isinstance(min_epochs, bool) or not isinstance(min_epochs, int) or not 1 <= min_epochs < epochs:
+        raise ConfigError(f"sweep.prune.min_epochs: expected a whole number from 1 to {epochs - 1} (below "
+                          f"train.epochs={epochs}), got {min_epochs!r}")
+    if isinstance(eta, bool) or not isinstance(eta, int) or eta < 2:
+        raise ConfigError(f"sweep.prune.eta: expected a whole number >= 2 (the reduction factor), got {eta!r}")
+    monitor = raw.get("monitor", cfg.train.early_stopping.monitor)
+    if monitor not in MONITORS:
+        raise ConfigError(f"sweep.prune.monitor: unknown metric {monitor!r}; known: {', '.join(MONITORS)}")
+    return Prune(method, min_epochs, eta, monitor, epochs)
+
+
+def pruner(p: Prune):
+    import optuna
+
+    if p.method == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_epochs, reduction_factor=p.eta,
+                                                      min_early_stopping_rate=0)
+    if p.method == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=p.min_epochs, max_resource=p.max_epochs,
+                                              reduction_factor=p.eta)
+    return optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=p.min_epochs - 1)
+
+
+# ---------------------------------------------------------------- the cell's side
+
+@dataclass
+class PruneFlag:
+    """A cell's pruning flag: the sweep writes it (`set`), the cell's trainer reads it after every epoch (`__call__`:
+    True stops the training as early stopping does)."""
+    path: Path
+
+    def __call__(self, epoch: int) -> bool:
+        return self.path.exists()
+
+    def set(self, epoch: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(f"{epoch}\n")
+
+
+def flag_of(sweeps: Path, parent_run_id: str, cell_id: str) -> PruneFlag:
+    return PruneFlag(sweeps / parent_run_id / cell_id.replace("/", "_") / "pruned")
+
+
+# ---------------------------------------------------------------- the sweep's side
+
+@dataclass
+class Group:
+    trial: Any  # the optuna Trial the group reports to
+    cells: list[str]  # cell ids, one per seed
+    reported: int = 0  # the last epoch reported
+    pruned_at: int | None = None
+    told: bool = False  # its trial has its end (no more reports)
+
+
+@dataclass
+class RungWatch:
+    """Reads the running groups' epoch metrics from MLflow, reports each epoch every seed has reached (the mean,
+    signed to the study's direction) to the group's trial, and flags the cells of a group the pruner cuts."""
+    prune: Prune
+    parent_run_id: str
+    sweeps: Path
+    maximize: bool  # the study's direction
+    study: Any = None
+    groups: dict[int, Group] = field(default_factory=dict)
+
+    def add(self, trial, cell_ids: list[str]) -> None:
+        """Watch `trial`'s cells; a trial pruned before a crash stays pruned (its cells' flags set again)."""
+        frozen = next(t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number)
+        g = Group(trial, list(cell_ids), reported=max(frozen.intermediate_values, default=0))
+        self.groups[trial.number] = g
+        if (at := trial.user_attrs.get("nnlab.pruned_at")) is not None:
+            self.cut(g, int(at))
+
+    def poll(self) -> list[tuple[int, int]]:
+        """Judge what is new; the (trial number, epoch) of the groups pruned now."""
+        from tasks.tracking import child_runs, metric_history
+
+        live = [g for g in self.groups.values() if g.pruned_at is None and not g.told]
+        if not live:
+            return []
+        newest: dict[str, str] = {}
+        for run in child_runs(self.parent_run_id):  # newest first
+            newest.setdefault(run["cell"], run["run_id"])
+        sign = 1.0 if self.prune.higher_wins == self.maximize else -1.0
+        cut = []
+        for g in live:
+            if not all(c in newest for c in g.cells):
+                continue
+            curves = [dict(metric_history(newest[c], self.prune.monitor)) for c in g.cells]
+            reached = min((max(cv) if cv else 0) for cv in curves)
+            for epoch in range(g.reported + 1, reached + 1):
+                if not all(epoch in cv for cv in curves):
+                    continue
+                g.trial.report(sign * sum(cv[epoch] for cv in curves) / len(curves), epoch)
+                g.reported = epoch
+                if epoch < self.prune.max_epochs and g.trial.should_prune():
+                    self.cut(g, epoch, [newest[c] for c in g.cells])
+                    cut.append((g.trial.number, epoch))
+                    break
+        return cut
+
+    def cut(self, g: Group, epoch: int, run_ids: list[str] = ()) -> None:
+        """The group is pruned at `epoch`: its trial and runs say so (the runs list's nnlab.pruned_at), and its
+        cells' flags stop their training (a cell that has finished meanwhile keeps its epochs, still pruned)."""
+        from tasks.tracking import Run
+
+        g.pruned_at = epoch
+        g.trial.set_user_attr("nnlab.pruned_at", epoch)
+        for c in g.cells:
+            flag_of(self.sweeps, self.parent_run_id, c).set(epoch)
+        for run_id in run_ids:
+            Run(run_id).set_tags({"nnlab.pruned_at": str(epoch)})
+
+    def pruned(self, number: int) -> int | None:
+        g = self.groups.get(number)
+        return g.pruned_at if g else None
+
+    def told(self, number: int) -> None:
+        if number in self.groups:
+            self.groups[number].told = True
+
+
+# ---------------------------------------------------------------- a grid's groups
+
+def group_cells(cells: list) -> dict[str, list]:
+    """A grid's cells by their levels less the seed (one group per grid cell), in the grid's order."""
+    groups: dict[str, list] = {}
+    for c in cells:
+        groups.setdefault(",".join(f"{k}={v}" for k, v in c.factors.items()) or "all", []).append(c)
+    return groups
+
+
+def open_grid_watch(parent_run_id: str, cells: list, prune: Prune, maximize: bool, storage: str,
+                    sweeps: Path) -> RungWatch:
+    """A pruned grid's study (one trial per grid cell, named by its levels; created on the first command, loaded
+    on --resume) and the watch over its undecided groups."""
+    import optuna
+    from optuna.trial import Trial, TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=storage, study_name=f"nnlab-sweep-{parent_run_id}", load_if_exists=True,
+                                direction="maximize" if maximize else "minimize", pruner=pruner(prune))
+    known = {t.user_attrs.get("nnlab.group"): t for t in study.get_trials(deepcopy=False)}
+    watch = RungWatch(prune, parent_run_id, sweeps, maximize, study=study)
+    for label, members in group_cells(cells).items():
+        t = known.get(label)
+        if t is not None and t.state != TrialState.RUNNING:
+            continue  # decided (complete, pruned or failed) by an earlier command
+        if t is None:
+            trial = study.ask()
+            trial.set_user_attr("nnlab.group", label)
+            trial.set_user_attr("nnlab.cells", [c.id for c in members])
+        else:
+            trial = Trial(study, t._trial_id)
+        watch.add(trial, [c.id for c in members])
+    return watch
+
+
+def settle(watch: RungWatch, metric: str) -> None:
+    """Every cell is over: each watched trial told PRUNED, or COMPLETE with its seeds' mean `metric` (FAIL when
+    a seed has none), so a later --resume finds every group decided."""
+    from optuna.trial import TrialState
+
+    from tasks.tracking import child_runs
+
+    newest: dict[str, dict] = {}
+    for run in child_runs(watch.parent_run_id):  # newest first
+        newest.setdefault(run["cell"], run)
+    for g in watch.groups.values():
+        if g.pruned_at is not None:
+            watch.study.tell(g.trial, state=TrialState.PRUNED)
+            continue
+        runs = [newest.get(c) for c in g.cells]
+        values = [r["metrics"][metric] for r in runs if r and r["status"] == "FINISHED" and metric in r["metrics"]]
+        if len(values) == len(g.cells):
+            watch.study.tell(g.trial, sum(values) / len(values))
+        else:
+            watch.study.tell(g.trial, state=TrialState.FAIL)
+
+
+def pruning_summary(rows: list[dict]) -> dict[str, int]:
+    """A pruned sweep's cost against a full one, from its report rows: cells cut, epochs trained, and the epochs
+    the same cells would have trained unpruned (the longest uncut cell's epochs, each)."""
+    full = max((r.get("epochs", 0) for r in rows if not r.get("pruned_at")), default=0)
+    return {"cells": len(rows), "cut": sum(bool(r.get("pruned_at")) for r in rows),
+            "epochs": sum(r.get("epochs", 0) for r in rows), "full_epochs": full * len(rows)}
+
+
+def pruning_note(parent, rows: list[dict]) -> str:
+    """The summary line's part on pruning; the parent run keeps the same figures (nnlab.pruned_cells, metrics)."""
+    s = pruning_summary(rows)
+    parent.set_tags({"nnlab.pruned_cells": str(s["cut"])})
+    parent.log_metrics({"epochs_trained": s["epochs"], "epochs_unpruned": s["full_epochs"]})
+    share = f" ({s['epochs'] / s['full_epochs']:.0%})" if s["full_epochs"] else ""
+    return f"; pruned {s['cut']} of {s['cells']} cells, epochs trained {s['epochs']} of {s['full_epochs']}{share}"

@@ -1,0 +1,164 @@
+"""Pruning on seed means (tasks/pruning.py): bad `prune` settings refused naming the key; the watch judges a group
+only once all its seeds reached a rung, on their mean (a lucky seed does not save a bad group); a real pruned grid
+sweep cuts the bad cell, says so in its runs, study and report, and --resume leaves the decisions standing."""
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, write_params
+from tasks.config import ConfigError, SweepConfig, read_yaml
+from tasks.search import expand
+
+NNLAB = str(Path(sys.executable).parent / "nnlab")
+
+
+def grid_spec(**prune) -> dict:
+    return {"name": "prn", "model": "mlp", "fixed": {"train.epochs": 6, "models.mlp.hidden": [16]},
+            "grid": {"train.lr": [0.05, 0.00001], "seed": [0, 1]}, "prune": prune or {"method": "asha"}}
+
+
+@pytest.mark.parametrize("prune, needle", [
+    ({"method": "sha"}, "sweep.prune.method: unknown method 'sha'; known: asha, hyperband, median"),
+    ({"rungs": 3}, "sweep.prune.rungs: unknown key; allowed: method, min_epochs, eta, monitor"),
+    ({"min_epochs": 6}, "sweep.prune.min_epochs: expected a whole number from 1 to 5 (below train.epochs=6)"),
+    ({"min_epochs": 0}, "sweep.prune.min_epochs"),
+    ({"eta": 1}, "sweep.prune.eta: expected a whole number >= 2"),
+    ({"monitor": "val_f1"}, "sweep.prune.monitor: unknown metric 'val_f1'"),
+])
+def test_bad_prune_is_a_config_error_naming_the_key(prune, needle):
+    with pytest.raises(ConfigError) as e:
+        expand(SweepConfig.model_validate(grid_spec(**prune)), read_yaml(ROOT / "params.yaml"))
+    assert needle in str(e.value)
+
+
+def _child(parent: str, cell: str, curve: list[float]) -> str:
+    from tasks.tracking import Run
+
+    run = Run.start("prune-watch", cell, {"nnlab.sweep_cell": cell}, {}, parent_run_id=parent)
+    for epoch, v in enumerate(curve, 1):
+        run.log_epoch(epoch, {"val_loss": v})
+    return run.run_id
+
+
+def test_a_group_is_judged_on_its_seeds_mean_once_every_seed_reached_the_rung(tmp_path, monkeypatch):
+    """ASHA (eta 2, rungs at 1, 2, 4): group a first (kept: alone at its rungs); group b has one seed better than
+    a's at epoch 1 but the worse mean: cut at epoch 1, its flags set and its runs tagged; group c is judged only
+    up to the epoch its slower seed reached."""
+    import optuna
+
+    from tasks.config import load_config
+    from tasks.pruning import RungWatch, flag_of, parse_prune, pruner
+    from tasks.tracking import Run, child_runs, prepare_store
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    prepare_store("prune-watch")
+    parent = Run.start("prune-watch", "sweep", {}, {}).run_id
+    cfg = load_config(write_params(tmp_path / "params.yaml"), ["train.epochs=8"])
+    prune = parse_prune({"method": "asha", "min_epochs": 1, "eta": 2}, cfg)
+    study = optuna.create_study(direction="maximize", pruner=pruner(prune))  # accuracy: the sweep's ranking
+    watch = RungWatch(prune, parent, tmp_path / "sweeps", maximize=True, study=study)
+    curves = {"a0": [1.0, 0.6, 0.5], "a1": [1.0, 0.6, 0.5],  # mean 1.0 at epoch 1
+              "b0": [0.9, 0.8], "b1": [2.0, 1.9],  # b0 beats a at epoch 1, but b's mean (1.45) does not
+              "c0": [0.5, 0.4, 0.3], "c1": [0.5]}  # c1 is at epoch 1 only
+    for group in "abc":
+        cells = [f"{group}0", f"{group}1"]
+        for cell in cells:
+            _child(parent, cell, curves[cell])
+        watch.add(study.ask(), cells)
+    assert watch.poll() == [(1, 1)]  # trial 1 (group b) cut at epoch 1
+    assert [watch.groups[n].reported for n in (0, 1, 2)] == [3, 1, 1]  # c: up to its slower seed
+    assert study.trials[1].intermediate_values == {1: pytest.approx(-1.45)}  # the mean, signed to the study
+    assert [flag_of(tmp_path / "sweeps", parent, c).path.exists() for c in curves] == [False, False, True, True,
+                                                                                      False, False]
+    assert flag_of(tmp_path / "sweeps", parent, "b0")(2) is True  # what the cell's trainer asks after an epoch
+    tags = {r["cell"]: r["tags"].get("nnlab.pruned_at") for r in child_runs(parent)}
+    assert tags == {"a0": None, "a1": None, "b0": "1", "b1": "1", "c0": None, "c1": None}
+    assert watch.poll() == []  # nothing new: nothing judged twice
+
+
+def sweep(cwd: Path, uri: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([NNLAB, "sweep", *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+
+
+@pytest.mark.slow
+def test_a_pruned_grid_cuts_the_bad_cell_reports_it_and_resume_keeps_it_cut(tmp_path):
+    """lr 1e-5 against 0.05, two seeds each, ASHA from epoch 1: the slow learner is cut at its first rung (stopped
+    there, unless it finished before the sweep looked), tagged, told PRUNED; the best cell is the other and only
+    it can be registered; the report has the pruning section; --resume trains nothing and changes no decision."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    write_params(tmp_path / "params.yaml", register={"name": f"prn-{uuid.uuid4().hex[:8]}"})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = {**grid_spec(method="asha", min_epochs=1, eta=2), "workers": 2}
+    spec["fixed"]["train.epochs"] = 30
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = sweep(tmp_path, uri, "s.yaml")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    parent = out.stdout.split("sweep parent run ")[1].split(":")[0]
+    c = MlflowClient(uri)
+    runs = c.search_runs([c.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    cut = {r.data.tags["nnlab.sweep_cell"]: r for r in runs if "nnlab.pruned_at" in r.data.tags}
+    assert sorted(cut) == ["lr=1e-05,seed=0", "lr=1e-05,seed=1"], sorted(cut)
+    assert {r.data.tags["nnlab.pruned_at"] for r in cut.values()} == {"1"}
+    assert all(r.info.status == "FINISHED" and "test_accuracy" in r.data.metrics for r in runs)
+    study = optuna.load_study(study_name=f"nnlab-sweep-{parent}", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    states = {t.user_attrs["nnlab.group"]: t.state for t in study.trials}
+    assert states == {"train.lr=0.05": TrialState.COMPLETE, "train.lr=1e-05": TrialState.PRUNED}
+    assert c.get_run(parent).data.tags["nnlab.best_cell"] == "train.lr=0.05"
+    md = (next((tmp_path / "reports").glob("prn-*")) / "report.md").read_text()
+    assert "## Pruning" in md and "1 of 2 cells cut on the mean over their seeds" in md
+
+    out = sweep(tmp_path, uri, "--resume", parent)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "ran 0 now" in out.stdout, out.stdout[-2000:]
+    study = optuna.load_study(study_name=f"nnlab-sweep-{parent}", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert {t.user_attrs["nnlab.group"]: t.state for t in study.trials} == states and len(study.trials) == 2
+
+
+@pytest.mark.slow
+def test_a_pruned_search_resumed_after_a_kill_keeps_its_decisions_and_numbering(tmp_path):
+    """A grid-sampled search (seed 1 asks lr 0.05 first) with ASHA: the first command runs two trials (stop.trials:
+    2), the second judged against the first at epoch 1 and cut (a lower lr learns slower); a trial left RUNNING (what kill -9 leaves) is asked again
+    on --resume at the next number; the pruned trial stays pruned and nothing is trained twice."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    write_params(tmp_path / "params.yaml", register={"name": f"prn-{uuid.uuid4().hex[:8]}"})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = {"name": "prs", "model": "mlp", "fixed": {"train.epochs": 10, "models.mlp.hidden": [16]}, "seeds": [0, 1],
+            "search": {"method": "grid", "seed": 1, "trials": 3, "space": {"train.lr": "choice(0.05, 0.00001, 0.02)"}},
+            "stop": {"trials": 2}, "prune": {"method": "asha", "min_epochs": 1, "eta": 2}, "workers": 2}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = sweep(tmp_path, uri, "s.yaml")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "1 complete, 1 pruned, 0 failed" in out.stdout and "pruned 2 of 4 cells" in out.stdout, out.stdout[-2000:]
+    parent = out.stdout.split("sweep parent run ")[1].split(":")[0]
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.load_study(study_name=f"nnlab-sweep-{parent}", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED]  # #1 alone is judged
+    assert study.trials[0].params["train.lr"] == 0.05 and study.trials[1].user_attrs["nnlab.pruned_at"] == 1
+
+    left = ({0.05, 0.02, 0.00001} - {t.params["train.lr"] for t in study.trials}).pop()
+    study.enqueue_trial({"train.lr": left})  # the grid's third point asked as trial #2 and left RUNNING, as a
+    study.ask(study.trials[0].distributions)  # kill -9 mid-trial leaves it
+    out = sweep(tmp_path, uri, "--resume", parent)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "[2] were interrupted" in out.stdout and "ran 2 now" in out.stdout, out.stdout[-2000:]
+    study = optuna.load_study(study_name=f"nnlab-sweep-{parent}", storage=storage)
+    assert [t.state for t in study.trials[:3]] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL]
+    rerun = study.trials[3]  # judged against #0 and #1 at its rungs, as any trial
+    assert rerun.user_attrs["nnlab.replaces"] == 2 and rerun.params["train.lr"] == left
+    assert rerun.state in (TrialState.COMPLETE, TrialState.PRUNED) and len(study.trials) == 4
+    c = MlflowClient(uri)
+    runs = c.search_runs([c.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert sorted(r.data.tags["nnlab.study_trial"] for r in runs) == ["0", "0", "1", "1", "3", "3"]
+    assert {r.data.tags.get("nnlab.pruned_at") for r in runs if r.data.tags["nnlab.study_trial"] == "1"} == {"1"}
