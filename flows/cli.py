@@ -137,6 +137,10 @@ def print_summary(summary: dict, cfg) -> None:
 def sweep_cmd(file: Annotated[Optional[Path], typer.Argument(help="sweep file; default: params.yaml's `sweep`")] = None,
               params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
               resume: Annotated[Optional[str], typer.Option("--resume", help="parent run id to finish")] = None,
+              rerun_failed: Annotated[Optional[str], typer.Option(
+                  "--rerun-failed", help="parent run id: run again exactly its failed cells (or trials)")] = None,
+              fail_fast: Annotated[bool, typer.Option("--fail-fast", help="after the first failed cell, launch no "
+                                                                          "more")] = False,
               workers: Annotated[Optional[int], typer.Option(help="parallel cells (default: cores)")] = None,
               engine: Annotated[Optional[str], typer.Option(help="local | dask (default: sweep.engine)")] = None,
               address: Annotated[Optional[str], typer.Option(help="Dask scheduler tcp://host:port "
@@ -144,7 +148,11 @@ def sweep_cmd(file: Annotated[Optional[Path], typer.Argument(help="sweep file; d
     """Run a grid (or a search) of training choices in parallel, one child MLflow run per cell, then the report."""
     from tasks.sweep import default_workers, size
 
-    flags = {k: v for k, v in {"workers": workers, "engine": engine, "address": address}.items() if v}
+    if rerun_failed and (resume or file):
+        fail("--rerun-failed PARENT takes neither --resume nor a sweep file: it reruns that sweep's failed cells")
+    flags = {k: v for k, v in {"workers": workers, "engine": engine, "address": address,
+                               "fail_fast": fail_fast}.items() if v}
+    resume = resume or rerun_failed
     spec_, raw, sets, cells = sweep_cells(file, params, set_, resume, flags)
     if spec_.engine == "dask":  # fail now, not after Dask's 30 s connect timeout with a parent run open
         check_scheduler(spec_.address)
@@ -155,7 +163,7 @@ def sweep_cmd(file: Annotated[Optional[Path], typer.Argument(help="sweep file; d
     typer.echo(f"sweep {spec_.name}: {size(spec_, cells)}, {where}")
     quiet_prefect()
     server = boot_prefect_server()
-    out = run_sweep(spec_, raw, sets, cells, n, resume, server)
+    out = run_sweep(spec_, raw, sets, cells, n, resume, server, only_failed=bool(rerun_failed))
     mark("flow done")
     print_sweep(out)
     mark("summary printed")
@@ -176,6 +184,7 @@ def sweep_cells(file: Path | None, params: Path, set_: list[str] | None, resume:
     try:
         if resume:
             spec, raw, sets = _sweep_definition(resume)
+            sets = [*sets, *resume_sets(set_ or [])]
         else:
             raw = read_yaml(params)
             spec = load_spec(file, raw).model_dump()
@@ -190,6 +199,20 @@ def sweep_cells(file: Path | None, params: Path, set_: list[str] | None, resume:
         fail(str(e))
 
 
+RESUME_SETS = ("sweep.stop.", "sweep.retries=", "sweep.fail_fast=", "sweep.workers=")
+
+
+def resume_sets(sets: list[str]) -> list[str]:
+    """What --set may change when a sweep is finished (--resume, --rerun-failed): how it runs, never its cells."""
+    from tasks.config import ConfigError
+
+    for item in sets:
+        if not item.replace(" ", "").startswith(RESUME_SETS):
+            raise ConfigError(f"--set {item!r}: a resumed sweep runs the cells it recorded; --set there takes only "
+                              "sweep.stop.<key>, sweep.retries, sweep.fail_fast and sweep.workers")
+    return sets
+
+
 def check_scheduler(address: str) -> None:
     """A Dask scheduler answers at `address` (tcp://host:port), else exit 2."""
     import socket
@@ -202,7 +225,8 @@ def check_scheduler(address: str) -> None:
              f"with `dask scheduler`, or run with --engine local")
 
 
-def run_sweep(spec_, raw: dict, sets: list[str], cells: list, n: int, resume: str | None, server) -> dict:
+def run_sweep(spec_, raw: dict, sets: list[str], cells: list, n: int, resume: str | None, server,
+              only_failed: bool = False) -> dict:
     """The sweep flow on `n` workers (or the Dask cluster) against the temporary server: its summary. Ctrl-C is
     exit 130 and SIGTERM 143 (the pool's workers stopped first, the runs marked KILLED), a crashed sweep exit 1."""
     from flows.console import hide_explained_failures
@@ -224,7 +248,7 @@ def run_sweep(spec_, raw: dict, sets: list[str], cells: list, n: int, resume: st
         with explained_failures(), prefect_api(server), local_flow_settings():
             try:
                 flow = sweep.with_options(task_runner=pool, on_running=[take_sigterm])
-                return flow(spec_.model_dump(), raw, sets, resume)
+                return flow(spec_.model_dump(), raw, sets, resume, only_failed)
             except KeyboardInterrupt:  # before the server stops: the pool's workers first, the runs marked KILLED
                 typer.secho(stop_after_interrupt(), fg="yellow", err=True)
                 raise typer.Exit(interruption()[1]) from None

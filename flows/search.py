@@ -10,7 +10,7 @@ sweep left RUNNING is asked again once with the same values and cells (tasks/sea
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,12 @@ from tasks.config import ConfigError, SweepConfig
 from tasks.kinds import ranking
 from tasks.phases import mark
 from tasks.pruning import RungWatch, flag_of, parse_prune, pruner, pruning_note
-from tasks.search import (Search, open_study, parse, requeue_interrupted, seed_values, stop_reason, study_storage,
-                          trial_cells)
+from tasks.search import (Search, open_study, parse, requeue_failed, requeue_interrupted, seed_values, stop_reason,
+                          study_storage, trial_cells)
 from tasks.sweep import default_workers, register_by_mean, registration_off, show_best_on_parent
 
 SWEEPS = Path(".nnlab/sweeps")  # flows/sweep.py's: each cell's folder (its pruning flag)
-JUDGE_EVERY = 2.0  # seconds between two looks at the trials training, when the search prunes
+JUDGE_EVERY = 0.5  # seconds between two looks at the trials training, when the search prunes
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Flight:
 
 
 def search_and_report(parent, spec_: SweepConfig, params: dict, probe: list, cell_task, where: dict,
-                      report_dir: Path) -> dict:
+                      report_dir: Path, only_failed: bool = False) -> dict:
     """The search into `parent` (new or reopened), its cells run by `cell_task` (flows/sweep.py's run_cell, told
     `where` the client runs), then its report into `report_dir`; the sweep flow's summary."""
     from tasks.tracking import tracking_uri
@@ -53,6 +53,10 @@ def search_and_report(parent, spec_: SweepConfig, params: dict, probe: list, cel
     requeued = requeue_interrupted(study)
     if requeued:
         print(f"trial(s) {requeued} were interrupted: asked again once, with the same values", flush=True)
+    if only_failed:  # --rerun-failed: those trials again, and no new one
+        again = requeue_failed(study)
+        print(f"failed trial(s) {again}: asked again once, with the same values", flush=True)
+        search = replace(search, stop={**search.stop, "trials": len(again) + len(requeued)})
     watch = prune and RungWatch(prune, parent.run_id, SWEEPS, not rank["lower_is_better"], study=study)
     if watch:
         for t in study.get_trials(deepcopy=False):  # pruned before a crash: still pruned (their flags set again)
@@ -101,7 +105,8 @@ def drive(study, search: Search, spec_: SweepConfig, params: dict, parent_id: st
                 if not fl.pending:  # all its seeds are over: the trial is told (its last rungs judged first)
                     if watch:
                         watch.poll()
-                    settle(study, fl, parent_id, rank["metric"], watch)
+                    if not settle(study, fl, parent_id, rank["metric"], watch) and spec_.fail_fast:
+                        stopped = stopped or f"fail-fast: trial {number} failed"
                     del flights[number]
 
 
@@ -136,9 +141,9 @@ def launch(study, search: Search, spec_: SweepConfig, params: dict, parent_id: s
     return flight
 
 
-def settle(study, flight: Flight, parent_id: str, metric: str, watch: RungWatch | None = None) -> None:
+def settle(study, flight: Flight, parent_id: str, metric: str, watch: RungWatch | None = None) -> bool:
     """Tell the study the trial's mean over its seeds, PRUNED when its rungs cut it, or FAIL when any seed has no
-    result."""
+    result (then False)."""
     from optuna.trial import TrialState
 
     values, error = seed_values(parent_id, flight.cells, metric)
@@ -153,8 +158,10 @@ def settle(study, flight: Flight, parent_id: str, metric: str, watch: RungWatch 
     elif error:
         flight.trial.set_user_attr("nnlab.error", error[:1000])
         study.tell(flight.trial, state=TrialState.FAIL)
+        return False
     else:
         study.tell(flight.trial, sum(values) / len(values))
+    return True
 
 
 def _close_lost_runs(parent_id: str) -> None:

@@ -25,11 +25,12 @@ from tasks.pruning import (RungWatch, flag_of, group_cells, open_grid_watch, par
                            settle)
 from tasks.stages import evaluate_stage, train_stage
 from tasks.search import expand  # a grid's cells (tasks/sweep.py), or a search's: one per seed
-from tasks.sweep import fold_sets, register_by_mean, registration_off, report, show_best_on_parent, todo
+from tasks.sweep import (default_workers, fold_sets, register_by_mean, registration_off, report,
+                         show_best_on_parent, todo)
 
 SWEEPS = Path(".nnlab/sweeps")
 REPORTS = Path("reports")
-JUDGE_EVERY = 2.0  # seconds between two looks at the cells training, when the sweep prunes
+JUDGE_EVERY = 0.5  # seconds between two looks at the cells training, when the sweep prunes
 
 
 def task_runner(spec: SweepConfig, workers: int, cells: list | None = None):
@@ -81,23 +82,40 @@ def run_cell(cfg: Config, cell_id: str, data_dir: str, parent_run_id: str, tags:
 
     started = time.perf_counter()
     enter_origin(where)
-    done = [r for r in child_runs(parent_run_id) if r["cell"] == cell_id and r["status"] == "FINISHED"
-            and main_metric(cfg) in r["metrics"]]
+    mine = [r for r in child_runs(parent_run_id) if r["cell"] == cell_id]
+    done = [r for r in mine if r["status"] == "FINISHED" and main_metric(cfg) in r["metrics"]]
     if done:  # Dask recomputes a finished cell whose result died with its worker: never train a cell twice
         return {"cell": cell_id, "run_id": done[0]["run_id"], "health": []}
     name = next(iter(cfg.models))
     out = SWEEPS / parent_run_id / cell_id.replace("/", "_")
     worker = {"nnlab.worker": worker_name()}
     pruned = flag_of(SWEEPS, parent_run_id, cell_id)  # set by the sweep's RungWatch when its group is cut
-    with interruptible():
-        trained = train_stage(cfg, name, data_dir, out / "train", parent_run_id=parent_run_id,
-                              extra_tags={**tags, "nnlab.sweep_cell": cell_id, **worker, **prefect_ids()}, halt=pruned)
+    tags = {**tags, "nnlab.sweep_cell": cell_id, **worker, **prefect_ids()}
+    try:
+        with interruptible():
+            trained = train_stage(cfg, name, data_dir, out / "train", parent_run_id=parent_run_id, extra_tags=tags,
+                                  halt=pruned)
+    except Exception as e:
+        _record_crash(cfg, name, cell_id, parent_run_id, tags, {r["run_id"] for r in mine}, e)
+        raise
     link_mlflow_run(trained.run_id, f"{name} ({cell_id})")
     summary = evaluate_stage(cfg, name, data_dir, out / "train", out / "metrics.json", out / "plots")
     run = Run(summary["run_id"])
     run.set_tags(worker)  # a cell resumed from its checkpoint: the worker that finished it
     run.log_metrics({"cell_seconds": time.perf_counter() - started})  # training + evaluation + recording: the report
     return {**summary, "cell": cell_id, "health": trained.health}
+
+
+def _record_crash(cfg: Config, name: str, cell_id: str, parent_run_id: str, tags: dict, before: set[str],
+                  e: Exception) -> None:
+    """A cell that failed before its training opened a run (a device that is not there, a model that cannot be
+    built) still leaves a FAILED child run with its reason: the runs list shows it, --rerun-failed finds it."""
+    from tasks.tracking import Run, child_runs
+
+    if any(r["cell"] == cell_id and r["run_id"] not in before for r in child_runs(parent_run_id)):
+        return  # the training's own run says what happened
+    run = Run.start(cfg.tracking.experiment, f"{name} · {cell_id}", {**tags, "nnlab.run": name}, {}, parent_run_id)
+    run.finish("FAILED", f"{type(e).__name__}: {e}")
 
 
 def _flow_run_name() -> str:
@@ -110,8 +128,10 @@ def _flow_run_name() -> str:
 
 
 @flow(name="nnlab-sweep", log_prints=False, flow_run_name=_flow_run_name)
-def sweep(spec: dict, params: dict, sets: list[str] | None = None, resume: str | None = None) -> dict:
-    """`spec` is a sweep file's content, `params` the params.yaml content it applies to."""
+def sweep(spec: dict, params: dict, sets: list[str] | None = None, resume: str | None = None,
+          only_failed: bool = False) -> dict:
+    """`spec` is a sweep file's content, `params` the params.yaml content it applies to; `resume` a parent run to
+    finish (with `only_failed`: only its failed cells, or a search's failed trials, run again)."""
     from tasks.tracking import Run, prepare_store
 
     mark("flow started")
@@ -132,9 +152,10 @@ def sweep(spec: dict, params: dict, sets: list[str] | None = None, resume: str |
     try:
         if spec_.search is not None:  # trials asked of an Optuna study, their cells run as a grid's (flows/search.py)
             from flows.search import search_and_report
-            return search_and_report(parent, spec_, params, cells, run_cell, origin(),
-                                     REPORTS / f"{spec_.name}-{parent.run_id[:8]}")
-        return _cells_and_report(parent, spec_, cells)
+            task_ = run_cell.with_options(retries=spec_.retries) if spec_.retries else run_cell
+            return search_and_report(parent, spec_, params, cells, task_, origin(),
+                                     REPORTS / f"{spec_.name}-{parent.run_id[:8]}", only_failed)
+        return _cells_and_report(parent, spec_, cells, only_failed)
     except Exception as e:  # anything unforeseen: the parent says so and how to finish (Ctrl-C: the CLI marks it)
         crash = SweepCrashed(parent.run_id, f"{type(e).__name__}: {e}")
         parent.finish("FAILED", str(crash))
@@ -151,12 +172,12 @@ class SweepCrashed(Exception):
                          f"finished are kept; finish it with: nnlab sweep --resume {parent_run_id}")
 
 
-def _cells_and_report(parent, spec_: SweepConfig, cells: list) -> dict:
+def _cells_and_report(parent, spec_: SweepConfig, cells: list, only_failed: bool = False) -> dict:
     from tasks.tracking import Run, child_runs
 
     rank = ranking(cells[0].cfg)  # worked out once for the sweep; each cell's evaluation records the same
     parent.set_tags({"nnlab.ranking_metric": rank["metric"], "nnlab.lower_is_better": str(rank["lower_is_better"]).lower()})
-    pending = todo(parent.run_id, cells, rank["metric"])
+    pending = todo(parent.run_id, cells, rank["metric"], only_failed)
 
     data = {}
     for cell in pending:  # one prepare per distinct data config (the seed changes the split)
@@ -166,13 +187,7 @@ def _cells_and_report(parent, spec_: SweepConfig, cells: list) -> dict:
     watch = _grid_watch(parent.run_id, spec_, cells, rank)
     if watch:  # a grid cell's seeds one after the other: each group reaches its rungs as early as it can
         pending = [c for members in group_cells(pending).values() for c in members]
-    waiting, where = Completion(), origin()
-    for c in pending:
-        data_dir, facts = data[c.cfg.data.model_dump_json() + str(c.cfg.seed)]
-        waiting.add(run_cell.submit(c.cfg, c.id, data_dir, parent.run_id, facts, where))
-    mark("cells submitted")
-    # a failing cell is recorded (child run FAILED with its reason); the others go on
-    waiting.all(*((JUDGE_EVERY, watch.poll) if watch else ()))
+    stopped, ran = _run_cells(pending, data, parent.run_id, spec_, watch)
     mark("cells done")
     for r in child_runs(parent.run_id):  # every cell is over: a run still RUNNING lost its process mid-cell
         if r["status"] == "RUNNING":  # (Dask ran the cell again elsewhere, from its checkpoint if it had one)
@@ -189,11 +204,43 @@ def _cells_and_report(parent, spec_: SweepConfig, cells: list) -> dict:
     off = registration_off(spec_, cells)  # sweep.register, or register.enabled in the cells (fixed, --set)
     registered = register_by_mean(rows, spec_, cells[0].cfg, parent.run_id, rank) if not off else None
     parent.set_tags({"nnlab.sweep_failed_cells": str(len(failed))})
-    note = pruning_note(parent, rows) if watch else ""
+    note = (pruning_note(parent, rows) if watch else "") + (f"; {stopped}" if stopped else "")
     parent.finish("FINISHED" if not failed else "FAILED",
                   f"{len(failed)} cell(s) did not finish; `nnlab sweep --resume {parent.run_id}`" if failed else None)
-    return {"parent_run_id": parent.run_id, "cells": len(cells), "ran": len(pending), "failed": failed,
+    return {"parent_run_id": parent.run_id, "cells": len(cells), "ran": ran, "failed": failed,
             "report": paths, "registered": registered, "registration_off": off, "rows": rows, "note": note}
+
+
+def _run_cells(pending: list, data: dict, parent_id: str, spec_: SweepConfig,
+               watch: RungWatch | None) -> tuple[str | None, int]:
+    """Run the cells (a failing one is recorded, FAILED with its reason, and the others go on; each is retried
+    `sweep.retries` times first); with fail_fast no more are launched after the first failure. (Why it stopped
+    launching early or None, the cells launched.)"""
+    task_ = run_cell.with_options(retries=spec_.retries) if spec_.retries else run_cell
+    limit = default_workers(spec_, len(pending)) if spec_.fail_fast else len(pending)  # in flight at once
+    waiting, where, queue, stopped, launched = Completion(), origin(), list(pending), None, []
+
+    def fill() -> None:
+        while queue and len(waiting.pending) < limit:
+            c = queue.pop(0)
+            data_dir, facts = data[c.cfg.data.model_dump_json() + str(c.cfg.seed)]
+            waiting.add(task_.submit(c.cfg, c.id, data_dir, parent_id, facts, where))
+            launched.append(c.id)
+
+    fill()
+    mark("cells submitted")
+    while waiting.pending:
+        f = waiting.next(*((JUDGE_EVERY, watch.poll) if watch else ()))
+        if spec_.fail_fast and queue and failed(f):
+            stopped = f"fail-fast: a cell failed, {len(queue)} not launched (nnlab sweep --resume runs them)"
+            queue.clear()
+        fill()
+    return stopped, len(launched)
+
+
+def failed(future) -> bool:
+    future.wait()
+    return future.state.is_failed()
 
 
 def _grid_watch(parent_run_id: str, spec_: SweepConfig, cells: list, rank: dict) -> RungWatch | None:
@@ -212,7 +259,7 @@ def _grid_watch(parent_run_id: str, spec_: SweepConfig, cells: list, rank: dict)
 def sweep_file(file: str = "sweeps/optimizers.yaml", params: str = "params.yaml", workers: int | None = None) -> dict:
     """A sweep file run the way `nnlab sweep FILE` runs it (the deployment's entry point)."""
     from tasks.config import read_yaml
-    from tasks.sweep import default_workers, load_spec
+    from tasks.sweep import load_spec
 
     raw = read_yaml(params)
     spec = load_spec(file, raw)

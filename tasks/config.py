@@ -194,6 +194,8 @@ class SweepConfig(Section):
     prune: dict[str, Any] | None = None  # a grid's or a search's pruning on seed means: method, min_epochs, eta, monitor
     workers: int | None = Field(default=None, ge=1, le=64)  # parallel cells; default: the number of cores
     register: bool = True  # register the best cell (by its mean over seeds) at the end
+    retries: int = Field(default=0, ge=0, le=10)  # a failing cell is run again up to this many times (Prefect's retries)
+    fail_fast: bool = False  # after the first failed cell, launch no more (those launched finish); --fail-fast
     engine: Literal["local", "dask"] = "local"  # where cells run: a local process pool, or an existing Dask cluster
     # the Dask scheduler (engine: dask), tcp://host:port; the cluster's workers then set the parallelism
     address: str | None = Field(default=None, validate_default=True)

@@ -108,7 +108,8 @@ def curves_figure(rows: list[dict], factor: str, key: str = "val_loss"):
         ax.set_yscale("log")
     ax.set_title(f"{key.replace('_', ' ')} by {factor}", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no finished run: an empty figure, no legend
+        ax.legend(fontsize=8)
     return fig
 
 

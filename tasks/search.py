@@ -345,6 +345,20 @@ def requeue_interrupted(study) -> list[int]:
     return out
 
 
+def requeue_failed(study) -> list[int]:
+    """`--rerun-failed`: every failed trial not yet asked again, asked again once with the same values and cells
+    (a seed that finished is not trained again)."""
+    from optuna.trial import TrialState
+
+    gone, out = replaced(study), []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if t.number not in gone:
+            study.enqueue_trial(t.params, user_attrs={"nnlab.replaces": t.number,
+                                                      "nnlab.cells_of": t.user_attrs.get("nnlab.cells_of", t.number)})
+            out.append(t.number)
+    return out
+
+
 def replaced(study) -> set[int]:
     trials = study.get_trials(deepcopy=False)
     return {t.user_attrs["nnlab.replaces"] for t in trials if "nnlab.replaces" in t.user_attrs}

@@ -69,7 +69,7 @@ def fold_sets(spec: dict, sets: list[str] | None) -> dict:
         key, parsed = parse_set(item)
         if key.startswith("sweep."):
             field, _, rest = key[len("sweep."):].partition(".")
-            if field in ("grid", "fixed", "stop") and rest:
+            if field in ("grid", "fixed", "stop", "prune") and rest:
                 if field == "grid" and not isinstance(parsed, list):
                     raise ConfigError(f"--set {item!r}: the levels of an axis are a list, e.g. "
                                       f"sweep.grid.{rest}=[{item.split('=', 1)[1].strip()}]")
@@ -207,18 +207,21 @@ def collect_rows(parent_run_id: str, cells: list[Cell], metric: str) -> list[dic
     return rows
 
 
-def todo(parent_run_id: str, cells: list[Cell], metric: str) -> list[Cell]:
-    """Cells with no finished child run yet (missing, failed, or killed midway). A child killed between
-    training and evaluation is marked FAILED, so it is never mistaken for a result."""
+def todo(parent_run_id: str, cells: list[Cell], metric: str, only_failed: bool = False) -> list[Cell]:
+    """Cells with no finished child run yet (missing, failed, or killed midway); `only_failed`: those whose
+    newest run FAILED. A child killed between training and evaluation is marked FAILED, so it is never mistaken
+    for a result."""
     from tasks.tracking import Run, child_runs
 
-    done = set()
-    for r in child_runs(parent_run_id):
+    done, newest = set(), {}
+    for r in child_runs(parent_run_id):  # newest first
+        newest.setdefault(r["cell"], r["status"])
         if r["status"] == "FINISHED" and metric in r["metrics"]:
             done.add(r["cell"])
         elif r["status"] == "FINISHED":
             Run(r["run_id"]).finish("FAILED", "interrupted between training and evaluation; cell run again")
-    return [c for c in cells if c.id not in done]
+            newest[r["cell"]] = "FAILED"
+    return [c for c in cells if c.id not in done and (not only_failed or newest.get(c.id) == "FAILED")]
 
 
 def report(parent_run_id: str, spec: SweepSpec, cells: list[Cell], out_dir: str | Path,

@@ -304,3 +304,59 @@ def test_each_look_names_the_bad_file_and_passes_a_good_one(tmp_path, source, ma
     assert unreadable(DataConfig(source=source, path=str(make(good, False)))) is None
     why = unreadable(DataConfig(source=source, path=str(make(bad, True))))
     assert why is not None and needle in why and str(bad) in why, why
+
+
+def _cells_runs(uri: str, parent: str) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for r in children(uri, parent):
+        out.setdefault(r.data.tags["nnlab.sweep_cell"], []).append(r)
+    return out
+
+
+@pytest.mark.slow
+def test_a_failing_cell_is_retried_recorded_and_rerun_alone_and_fail_fast_stops_launching(tmp_path):
+    """A planted always-failing cell (train.device cuda:7: no such device here): with `retries: 1` it is tried
+    twice, each try a FAILED child run with its reason, while every other cell finishes; `--rerun-failed` runs
+    exactly the failed cells again and touches no finished one; `--fail-fast` on one worker launches nothing
+    after the first failure and says so."""
+    import torch
+
+    if torch.cuda.device_count() > 7:
+        pytest.skip("a machine with an eighth GPU has no failing device to plant")
+    write_params(tmp_path / "params.yaml")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({
+        "name": "faults", "model": "mlp", "workers": 2, "retries": 1,
+        "grid": {"train.device": ["cuda:7", "cpu"]},
+        "fixed": {"train.epochs": 2, **TINY, "register.enabled": False}}))
+    out = nnlab(tmp_path, uri, "sweep", "s.yaml")
+    assert out.returncode == 1 and "1 not finished" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+    parent = out.stdout.split("sweep parent run ")[1].split(":")[0]
+    runs = _cells_runs(uri, parent)
+    bad, good = ["device=cuda:7"], ["device=cpu"]
+    assert sorted(runs) == sorted(bad + good)
+    for cell in bad:  # the first try and its retry
+        assert [r.info.status for r in runs[cell]] == ["FAILED", "FAILED"]
+        assert all("cuda:7" in r.data.tags["nnlab.error"] for r in runs[cell])
+    finished = {cell: runs[cell][0].info.run_id for cell in good}
+    assert all(len(runs[c]) == 1 and runs[c][0].info.status == "FINISHED" for c in good)
+
+    out = nnlab(tmp_path, uri, "sweep", "--rerun-failed", parent, "--set", "sweep.retries=0")
+    assert out.returncode == 1 and "ran 1 now" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+    runs = _cells_runs(uri, parent)
+    assert [len(runs[c]) for c in bad] == [3]  # exactly the failed cell ran again (once: no retry)
+    assert {c: [r.info.run_id for r in runs[c]] for c in good} == {c: [i] for c, i in finished.items()}
+
+    out = nnlab(tmp_path, uri, "sweep", "s.yaml", "--fail-fast", "--workers", "1", "--set", "sweep.retries=0")
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    said = " ".join(out.stdout.split())
+    assert "ran 1 now" in said and "fail-fast: a cell failed, 1 not launched (nnlab sweep --resume runs them)" in said
+    parent = out.stdout.split("sweep parent run ")[1].split(":")[0]
+    assert list(_cells_runs(uri, parent)) == [bad[0]]
+
+
+def test_rerun_failed_takes_no_sweep_file(tmp_path):
+    write_params(tmp_path / "params.yaml")
+    out = nnlab(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", "sweep", "sweeps/optimizers.yaml", "--rerun-failed",
+                "abc")
+    assert out.returncode == 2 and "--rerun-failed PARENT takes neither --resume nor a sweep file" in out.stderr

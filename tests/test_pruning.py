@@ -98,7 +98,7 @@ def test_a_pruned_grid_cuts_the_bad_cell_reports_it_and_resume_keeps_it_cut(tmp_
     write_params(tmp_path / "params.yaml", register={"name": f"prn-{uuid.uuid4().hex[:8]}"})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = {**grid_spec(method="asha", min_epochs=1, eta=2), "workers": 2}
-    spec["fixed"]["train.epochs"] = 30
+    spec["fixed"]["train.epochs"] = 8
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     out = sweep(tmp_path, uri, "s.yaml")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -106,10 +106,11 @@ def test_a_pruned_grid_cuts_the_bad_cell_reports_it_and_resume_keeps_it_cut(tmp_
     c = MlflowClient(uri)
     runs = c.search_runs([c.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
     cut = {r.data.tags["nnlab.sweep_cell"]: r for r in runs if "nnlab.pruned_at" in r.data.tags}
-    assert sorted(cut) == ["lr=1e-05,seed=0", "lr=1e-05,seed=1"], sorted(cut)
+    study = optuna.load_study(study_name=f"nnlab-sweep-{parent}", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert sorted(cut) == ["lr=1e-05,seed=0", "lr=1e-05,seed=1"], (
+        sorted(cut), out.stdout[-2000:], [(t.state, t.intermediate_values, t.system_attrs) for t in study.trials])
     assert {r.data.tags["nnlab.pruned_at"] for r in cut.values()} == {"1"}
     assert all(r.info.status == "FINISHED" and "test_accuracy" in r.data.metrics for r in runs)
-    study = optuna.load_study(study_name=f"nnlab-sweep-{parent}", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     states = {t.user_attrs["nnlab.group"]: t.state for t in study.trials}
     assert states == {"train.lr=0.05": TrialState.COMPLETE, "train.lr=1e-05": TrialState.PRUNED}
     assert c.get_run(parent).data.tags["nnlab.best_cell"] == "train.lr=0.05"
@@ -134,7 +135,7 @@ def test_a_pruned_search_resumed_after_a_kill_keeps_its_decisions_and_numbering(
 
     write_params(tmp_path / "params.yaml", register={"name": f"prn-{uuid.uuid4().hex[:8]}"})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    spec = {"name": "prs", "model": "mlp", "fixed": {"train.epochs": 10, "models.mlp.hidden": [16]}, "seeds": [0, 1],
+    spec = {"name": "prs", "model": "mlp", "fixed": {"train.epochs": 6, "models.mlp.hidden": [16]}, "seeds": [0, 1],
             "search": {"method": "grid", "seed": 1, "trials": 3, "space": {"train.lr": "choice(0.05, 0.00001, 0.02)"}},
             "stop": {"trials": 2}, "prune": {"method": "asha", "min_epochs": 1, "eta": 2}, "workers": 2}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
