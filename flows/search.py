@@ -21,7 +21,7 @@ from tasks.kinds import ranking
 from tasks.phases import mark
 from tasks.pruning import RungWatch, flag_of, parse_prune, pruner, pruning_note
 from tasks.search import (Search, open_study, parse, requeue_failed, requeue_interrupted, seed_values, stop_reason,
-                          study_storage, trial_cells)
+                          shown_storage, study_storage, trial_cells)
 from tasks.sweep import default_workers, register_by_mean, registration_off, show_best_on_parent
 
 SWEEPS = Path(".nnlab/sweeps")  # flows/sweep.py's: each cell's folder (its pruning flag)
@@ -49,7 +49,7 @@ def search_and_report(parent, spec_: SweepConfig, params: dict, probe: list, cel
     study = open_study(parent.run_id, search, rank["lower_is_better"], storage, prune and pruner(prune))
     parent.set_tags({"nnlab.ranking_metric": rank["metric"], "nnlab.search": search.method,
                      "nnlab.lower_is_better": str(rank["lower_is_better"]).lower(),
-                     "nnlab.study": study.study_name, "nnlab.study_storage": storage})
+                     "nnlab.study": study.study_name, "nnlab.study_storage": shown_storage(storage)})
     requeued = requeue_interrupted(study)
     if requeued:
         print(f"trial(s) {requeued} were interrupted: asked again once, with the same values", flush=True)

@@ -191,10 +191,10 @@ class SweepConfig(Section):
     search: dict[str, Any] | None = None  # instead of a grid: an Optuna search, method/trials/space (tasks/search.py)
     seeds: list[int] = Field(default_factory=list)  # a search's replicate axis: each trial trains once per seed
     stop: dict[str, Any] = Field(default_factory=dict)  # a search's budget per command: trials, time, target
-    prune: dict[str, Any] | None = None  # a grid's or a search's pruning on seed means: method, min_epochs, eta, monitor
+    prune: dict[str, Any] | None = None  # pruning on seed means (tasks/pruning.py): method, min_epochs, eta, monitor
     workers: int | None = Field(default=None, ge=1, le=64)  # parallel cells; default: the number of cores
     register: bool = True  # register the best cell (by its mean over seeds) at the end
-    retries: int = Field(default=0, ge=0, le=10)  # a failing cell is run again up to this many times (Prefect's retries)
+    retries: int = Field(default=0, ge=0, le=10)  # a failing cell is run again up to this many times (Prefect's)
     fail_fast: bool = False  # after the first failed cell, launch no more (those launched finish); --fail-fast
     engine: Literal["local", "dask"] = "local"  # where cells run: a local process pool, or an existing Dask cluster
     # the Dask scheduler (engine: dask), tcp://host:port; the cluster's workers then set the parallelism

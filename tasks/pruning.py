@@ -200,7 +200,10 @@ def open_grid_watch(parent_run_id: str, cells: list, prune: Prune, maximize: boo
     import optuna
     from optuna.trial import Trial, TrialState
 
+    from tasks.search import prepare_study_storage
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    prepare_study_storage(storage)
     study = optuna.create_study(storage=storage, study_name=f"nnlab-sweep-{parent_run_id}", load_if_exists=True,
                                 direction="maximize" if maximize else "minimize", pruner=pruner(prune))
     known = {t.user_attrs.get("nnlab.group"): t for t in study.get_trials(deepcopy=False)}

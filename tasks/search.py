@@ -180,13 +180,46 @@ def parse_stop(raw: dict) -> dict[str, float]:
     return out
 
 
+STUDY_SCHEMA = "nnlab_optuna"  # a PostgreSQL store keeps its studies in this schema of the same database
+
+
 def study_storage(uri: str) -> str:
-    """Where the study is kept: `optuna.db` beside a SQLite MLflow store."""
+    """Where the study is kept, in the project's own store: `optuna.db` beside a SQLite `mlflow.db`, or the same
+    PostgreSQL database as MLflow's, in its own schema (Optuna's tables, and its alembic_version, apart from
+    MLflow's)."""
     if uri.startswith("sqlite:///"):
         return f"sqlite:///{(Path(uri[len('sqlite:///'):]).parent / 'optuna.db').resolve()}"
-    raise ConfigError(f"sweep.search / sweep.prune: the study is kept beside a SQLite MLflow store (optuna.db next "
-                      f"to mlflow.db); a search on {uri.split('://')[0]}:// stores (PostgreSQL, a tracking server) is not yet "
-                      "supported: run it with the default store or MLFLOW_TRACKING_URI=sqlite:///…/mlflow.db")
+    if uri.startswith(("postgresql://", "postgresql+", "postgres://")):
+        from sqlalchemy.engine import make_url
+
+        url = make_url("postgresql" + uri[len("postgres"):] if uri.startswith("postgres://") else uri)
+        return url.update_query_dict({"options": f"-csearch_path={STUDY_SCHEMA}"}).render_as_string(False)
+    raise ConfigError(f"sweep.search / sweep.prune: the study is kept in the MLflow store's own database (optuna.db "
+                      f"beside a SQLite mlflow.db, or the same PostgreSQL database); a {uri.split('://')[0]}:// store "
+                      "has none here: run it with MLFLOW_TRACKING_URI set to the database itself (sqlite:///…/mlflow.db "
+                      "or postgresql://…)")
+
+
+def shown_storage(storage: str) -> str:
+    """The study's storage as a tag may show it: without a password."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(storage).render_as_string(hide_password=True) if "://" in storage else storage
+
+
+def prepare_study_storage(storage: str) -> None:
+    """A PostgreSQL store's study schema, created once (Optuna creates its tables in it)."""
+    if storage.startswith("postgresql"):
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.engine import make_url
+
+        url = make_url(storage)
+        engine = create_engine(url.difference_update_query(["options"]))
+        try:
+            with engine.begin() as con:
+                con.execute(text(f"CREATE SCHEMA IF NOT EXISTS {STUDY_SCHEMA}"))
+        finally:
+            engine.dispose()
 
 
 def study_name(parent_run_id: str) -> str:
@@ -325,6 +358,7 @@ def open_study(parent_run_id: str, search: Search, lower_is_better: bool, storag
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    prepare_study_storage(storage)
     study = optuna.create_study(storage=storage, study_name=study_name(parent_run_id), load_if_exists=True,
                                 direction="minimize" if lower_is_better else "maximize", pruner=pruner)
     study.sampler = sampler(search, len(study.trials))

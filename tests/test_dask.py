@@ -194,3 +194,34 @@ def test_sweep_on_two_dask_workers_one_killed_mid_cell(tmp_path, cluster):
         assert lost.info.status == "FAILED" and "died mid-cell" in lost.data.tags["nnlab.error"] and len(runs) == 5
     assert not cluster.wrong_store.exists()  # the workers' own MLFLOW_TRACKING_URI was not used
     assert len(list((work / ".nnlab" / "sweeps").glob("*/*/metrics.json"))) == 4  # cells ran in the client's folder
+
+
+@pytest.mark.slow
+def test_a_search_on_two_dask_workers_accounts_for_every_trial(tmp_path, cluster):
+    """A random search (4 trials x 2 seeds) asked and told by the client, its cells run on the cluster's two
+    workers: every trial complete and told its seeds' mean, each cell trained once, none lost or doubled."""
+    import optuna
+    from optuna.trial import TrialState
+
+    work = sweep_folder(tmp_path)
+    spec = {k: v for k, v in SPEC.items() if k != "grid"}
+    spec.update(search={"method": "random", "trials": 4, "space": {"train.lr": "loguniform(1e-3, 1e-1)"}},
+                seeds=[0, 1])
+    (work / "s.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    (tmp_path / "store").mkdir()
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    out = subprocess.run([str(BIN / "nnlab"), "sweep", "s.yaml", "--engine", "dask", "--address", cluster.address],
+                         cwd=work, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + cluster.logs()
+    parent = out.stdout.split("sweep parent run ")[1].split(":")[0]
+    storage = f"sqlite:///{tmp_path / 'store' / 'optuna.db'}"
+    study = optuna.load_study(study_name=f"nnlab-sweep-{parent}", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    runs = children(uri)
+    assert sorted(r.data.tags["nnlab.study_trial"] for r in runs) == ["0", "0", "1", "1", "2", "2", "3", "3"]
+    assert len({r.data.tags["nnlab.sweep_cell"] for r in runs}) == 8 and all(r.info.status == "FINISHED" for r in runs)
+    for t in study.trials:
+        accs = [r.data.metrics["test_accuracy"] for r in runs if r.data.tags["nnlab.study_trial"] == str(t.number)]
+        assert t.value == pytest.approx(sum(accs) / 2)
+    assert {r.data.tags["nnlab.worker"] for r in runs} == set(cluster.workers)  # both workers trained cells

@@ -127,8 +127,9 @@ def test_a_pruned_grid_cuts_the_bad_cell_reports_it_and_resume_keeps_it_cut(tmp_
 @pytest.mark.slow
 def test_a_pruned_search_resumed_after_a_kill_keeps_its_decisions_and_numbering(tmp_path):
     """A grid-sampled search (seed 1 asks lr 0.05 first) with ASHA: the first command runs two trials (stop.trials:
-    2), the second judged against the first at epoch 1 and cut (a lower lr learns slower); a trial left RUNNING (what kill -9 leaves) is asked again
-    on --resume at the next number; the pruned trial stays pruned and nothing is trained twice."""
+    2), the second judged against the first at epoch 1 and cut (a lower lr learns slower); a trial left RUNNING
+    (what kill -9 leaves) is asked again on --resume at the next number; the pruned trial stays pruned and nothing
+    is trained twice."""
     import optuna
     from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState

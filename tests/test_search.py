@@ -50,11 +50,51 @@ def test_bad_search_is_a_config_error_naming_the_key(change, needle):
     assert needle in str(e.value)
 
 
-def test_the_study_is_kept_beside_a_sqlite_store_only(tmp_path):
+def test_the_study_is_kept_in_the_stores_own_database(tmp_path):
     assert study_storage(f"sqlite:///{tmp_path}/m/mlflow.db") == f"sqlite:///{tmp_path}/m/optuna.db"
-    for uri in ("postgresql://u@db/mlflow", "http://tracking:5000"):
-        with pytest.raises(ConfigError, match="not yet supported"):
-            study_storage(uri)
+    assert study_storage("postgres://u:pw@db/mlflow") == "postgresql://u:pw@db/mlflow?options=-csearch_path%3Dnnlab_optuna"
+    with pytest.raises(ConfigError, match="a http:// store has none here"):
+        study_storage("http://tracking:5000")
+
+
+def test_a_study_on_postgresql_lives_in_its_own_schema_beside_mlflows_tables():
+    """The same PostgreSQL database as the MLflow store: MLflow's tables (and its alembic_version) in `public`,
+    Optuna's in `nnlab_optuna`, each migrated by its own library; the study works and is found again."""
+    import optuna
+    import psycopg
+
+    from tasks.search import Search, open_study, shown_storage
+
+    pg = dict(host="127.0.0.1", port=5432, user="postgres", connect_timeout=5, autocommit=True)
+    name = f"nnlab_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with psycopg.connect(**pg, dbname="postgres") as con:
+            con.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as e:
+        pytest.fail(f"PostgreSQL is not reachable on 127.0.0.1:5432 ({str(e).strip()}); .ci/run starts it")
+    try:
+        uri = f"postgresql://postgres@127.0.0.1:5432/{name}"
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(uri).search_experiments()  # MLflow's tables, as a run would create them
+        storage = study_storage(uri)
+        search = Search("random", 2, {"x": optuna.distributions.FloatDistribution(0, 1)}, 0, [0], {})
+        study = open_study("p1", search, False, storage)
+        t = study.ask(search.space)
+        study.tell(t, 0.5)
+        assert optuna.load_study(study_name="nnlab-sweep-p1", storage=storage).best_value == 0.5
+        assert shown_storage("postgresql://u:secret@h/d") == "postgresql://u:***@h/d"
+        with psycopg.connect(**pg, dbname=name) as con:
+            tables = set(con.execute("select table_schema || '.' || table_name from information_schema.tables "
+                                     "where table_schema in ('public', 'nnlab_optuna')").fetchall())
+        tables = {t for (t,) in tables}
+        assert {"public.runs", "public.alembic_version", "nnlab_optuna.studies", "nnlab_optuna.trials",
+                "nnlab_optuna.alembic_version"} <= tables
+        assert "public.studies" not in tables and "nnlab_optuna.runs" not in tables
+    finally:
+        with psycopg.connect(**pg, dbname="postgres") as con:
+            con.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+            con.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
 
 def test_cli_refuses_a_bad_search_with_exit_2_before_any_run(tmp_path):
