@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from flows.experiment import prepare_data
-from flows.waiting import Completion
+from flows.waiting import Completion, Pauses
 from tasks.config import ConfigError, SweepConfig
 from tasks.kinds import ranking
 from tasks.phases import mark
 from tasks.pruning import RungWatch, flag_of, parse_prune, pruner, pruning_note
 from tasks.search import (Search, open_study, parse, requeue_failed, requeue_interrupted, seed_values, stop_reason,
-                          shown_storage, study_storage, trial_cells)
+                          trial_cells)
+from tasks.studies import shown_storage, study_storage
 from tasks.sweep import default_workers, register_by_mean, registration_off, show_best_on_parent
 
 SWEEPS = Path(".nnlab/sweeps")  # flows/sweep.py's: each cell's folder (its pruning flag)
@@ -32,8 +33,10 @@ JUDGE_EVERY = 0.5  # seconds between two looks at the trials training, when the 
 class Flight:
     trial: Any  # an optuna Trial, RUNNING
     cells: list
-    futures: list = field(default_factory=list)  # one per cell
+    tags: dict = field(default_factory=dict)  # its cells' run tags
+    futures: list = field(default_factory=list)  # one per cell (and per run again after a rung pause)
     pending: set = field(default_factory=set)  # its cells' futures not done yet
+    paused: int = 0  # its cells paused at a rung, waiting for the trial's judgement there (ASHA)
 
 
 def search_and_report(parent, spec_: SweepConfig, params: dict, probe: list, cell_task, where: dict,
@@ -75,15 +78,30 @@ class Launcher:
     where: dict  # the client's checkout and store (flows/sweep.py's origin)
     watch: RungWatch | None = None  # the pruning judge, when the sweep prunes
     data: dict = field(default_factory=dict)  # prepared data per data config and seed
+    waiting: Completion = field(default_factory=Completion)
+    owner: dict = field(default_factory=dict)  # future -> (trial number, cell)
+
+    def submit(self, flight: Flight, cell, parent_id: str) -> None:
+        key = cell.cfg.data.model_dump_json() + str(cell.cfg.seed)  # one prepare per data config and seed (split)
+        if key not in self.data:
+            self.data[key] = prepare_data(cell.cfg)
+        data_dir, facts = self.data[key]
+        f = self.cell_task.submit(cell.cfg, cell.id, data_dir, parent_id, {**facts, **flight.tags}, self.where)
+        flight.futures.append(f)
+        flight.pending.add(f)
+        self.waiting.add(f)
+        self.owner[f] = (flight.trial.number, cell)
 
 
 def drive(study, search: Search, spec_: SweepConfig, params: dict, parent_id: str, rank: dict,
           launcher: Launcher) -> tuple[int, str]:
     """Ask, run and tell until the budget says stop: (cells launched, why it stopped). With `prune`, the trials in
-    flight are judged at their rungs on their seeds' mean (tasks/pruning.py) while their cells train."""
+    flight are judged at their rungs on their seeds' mean (tasks/pruning.py) while their cells train; under ASHA a
+    cell paused at a rung is run again once its trial is promoted or cut."""
     limit = default_workers(spec_, 10**6)  # trials in flight: sweep.workers, else the cores
     flights: dict[int, Flight] = {}
-    waiting, watch = Completion(), launcher.watch
+    watch, waiting = launcher.watch, launcher.waiting
+    pauses = Pauses(watch) if watch and watch.pausing else None
     started, launched, cells, stopped = time.monotonic(), 0, 0, None
     while True:
         while stopped is None and len(flights) < limit:
@@ -94,20 +112,23 @@ def drive(study, search: Search, spec_: SweepConfig, params: dict, parent_id: st
                 if flight is not None:
                     flights[flight.trial.number] = flight
                     cells += len(flight.cells)
-                    for f in flight.futures:
-                        waiting.add(f)
         if not flights:
             return cells, stopped or "nothing left to ask"
-        done = waiting.next(*((JUDGE_EVERY, watch.poll) if watch else ()))
+        done = waiting.next(*((JUDGE_EVERY, watch.poll) if watch else ())) if waiting.pending else None
+        if done is not None:
+            number, cell = launcher.owner.pop(done)
+            flights[number].pending.discard(done)
+            flights[number].paused += bool(pauses and pauses.note(done, (number, cell)))
+        for number, cell in pauses.due(stuck=not waiting.pending) if pauses else []:
+            flights[number].paused -= 1
+            launcher.submit(flights[number], cell, parent_id)
         for number, fl in list(flights.items()):
-            if done in fl.pending:
-                fl.pending.discard(done)
-                if not fl.pending:  # all its seeds are over: the trial is told (its last rungs judged first)
-                    if watch:
-                        watch.poll()
-                    if not settle(study, fl, parent_id, rank["metric"], watch) and spec_.fail_fast:
-                        stopped = stopped or f"fail-fast: trial {number} failed"
-                    del flights[number]
+            if not fl.pending and not fl.paused:  # all its seeds are over: told (its last rungs judged first)
+                if watch:
+                    watch.poll()
+                if not settle(study, fl, parent_id, rank["metric"], watch) and spec_.fail_fast:
+                    stopped = stopped or f"fail-fast: trial {number} failed"
+                del flights[number]
 
 
 def launch(study, search: Search, spec_: SweepConfig, params: dict, parent_id: str,
@@ -127,17 +148,13 @@ def launch(study, search: Search, spec_: SweepConfig, params: dict, parent_id: s
         return None
     trial.set_user_attr("nnlab.cells", [c.id for c in cells])
     tags = {"nnlab.trial": str(owner), "nnlab.study_trial": str(trial.number), "nnlab.study": study.study_name}
-    flight = Flight(trial, cells)
-    for c in cells:
-        key = c.cfg.data.model_dump_json() + str(c.cfg.seed)  # one prepare per data config and seed (the split)
-        if key not in launcher.data:
-            launcher.data[key] = prepare_data(c.cfg)
-        data_dir, facts = launcher.data[key]
-        flight.futures.append(launcher.cell_task.submit(c.cfg, c.id, data_dir, parent_id, {**facts, **tags},
-                                                        launcher.where))
-    flight.pending.update(flight.futures)
+    flight = Flight(trial, cells, tags)
     if launcher.watch is not None:
         launcher.watch.add(trial, [c.id for c in cells])
+        if launcher.watch.pausing:
+            launcher.watch.clear([c.id for c in cells])  # to the first rung (a rerun's cells keep their word)
+    for c in cells:
+        launcher.submit(flight, c, parent_id)
     return flight
 
 

@@ -17,11 +17,11 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.experiment import link_mlflow_run, prefect_ids, prepare_data
 from flows.pool import OPENED, interruptible, runner
-from flows.waiting import Completion
+from flows.waiting import Completion, Pauses
 from tasks.config import Config, SweepConfig, flatten
 from tasks.kinds import main_metric, ranking
 from tasks.phases import mark
-from tasks.pruning import (RungWatch, flag_of, group_cells, open_grid_watch, parse_prune, pruning_note,
+from tasks.pruning import (Paused, RungWatch, flag_of, group_cells, open_grid_watch, parse_prune, pruning_note,
                            settle)
 from tasks.stages import evaluate_stage, train_stage
 from tasks.search import expand  # a grid's cells (tasks/sweep.py), or a search's: one per seed
@@ -95,6 +95,8 @@ def run_cell(cfg: Config, cell_id: str, data_dir: str, parent_run_id: str, tags:
         with interruptible():
             trained = train_stage(cfg, name, data_dir, out / "train", parent_run_id=parent_run_id, extra_tags=tags,
                                   halt=pruned)
+    except Paused as e:  # at a rung its group has not been judged at yet (ASHA): the sweep runs it again
+        return {"cell": cell_id, "paused": e.epoch}
     except Exception as e:
         _record_crash(cfg, name, cell_id, parent_run_id, tags, {r["run_id"] for r in mine}, e)
         raise
@@ -214,26 +216,34 @@ def _cells_and_report(parent, spec_: SweepConfig, cells: list, only_failed: bool
 def _run_cells(pending: list, data: dict, parent_id: str, spec_: SweepConfig,
                watch: RungWatch | None) -> tuple[str | None, int]:
     """Run the cells (a failing one is recorded, FAILED with its reason, and the others go on; each is retried
-    `sweep.retries` times first); with fail_fast no more are launched after the first failure. (Why it stopped
-    launching early or None, the cells launched.)"""
+    `sweep.retries` times first); with fail_fast no more are launched after the first failure; under ASHA a
+    cell paused at a rung is run again once its group is promoted or cut. (Why it stopped launching early or
+    None, the cells launched.)"""
     task_ = run_cell.with_options(retries=spec_.retries) if spec_.retries else run_cell
     limit = default_workers(spec_, len(pending)) if spec_.fail_fast else len(pending)  # in flight at once
-    waiting, where, queue, stopped, launched = Completion(), origin(), list(pending), None, []
+    waiting, where, queue, stopped, launched = Completion(), origin(), list(pending), None, set()
+    pauses, cells = (Pauses(watch) if watch and watch.pausing else None), {}
+    if pauses:
+        watch.clear([c.id for c in pending])  # each to its first rung (a resumed sweep's cells keep their word)
 
     def fill() -> None:
         while queue and len(waiting.pending) < limit:
             c = queue.pop(0)
             data_dir, facts = data[c.cfg.data.model_dump_json() + str(c.cfg.seed)]
-            waiting.add(task_.submit(c.cfg, c.id, data_dir, parent_id, facts, where))
-            launched.append(c.id)
+            f = task_.submit(c.cfg, c.id, data_dir, parent_id, facts, where)
+            waiting.add(f)
+            cells[f] = c
+            launched.add(c.id)
 
     fill()
     mark("cells submitted")
-    while waiting.pending:
-        f = waiting.next(*((JUDGE_EVERY, watch.poll) if watch else ()))
-        if spec_.fail_fast and queue and failed(f):
+    while waiting.pending or (pauses and pauses.cells):
+        f = waiting.next(*((JUDGE_EVERY, watch.poll) if watch else ())) if waiting.pending else None
+        paused = f is not None and pauses is not None and pauses.note(f, cells[f])
+        if f is not None and not paused and spec_.fail_fast and queue and failed(f):
             stopped = f"fail-fast: a cell failed, {len(queue)} not launched (nnlab sweep --resume runs them)"
             queue.clear()
+        queue[:0] = pauses.due(stuck=not waiting.pending and not queue) if pauses else []
         fill()
     return stopped, len(launched)
 
@@ -245,7 +255,7 @@ def failed(future) -> bool:
 
 def _grid_watch(parent_run_id: str, spec_: SweepConfig, cells: list, rank: dict) -> RungWatch | None:
     """A pruned grid's judge (tasks/pruning.py), or None."""
-    from tasks.search import study_storage
+    from tasks.studies import study_storage
     from tasks.tracking import tracking_uri
 
     prune = parse_prune(spec_.prune, cells[0].cfg)

@@ -47,3 +47,40 @@ class Completion:
     def all(self, every: float | None = None, meanwhile: Callable[[], object] | None = None) -> None:
         while self.pending:
             self.next(every, meanwhile)
+
+
+def outcome(future):
+    """A finished future's result, or None when its task failed."""
+    future.wait()
+    return future.result() if future.state.is_completed() else None
+
+
+class Pauses:
+    """The cells an ASHA sweep has paused at a rung (tasks/pruning.py): kept with what runs them again (`payload`)
+    until their group is judged there, then handed back to be run again (they resume from their checkpoint)."""
+
+    def __init__(self, watch):
+        self.watch = watch
+        self.cells: dict[str, tuple[object, int]] = {}  # cell id -> (payload, the epoch it paused at)
+
+    def note(self, future, payload) -> bool:
+        """True when `future`'s cell ended paused (kept here)."""
+        res = outcome(future)
+        if isinstance(res, dict) and "paused" in res:
+            self.cells[res["cell"]] = (payload, res["paused"])
+            return True
+        return False
+
+    def due(self, stuck: bool) -> list:
+        """The payloads to run again now. `stuck`: nothing else is running, so no seed will reach a rung any
+        more: after one more look, a group still waiting (one of its seeds failed) is cleared to the end."""
+        if not self.cells:
+            return []
+        ids = self.watch.ready({c: e for c, (_, e) in self.cells.items()})
+        if not ids and stuck:
+            self.watch.poll()
+            ids = self.watch.ready({c: e for c, (_, e) in self.cells.items()})
+            if not ids:
+                self.watch.clear(list(self.cells), self.watch.prune.max_epochs)
+                ids = list(self.cells)
+        return [self.cells.pop(c)[0] for c in ids]

@@ -86,18 +86,42 @@ def pruner(p: Prune):
 
 # ---------------------------------------------------------------- the cell's side
 
+class Paused(Exception):
+    """A cell stopped at a rung its group has not been judged at yet (ASHA): its checkpoint is kept and its run
+    stays open; the sweep runs the cell again once the group is promoted (or cut), and it resumes there."""
+
+    def __init__(self, epoch: int):
+        super().__init__(f"paused at epoch {epoch}, its group not yet judged there")
+        self.epoch = epoch
+
+
 @dataclass
 class PruneFlag:
-    """A cell's pruning flag: the sweep writes it (`set`), the cell's trainer reads it after every epoch (`__call__`:
-    True stops the training as early stopping does)."""
+    """A cell's word from the sweep, a file in the cell's folder: `pruned E` (its group was cut at epoch E) or
+    `until E` (its group is cleared to train up to epoch E). The cell's trainer asks it after every epoch
+    (`__call__`): True stops the training as early stopping does; at a cleared epoch it raises Paused."""
     path: Path
 
-    def __call__(self, epoch: int) -> bool:
-        return self.path.exists()
+    def read(self) -> tuple[str, int] | None:
+        try:
+            word, epoch = self.path.read_text().split()
+            return word, int(epoch)
+        except (OSError, ValueError):
+            return None
 
-    def set(self, epoch: int) -> None:
+    def __call__(self, epoch: int) -> bool:
+        said = self.read()
+        if said is None:
+            return False
+        if said[0] == "until" and epoch >= said[1]:
+            raise Paused(epoch)
+        return said[0] == "pruned"
+
+    def set(self, epoch: int, word: str = "pruned") -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(f"{epoch}\n")
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(f"{word} {epoch}\n")
+        tmp.replace(self.path)  # whole or not at all: the cell may read it at any moment
 
 
 def flag_of(sweeps: Path, parent_run_id: str, cell_id: str) -> PruneFlag:
@@ -125,6 +149,37 @@ class RungWatch:
     maximize: bool  # the study's direction
     study: Any = None
     groups: dict[int, Group] = field(default_factory=dict)
+
+    @property
+    def pausing(self) -> bool:
+        """ASHA's cells stop at each rung until their group is judged there (resumed from their checkpoint when
+        promoted), so a cut group trains no epoch past its rung; the median and Hyperband pruners judge every
+        epoch, their cells train on meanwhile."""
+        return self.prune.method == "asha"
+
+    def rungs(self) -> list[int]:
+        out, r = [], self.prune.min_epochs
+        while r < self.prune.max_epochs:
+            out.append(r)
+            r *= self.prune.eta
+        return out
+
+    def clear(self, cell_ids: list[str], epoch: int | None = None) -> None:
+        """Clear cells to train up to `epoch` (the next rung; None: their first rung, unless they have word)."""
+        for c in cell_ids:
+            flag = flag_of(self.sweeps, self.parent_run_id, c)
+            if epoch is not None or flag.read() is None:
+                flag.set(epoch or self.rungs()[0], "until")
+
+    def ready(self, paused: dict[str, int]) -> list[str]:
+        """The paused cells (cell id -> the epoch it paused at) the sweep should run again: their group was
+        promoted past that epoch, or cut (the cell then ends at once, evaluated)."""
+        out = []
+        for c, epoch in paused.items():
+            said = flag_of(self.sweeps, self.parent_run_id, c).read()
+            if said is None or said[0] == "pruned" or said[1] > epoch:
+                out.append(c)
+        return out
 
     def add(self, trial, cell_ids: list[str]) -> None:
         """Watch `trial`'s cells; a trial pruned before a crash stays pruned (its cells' flags set again)."""
@@ -160,6 +215,8 @@ class RungWatch:
                     self.cut(g, epoch, [newest[c] for c in g.cells])
                     cut.append((g.trial.number, epoch))
                     break
+                if self.pausing and epoch in self.rungs():  # promoted: on to the next rung, or to the end
+                    self.clear(g.cells, next((r for r in self.rungs() if r > epoch), self.prune.max_epochs))
         return cut
 
     def cut(self, g: Group, epoch: int, run_ids: list[str] = ()) -> None:
@@ -200,11 +257,11 @@ def open_grid_watch(parent_run_id: str, cells: list, prune: Prune, maximize: boo
     import optuna
     from optuna.trial import Trial, TrialState
 
-    from tasks.search import prepare_study_storage
+    from tasks.studies import prepare_study_storage, study_name
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     prepare_study_storage(storage)
-    study = optuna.create_study(storage=storage, study_name=f"nnlab-sweep-{parent_run_id}", load_if_exists=True,
+    study = optuna.create_study(storage=storage, study_name=study_name(parent_run_id), load_if_exists=True,
                                 direction="maximize" if maximize else "minimize", pruner=pruner(prune))
     known = {t.user_attrs.get("nnlab.group"): t for t in study.get_trials(deepcopy=False)}
     watch = RungWatch(prune, parent_run_id, sweeps, maximize, study=study)
@@ -244,16 +301,10 @@ def settle(watch: RungWatch, metric: str) -> None:
             watch.study.tell(g.trial, state=TrialState.FAIL)
 
 
-def pruning_summary(rows: list[dict]) -> dict[str, int]:
-    """A pruned sweep's cost against a full one, from its report rows: cells cut, epochs trained, and the epochs
-    the same cells would have trained unpruned (the longest uncut cell's epochs, each)."""
-    full = max((r.get("epochs", 0) for r in rows if not r.get("pruned_at")), default=0)
-    return {"cells": len(rows), "cut": sum(bool(r.get("pruned_at")) for r in rows),
-            "epochs": sum(r.get("epochs", 0) for r in rows), "full_epochs": full * len(rows)}
-
-
 def pruning_note(parent, rows: list[dict]) -> str:
     """The summary line's part on pruning; the parent run keeps the same figures (nnlab.pruned_cells, metrics)."""
+    from tasks.report import pruning_summary
+
     s = pruning_summary(rows)
     parent.set_tags({"nnlab.pruned_cells": str(s["cut"])})
     parent.log_metrics({"epochs_trained": s["epochs"], "epochs_unpruned": s["full_epochs"]})

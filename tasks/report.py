@@ -219,10 +219,16 @@ def _markdown(title, rows, factors, metric, lower, table, effects, figures, note
     return "\n".join(lines)
 
 
+def pruning_summary(rows: list[dict]) -> dict[str, int]:
+    """A pruned sweep's cost against a full one, from its report rows: cells cut, epochs trained, and the epochs
+    the same cells would have trained unpruned (the longest uncut cell's epochs, each)."""
+    full = max((r.get("epochs", 0) for r in rows if not r.get("pruned_at")), default=0)
+    return {"cells": len(rows), "cut": sum(bool(r.get("pruned_at")) for r in rows),
+            "epochs": sum(r.get("epochs", 0) for r in rows), "full_epochs": full * len(rows)}
+
+
 def pruning_lines(rows: list[dict], table: list[dict]) -> list[str]:
     """What pruning cut and what it saved: the cells stopped early, the epochs trained against a full sweep's."""
-    from tasks.pruning import pruning_summary
-
     s = pruning_summary(rows)
     cut = sum(bool(c.get("pruned_at")) for c in table)
     share = f" ({s['epochs'] / s['full_epochs']:.0%})" if s["full_epochs"] else ""

@@ -24,12 +24,12 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tasks.config import Config, ConfigError, SweepConfig, apply_sets, select_models, validate
+from tasks.studies import prepare_study_storage, study_name, study_storage
 from tasks.sweep import Cell, _dotted, _yaml_value
 
 METHODS = ("tpe", "random", "grid", "cmaes")
@@ -180,52 +180,6 @@ def parse_stop(raw: dict) -> dict[str, float]:
     return out
 
 
-STUDY_SCHEMA = "nnlab_optuna"  # a PostgreSQL store keeps its studies in this schema of the same database
-
-
-def study_storage(uri: str) -> str:
-    """Where the study is kept, in the project's own store: `optuna.db` beside a SQLite `mlflow.db`, or the same
-    PostgreSQL database as MLflow's, in its own schema (Optuna's tables, and its alembic_version, apart from
-    MLflow's)."""
-    if uri.startswith("sqlite:///"):
-        return f"sqlite:///{(Path(uri[len('sqlite:///'):]).parent / 'optuna.db').resolve()}"
-    if uri.startswith(("postgresql://", "postgresql+", "postgres://")):
-        from sqlalchemy.engine import make_url
-
-        url = make_url("postgresql" + uri[len("postgres"):] if uri.startswith("postgres://") else uri)
-        return url.update_query_dict({"options": f"-csearch_path={STUDY_SCHEMA}"}).render_as_string(False)
-    raise ConfigError(f"sweep.search / sweep.prune: the study is kept in the MLflow store's own database (optuna.db "
-                      f"beside a SQLite mlflow.db, or the same PostgreSQL database); a {uri.split('://')[0]}:// store "
-                      "has none here: run it with MLFLOW_TRACKING_URI set to the database itself (sqlite:///…/mlflow.db "
-                      "or postgresql://…)")
-
-
-def shown_storage(storage: str) -> str:
-    """The study's storage as a tag may show it: without a password."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(storage).render_as_string(hide_password=True) if "://" in storage else storage
-
-
-def prepare_study_storage(storage: str) -> None:
-    """A PostgreSQL store's study schema, created once (Optuna creates its tables in it)."""
-    if storage.startswith("postgresql"):
-        from sqlalchemy import create_engine, text
-        from sqlalchemy.engine import make_url
-
-        url = make_url(storage)
-        engine = create_engine(url.difference_update_query(["options"]))
-        try:
-            with engine.begin() as con:
-                con.execute(text(f"CREATE SCHEMA IF NOT EXISTS {STUDY_SCHEMA}"))
-        finally:
-            engine.dispose()
-
-
-def study_name(parent_run_id: str) -> str:
-    return f"nnlab-sweep-{parent_run_id}"
-
-
 # ---------------------------------------------------------------- cells: one per seed, as a grid's
 
 def base_params(spec: SweepConfig, params: dict, sets: list[str] | None = None) -> dict:
@@ -367,11 +321,15 @@ def open_study(parent_run_id: str, search: Search, lower_is_better: bool, storag
 
 def requeue_interrupted(study) -> list[int]:
     """Trials a killed sweep left RUNNING: each marked FAIL and asked again once, with the same values and the
-    same cells (a seed that finished is not trained again, an interrupted one resumes from its checkpoint)."""
+    same cells (a seed that finished is not trained again, an interrupted one resumes from its checkpoint); one
+    its rungs had cut is told PRUNED, the decision standing."""
     from optuna.trial import TrialState
 
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if "nnlab.pruned_at" in t.user_attrs:  # cut before the kill: the decision stands
+            study.tell(t.number, state=TrialState.PRUNED)
+            continue
         study.tell(t.number, state=TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"nnlab.replaces": t.number,
                                                   "nnlab.cells_of": t.user_attrs.get("nnlab.cells_of", t.number)})

@@ -6,7 +6,8 @@ import math
 import warnings
 
 from tasks.config import SweepConfig
-from tasks.search import Search, cell_ids, parse, replaced, study_name, study_storage
+from tasks.search import Search, cell_ids, parse, replaced
+from tasks.studies import study_name, study_storage
 from tasks.sweep import Cell
 
 

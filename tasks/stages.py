@@ -21,6 +21,7 @@ from tasks.files import (StoreWriteError, atomic_path, code_hash, exclusive, loa
 from tasks.kinds import Job, Kind, get_kind, kind_of, ranking, register_name
 from tasks.networks import build, load_trained
 from tasks.phases import mark
+from tasks.pruning import Paused
 from tasks.progress import EpochProgress
 from tasks.references import beside, published
 from tasks.tracking import Run, git_commit, prepare_model_logging, store_path
@@ -181,8 +182,8 @@ def _fit(job: Job, kind: Kind, train, val, ckpt_path: Path) -> FitResult:
         kind.before_fit(job)
         return trainer.fit(train, val, on_epoch=on_epoch, progress=progress.step)
     except Exception as e:
-        if write_failure(e):  # not the run's fault: train_stage says so and keeps the checkpoint
-            raise
+        if write_failure(e) or isinstance(e, Paused):  # not the run's fault (train_stage says so), or a sweep's
+            raise  # rung pause (tasks/pruning.py): the checkpoint is kept, the same command resumes the run
         reason = f"{type(e).__name__}: {e}"
         _log_health(run, trainer)
         run.finish("FAILED", reason)

@@ -306,6 +306,8 @@ class Trainer:
         self.step.begin_fit(train, val)
         mark("fit start")
         stopped = self.stopper.done  # a run resumed after its stopping epoch ends here
+        # a resumed run asks `halt` first: a pruned cell trains no further epoch, a paused one pauses again
+        stopped = stopped or (self.halt is not None and 0 < self.epoch < self.cfg.epochs and self.halt(self.epoch))
         while self.epoch < self.cfg.epochs and not stopped:
             t0 = time.perf_counter()
             self.epoch_start()

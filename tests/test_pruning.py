@@ -52,7 +52,7 @@ def test_a_group_is_judged_on_its_seeds_mean_once_every_seed_reached_the_rung(tm
     import optuna
 
     from tasks.config import load_config
-    from tasks.pruning import RungWatch, flag_of, parse_prune, pruner
+    from tasks.pruning import Paused, RungWatch, flag_of, parse_prune, pruner
     from tasks.tracking import Run, child_runs, prepare_store
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -73,9 +73,14 @@ def test_a_group_is_judged_on_its_seeds_mean_once_every_seed_reached_the_rung(tm
     assert watch.poll() == [(1, 1)]  # trial 1 (group b) cut at epoch 1
     assert [watch.groups[n].reported for n in (0, 1, 2)] == [3, 1, 1]  # c: up to its slower seed
     assert study.trials[1].intermediate_values == {1: pytest.approx(-1.45)}  # the mean, signed to the study
-    assert [flag_of(tmp_path / "sweeps", parent, c).path.exists() for c in curves] == [False, False, True, True,
-                                                                                      False, False]
+    words = {c: flag_of(tmp_path / "sweeps", parent, c).read() for c in curves}  # ASHA: promoted to the next rung
+    assert words == {"a0": ("until", 4), "a1": ("until", 4), "b0": ("pruned", 1), "b1": ("pruned", 1),
+                     "c0": ("until", 2), "c1": ("until", 2)}
     assert flag_of(tmp_path / "sweeps", parent, "b0")(2) is True  # what the cell's trainer asks after an epoch
+    assert flag_of(tmp_path / "sweeps", parent, "a0")(3) is False
+    with pytest.raises(Paused):  # at its cleared rung, before the group is judged there
+        flag_of(tmp_path / "sweeps", parent, "a0")(4)
+    assert watch.ready({"a0": 4, "b0": 1, "c1": 2}) == ["b0"]  # cut: run again to end (evaluated); the others wait
     tags = {r["cell"]: r["tags"].get("nnlab.pruned_at") for r in child_runs(parent)}
     assert tags == {"a0": None, "a1": None, "b0": "1", "b1": "1", "c0": None, "c1": None}
     assert watch.poll() == []  # nothing new: nothing judged twice
@@ -88,8 +93,8 @@ def sweep(cwd: Path, uri: str, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_a_pruned_grid_cuts_the_bad_cell_reports_it_and_resume_keeps_it_cut(tmp_path):
-    """lr 1e-5 against 0.05, two seeds each, ASHA from epoch 1: the slow learner is cut at its first rung (stopped
-    there, unless it finished before the sweep looked), tagged, told PRUNED; the best cell is the other and only
+    """lr 1e-5 against 0.05, two seeds each, ASHA from epoch 1: the slow learner is cut at its first rung, where
+    its cells had paused for the judgement (so they trained that epoch only), tagged, told PRUNED; the best cell is the other and only
     it can be registered; the report has the pruning section; --resume trains nothing and changes no decision."""
     import optuna
     from mlflow.tracking import MlflowClient
@@ -110,6 +115,8 @@ def test_a_pruned_grid_cuts_the_bad_cell_reports_it_and_resume_keeps_it_cut(tmp_
     assert sorted(cut) == ["lr=1e-05,seed=0", "lr=1e-05,seed=1"], (
         sorted(cut), out.stdout[-2000:], [(t.state, t.intermediate_values, t.system_attrs) for t in study.trials])
     assert {r.data.tags["nnlab.pruned_at"] for r in cut.values()} == {"1"}
+    # ASHA pauses each cell at a rung until its group is judged there: the cut cells trained that one epoch only
+    assert [len(c.get_metric_history(r.info.run_id, "val_loss")) for r in cut.values()] == [1, 1]
     assert all(r.info.status == "FINISHED" and "test_accuracy" in r.data.metrics for r in runs)
     states = {t.user_attrs["nnlab.group"]: t.state for t in study.trials}
     assert states == {"train.lr=0.05": TrialState.COMPLETE, "train.lr=1e-05": TrialState.PRUNED}

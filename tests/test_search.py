@@ -11,7 +11,8 @@ import yaml
 
 from conftest import ROOT, write_params
 from tasks.config import ConfigError, SweepConfig, read_yaml
-from tasks.search import expand, study_storage
+from tasks.search import expand
+from tasks.studies import study_storage
 
 NNLAB = str(Path(sys.executable).parent / "nnlab")
 TINY = {"train.epochs": 1, "models.mlp.hidden": [16], "models.mlp.dropout": 0.0}
@@ -63,7 +64,8 @@ def test_a_study_on_postgresql_lives_in_its_own_schema_beside_mlflows_tables():
     import optuna
     import psycopg
 
-    from tasks.search import Search, open_study, shown_storage
+    from tasks.search import Search, open_study
+    from tasks.studies import shown_storage
 
     pg = dict(host="127.0.0.1", port=5432, user="postgres", connect_timeout=5, autocommit=True)
     name = f"nnlab_test_{uuid.uuid4().hex[:12]}"
