@@ -213,10 +213,17 @@ def example_image(
                f"(it should draw a {digit})")
 
 
-@app.command("models")
-def models_cmd(input_shape: Annotated[str, typer.Option(help="C,H,W of the input")] = "1,28,28",
+models_app = typer.Typer(add_completion=False)  # `nnlab models`: the catalogue; its subcommands: the registry's
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback(invoke_without_command=True)
+def models_cmd(ctx: typer.Context, input_shape: Annotated[str, typer.Option(help="C,H,W of the input")] = "1,28,28",
                classes: Annotated[int, typer.Option(help="number of classes")] = 10):
-    """List the registered architectures: family, parameters, MACs and receptive field for this input."""
+    """List the registered architectures: family, parameters, MACs and receptive field for this input. With a
+    command: a registered model's champion history (`history NAME`) or its way back (`rollback NAME --to V`)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from rich.console import Console
     from rich.table import Table
 

@@ -353,6 +353,7 @@ def _run_stage(st, name: str, cfg, model: str | None) -> None:
 # (tracking-server, example-csv, example-pairs, models, ui, deploy): on the same app, listed after `stage`
 import flows.serve  # noqa: E402,F401
 import flows.admin  # noqa: E402,F401
+import flows.champions  # noqa: E402,F401
 import flows.history  # noqa: E402,F401
 
 

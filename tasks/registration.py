@@ -96,7 +96,7 @@ def register_version(name: str, model_uri: str, score: float, min_delta: float, 
         decision = "first version: champion"
     else:
         decision = f"{score:.4f} vs champion v{champ.version} {champ_score:.4f} (min_delta {min_delta}): {alias}"
-    for k, v in {**tags, **identity, "nnlab.score": score, "nnlab.decision": decision,
+    for k, v in {**tags, **identity, "nnlab.score": score, "nnlab.decision": decision, "nnlab.alias": alias,
                  "nnlab.previous_champion_score": champ_score}.items():
         c.set_model_version_tag(name, version.version, k, str(v))
     c.set_registered_model_alias(name, alias, version.version)
