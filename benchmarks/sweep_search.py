@@ -2,7 +2,7 @@
 search and an equal-budget grid. Every sweep runs as a user runs it (`nnlab sweep FILE`), from the repository
 root, into a temporary MLflow store (and the Optuna study beside it).
 
-    .venv/bin/python benchmarks/sweep_search.py pruning [--eta 3] [--min-epochs 1] [--method asha]
+    .venv/bin/python benchmarks/sweep_search.py pruning [--eta 3] [--min-epochs 1] [--method asha] [--monitor M]
     .venv/bin/python benchmarks/sweep_search.py search [--search-seeds 0,1,2,3,4] [--trials 20]
 
 pruning: sweeps/optimizers.yaml (5 optimizers x 3 seeds, 12 epochs, mlp 256-128 on mnist5k) once in full and
@@ -65,7 +65,7 @@ def sweep(spec: dict, store: Path, label: str) -> dict:
 def pruning(args, store: Path) -> dict:
     spec = yaml.safe_load((ROOT / "sweeps/optimizers.yaml").read_text())
     full = sweep(spec, store, "optimizers-full")
-    prune = {"method": args.method, "min_epochs": args.min_epochs, "eta": args.eta}
+    prune = {"method": args.method, "min_epochs": args.min_epochs, "eta": args.eta, "monitor": args.monitor}
     pruned = sweep({**spec, "prune": prune}, store, f"optimizers-{args.method}")
     ratio = pruned["epochs"] / full["epochs"]
     verdict = {"same_best_cell": full["best_cell"] == pruned["best_cell"], "epochs_ratio": round(ratio, 3),
@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--method", default="asha", choices=("asha", "hyperband", "median"))
     ap.add_argument("--eta", type=int, default=3)
     ap.add_argument("--min-epochs", type=int, default=1)
+    ap.add_argument("--monitor", default="val_loss", help="the epoch metric pruning judges")
     ap.add_argument("--search-seeds", default="0,1,2,3,4")
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--out", type=Path)

@@ -354,6 +354,7 @@ def _run_stage(st, name: str, cfg, model: str | None) -> None:
 import flows.serve  # noqa: E402,F401
 import flows.admin  # noqa: E402,F401
 import flows.champions  # noqa: E402,F401
+import flows.compare  # noqa: E402,F401
 import flows.history  # noqa: E402,F401
 
 
