@@ -238,6 +238,8 @@ class AugmentConfig(Section):
 
 class TrackingConfig(Section):
     experiment: str = Field(default="nnlab", min_length=1)
+    system_metrics: bool = True  # CPU, memory, disk, network (GPU with pynvml) series per run: tasks/machine.py
+    system_metrics_interval: float = Field(default=10.0, ge=0.5, le=3600)  # seconds between two samples
 
 
 class Config(Section):

@@ -123,3 +123,19 @@ def dead_fraction(model: nn.Module, probe: torch.Tensor) -> float:
         for h in handles:
             h.remove()
     return sum(dead) / sum(total) if total else 0.0
+
+
+def log_health(run, trainer) -> list[str]:
+    """Tags nnlab.health.* by the rules above; returns the names of those that fired."""
+    d = trainer.diagnostics
+    if d is None:
+        return []
+    if d.records:
+        run.log_series(d.drain())
+    health = d.health()
+    run.set_tags({f"nnlab.health.{k}": str(v).lower() for k, v in health.items()})
+    run.log_metrics(d.summary())
+    fired = [k for k, v in health.items() if v]
+    for k in fired:
+        print(f"{run.run_id}: health warning: {k.replace('_', ' ')} (see nnlab.health.{k})", flush=True)
+    return fired

@@ -16,9 +16,11 @@ from models.registry import count_parameters, get_spec
 from tasks.config import Config, flatten, params_hash
 from tasks.data import AUGMENTED, PROCESSED, load_prepared, prepare, raw_max
 from tasks.descriptions import OVERRIDES_TAG, headline, run_title
+from tasks.diagnostics import log_health
 from tasks.files import (StoreWriteError, atomic_path, code_hash, exclusive, load_torch, save_torch, write_failure,
                          write_json)
 from tasks.kinds import Job, Kind, get_kind, kind_of, ranking, register_name
+from tasks.machine import hardware_tags, samples_in, start_monitor, usage_metrics
 from tasks.networks import build, load_trained
 from tasks.phases import mark
 from tasks.pruning import Paused
@@ -178,19 +180,26 @@ def _fit(job: Job, kind: Kind, train, val, ckpt_path: Path) -> FitResult:
     progress = EpochProgress(job.name, trainer.cfg.epochs, trainer.epoch)
     on_epoch = epoch_callback(run, ckpt_path, job.name, progress,
                               lambda epoch, metrics, tr: kind.on_epoch(job, epoch, metrics, tr))
+    track = job.cfg.tracking
+    monitor = start_monitor(run.run_id, track.system_metrics_interval) if track.system_metrics else None
     try:
         kind.before_fit(job)
-        return trainer.fit(train, val, on_epoch=on_epoch, progress=progress.step)
+        epoch0 = trainer.epoch
+        result = trainer.fit(train, val, on_epoch=on_epoch, progress=progress.step)
+        run.log_metrics(usage_metrics(trainer.device, (trainer.epoch - epoch0) * samples_in(train), result.seconds))
+        return result
     except Exception as e:
         if write_failure(e) or isinstance(e, Paused):  # not the run's fault (train_stage says so), or a sweep's
             raise  # rung pause (tasks/pruning.py): the checkpoint is kept, the same command resumes the run
         reason = f"{type(e).__name__}: {e}"
-        _log_health(run, trainer)
+        log_health(run, trainer)
         run.finish("FAILED", reason)
         ckpt_path.unlink(missing_ok=True)  # a diverged run would only diverge again from here
         raise TrainingFailed(job.name, run.run_id, reason) from e
     finally:
         progress.close()
+        if monitor is not None:
+            monitor.finish()
 
 
 def _finish(job: Job, kind: Kind, result: FitResult, options: dict, out_dir: Path, ckpt_path: Path,
@@ -209,7 +218,7 @@ def _finish(job: Job, kind: Kind, result: FitResult, options: dict, out_dir: Pat
     mark("model logged")
     run.log_metrics({"epochs_run": result.epochs, "best_epoch": result.best_epoch,
                      "train_seconds": result.seconds, "parameters": count_parameters(model)})
-    health = _log_health(run, job.trainer)
+    health = log_health(run, job.trainer)
     run.log_dict(m, "data/manifest.json")
     final = {
         "name": job.name, "arch": job.arch, "family": get_spec(job.arch).family, "options": options,
@@ -249,22 +258,6 @@ def epoch_callback(run: Run, ckpt_path: Path, name: str, progress: EpochProgress
     return on_epoch
 
 
-def _log_health(run: Run, trainer: Trainer) -> list[str]:
-    """Tags nnlab.health.* by the rules in tasks/diagnostics.py; returns the names of those that fired."""
-    d = trainer.diagnostics
-    if d is None:
-        return []
-    if d.records:
-        run.log_series(d.drain())
-    health = d.health()
-    run.set_tags({f"nnlab.health.{k}": str(v).lower() for k, v in health.items()})
-    run.log_metrics(d.summary())
-    fired = [k for k, v in health.items() if v]
-    for k in fired:
-        print(f"{run.run_id}: health warning: {k.replace('_', ' ')} (see nnlab.health.{k})", flush=True)
-    return fired
-
-
 def _open_run(cfg, name, arch, manifest, params, phash, ckpt_path, trainer, parent_run_id, extra_tags, data_dir):
     if ckpt_path.exists():
         state = load_torch(ckpt_path, map_location=trainer.device)
@@ -282,12 +275,13 @@ def _open_run(cfg, name, arch, manifest, params, phash, ckpt_path, trainer, pare
                 ckpt_path.unlink()
             else:
                 print(f"{name}: resuming MLflow run {run.run_id} after epoch {trainer.epoch}", flush=True)
+                run.set_tags(hardware_tags(trainer.device))  # where it goes on (a sweep cell: maybe elsewhere)
                 return run, True
     tags = {
         "nnlab.model": arch, "nnlab.family": get_spec(arch).family, "nnlab.dataset": manifest["source"],
         "nnlab.git_commit": git_commit(), "nnlab.code_hash": code_hash(), "nnlab.data_hash": manifest["data_hash"],
         "nnlab.params_hash": phash,
-        "nnlab.run": name, **(extra_tags or {}),
+        "nnlab.run": name, **hardware_tags(trainer.device), **(extra_tags or {}),
     }
     overrides = json.loads(tags.get(OVERRIDES_TAG, "[]"))  # the command line's --set (flows/experiment.py)
     title = run_title(name, manifest["source"], overrides, tags.get("nnlab.sweep_cell"))
