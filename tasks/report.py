@@ -15,6 +15,7 @@ from pathlib import Path
 import matplotlib.ticker  # noqa: F401
 import numpy as np
 
+from tasks.effects import effects_lines
 from tasks.figures import pyplot
 
 plt = pyplot()
@@ -212,6 +213,7 @@ def _markdown(title, rows, factors, metric, lower, table, effects, figures, note
         lines.append(f"**{f}**: " + " · ".join(
             f"{lv['level']} {fmt(lv['mean'], lv['ci'])}" + (" (best)" if lv is best else "") for lv in levels))
         lines.append("")
+    lines += effects_lines(rows, factors, metric) if len(factors) > 1 else []
     lines += [*extra, "## Figures", ""] + [f"![{n}]({n})" for n in figures] + [""]
     failed = [r for r in rows if r["status"] != "FINISHED"]
     if failed:
