@@ -81,11 +81,13 @@ def search(args, store: Path) -> dict:
     spec["search"]["trials"] = args.trials
     spec.pop("stop", None)
     out: dict = {"tpe": [], "random": []}
+    grid = {k: v for k, v in spec.items() if k not in ("search", "seeds")}
+    if args.grid_only:  # the equal-budget grid alone
+        return {"grid": sweep({**grid, "grid": {**GRID_60, "seed": spec["seeds"]}}, store, "grid-60")}
     for s in [int(x) for x in args.search_seeds.split(",")]:
         for method in ("tpe", "random"):
             out[method].append(sweep({**spec, "search": {**spec["search"], "method": method, "seed": s}},
                                      store, f"search-{method}-{s}"))
-    grid = {k: v for k, v in spec.items() if k not in ("search", "seeds")}
     out["grid"] = sweep({**grid, "grid": {**GRID_60, "seed": spec["seeds"]}}, store, "grid-60")
     wins = sum(t["best_mean"] >= r["best_mean"] for t, r in zip(out["tpe"], out["random"]))
     best_tpe = max(t["best_mean"] for t in out["tpe"])
@@ -107,6 +109,7 @@ def main() -> None:
     ap.add_argument("--monitor", default="val_loss", help="the epoch metric pruning judges")
     ap.add_argument("--search-seeds", default="0,1,2,3,4")
     ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--grid-only", action="store_true", help="search: only the equal-budget grid")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="nnlab-bench-") as tmp:
