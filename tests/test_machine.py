@@ -14,7 +14,7 @@ def test_a_run_records_its_machine(tmp_path, monkeypatch, series):
     from tasks.stages import train_stage
 
     monkeypatch.chdir(tmp_path)
-    cfg = validate({"data": {"source": "digits", "max_train": 200}, "train": {"epochs": 2, "device": "cpu"},
+    cfg = validate({"data": {"source": "digits", "max_train": 200}, "train": {"epochs": 1, "device": "cpu"},
                     "models": {"mlp": {"hidden": [16]}},
                     "tracking": {"system_metrics": series, "system_metrics_interval": 0.5}})
     prepare(cfg.data, 0, "d")
