@@ -19,7 +19,7 @@ from flows.waiting import Completion, Pauses
 from tasks.config import ConfigError, SweepConfig
 from tasks.kinds import ranking
 from tasks.phases import mark
-from tasks.pruning import RungWatch, flag_of, parse_prune, pruner, pruning_note
+from tasks.pruning import RungWatch, parse_prune, pruner, pruning_note
 from tasks.search import (Search, open_study, parse, requeue_failed, requeue_interrupted, seed_values, stop_reason,
                           trial_cells)
 from tasks.studies import shown_storage, study_storage
@@ -62,10 +62,7 @@ def search_and_report(parent, spec_: SweepConfig, params: dict, probe: list, cel
         search = replace(search, stop={**search.stop, "trials": len(again) + len(requeued)})
     watch = prune and RungWatch(prune, parent.run_id, SWEEPS, not rank["lower_is_better"], study=study)
     if watch:
-        for t in study.get_trials(deepcopy=False):  # pruned before a crash: still pruned (their flags set again)
-            if (at := t.user_attrs.get("nnlab.pruned_at")) is not None:
-                for cid in t.user_attrs.get("nnlab.cells", []):
-                    flag_of(SWEEPS, parent.run_id, cid).set(int(at))
+        watch.keep_cut(study.get_trials(deepcopy=False))
     ran, stopped = drive(study, search, spec_, params, parent.run_id, rank, Launcher(cell_task, where, watch))
     mark("cells done")
     _close_lost_runs(parent.run_id)

@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.experiment import link_mlflow_run, prefect_ids, prepare_data
 from flows.pool import OPENED, interruptible, runner
-from flows.waiting import Completion, Pauses
+from flows.waiting import Completion, Pauses, failed
 from tasks.config import Config, SweepConfig, flatten
 from tasks.kinds import main_metric, ranking
 from tasks.phases import mark
@@ -246,11 +246,6 @@ def _run_cells(pending: list, data: dict, parent_id: str, spec_: SweepConfig,
         queue[:0] = pauses.due(stuck=not waiting.pending and not queue) if pauses else []
         fill()
     return stopped, len(launched)
-
-
-def failed(future) -> bool:
-    future.wait()
-    return future.state.is_failed()
 
 
 def _grid_watch(parent_run_id: str, spec_: SweepConfig, cells: list, rank: dict) -> RungWatch | None:

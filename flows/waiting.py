@@ -44,9 +44,11 @@ class Completion:
             if meanwhile is not None:
                 meanwhile()
 
-    def all(self, every: float | None = None, meanwhile: Callable[[], object] | None = None) -> None:
-        while self.pending:
-            self.next(every, meanwhile)
+
+def failed(future) -> bool:
+    """Whether a future's task failed (waiting for it to end)."""
+    future.wait()
+    return future.state.is_failed()
 
 
 def outcome(future):

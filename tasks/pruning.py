@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from tasks.config import Config, ConfigError, EarlyStoppingConfig
+from tasks.sweep import checked_mapping, one_of
 
 METHODS = ("asha", "hyperband", "median")
 KEYS = ("method", "min_epochs", "eta", "monitor")
@@ -41,24 +42,13 @@ class Prune:
     def higher_wins(self) -> bool:
         return self.monitor.endswith(HIGHER_WINS)
 
-    def describe(self) -> str:
-        rule = f"{self.method}, rungs from epoch {self.min_epochs}, eta {self.eta}" if self.method != "median" else \
-            f"median, from epoch {self.min_epochs}"
-        return f"{rule}, on the mean over seeds of {self.monitor}"
-
 
 def parse_prune(raw: Any, cfg: Config) -> Prune | None:
     """The sweep file's `prune`, every key checked against what `cfg` (a cell's config) trains."""
     if raw is None:
         return None
-    if not isinstance(raw, dict):
-        raise ConfigError("sweep.prune: expected a mapping, e.g. {method: asha, min_epochs: 1, eta: 3}")
-    for key in raw:
-        if key not in KEYS:
-            raise ConfigError(f"sweep.prune.{key}: unknown key; allowed: {', '.join(KEYS)}")
-    method = raw.get("method", "asha")
-    if method not in METHODS:
-        raise ConfigError(f"sweep.prune.method: unknown method {method!r}; known: {', '.join(METHODS)}")
+    checked_mapping(raw, "sweep.prune", KEYS, "{method: asha, min_epochs: 1, eta: 3}")
+    method = one_of(raw.get("method", "asha"), "sweep.prune.method", METHODS)
     epochs = cfg.train.epochs
     min_epochs, eta = raw.get("min_epochs", 1), raw.get("eta", 3)
     if isinstance(min_epochs, bool) or not isinstance(min_epochs, int) or not 1 <= min_epochs < epochs:
@@ -67,8 +57,7 @@ def parse_prune(raw: Any, cfg: Config) -> Prune | None:
     if isinstance(eta, bool) or not isinstance(eta, int) or eta < 2:
         raise ConfigError(f"sweep.prune.eta: expected a whole number >= 2 (the reduction factor), got {eta!r}")
     monitor = raw.get("monitor", cfg.train.early_stopping.monitor)
-    if monitor not in MONITORS:
-        raise ConfigError(f"sweep.prune.monitor: unknown metric {monitor!r}; known: {', '.join(MONITORS)}")
+    one_of(monitor, "sweep.prune.monitor", MONITORS, "metric")
     return Prune(method, min_epochs, eta, monitor, epochs)
 
 
@@ -230,6 +219,13 @@ class RungWatch:
             flag_of(self.sweeps, self.parent_run_id, c).set(epoch)
         for run_id in run_ids:
             Run(run_id).set_tags({"nnlab.pruned_at": str(epoch)})
+
+    def keep_cut(self, trials: list) -> None:
+        """Trials cut before a crash (frozen, as the study keeps them) stay cut: their cells' flags set again."""
+        for t in trials:
+            if (at := t.user_attrs.get("nnlab.pruned_at")) is not None:
+                for c in t.user_attrs.get("nnlab.cells", []):
+                    flag_of(self.sweeps, self.parent_run_id, c).set(int(at))
 
     def pruned(self, number: int) -> int | None:
         g = self.groups.get(number)

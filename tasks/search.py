@@ -30,7 +30,7 @@ import yaml
 
 from tasks.config import Config, ConfigError, SweepConfig, apply_sets, select_models, validate
 from tasks.studies import prepare_study_storage, study_name, study_storage
-from tasks.sweep import Cell, _dotted, _yaml_value
+from tasks.sweep import Cell, _dotted, _yaml_value, checked_mapping, one_of
 
 METHODS = ("tpe", "random", "grid", "cmaes")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
@@ -59,15 +59,9 @@ def parse(spec: SweepConfig, default_seed: int = 0) -> Search:
                           "is grid.seed")
     if spec.grid or spec.presets:
         raise ConfigError("sweep: give either `grid` or `search`, not both (a search's replicate axis is `seeds`)")
-    if not isinstance(raw, dict):
-        raise ConfigError("sweep.search: expected a mapping, e.g. {method: tpe, trials: 20, space: "
-                          "{train.lr: loguniform(1e-4, 1e-1)}}")
-    for key in raw:
-        if key not in SEARCH_KEYS:
-            raise ConfigError(f"sweep.search.{key}: unknown key; allowed: {', '.join(SEARCH_KEYS)}")
-    method = raw.get("method", "tpe")
-    if method not in METHODS:
-        raise ConfigError(f"sweep.search.method: unknown method {method!r}; known: {', '.join(METHODS)}")
+    checked_mapping(raw, "sweep.search", SEARCH_KEYS, "{method: tpe, trials: 20, space: {train.lr: "
+                    "loguniform(1e-4, 1e-1)}}")
+    method = one_of(raw.get("method", "tpe"), "sweep.search.method", METHODS)
     space = raw.get("space")
     if not isinstance(space, dict) or not space:
         raise ConfigError("sweep.search.space: give at least one parameter, e.g. train.lr: loguniform(1e-4, 1e-1)")
@@ -163,9 +157,7 @@ def _number(text: str, where: str, whole: bool) -> float:
 def parse_stop(raw: dict) -> dict[str, float]:
     """`stop: {trials: 10, time: 30m, target: 0.98}`: time in s, m or h (a bare number: seconds)."""
     out: dict[str, float] = {}
-    for key, v in (raw or {}).items():
-        if key not in STOP_KEYS:
-            raise ConfigError(f"sweep.stop.{key}: unknown key; allowed: {', '.join(STOP_KEYS)}")
+    for key, v in checked_mapping(raw or {}, "sweep.stop", STOP_KEYS, "{trials: 10, time: 30m}").items():
         if key == "trials":
             out[key] = _count(v, "sweep.stop.trials")
         elif key == "time":

@@ -34,6 +34,22 @@ from tasks.kinds import ranking, register_name
 SweepSpec = SweepConfig
 
 
+def checked_mapping(raw: Any, where: str, allowed: tuple[str, ...], example: str) -> dict:
+    """`raw` as a mapping whose keys are all `allowed`; else a ConfigError naming `where` (a sweep file's section)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, e.g. {example}")
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"{where}.{key}: unknown key; allowed: {', '.join(allowed)}")
+    return raw
+
+
+def one_of(value: Any, where: str, known: tuple[str, ...], what: str = "method") -> Any:
+    if value not in known:
+        raise ConfigError(f"{where}: unknown {what} {value!r}; known: {', '.join(known)}")
+    return value
+
+
 @dataclass
 class Cell:
     id: str  # stable: the same levels give the same id, run after run

@@ -190,22 +190,39 @@ def test_ctrl_c_in_the_middle_of_a_store_write_leaves_the_store_whole_and_unlock
     assert client(os.environ["MLFLOW_TRACKING_URI"]).get_run(run.run_id).info.status == "KILLED"
 
 
+def long_sweep(tmp_path: Path, name: str) -> tuple[str, subprocess.Popen, Path]:
+    """A 2-cell sweep of 500-epoch cells on 2 workers, started in the background: (store URI, process, its log)."""
+    write_params(tmp_path / "params.yaml")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({
+        "name": name, "model": "mlp", "workers": 2, "grid": {"train.lr": [0.001, 0.002]},
+        "fixed": {"train.epochs": 500, **TINY, "register.enabled": False}}))
+    return (uri, *start(tmp_path, uri, "sweep", "s.yaml"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig_to_group", [False, True], ids=["kill-pid", "kill-group"])
 def test_sigterm_to_a_sweep_stops_its_workers_marks_it_killed_and_exits_143(tmp_path, sig_to_group):
     """`kill PID` (docker stop, Kubernetes) or SIGTERM to the whole process group (Slurm's scancel, systemd)."""
-    write_params(tmp_path / "params.yaml")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump({
-        "name": "term", "model": "mlp", "workers": 2, "grid": {"train.lr": [0.001, 0.002]},
-        "fixed": {"train.epochs": 500, **TINY, "register.enabled": False}}))
-    p, log = start(tmp_path, uri, "sweep", "s.yaml")
+    uri, p, log = long_sweep(tmp_path, "term")
     parent = training_runs(uri, p, log, 2)[0].data.tags["mlflow.parentRunId"]
     said = stopped(p, log, sig_to_group)
     assert f"terminated (SIGTERM): sweep parent run {parent} is marked KILLED; finish it with: " \
            f"nnlab sweep --resume {parent}" in said, said[-3000:]
     assert client(uri).get_run(parent).info.status == "KILLED"
     assert [r.info.status for r in children(uri, parent)] == ["KILLED", "KILLED"]
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_sweep_leaves_no_worker_and_its_cells_are_marked_killed(tmp_path):
+    """The sweep process gone without a word (kill -9, out of memory): its workers notice, mark the runs they were
+    training KILLED and exit; the fork server and the temporary Prefect server go too."""
+    uri, p, log = long_sweep(tmp_path, "kill9")
+    cells = {r.info.run_id for r in training_runs(uri, p, log, 2)}
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(timeout=10)
+    assert not group_left(p.pid, 30), f"left behind: {group_left(p.pid, 0)}"
+    assert {client(uri).get_run(r).info.status for r in cells} == {"KILLED"}
 
 
 # ---------------------------------------------------------------- 4. bad data named before anything boots
@@ -220,23 +237,6 @@ def pairs_file(path: Path, bad: bool = True) -> Path:
     if bad:
         lines.insert(25, "eine Zeile ohne Tabulator")  # line 26
     return written(path, "\n".join(lines) + "\n")
-
-
-@pytest.mark.slow
-def test_kill_9_of_a_sweep_leaves_no_worker_and_its_cells_are_marked_killed(tmp_path):
-    """The sweep process gone without a word (kill -9, out of memory): its workers notice, mark the runs they were
-    training KILLED and exit; the fork server and the temporary Prefect server go too."""
-    write_params(tmp_path / "params.yaml")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump({
-        "name": "kill9", "model": "mlp", "workers": 2, "grid": {"train.lr": [0.001, 0.002]},
-        "fixed": {"train.epochs": 500, **TINY, "register.enabled": False}}))
-    p, log = start(tmp_path, uri, "sweep", "s.yaml")
-    cells = {r.info.run_id for r in training_runs(uri, p, log, 2)}
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait(timeout=10)
-    assert not group_left(p.pid, 30), f"left behind: {group_left(p.pid, 0)}"
-    assert {client(uri).get_run(r).info.status for r in cells} == {"KILLED"}
 
 
 @pytest.mark.parametrize("source, model, make, needles", [
