@@ -91,6 +91,16 @@ def _stop_fork_server() -> None:
 
     server = fs._forkserver
     if getattr(server, "_forkserver_pid", None):
+        # a worker still up (the pool left on an interrupt) is stopped first: once the fork server is gone its
+        # workers look dead to multiprocessing (their sentinel is the server's pipe) and nothing would stop them
+        workers = multiprocessing.active_children()
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.join(3)
+            if w.is_alive():
+                w.kill()
+                w.join()
         try:
             os.kill(server._forkserver_pid, signal.SIGKILL)
         except ProcessLookupError:
