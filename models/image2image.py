@@ -115,6 +115,24 @@ def patch_discriminator(in_channels: int, width: int, layers: int, norm: type[nn
     return nn.Sequential(*net)
 
 
+class ProjectionDiscriminator(nn.Module):
+    """A PatchGAN that also sees each image's class: every patch's logit plus the inner product of its features
+    with the class's embedding (Miyato & Koyama 2018's projection discriminator). It judges "a real 7 of this
+    domain", not only "an image of this domain", so a translation that keeps the source's class but not the
+    target's way of drawing it is told apart."""
+
+    def __init__(self, in_channels: int, width: int, layers: int, norm: type[nn.Module], classes: int):
+        super().__init__()
+        net = patch_discriminator(in_channels, width, layers, norm)
+        self.features, self.logit = net[:-1], net[-1]
+        self.embed = nn.Embedding(classes, self.logit.in_channels)
+
+    def forward(self, x, y):  # (B, C, H, W), (B,) class indices -> (B, 1, h, w) patch logits
+        h = self.features(x)
+        agree = (h * self.embed(y)[:, :, None, None]).sum(1, keepdim=True)  # per position
+        return self.logit(h) + F.avg_pool2d(agree, 4, 1, 1)  # over the logit's own 4x4 window
+
+
 def gan_init(model: nn.Module) -> nn.Module:
     # both papers: conv weights ~ N(0, 0.02), batch-norm scales ~ N(1, 0.02), biases 0
     for m in model.modules():
@@ -125,6 +143,8 @@ def gan_init(model: nn.Module) -> nn.Module:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):  # a projection discriminator's classes start as a small nudge
+            nn.init.normal_(m.weight, 0.0, 0.02)
     return model
 
 
@@ -154,14 +174,18 @@ class Pix2Pix(nn.Module):
 class CycleGAN(nn.Module):
     kind = "cycle"
 
-    def __init__(self, shape: tuple[int, int, int], options: CycleGANOptions):
+    def __init__(self, shape: tuple[int, int, int], options: CycleGANOptions, classes: int):
         super().__init__()
         self.options, self.shape = options, shape
-        c = shape[0]
-        self.g_ab = resnet_generator(c, options.channels, options.blocks)  # G: A -> B
-        self.g_ba = resnet_generator(c, options.channels, options.blocks)  # F: B -> A
-        self.d_a = patch_discriminator(c, options.d_channels, options.d_layers, nn.InstanceNorm2d)  # real A vs F(b)
-        self.d_b = patch_discriminator(c, options.d_channels, options.d_layers, nn.InstanceNorm2d)  # real B vs G(a)
+        c, o = shape[0], options
+        self.g_ab = resnet_generator(c, o.channels, o.blocks)  # G: A -> B
+        self.g_ba = resnet_generator(c, o.channels, o.blocks)  # F: B -> A
+        if o.conditional:  # each discriminator also told the image's class (a translation: its source's)
+            self.d_a = ProjectionDiscriminator(c, o.d_channels, o.d_layers, nn.InstanceNorm2d, classes)
+            self.d_b = ProjectionDiscriminator(c, o.d_channels, o.d_layers, nn.InstanceNorm2d, classes)
+        else:
+            self.d_a = patch_discriminator(c, o.d_channels, o.d_layers, nn.InstanceNorm2d)  # real A vs F(b)
+            self.d_b = patch_discriminator(c, o.d_channels, o.d_layers, nn.InstanceNorm2d)  # real B vs G(a)
 
     def forward(self, a):  # (B, C, H, W) in [-1, 1] -> domain B
         return self.g_ab(a)
@@ -197,7 +221,9 @@ def cyclegan(*, input_shape, num_classes, options: CycleGANOptions) -> nn.Module
     shape = _image("cyclegan", input_shape, 2)
     if min(shape[1:]) < 2 ** options.d_layers * 4:
         raise ValueError(f"cyclegan: d_layers {options.d_layers} is too deep for {shape[1]}x{shape[2]} images")
-    return gan_init(CycleGAN(shape, options))
+    if options.conditional and not num_classes:
+        raise ValueError("cyclegan: conditional needs both domains' labels (the unpaired source has them)")
+    return gan_init(CycleGAN(shape, options, num_classes or 0))
 
 
 def parameters(module: nn.Module) -> int:
@@ -212,30 +238,41 @@ class ImagePool:
     earlier steps instead of the newest, which damps the oscillation between G and D (CycleGAN, pool of 50)."""
 
     def __init__(self, size: int, seed: int):
-        self.size, self.images = size, []
+        self.size, self.images, self.labels = size, [], []
         self.rng = torch.Generator().manual_seed(seed)
 
-    def query(self, fakes: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W), detached
+    def query(self, fakes: torch.Tensor, labels: torch.Tensor | None = None):
+        """(B, C, H, W) -> (B, C, H, W), detached; with each fake's class (B,) -> (images, their classes)."""
+        fakes = fakes.detach()
+        classes = torch.zeros(len(fakes), dtype=torch.long, device=fakes.device) if labels is None else labels
         if self.size == 0:
-            return fakes.detach()
-        out = []
-        for img in fakes.detach():
+            return fakes if labels is None else (fakes, labels)
+        out, out_labels = [], []
+        for img, y in zip(fakes, classes):
             if len(self.images) < self.size:
                 self.images.append(img.clone())
+                self.labels.append(y.clone())
                 out.append(img)
+                out_labels.append(y)
             elif torch.rand((), generator=self.rng) < 0.5:
                 k = int(torch.randint(len(self.images), (), generator=self.rng))
                 out.append(self.images[k].clone())
-                self.images[k] = img.clone()
+                out_labels.append(self.labels[k].clone())
+                self.images[k], self.labels[k] = img.clone(), y.clone()
             else:
                 out.append(img)
-        return torch.stack(out)
+                out_labels.append(y)
+        return torch.stack(out) if labels is None else (torch.stack(out), torch.stack(out_labels))
 
     def state_dict(self) -> dict:
-        return {"images": torch.stack(self.images) if self.images else None, "rng": self.rng.get_state()}
+        return {"images": torch.stack(self.images) if self.images else None,
+                "labels": torch.stack(self.labels) if self.labels else None, "rng": self.rng.get_state()}
 
     def load_state_dict(self, s: dict, device) -> None:
         self.images = [] if s["images"] is None else [img.to(device) for img in s["images"]]
+        labels = s.get("labels")  # a checkpoint from before the pool kept classes: all class 0, never read
+        self.labels = ([y.to(device) for y in labels] if labels is not None
+                       else [torch.zeros((), dtype=torch.long, device=device) for _ in self.images])
         self.rng.set_state(s["rng"])
 
 

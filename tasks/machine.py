@@ -44,8 +44,31 @@ def hardware_tags(device: torch.device) -> dict[str, str]:
     return tags
 
 
-def start_monitor(run_id: str, interval: float):
-    """MLflow's system-metrics monitor on `run_id`, started; `.finish()` it when the training ends."""
+def runs_gpus(uuids: list[str], device: torch.device, device_uuid: str | None) -> list[int]:
+    """Which of the host's GPUs (NVML's order, by UUID) the run's series should follow: only the one it trains
+    on, none for a run on the CPU (MLflow's monitor would log every GPU of the host: mlflow#13398)."""
+    if device.type != "cuda" or not device_uuid:
+        return []
+    want = device_uuid.removeprefix("GPU-")
+    return [i for i, u in enumerate(uuids) if u.removeprefix("GPU-") == want]
+
+
+def _follow_the_runs_gpu(monitor, device: torch.device) -> None:
+    from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+    for m in [m for m in monitor.monitors if isinstance(m, GPUMonitor)]:
+        import pynvml
+
+        uuid = str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else None
+        uuids = [str(pynvml.nvmlDeviceGetUUID(h)) for h in m.gpu_handles]
+        m.gpu_handles = [m.gpu_handles[i] for i in runs_gpus(uuids, device, uuid)]
+        if not m.gpu_handles:
+            monitor.monitors.remove(m)
+
+
+def start_monitor(run_id: str, interval: float, device: torch.device):
+    """MLflow's system-metrics monitor on `run_id` (GPU series of the run's own device only), started;
+    `.finish()` it when the training ends."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     from tasks.tracking import tracking_uri
@@ -63,6 +86,7 @@ def start_monitor(run_id: str, interval: float):
 
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no "Started monitoring" lines
     monitor = RunMonitor(run_id, sampling_interval=interval, resume_logging=True, tracking_uri=tracking_uri())
+    _follow_the_runs_gpu(monitor, device)
     monitor.start()
     return monitor
 

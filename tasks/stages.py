@@ -181,7 +181,8 @@ def _fit(job: Job, kind: Kind, train, val, ckpt_path: Path) -> FitResult:
     on_epoch = epoch_callback(run, ckpt_path, job.name, progress,
                               lambda epoch, metrics, tr: kind.on_epoch(job, epoch, metrics, tr))
     track = job.cfg.tracking
-    monitor = start_monitor(run.run_id, track.system_metrics_interval) if track.system_metrics else None
+    monitor = (start_monitor(run.run_id, track.system_metrics_interval, trainer.device) if track.system_metrics
+               else None)
     try:
         kind.before_fit(job)
         epoch0 = trainer.epoch

@@ -214,6 +214,7 @@ class Step:
 
     model: nn.Module
     diagnostics: Diagnostics | None = None
+    rows: torch.Tensor | None = None  # the training rows of the batch being stepped, for per-row side data
 
     def begin_fit(self, train: Split, val: Split | None) -> None:
         pass
@@ -296,6 +297,7 @@ class Trainer:
             if self.augment is not None:
                 xb = self.augment(xb)
             self.steps += 1
+            self.step.rows = idx
             self.step(i, self.steps, xb, yb)
             if progress is not None:
                 progress(i + 1, batches)

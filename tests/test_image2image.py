@@ -12,7 +12,8 @@ from PIL import Image
 from models.registry import create_model
 from tasks.config import TrainConfig, validate
 from tasks.data import load_prepared, prepare
-from tasks.kinds.image2image import CycleStep, ImagePool, Pix2PixStep, image_scores
+from models.image2image import ImagePool
+from tasks.kinds.image2image import CycleStep, Pix2PixStep, image_scores
 from tasks.data.image_pairs import edges, load_labels, low_resolution, occluded
 from tasks.train import Split, Trainer, seed_everything
 
@@ -74,6 +75,33 @@ def test_image_pool_returns_past_fakes_and_restores():
     batch = torch.full((16, 1, 1, 1), 7.0)
     assert torch.equal(pool.query(batch), again.query(batch))
     assert torch.equal(ImagePool(0, 0).query(first), first)
+
+
+def test_the_pool_keeps_each_fakes_class_with_it():
+    pool = ImagePool(4, seed=0)
+    for k in range(5):  # image k is filled with k, its class is k: what comes back must still agree
+        x = torch.arange(8.0).view(8, 1, 1, 1) + 8 * k
+        images, classes = pool.query(x, x.view(-1).long())
+        assert torch.equal(images.view(-1).long(), classes)
+    assert (images.view(-1) < 32).any()  # past fakes did come back
+    state = copy.deepcopy(pool.state_dict())
+    again = ImagePool(4, seed=1)
+    again.load_state_dict(state, CPU)
+    x = torch.full((16, 1, 1, 1), 99.0)
+    assert all(torch.equal(u, v) for u, v in zip(pool.query(x, x.view(-1).long()), again.query(x, x.view(-1).long())))
+
+
+def test_a_conditional_cyclegans_discriminators_judge_the_class_too():
+    torch.manual_seed(0)
+    model = create_model("cyclegan", input_shape=(1, 32, 32), num_classes=10, conditional=True, **TINY)
+    x = torch.randn(2, 1, 32, 32)
+    seven, one = model.d_b(x, torch.tensor([7, 7])), model.d_b(x, torch.tensor([1, 1]))
+    assert seven.shape == model.d_b.logit(model.d_b.features(x)).shape  # one logit per patch, as unconditioned
+    assert not torch.allclose(seven, one)  # the same image, another class: another verdict
+    seven.mean().backward()
+    assert model.d_b.embed.weight.grad[7].abs().sum() > 0 and model.d_b.embed.weight.grad[1].abs().sum() == 0
+    with pytest.raises(ValueError, match="conditional needs both domains' labels"):
+        create_model("cyclegan", input_shape=(1, 32, 32), num_classes=0, conditional=True, **TINY)
 
 
 def _trainer(arch: str, seed: int = 0, epochs: int = 1, batch_size: int = 16, lr: float = 2e-4,
@@ -230,17 +258,19 @@ def test_the_source_classifier_reads_the_steps_images_in_its_own_units():
     assert not any(p.requires_grad for p in f.parameters())
 
 
-def test_cycadas_semantic_loss_trains_the_generators_through_a_frozen_domain_a_classifier(workdir, monkeypatch):
+def test_cycadas_semantic_loss_and_class_conditional_discriminators_train_the_generators(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
     from tasks.tracking import client, metric_history
 
     cfg = validate({"data": {"source": "unpaired", "domains": "inverted", "max_train": 96},
                     "train": {"epochs": 1, "batch_size": 16, "lr": 0.001, "device": "cpu"},
                     "register": {"enabled": False},
-                    "models": {"cyclegan": {"channels": 8, "d_channels": 8, "blocks": 1, "lambda_semantic": 1.0}}})
+                    "models": {"cyclegan": {"channels": 8, "d_channels": 8, "blocks": 1, "lambda_semantic": 1.0,
+                                            "conditional": True}}})
     trained, r = _run(cfg, "cyclegan", workdir, "s")
     run = client().get_run(trained.run_id)
     assert "domain A's simple_cnn" in run.data.tags["nnlab.image2image.semantic"]
+    assert run.data.tags["nnlab.image2image.conditional"] == "both domains' training labels"
     (_, ce), = metric_history(trained.run_id, "semantic_ce")
     assert 0 < ce < 10 and "class_agreement" in r
     judge = next((workdir / ".nnlab" / "judges").glob("simple_cnn-*-a.pt"))  # the same one evaluation reads

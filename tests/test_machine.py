@@ -28,3 +28,15 @@ def test_a_run_records_its_machine(tmp_path, monkeypatch, series):
         assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
     else:
         assert system == set()
+
+
+def test_gpu_series_follow_only_the_device_the_run_trains_on():
+    import torch
+
+    from tasks.machine import runs_gpus
+
+    host = ["GPU-aaaa", "GPU-bbbb", "GPU-cccc"]  # NVML's UUIDs, in NVML's order (no GPU on the CI machine)
+    assert runs_gpus(host, torch.device("cuda", 0), "bbbb") == [1]  # torch's cuda:0 is NVML's 1 (CUDA_VISIBLE)
+    assert runs_gpus(host, torch.device("cuda", 1), "GPU-cccc") == [2]
+    assert runs_gpus(host, torch.device("cpu"), None) == []  # a CPU run logs no GPU of the host
+    assert runs_gpus(host, torch.device("cuda", 0), "dddd") == []  # not found: none rather than a wrong one
