@@ -47,7 +47,7 @@ def monitor(args) -> None:
     train = to_device(data.x_train, data.y_train, norm["mean"], norm["std"], cpu, True)
     seed_everything(0)
     model = create_model("simple_cnn", input_shape=data.manifest["input_shape"], num_classes=10)
-    cfg = TrainConfig(epochs=10**6, device="cpu")
+    cfg = TrainConfig(epochs=10_000, device="cpu")
     trainer = Trainer(model.to(memory_format=torch.channels_last), cfg, 0, cpu, SupervisedStep(model, cfg, cpu))
     trainer.train_one_epoch(train)  # warm-up
     run_id = mlflow.MlflowClient().create_run("0").info.run_id

@@ -44,8 +44,14 @@ def load(params: Path, sets: list[str] | None, models: str | None = None, runs: 
 
 @app.command()
 def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
-        models: Annotated[Optional[str], typer.Option("--models", "-m", help="comma-separated runs to train")] = None):
+        models: Annotated[Optional[str], typer.Option("--models", "-m", help="comma-separated runs to train")] = None,
+        nproc: Annotated[Optional[int], typer.Option(help="processes training each run, data-parallel (torchrun); "
+                                                     "train.batch_size is then per process")] = None,
+        nnodes: Annotated[Optional[int], typer.Option(help="machines, each running this same command")] = None,
+        rdzv_endpoint: Annotated[Optional[str], typer.Option(help="HOST:PORT where the machines meet")] = None):
     """Run the experiment flow: prepare data, train each model, evaluate, register the best."""
+    set_ = [*(set_ or []), *(f"train.distributed.{k}={v}" for k, v in (
+        ("nproc_per_node", nproc), ("nnodes", nnodes), ("rdzv_endpoint", rdzv_endpoint)) if v is not None)]
     cfg, names = load(params, set_, models, runs=True)  # validate before anything runs: no MLflow run, no data
     ready_to_run([cfg])
     mark("config validated")

@@ -63,10 +63,14 @@ def ready_to_run(cfgs: list) -> None:
     """Before the server boots or the store opens: data.path's files looked over (tasks/sources.py; a file its
     source cannot read is exit 2, named with its problem), the store and the working folder writable; from then
     on SIGTERM ends the command the way Ctrl-C does, exit 143 (flows/console.py)."""
+    from tasks.distributed import refusal
     from tasks.sources import unreadable
 
     for data in {c.data.model_dump_json(): c.data for c in cfgs}.values():
         if why := unreadable(data):
+            fail(why)
+    for cfg in cfgs:
+        if why := refusal(cfg):
             fail(why)
     check_writable_places()
     take_sigterm()

@@ -134,6 +134,13 @@ class DiagnosticsConfig(Section):
     probe_size: int = Field(default=256, ge=1)  # validation examples in the fixed dead-unit probe batch
 
 
+class DistributedConfig(Section):  # one run's training over several processes (tasks/distributed.py)
+    nproc_per_node: int = Field(default=1, ge=1, le=64)  # processes on this machine (one per GPU); `nnlab run --nproc`
+    nnodes: int = Field(default=1, ge=1, le=64)  # machines, each running the same command (docs/distributed.md)
+    rdzv_endpoint: str = Field(default="127.0.0.1:29400", pattern=r"^[^\s:/]+:\d{1,5}$")  # HOST:PORT, nnodes > 1
+    timeout: float = Field(default=60.0, ge=5.0, le=3600.0)  # s: meeting the other machines; a rank waiting on a dead one
+
+
 class TrainConfig(Section):
     epochs: int = Field(default=20, ge=1, le=10_000)
     batch_size: int = Field(default=64, ge=1, le=65_536)
@@ -159,6 +166,7 @@ class TrainConfig(Section):
     # batches of sequences of like length (translation, speech): each pool of `length_pool` batches of the shuffled
     # split is sorted by length and cut into batches, whose order is shuffled again, so a batch pads little; 1: off
     length_pool: int = Field(default=50, ge=1, le=100_000)
+    distributed: DistributedConfig = DistributedConfig()  # batch_size is then per process
 
     @field_validator("init", mode="before")
     @classmethod

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
 
@@ -230,3 +232,45 @@ def rows_figure(rows: list[np.ndarray], labels: list[str], title: str):
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------- the evaluate stage's history (DVC plots)
+
+
+def plot_history(path: Path, history: list[dict], name: str) -> None:
+    """The learning curves as an image too: DVC's own rendering of history.csv needs Vega from the network."""
+    from tasks.files import atomic_path
+
+    plt = pyplot()
+    epochs = range(1, len(history) + 1)
+    losses = [k for k in history[0] if k.endswith("loss")] if history else []
+    scores = [k for k in history[0] if k.startswith("val_") and not k.endswith("loss")] if history else []
+    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(8 if scores else 4.5, 3), squeeze=False)
+    for k in losses:
+        axes[0][0].plot(epochs, [h[k] for h in history], label=k)
+    axes[0][0].set(xlabel="epoch", title=f"{name}: loss")
+    for k in scores:
+        axes[0][1].plot(epochs, [h[k] for h in history], label=k)
+    if scores:
+        axes[0][1].set(xlabel="epoch", title=f"{name}: validation")
+    for ax in axes[0]:
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    """history.csv: one row per epoch (what `dvc plots` draws)."""
+    import csv
+
+    from tasks.files import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["epoch", *history[0].keys()])
+        w.writeheader()
+        for i, h in enumerate(history, 1):
+            w.writerow({"epoch": i, **{k: round(v, 6) for k, v in h.items()}})

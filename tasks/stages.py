@@ -5,8 +5,8 @@ and writes its outputs atomically. MLflow is reached only through tasks.tracking
 """
 from __future__ import annotations
 
-import csv
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,8 @@ from tasks.config import Config, flatten, params_hash
 from tasks.data import AUGMENTED, PROCESSED, load_prepared, prepare, raw_max
 from tasks.descriptions import OVERRIDES_TAG, headline, run_title
 from tasks.diagnostics import log_health
+from tasks.distributed import (DistributedFailed, DistributedInterrupted, check_step, launch, peer_lost, spread,
+                               world)
 from tasks.files import (StoreWriteError, atomic_path, code_hash, exclusive, load_torch, save_torch, write_failure,
                          write_json)
 from tasks.kinds import Job, Kind, get_kind, kind_of, ranking, register_name
@@ -29,7 +31,7 @@ from tasks.references import beside, published
 from tasks.tracking import Run, git_commit, prepare_model_logging, store_path
 from tasks.initialization import init_weights
 from tasks.train import CheckpointFormatError, FitResult, Trainer, resolve_device, seed_everything, to_device
-from tasks.figures import pyplot
+from tasks.figures import plot_history, pyplot, write_history
 
 CHECKPOINTS = Path(".nnlab/checkpoints")  # resume state of unfinished runs; never a DVC output (DVC wipes those)
 
@@ -126,6 +128,15 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
                 parent_run_id: str | None = None, extra_tags: dict | None = None, halt=None) -> Trained:
     """Train run `name` the way its kind says; resumes its unfinished checkpoint (same params, same data) into
     the same MLflow run. `halt(epoch)` True after an epoch ends the training there (a sweep's pruning)."""
+    w = world()
+    if w is None and spread(cfg.train_for(name)):  # several processes: torchrun starts them, each comes back here
+        try:
+            done = launch(cfg, name, data_dir, out_dir, parent_run_id, extra_tags)
+        except DistributedFailed as e:
+            raise TrainingFailed(name, e.run_id or "none opened", e.reason) from None
+        except DistributedInterrupted as e:
+            raise RunInterrupted(name, e.run_id or "(none yet)", e.run_id is not None) from None
+        return Trained(**done) if done else None
     data = load_prepared(data_dir)
     m = data.manifest
     arch, options = cfg.model_options(name)
@@ -134,9 +145,11 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
     phash = params_hash(params)
     ckpt_path = CHECKPOINTS / f"{name}-{params_hash([phash, m['data_hash'], parent_run_id])}.pt"
     # one process per run: a second identical run would resume the first's live checkpoint into its MLflow run
-    with exclusive(ckpt_path.with_suffix(".lock"), f"run {name!r} (same params and data)"):
+    lock = exclusive(ckpt_path.with_suffix(".lock"), f"run {name!r} (same params and data)") if not (w and w.rank) \
+        else nullcontext()
+    with lock:
         tcfg = cfg.train_for(name)
-        device = resolve_device(tcfg.device)
+        device = w.device if w else resolve_device(tcfg.device)
         seed_everything(cfg.seed)
         model = build(arch, options, m)
         options = getattr(model, "resolved_options", options)  # e.g. a transfer base pinned to its version
@@ -146,14 +159,21 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
         channels_last = image and tcfg.channels_last and kind.channels_last
         model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
         augment = kind.augmenter(cfg, m)
-        trainer = Trainer(model, tcfg, cfg.seed, device, kind.step(model, tcfg, cfg.seed, device), augment, halt=halt)
+        trainer = Trainer(model, tcfg, cfg.seed, device, kind.step(model, tcfg, cfg.seed, device), augment, halt=halt,
+                          world=w)
+        if w is not None:
+            check_step(trainer.step, name)
 
         mean, std = kind.scaling(m)
         train = to_device(data.x_train, data.y_train, mean, std, device, channels_last)
         val = to_device(data.x_val, data.y_val, mean, std, device, channels_last)
         mark("model built")
+        if w is not None and w.rank:  # a helper rank: rank 0's state, the training, no record of its own
+            return w.follow(trainer, train, val, name)
         run, resumed = _open_run(cfg, name, arch, m, params, phash, ckpt_path, trainer, parent_run_id, extra_tags,
                                  data_dir)
+        if w is not None:
+            w.lead(trainer, run, name)
         mark("MLflow run opened")
         job = Job(cfg, name, arch, data, Path(data_dir), model, trainer, run, mean, std)
         prepare_model_logging()
@@ -190,8 +210,8 @@ def _fit(job: Job, kind: Kind, train, val, ckpt_path: Path) -> FitResult:
         run.log_metrics(usage_metrics(trainer.device, (trainer.epoch - epoch0) * samples_in(train), result.seconds))
         return result
     except Exception as e:
-        if write_failure(e) or isinstance(e, Paused):  # not the run's fault (train_stage says so), or a sweep's
-            raise  # rung pause (tasks/pruning.py): the checkpoint is kept, the same command resumes the run
+        if write_failure(e) or isinstance(e, Paused) or peer_lost(e):  # not the run's fault (train_stage says so),
+            raise  # a sweep's rung pause (tasks/pruning.py), another rank gone: the checkpoint is kept, to resume
         reason = f"{type(e).__name__}: {e}"
         log_health(run, trainer)
         run.finish("FAILED", reason)
@@ -345,8 +365,8 @@ def evaluate_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, tra
     run.log_figure(ev.figure, ev.artifact)
     for artifact, text in ev.texts.items():
         run.log_text(text, artifact)
-    _write_history(plots_dir / "history.csv", final["history"])
-    _plot_history(plots_dir / "history.png", final["history"], name)
+    write_history(plots_dir / "history.csv", final["history"])
+    plot_history(plots_dir / "history.png", final["history"], name)
     summary = {**ev.metrics, **ev.summary, "health": run.health(), "name": name, "arch": final["arch"],
                "family": final["family"],
                "run_id": final["run_id"], "model_uri": final["model_uri"], "epochs": final["epochs"],
@@ -374,30 +394,6 @@ def publish_for_dvc(name: str, flow_dir: Path) -> None:
             shutil.copyfile(src, tmp)
 
 
-def _plot_history(path: Path, history: list[dict], name: str) -> None:
-    """The learning curves as an image too: DVC's own rendering of history.csv needs Vega from the network."""
-    plt = pyplot()
-    epochs = range(1, len(history) + 1)
-    losses = [k for k in history[0] if k.endswith("loss")] if history else []
-    scores = [k for k in history[0] if k.startswith("val_") and not k.endswith("loss")] if history else []
-    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(8 if scores else 4.5, 3), squeeze=False)
-    for k in losses:
-        axes[0][0].plot(epochs, [h[k] for h in history], label=k)
-    axes[0][0].set(xlabel="epoch", title=f"{name}: loss")
-    for k in scores:
-        axes[0][1].plot(epochs, [h[k] for h in history], label=k)
-    if scores:
-        axes[0][1].set(xlabel="epoch", title=f"{name}: validation")
-    for ax in axes[0]:
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-
-
 def beats_baseline(kind: Kind, metric: str, metrics: dict) -> tuple[bool, str] | None:
     """(whether `metric` beats the kind's trivial predictor on the same test split, what was compared), or None
     when the kind has none for it (GAN samples)."""
@@ -407,14 +403,6 @@ def beats_baseline(kind: Kind, metric: str, metrics: dict) -> tuple[bool, str] |
     value, ref = metrics[metric], metrics[base]
     wins = value < ref if kind.lower_wins(metric) else value > ref
     return wins, f"{metric} {value:.4f} vs {base} {ref:.4f}"
-
-
-def _write_history(path: Path, history: list[dict]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["epoch", *history[0].keys()])
-        w.writeheader()
-        for i, h in enumerate(history, 1):
-            w.writerow({"epoch": i, **{k: round(v, 6) for k, v in h.items()}})
 
 
 # ---------------------------------------------------------------- register

@@ -10,7 +10,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -270,6 +270,7 @@ class Trainer:
     history: list = field(default_factory=list)
     seconds: float = 0.0
     halt: Callable[[int], bool] | None = None  # asked after each epoch: True ends training there (a sweep's pruning)
+    world: Any = None  # data-parallel (tasks/distributed.py World): this process trains its share of each batch
 
     def __post_init__(self):
         self.stopper = EarlyStopping(self.cfg.early_stopping)
@@ -283,7 +284,7 @@ class Trainer:
         return self.step.evaluate(data, prefix)
 
     def train_one_epoch(self, data: Split, progress: Callable | None = None) -> dict:
-        bs, n = self.cfg.batch_size, len(data.x)
+        bs, n = self.cfg.batch_size * (self.world.size if self.world else 1), len(data.x)  # the whole batch
         self.model.train()
         perm = torch.randperm(n, generator=self.shuffle)
         lengths = self.step.lengths(data) if self.cfg.length_pool > 1 else None
@@ -292,6 +293,8 @@ class Trainer:
         batches = len(order)
         self.step.begin_epoch(batches)
         for i, idx in enumerate(order):
+            if self.world is not None:  # every process draws the same batches and takes its own rows of each
+                idx, self.step.share = self.world.shard(idx)
             idx = idx.to(self.device)
             xb, yb = data.x[idx], data.y[idx]
             if self.augment is not None:
@@ -301,7 +304,8 @@ class Trainer:
             self.step(i, self.steps, xb, yb)
             if progress is not None:
                 progress(i + 1, batches)
-        return self.step.end_epoch(self.epoch + 1)
+        metrics = self.step.end_epoch(self.epoch + 1)
+        return self.world.mean(metrics, int(getattr(self.step, "seen", n))) if self.world is not None else metrics
 
     def fit(self, train: Split, val: Split | None, on_epoch: Callable | None = None,
             progress: Callable | None = None) -> FitResult:
@@ -329,6 +333,8 @@ class Trainer:
                 on_epoch(self.epoch, metrics, self)
             stopped = self.stopper.update(self.epoch, metrics, self.model)  # judged on all of them
             stopped = stopped or (self.halt is not None and self.epoch < self.cfg.epochs and self.halt(self.epoch))
+            if self.world is not None:  # the first process decides for all (its measurements may be its own)
+                stopped = self.world.same(stopped)
         mark("fit end")
         if self.stopper.best_state is not None:
             self.model.load_state_dict(self.stopper.best_state)

@@ -137,7 +137,7 @@ class CTCStep(SupervisedStep):
 
     def outputs(self, xb, yb):
         frames = _frames(yb)
-        lp = self.model(xb[:, :int(frames.max())], frames)  # (B, T', C)
+        lp = self.net(xb[:, :int(frames.max())], frames)  # (B, T', C)
         steps = self.model.output_lengths(frames).clamp(1, lp.shape[1])
         if self.model.training and (self.step_no == 1 or self.step_no % self.trace_every == 0):
             with torch.no_grad():

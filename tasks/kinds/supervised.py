@@ -28,6 +28,8 @@ class SupervisedStep(Step):
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, classify: bool = True,
                  perplexity: bool = False):
         self.model, self.cfg, self.device = model, cfg, device
+        self.net = model  # what the forward pass calls: the model, or DistributedDataParallel around it
+        self.share = 1.0  # this process's share of the batch x processes (data-parallel: tasks/distributed.py)
         # A model may split its parameters into groups with their own learning rates (transfer learning's
         # fine-tuned base); every other model is one group at `lr`.
         groups = getattr(model, "param_groups", None)
@@ -53,7 +55,7 @@ class SupervisedStep(Step):
     def outputs(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The predictions and their targets, one row per prediction: a model that predicts at every position
         (a word language model: (B, T, V) against (B, T)) is flattened to (B * T, V) against (B * T,)."""
-        out = self.model(xb)
+        out = self.net(xb)
         if self.classify and out.dim() == 3:
             return out.flatten(0, 1), yb.flatten()
         return out, yb
@@ -75,7 +77,7 @@ class SupervisedStep(Step):
             loss = self.loss(out, y)
         total = loss + penalty(model, self.cfg.l1, self.cfg.l2) if self.regularised else loss
         self.opt.zero_grad(set_to_none=True)
-        total.backward()
+        (total * self.share if self.share != 1.0 else total).backward()  # processes' gradients are averaged
         diag = self.diagnostics is not None and self.diagnostics.due(step)
         if diag:
             self.diagnostics.before_step(step)  # gradient norms before clipping

@@ -90,7 +90,7 @@ class TranslationStep(SupervisedStep):
 
     def outputs(self, xb, yb):
         xb, yb = trim(xb), trim(yb, 2)  # the batch's own longest source and target (one host sync a batch)
-        return self.model(xb, yb[:, :-1]).flatten(0, 1), yb[:, 1:].flatten()
+        return self.net(xb, yb[:, :-1]).flatten(0, 1), yb[:, 1:].flatten()
 
     def loss(self, out, y, reduction: str = "mean"):
         return F.cross_entropy(out, y, ignore_index=PAD, reduction=reduction, label_smoothing=self.smoothing)
