@@ -1,13 +1,16 @@
 """What auditing costs (issue 33): MLflow's system-metrics monitor beside the training loop, and `nnlab diff`
 on a store that holds many runs.
 
-    .venv/bin/python benchmarks/audit_costs.py monitor [--rounds 6] [--epochs 2] [--interval 10,1]
+    .venv/bin/python benchmarks/audit_costs.py monitor [--rounds 6] [--epochs 4] [--interval 10,1]
+    .venv/bin/python benchmarks/audit_costs.py monitor-cpu [--seconds 60] [--interval 10,1]
     .venv/bin/python benchmarks/audit_costs.py diff [--runs 1000]
 
 monitor: epochs of simple_cnn on mnist5k with the monitor running (as a run has it: one sample every
 `interval` seconds, each logged to the run) against the same epochs without it, alternated in one process
 (A, B, A, B, ...) so drift and other load hit both alike; the overhead is the median of the per-round ratios.
-Rounds are long enough for several samples at each interval measured.
+Make rounds long enough for several samples at the interval measured (--epochs), and the machine quiet.
+monitor-cpu: the monitor's own CPU time (getrusage) while the process sleeps, per sample and as a share of the
+machine: what it takes from training whatever else runs.
 
 diff: a temporary SQLite store filled with `--runs` finished runs in one experiment (20 params, 10 metrics,
 the tags a training run has), two of them an optimizers-sweep pair; then `nnlab diff A B` timed as a user runs
@@ -79,6 +82,40 @@ def monitor(args) -> None:
               f"range {100 * (min(ratios) - 1):+.2f}% .. {100 * (max(ratios) - 1):+.2f}%)", flush=True)
 
 
+def monitor_cpu(args) -> None:
+    """The monitor's own CPU time, read with getrusage while the process otherwise sleeps: insensitive to other
+    load on the machine (which makes wall-clock ratios of short epochs noisy), and what it takes from training."""
+    import resource
+
+    import mlflow
+    import torch
+
+    from tasks.machine import start_monitor
+
+    work = Path(tempfile.mkdtemp(prefix="nnlab-audit-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
+    run_id = mlflow.MlflowClient().create_run("0").info.run_id
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    for interval in [float(v) for v in args.interval.split(",")]:
+        c0 = cpu()
+        time.sleep(args.seconds)
+        idle = cpu() - c0
+        mon = start_monitor(run_id, interval, torch.device("cpu"))
+        c0 = cpu()
+        time.sleep(args.seconds)
+        used = cpu() - c0 - idle
+        mon.finish()
+        samples = args.seconds / interval
+        print(f"interval {interval:g} s: the monitor used {1000 * used:.0f} ms of CPU in {args.seconds:g} s "
+              f"({1000 * used / samples:.1f} ms a sample, {100 * used / args.seconds:.3f}% of one core; "
+              f"{100 * used / args.seconds / (os.cpu_count() or 1):.3f}% of this {os.cpu_count()}-core machine)",
+              flush=True)
+
+
 def diff(args) -> None:
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
@@ -130,10 +167,13 @@ def main() -> None:
     m.add_argument("--rounds", type=int, default=6)
     m.add_argument("--epochs", type=int, default=4)
     m.add_argument("--interval", default="10,1", help="sampling intervals in seconds, comma-separated")
+    c = sub.add_parser("monitor-cpu")
+    c.add_argument("--seconds", type=float, default=60.0)
+    c.add_argument("--interval", default="10,1")
     d = sub.add_parser("diff")
     d.add_argument("--runs", type=int, default=1000)
     args = ap.parse_args()
-    {"monitor": monitor, "diff": diff}[args.what](args)
+    {"monitor": monitor, "monitor-cpu": monitor_cpu, "diff": diff}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ def launch(cfg, name: str, data_dir, out_dir, parent_run_id: str | None, extra_t
     write_json(job / "spec.json", {"config": cfg.model_dump(mode="json"), "name": name, "data_dir": str(data_dir),
                                    "out_dir": str(out_dir) if out_dir else None, "parent_run_id": parent_run_id,
                                    "extra_tags": extra_tags or {}})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(d.nproc_per_node),
+    cmd = [sys.executable, "-m", "tasks.rank", "--agent", "--nproc-per-node", str(d.nproc_per_node),
            "--max-restarts", "0", "--monitor-interval", "0.5"]
     if d.nnodes == 1:
         cmd += ["--standalone"]  # a rendezvous on a free local port
@@ -220,8 +220,8 @@ def launch(cfg, name: str, data_dir, out_dir, parent_run_id: str | None, extra_t
     proc = subprocess.Popen(cmd, env=env)
     try:
         rc = proc.wait()
-    except KeyboardInterrupt:  # Ctrl-C: the ranks had it too
-        _stop(proc)
+    except KeyboardInterrupt:  # Ctrl-C: the agent and the ranks had it too, and are stopping
+        _stop(proc, first=10.0)
         raise DistributedInterrupted(_read(job / "run_id")) from None
     except BaseException:  # SIGTERM to this process alone: every rank stops
         _stop(proc)
@@ -241,14 +241,19 @@ def launch(cfg, name: str, data_dir, out_dir, parent_run_id: str | None, extra_t
                                       "checkpoint" if run_id else ""), run_id)
 
 
-def _stop(proc: subprocess.Popen, patience: float = 20.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # torchrun stops its workers (SIGTERM, then SIGKILL) and exits
+def _stop(proc: subprocess.Popen, first: float = 0.0, patience: float = 20.0) -> None:
+    """The agent ended: given `first` seconds to end by itself, then SIGTERM (it stops its ranks: SIGTERM, then
+    SIGKILL), then SIGKILL."""
+    for sig, wait in ((None, first), (signal.SIGTERM, patience), (signal.SIGKILL, None)):
+        if proc.poll() is not None:
+            return
+        if sig is not None:
+            proc.send_signal(sig)
         try:
-            proc.wait(patience)
+            proc.wait(wait)
+            return
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            pass
 
 
 def _read(path: Path) -> str | None:

@@ -1,6 +1,10 @@
-"""One rank of a data-parallel run (tasks/distributed.py): `python -m tasks.rank SPEC`, started by torchrun.
+"""The processes of a data-parallel run (tasks/distributed.py).
 
-It joins the process group, runs the training stage as the launcher's process would have (rank 0 records the
+`python -m tasks.rank --agent TORCHRUN_ARGS...`: torchrun itself (torch.distributed.run's parser and elastic
+agent), ending quietly with an exit code when a rank fails or a signal stops it: the launcher names the rank and
+the reason in one line of its own, instead of the agent's report and tracebacks.
+
+`python -m tasks.rank SPEC`: one rank, started by the agent. It joins the process group, runs the training stage as the launcher's process would have (rank 0 records the
 run and writes what the stage returned beside the spec), and leaves a word for the launcher: `rank-N.started`,
 then `rank-N.done` or `rank-N.error` (why)."""
 from __future__ import annotations
@@ -22,6 +26,24 @@ def _stopped(signum, frame):
     raise _Stop(128 + signum)
 
 
+def _watch_agent(patience: float = 15.0) -> None:
+    """The agent starts each rank in a session of its own: if the agent is gone (killed -9 with its launcher), a
+    rank stops as the agent's SIGTERM would stop it (rank 0 marks its run), ended after `patience` s at most."""
+    import threading
+    import time
+
+    agent = os.getppid()
+
+    def watch():
+        while os.getppid() == agent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(patience)
+        os._exit(143)
+
+    threading.Thread(target=watch, name="nnlab-watch-agent", daemon=True).start()
+
+
 def main(spec_path: str) -> int:
     from tasks.config import validate
     from tasks.files import write_json
@@ -35,6 +57,7 @@ def main(spec_path: str) -> int:
     enter(w)
     (job / f"rank-{w.rank}.started").write_text(str(os.getpid()))
     signal.signal(signal.SIGTERM, _stopped)
+    _watch_agent()
     try:
         from tasks.stages import train_stage
 
@@ -44,10 +67,11 @@ def main(spec_path: str) -> int:
             write_json(job / "trained.json", vars(trained))
         (job / f"rank-{w.rank}.done").touch()
         return 0
+    except (KeyboardInterrupt, _Stop) as e:  # Ctrl-C, or the agent stopping the ranks: rank 0 marked its run
+        (job / f"rank-{w.rank}.error").write_text("stopped by torchrun (another rank failed, or Ctrl-C)")
+        return 143 if isinstance(e, _Stop) else 130
     except BaseException as e:
-        why = "stopped by torchrun (another rank failed, or Ctrl-C)" if isinstance(e, (KeyboardInterrupt, _Stop)) \
-            else f"{type(e).__name__}: {e}"
-        (job / f"rank-{w.rank}.error").write_text(why)
+        (job / f"rank-{w.rank}.error").write_text(f"{type(e).__name__}: {e}")
         raise
     finally:
         import torch.distributed as dist
@@ -56,5 +80,22 @@ def main(spec_path: str) -> int:
             dist.destroy_process_group()
 
 
+def agent(argv: list[str]) -> int:
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # "shutting down workers", ...
+    try:
+        run(parse_args(argv))
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    except ChildFailedError:
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(agent(sys.argv[2:]) if sys.argv[1] == "--agent" else main(sys.argv[1]))

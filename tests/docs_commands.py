@@ -18,8 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # the reading order: the README, then the docs it links, in the order it links them
-DOCS = ["README.md", "docs/models.md", "docs/pipeline.md", "docs/sweeps.md", "docs/diagnostics.md",
-        "docs/configuration.md", "docs/development.md"]
+DOCS = ["README.md", "docs/models.md", "docs/pipeline.md", "docs/sweeps.md", "docs/distributed.md",
+        "docs/diagnostics.md", "docs/configuration.md", "docs/development.md"]
 RUNNABLE = "bash"  # ```bash: runs as written on a fresh clone; ```shell: needs something the clone lacks
 PROJECT_TOOLS = {"nnlab", "dvc", "make", "prefect", "mlflow", "dask", "git", "export", "cd", "python", "ls"}
 

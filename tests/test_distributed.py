@@ -84,26 +84,66 @@ def _wait_for(pred, timeout: float, what: str):
     raise AssertionError(f"no {what} within {timeout} s")
 
 
+def _started(tmp_path: Path, proc: subprocess.Popen) -> tuple[Path, list[int]]:
+    """The launch folder of `proc`'s ranks once rank 0 has its run open, and the ranks' pids."""
+    def ready():
+        jobs = [j for j in (tmp_path / ".nnlab" / "distributed").glob(f"mlp-*") if (j / "run_id").exists()
+                and len(list(j.glob("rank-*.started"))) == 2 and not (j / "seen").exists()]
+        return jobs[0] if jobs else None
+
+    job = _wait_for(ready, 120, "a launch with both ranks and an open run")
+    (job / "seen").touch()
+    return job, [int((job / f"rank-{r}.started").read_text()) for r in (0, 1)]
+
+
+def _gone(pids: list[int], wait: float) -> list[int]:
+    import psutil
+
+    end = time.monotonic() + wait
+    while (alive := [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]) \
+            and time.monotonic() < end:
+        time.sleep(0.2)
+    return alive
+
+
 @pytest.mark.slow
-def test_a_rank_killed_fails_the_run_naming_it_and_the_same_command_resumes_it(tmp_path):
+def test_ctrl_c_a_dead_rank_or_a_dead_launcher_stop_every_rank_and_the_same_command_resumes(tmp_path):
     uri = _project(tmp_path, 40, nproc_per_node=2)
     train = ("stage", "train", "--model", "mlp")
-    proc = _nnlab(tmp_path, uri, *train, start_new_session=True)
-    ckpt = _wait_for(lambda: list((tmp_path / ".nnlab" / "checkpoints").glob("mlp-*.pt")), 120, "checkpoint")
-    rank1 = _wait_for(lambda: list((tmp_path / ".nnlab" / "distributed").glob("*/rank-1.started")), 5, "rank 1")
-    os.kill(int(rank1[0].read_text()), signal.SIGKILL)
-    out = proc.communicate(timeout=90)[0]  # the others stopped, no hang
-    assert proc.returncode == 1, out[-3000:]
-    assert "rank 1 died without a word" in out, out[-3000:]
-    assert group_left(proc.pid) == []  # torchrun and rank 0 gone too
-    run_id = (rank1[0].parent / "run_id").read_text()
-    run = MlflowClient(uri).get_run(run_id)
-    assert run.info.status == "FAILED" and "rank 1 died" in run.data.tags["nnlab.error"]
-    assert ckpt[0].exists()
+    status = lambda run_id: MlflowClient(uri).get_run(run_id).info.status  # noqa: E731
+    ctrl_c = {"start_new_session": True, "preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)}
 
-    again = _nnlab(tmp_path, uri, *train)
-    out = again.communicate(timeout=180)[0]
-    assert again.returncode == 0, out[-3000:]
+    proc = _nnlab(tmp_path, uri, *train, **ctrl_c)  # 1. Ctrl-C (to the command's process group, as a terminal does)
+    job, ranks = _started(tmp_path, proc)
+    run_id = (job / "run_id").read_text()
+    _wait_for(lambda: list((tmp_path / ".nnlab" / "checkpoints").glob("mlp-*.pt")), 60, "a first checkpoint")
+    os.killpg(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 130, out[-3000:]
+    assert f"mlp's MLflow run {run_id} is marked KILLED" in out and "Traceback" not in out, out[-3000:]
+    assert _gone(ranks, 5) == [] and group_left(proc.pid, 5) == [] and status(run_id) == "KILLED"
+
+    proc = _nnlab(tmp_path, uri, *train, start_new_session=True)  # 2. one rank killed -9
+    job, ranks = _started(tmp_path, proc)
+    assert (job / "run_id").read_text() == run_id  # resumed
+    os.kill(ranks[1], signal.SIGKILL)
+    out = proc.communicate(timeout=90)[0]
+    assert proc.returncode == 1 and "rank 1 died without a word" in out, out[-3000:]
+    assert _gone(ranks, 5) == [] and group_left(proc.pid, 5) == []
+    assert status(run_id) == "FAILED", out[-3000:]
+    assert "rank 1 died" in MlflowClient(uri).get_run(run_id).data.tags["nnlab.error"]
+
+    proc = _nnlab(tmp_path, uri, *train, start_new_session=True)  # 3. the launcher and torchrun's agent killed -9
+    job, ranks = _started(tmp_path, proc)
+    assert (job / "run_id").read_text() == run_id
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert _gone(ranks, 25) == [], "ranks outlived their agent"  # they run in sessions of their own
+    assert status(run_id) == "KILLED"
+
+    proc = _nnlab(tmp_path, uri, *train)  # 4. the same command once more: the same run, finished
+    out = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0, out[-3000:]
     assert f"resuming MLflow run {run_id} after epoch" in out, out[-3000:]
     run = MlflowClient(uri).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["epochs_run"] == 40
