@@ -150,16 +150,23 @@ def sweep_cmd(file: Annotated[Optional[Path], typer.Argument(help="sweep file; d
               workers: Annotated[Optional[int], typer.Option(help="parallel cells (default: cores)")] = None,
               engine: Annotated[Optional[str], typer.Option(help="local | dask (default: sweep.engine)")] = None,
               address: Annotated[Optional[str], typer.Option(help="Dask scheduler tcp://host:port "
-                                                                  "(default: sweep.address)")] = None):
+                                                                  "(default: sweep.address)")] = None,
+              gpus: Annotated[Optional[str], typer.Option(help="local workers' GPUs, e.g. 0,1 (one each)")] = None,
+              per_gpu: Annotated[Optional[int], typer.Option(help="cells at once on one GPU")] = None):
     """Run a grid (or a search) of training choices in parallel, one child MLflow run per cell, then the report."""
-    from tasks.sweep import default_workers, size
+    from tasks.sweep import default_workers, gpu_refusal, size
 
     if rerun_failed and (resume or file):
         fail("--rerun-failed PARENT takes neither --resume nor a sweep file: it reruns that sweep's failed cells")
-    flags = {k: v for k, v in {"workers": workers, "engine": engine, "address": address,
-                               "fail_fast": fail_fast}.items() if v}
+    flags = {k: v for k, v in {"workers": workers, "engine": engine, "address": address, "fail_fast": fail_fast,
+                               "gpus": gpus and [g.strip() for g in gpus.split(",")], "per_gpu": per_gpu}.items() if v}
     resume = resume or rerun_failed
     spec_, raw, sets, cells = sweep_cells(file, params, set_, resume, flags)
+    if spec_.gpus or spec_.per_gpu:
+        import torch
+
+        if why := gpu_refusal(spec_, torch.cuda.device_count()):
+            fail(why)
     if spec_.engine == "dask":  # fail now, not after Dask's 30 s connect timeout with a parent run open
         check_scheduler(spec_.address)
     n = default_workers(spec_, len(cells))

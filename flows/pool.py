@@ -13,12 +13,16 @@ from pathlib import Path
 from prefect.task_runners import ProcessPoolTaskRunner
 
 
-def prepare_worker(threads: int, runs: tuple[tuple[str, str], ...] = ()) -> None:
+def prepare_worker(threads: int, runs: tuple[tuple[str, str], ...] = (), gpus: tuple[int, ...] = (),
+                   per_gpu: int = 1, slots: str = "") -> None:
     """Runs once in each worker process, as it starts: workers x threads never exceeds the cores (oversubscribed
     torch threads have been seen to slow training by an order of magnitude), and everything a cell needs is
     loaded before the first cell arrives: the training stack, the families and kinds of `runs` ((arch, source)
-    pairs), the MLflow store (opened once; every cell of this worker reuses it), Prefect's task engine."""
+    pairs), the MLflow store (opened once; every cell of this worker reuses it), Prefect's task engine. With
+    `gpus`, the worker's own GPU first (claim_gpu): every cell it trains sees that one device."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    if gpus:
+        claim_gpu(Path(slots), gpus, per_gpu)
     import torch
 
     from flows.console import hide_explained_failures
@@ -32,6 +36,29 @@ def prepare_worker(threads: int, runs: tuple[tuple[str, str], ...] = ()) -> None
     if sweep is not None:
         threading.Thread(target=_watch_sweep, args=(sweep.pid,), daemon=True, name="nnlab-sweep-watch").start()
     preload(runs)
+
+
+_CLAIMED: list = []  # the open slot file of this worker's GPU, locked for the worker's life
+
+
+def claim_gpu(slots: Path, gpus: tuple[int, ...], per_gpu: int) -> int:
+    """A free one of the sweep's len(gpus) x per_gpu worker slots (a lock file each, held while the worker lives,
+    freed by the kernel when it ends: a replacement worker takes that slot), and its GPU made the only one this
+    process sees (CUDA_VISIBLE_DEVICES, before CUDA starts). Returns the GPU's id."""
+    import fcntl
+
+    slots.mkdir(parents=True, exist_ok=True)
+    for k in range(len(gpus) * per_gpu):
+        f = open(slots / f"slot-{k}", "w")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            continue
+        _CLAIMED.append(f)
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus[k // per_gpu])
+        return gpus[k // per_gpu]
+    raise RuntimeError(f"no free GPU slot of {len(gpus)} x {per_gpu} in {slots}")
 
 
 def _watch_sweep(sweep: int) -> None:
@@ -272,6 +299,9 @@ def stop_after_interrupt(grace: float = 3.0) -> str:
     return f"{what}: sweep parent run {parent} is marked KILLED; finish it with: nnlab sweep --resume {parent}"
 
 
-def runner(workers: int, runs: tuple[tuple[str, str], ...] = ()) -> WarmPool:
+def runner(workers: int, runs: tuple[tuple[str, str], ...] = (), gpus: tuple[int, ...] = (),
+           per_gpu: int = 1) -> WarmPool:
     threads = max(1, (os.cpu_count() or 1) // workers)
-    return WarmPool(max_workers=workers, initializer=prepare_worker, initargs=(threads, tuple(runs)))
+    slots = str(Path(".nnlab/sweeps/gpu-slots") / str(os.getpid())) if gpus else ""
+    return WarmPool(max_workers=workers, initializer=prepare_worker,
+                    initargs=(threads, tuple(runs), tuple(gpus), per_gpu, slots))

@@ -10,6 +10,7 @@ sweep left RUNNING is asked again once with the same values and cells (tasks/sea
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from tasks.pruning import RungWatch, parse_prune, pruner, pruning_note
 from tasks.search import (Search, open_study, parse, requeue_failed, requeue_interrupted, seed_values, stop_reason,
                           trial_cells)
 from tasks.studies import shown_storage, study_storage
-from tasks.sweep import default_workers, register_by_mean, registration_off, show_best_on_parent
+from tasks.sweep import default_workers, placement, register_by_mean, registration_off, show_best_on_parent
 
 SWEEPS = Path(".nnlab/sweeps")  # flows/sweep.py's: each cell's folder (its pruning flag)
 JUDGE_EVERY = 0.5  # seconds between two looks at the trials training, when the search prunes
@@ -63,7 +64,8 @@ def search_and_report(parent, spec_: SweepConfig, params: dict, probe: list, cel
     watch = prune and RungWatch(prune, parent.run_id, SWEEPS, not rank["lower_is_better"], study=study)
     if watch:
         watch.keep_cut(study.get_trials(deepcopy=False))
-    ran, stopped = drive(study, search, spec_, params, parent.run_id, rank, Launcher(cell_task, where, watch))
+    launcher = Launcher(cell_task, where, watch, placement=lambda: placement(spec_))
+    ran, stopped = drive(study, search, spec_, params, parent.run_id, rank, launcher)
     mark("cells done")
     _close_lost_runs(parent.run_id)
     return finish(parent, spec_, study, probe, rank, ran, stopped, report_dir)
@@ -77,13 +79,15 @@ class Launcher:
     data: dict = field(default_factory=dict)  # prepared data per data config and seed
     waiting: Completion = field(default_factory=Completion)
     owner: dict = field(default_factory=dict)  # future -> (trial number, cell)
+    placement: Any = nullcontext  # () -> the context a cell is submitted in (tasks/sweep.py placement)
 
     def submit(self, flight: Flight, cell, parent_id: str) -> None:
         key = cell.cfg.data.model_dump_json() + str(cell.cfg.seed)  # one prepare per data config and seed (split)
         if key not in self.data:
             self.data[key] = prepare_data(cell.cfg)
         data_dir, facts = self.data[key]
-        f = self.cell_task.submit(cell.cfg, cell.id, data_dir, parent_id, {**facts, **flight.tags}, self.where)
+        with self.placement():
+            f = self.cell_task.submit(cell.cfg, cell.id, data_dir, parent_id, {**facts, **flight.tags}, self.where)
         flight.futures.append(f)
         flight.pending.add(f)
         self.waiting.add(f)

@@ -25,7 +25,7 @@ from tasks.pruning import (Paused, RungWatch, flag_of, group_cells, open_grid_wa
                            settle)
 from tasks.stages import evaluate_stage, train_stage
 from tasks.search import expand  # a grid's cells (tasks/sweep.py), or a search's: one per seed
-from tasks.sweep import (default_workers, fold_sets, register_by_mean, registration_off, report,
+from tasks.sweep import (default_workers, fold_sets, placement, register_by_mean, registration_off, report,
                          show_best_on_parent, todo)
 
 SWEEPS = Path(".nnlab/sweeps")
@@ -42,7 +42,8 @@ def task_runner(spec: SweepConfig, workers: int, cells: list | None = None):
 
         return DaskTaskRunner(address=spec.address)
     runs = sorted({(c.cfg.model_options(next(iter(c.cfg.models)))[0], c.cfg.data.source) for c in cells or []})
-    return runner(workers, tuple(runs))
+    return runner(workers, tuple(runs), tuple(spec.gpus), spec.per_gpu or 1)
+
 
 
 def origin() -> dict:
@@ -230,7 +231,8 @@ def _run_cells(pending: list, data: dict, parent_id: str, spec_: SweepConfig,
         while queue and len(waiting.pending) < limit:
             c = queue.pop(0)
             data_dir, facts = data[c.cfg.data.model_dump_json() + str(c.cfg.seed)]
-            f = task_.submit(c.cfg, c.id, data_dir, parent_id, facts, where)
+            with placement(spec_):
+                f = task_.submit(c.cfg, c.id, data_dir, parent_id, facts, where)
             waiting.add(f)
             cells[f] = c
             launched.add(c.id)

@@ -201,6 +201,8 @@ class SweepConfig(Section):
     stop: dict[str, Any] = Field(default_factory=dict)  # a search's budget per command: trials, time, target
     prune: dict[str, Any] | None = None  # pruning on seed means (tasks/pruning.py): method, min_epochs, eta, monitor
     workers: int | None = Field(default=None, ge=1, le=64)  # parallel cells; default: the number of cores
+    gpus: list[int] = Field(default_factory=list)  # local workers' GPUs (CUDA_VISIBLE_DEVICES each); --gpus 0,1
+    per_gpu: int | None = Field(default=None, ge=1, le=16)  # cells at once on a GPU; dask: each asks GPU=1/per_gpu
     register: bool = True  # register the best cell (by its mean over seeds) at the end
     retries: int = Field(default=0, ge=0, le=10)  # a failing cell is run again up to this many times (Prefect's)
     fail_fast: bool = False  # after the first failed cell, launch no more (those launched finish); --fail-fast

@@ -40,6 +40,8 @@ def hardware_tags(device: torch.device) -> dict[str, str]:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         tags["nnlab.gpu"] = f"{p.name}, {p.total_memory / 2**30:.1f} GiB"
+        if visible := os.environ.get("CUDA_VISIBLE_DEVICES"):  # which of the host's GPUs cuda:0.. are
+            tags["nnlab.cuda_visible_devices"] = visible
         tags["nnlab.gpu_metrics"] = gpu_metrics_library() or "on"
     return tags
 

@@ -127,20 +127,13 @@ def run_params(cfg: Config, name: str) -> dict:
 def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_dir: str | Path | None = None,
                 parent_run_id: str | None = None, extra_tags: dict | None = None, halt=None) -> Trained:
     """Train run `name` the way its kind says; resumes its unfinished checkpoint (same params, same data) into
-    the same MLflow run. `halt(epoch)` True after an epoch ends the training there (a sweep's pruning)."""
+    the same MLflow run. `halt(epoch)` True after an epoch ends the training there (a sweep's pruning). With
+    train.distributed over several processes: torchrun starts them, and each comes back here (tasks/rank.py)."""
     w = world()
-    if w is None and spread(cfg.train_for(name)):  # several processes: torchrun starts them, each comes back here
-        try:
-            done = launch(cfg, name, data_dir, out_dir, parent_run_id, extra_tags)
-        except DistributedFailed as e:
-            raise TrainingFailed(name, e.run_id or "none opened", e.reason) from None
-        except DistributedInterrupted as e:
-            raise RunInterrupted(name, e.run_id or "(none yet)", e.run_id is not None) from None
-        return Trained(**done) if done else None
+    if w is None and spread(cfg.train_for(name)):
+        return _launched(cfg, name, data_dir, out_dir, parent_run_id, extra_tags)
     data = load_prepared(data_dir)
     m = data.manifest
-    arch, options = cfg.model_options(name)
-    kind = kind_of(arch, m["source"])
     params = run_params(cfg, name)
     phash = params_hash(params)
     ckpt_path = CHECKPOINTS / f"{name}-{params_hash([phash, m['data_hash'], parent_run_id])}.pt"
@@ -148,26 +141,7 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
     lock = exclusive(ckpt_path.with_suffix(".lock"), f"run {name!r} (same params and data)") if not (w and w.rank) \
         else nullcontext()
     with lock:
-        tcfg = cfg.train_for(name)
-        device = w.device if w else resolve_device(tcfg.device)
-        seed_everything(cfg.seed)
-        model = build(arch, options, m)
-        options = getattr(model, "resolved_options", options)  # e.g. a transfer base pinned to its version
-        if kept := init_weights(getattr(model, "fresh", model), tcfg.init):  # `fresh`: transfer's untrained part
-            print(f"{name}: train.init {tcfg.init} leaves {kept} layers their own initialisation", flush=True)
-        image = len(m["input_shape"]) == 3
-        channels_last = image and tcfg.channels_last and kind.channels_last
-        model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-        augment = kind.augmenter(cfg, m)
-        trainer = Trainer(model, tcfg, cfg.seed, device, kind.step(model, tcfg, cfg.seed, device), augment, halt=halt,
-                          world=w)
-        if w is not None:
-            check_step(trainer.step, name)
-
-        mean, std = kind.scaling(m)
-        train = to_device(data.x_train, data.y_train, mean, std, device, channels_last)
-        val = to_device(data.x_val, data.y_val, mean, std, device, channels_last)
-        mark("model built")
+        arch, options, kind, trainer, (train, val, mean, std) = _built(cfg, name, data, halt, w)
         if w is not None and w.rank:  # a helper rank: rank 0's state, the training, no record of its own
             return w.follow(trainer, train, val, name)
         run, resumed = _open_run(cfg, name, arch, m, params, phash, ckpt_path, trainer, parent_run_id, extra_tags,
@@ -175,7 +149,7 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
         if w is not None:
             w.lead(trainer, run, name)
         mark("MLflow run opened")
-        job = Job(cfg, name, arch, data, Path(data_dir), model, trainer, run, mean, std)
+        job = Job(cfg, name, arch, data, Path(data_dir), trainer.model, trainer, run, mean, std)
         prepare_model_logging()
         try:
             result = _fit(job, kind, train, val, ckpt_path)
@@ -192,6 +166,44 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
             if isinstance(e, KeyboardInterrupt):
                 raise RunInterrupted(name, run.run_id, marked) from None
             raise
+
+
+def _launched(cfg: Config, name: str, data_dir, out_dir, parent_run_id, extra_tags) -> Trained | None:
+    """The run trained by torchrun's processes (tasks/distributed.py): rank 0's Trained, None when rank 0 was on
+    another machine; a rank's failure or Ctrl-C as a single process's would be."""
+    try:
+        done = launch(cfg, name, data_dir, out_dir, parent_run_id, extra_tags)
+    except DistributedFailed as e:
+        raise TrainingFailed(name, e.run_id or "none opened", e.reason) from None
+    except DistributedInterrupted as e:
+        raise RunInterrupted(name, e.run_id or "(none yet)", e.run_id is not None) from None
+    return Trained(**done) if done else None
+
+
+def _built(cfg: Config, name: str, data, halt, w):
+    """(arch, options, kind, trainer, (train, val, mean, std)): the model built and initialised on its device,
+    its trainer, the splits on the device in the kind's scaling."""
+    m = data.manifest
+    arch, options = cfg.model_options(name)
+    kind = kind_of(arch, m["source"])
+    tcfg = cfg.train_for(name)
+    device = w.device if w else resolve_device(tcfg.device)
+    seed_everything(cfg.seed)
+    model = build(arch, options, m)
+    options = getattr(model, "resolved_options", options)  # e.g. a transfer base pinned to its version
+    if kept := init_weights(getattr(model, "fresh", model), tcfg.init):  # `fresh`: transfer's untrained part
+        print(f"{name}: train.init {tcfg.init} leaves {kept} layers their own initialisation", flush=True)
+    channels_last = len(m["input_shape"]) == 3 and tcfg.channels_last and kind.channels_last
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    trainer = Trainer(model, tcfg, cfg.seed, device, kind.step(model, tcfg, cfg.seed, device), kind.augmenter(cfg, m),
+                      halt=halt, world=w)
+    if w is not None:
+        check_step(trainer.step, name)
+    mean, std = kind.scaling(m)
+    splits = (to_device(data.x_train, data.y_train, mean, std, device, channels_last),
+              to_device(data.x_val, data.y_val, mean, std, device, channels_last), mean, std)
+    mark("model built")
+    return arch, options, kind, trainer, splits
 
 
 def _fit(job: Job, kind: Kind, train, val, ckpt_path: Path) -> FitResult:

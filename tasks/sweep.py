@@ -181,7 +181,34 @@ def registration_off(spec: SweepSpec, cells: list[Cell]) -> str | None:
 def default_workers(spec: SweepSpec, n_cells: int) -> int:
     if spec.search:  # a search's cells: one per seed per trial
         n_cells *= spec.search.get("trials", 1)
-    return max(1, min(spec.workers or os.cpu_count() or 1, n_cells))
+    per_machine = len(spec.gpus) * (spec.per_gpu or 1) if spec.gpus and spec.engine == "local" else None
+    return max(1, min(per_machine or spec.workers or os.cpu_count() or 1, n_cells))
+
+
+def placement(spec: SweepSpec):
+    """Around a cell's submission: on Dask with per_gpu K, the cell asks for 1/K of a worker's `GPU` resource
+    (workers started with `--resources GPU=1`, one per GPU), so at most K cells share a GPU; else nothing."""
+    if spec.engine == "dask" and spec.per_gpu:
+        import dask
+
+        return dask.annotate(resources={"GPU": 1 / spec.per_gpu})
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def gpu_refusal(spec: SweepSpec, visible: int) -> str | None:
+    """Why the sweep's GPU placement cannot be done on this machine (`visible` GPUs), or None."""
+    if spec.gpus and spec.engine == "dask":
+        return ("--gpus names this machine's GPUs for local workers; on a Dask cluster start each worker with "
+                "`--resources GPU=1` (and its own CUDA_VISIBLE_DEVICES), and give --per-gpu K: each cell asks 1/K")
+    if spec.per_gpu and not spec.gpus and spec.engine == "local":
+        return "--per-gpu K needs --gpus (which GPUs: e.g. --gpus 0,1) on a local sweep"
+    if missing := sorted({g for g in spec.gpus if g < 0 or g >= visible}):
+        return (f"--gpus {','.join(map(str, spec.gpus))}: no GPU {', '.join(map(str, missing))} on this machine "
+                f"({visible} visible to torch: ids 0..{visible - 1})" if visible else
+                f"--gpus {','.join(map(str, spec.gpus))}: this machine has no GPU torch can use")
+    return None
 
 
 def size(spec: SweepSpec, cells: list[Cell]) -> str:

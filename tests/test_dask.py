@@ -63,10 +63,11 @@ class Cluster:
                    "--no-dashboard", "--no-show", "--idle-timeout", "600")
         procs = {}
         for i in (1, 2):  # started at once: they wait for the scheduler; preload = torch imported while idle
+            gpu = ["--resources", "GPU=1"] if i == 1 else []  # a label to Dask: w1 is "the GPU worker"
             procs[f"w{i}"] = self.start(
                 f"worker{i}", "worker", "--scheduler-file", str(info), "--name", f"w{i}", "--nworkers", "1",
                 "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard", "--preload", "flows.sweep",
-                "--death-timeout", "60")
+                "--death-timeout", "60", *gpu)
         deadline = time.time() + 60
         while not info.exists():
             assert time.time() < deadline, self.logs()
@@ -80,6 +81,7 @@ class Cluster:
             c.wait_for_workers(2, timeout=120)
             # each worker's address (what the cells record) -> the process group to kill
             self.workers = {addr: procs[w["name"]] for addr, w in c.scheduler_info()["workers"].items()}
+            self.names = {w["name"]: addr for addr, w in c.scheduler_info()["workers"].items()}
 
     def logs(self) -> str:
         return "".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(self.root.glob("*.log")))
@@ -225,3 +227,22 @@ def test_a_search_on_two_dask_workers_accounts_for_every_trial(tmp_path, cluster
         accs = [r.data.metrics["test_accuracy"] for r in runs if r.data.tags["nnlab.study_trial"] == str(t.number)]
         assert t.value == pytest.approx(sum(accs) / 2)
     assert {r.data.tags["nnlab.worker"] for r in runs} == set(cluster.workers)  # both workers trained cells
+
+
+@pytest.mark.slow
+def test_cells_asking_for_a_gpu_run_only_on_the_worker_that_declares_one(tmp_path, cluster):
+    """--per-gpu 2: each cell asks the scheduler for half of a worker's GPU resource; only w1 declares one
+    (`--resources GPU=1`), so every cell runs there, two at most at once, and w2 (no GPU) gets none."""
+    work = sweep_folder(tmp_path)
+    spec = {**SPEC, "grid": {"train.lr": SPEC["grid"]["train.lr"][:3]}}
+    (work / "d.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    out = subprocess.run([str(BIN / "nnlab"), "sweep", "d.yaml", "--engine", "dask", "--address", cluster.address,
+                          "--per-gpu", "2"], cwd=work, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + cluster.logs()
+    runs = children(uri)
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    assert {r.data.tags["nnlab.worker"] for r in runs} == {cluster.names["w1"]}
+

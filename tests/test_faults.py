@@ -140,7 +140,16 @@ def test_sigterm_to_a_run_marks_it_killed_and_exits_143(tmp_path):
     assert client(uri).get_run(run.info.run_id).info.status == "KILLED"
 
 
-def test_a_signal_inside_a_held_block_waits_for_its_end_then_meets_its_handler():
+@pytest.fixture
+def ctrl_c():
+    """SIGINT at Python's default handler, as in a terminal (a suite started in the background of a
+    non-interactive shell inherits it ignored, and no Ctrl-C would arrive)."""
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, saved)
+
+
+def test_a_signal_inside_a_held_block_waits_for_its_end_then_meets_its_handler(ctrl_c):
     from tasks.interrupts import signals_held
 
     ran = []
@@ -155,7 +164,7 @@ def test_a_signal_inside_a_held_block_waits_for_its_end_then_meets_its_handler()
         pass  # nothing pending: nothing raised
 
 
-def test_ctrl_c_in_the_middle_of_a_store_write_leaves_the_store_whole_and_unlocked(tmp_path, monkeypatch):
+def test_ctrl_c_in_the_middle_of_a_store_write_leaves_the_store_whole_and_unlocked(tmp_path, monkeypatch, ctrl_c):
     """A Ctrl-C that lands inside a write (here: as the metrics are inserted) waits for it to commit: the store is
     never left locked by a transaction cut in half, so the run can be marked KILLED at once, and the batch is
     whole."""

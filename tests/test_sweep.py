@@ -252,3 +252,72 @@ def test_every_shipped_sweep_file_is_valid(path):
     params = read_yaml(ROOT / "params.yaml")
     cells = expand(load_spec(path, params), params)
     assert len(cells) >= 2 and len({c.id for c in cells}) == len(cells)
+
+
+def _claim(slots: str, q) -> None:
+    import os
+
+    from flows.pool import claim_gpu
+
+    try:
+        gpu = claim_gpu(Path(slots), (0, 1), 2)
+        q.put((gpu, os.environ["CUDA_VISIBLE_DEVICES"]))
+    except RuntimeError as e:
+        q.put(str(e))
+    time.sleep(3)  # the slot is held while the worker lives
+
+
+def test_each_local_worker_takes_its_own_gpu_slot(tmp_path):
+    """--gpus 0,1 --per-gpu 2: four workers, two a GPU, each seeing only its own (CUDA_VISIBLE_DEVICES, set before
+    CUDA starts); a fifth finds no slot; a slot freed by a worker that ended is taken by its replacement."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_claim, args=(str(tmp_path), q)) for _ in range(5)]
+    for p in procs:
+        p.start()
+    got = [q.get(timeout=30) for _ in procs]
+    claimed = sorted(g for g in got if isinstance(g, tuple))
+    assert claimed == [(0, "0"), (0, "0"), (1, "1"), (1, "1")], got
+    assert [g for g in got if isinstance(g, str)] == [f"no free GPU slot of 2 x 2 in {tmp_path}"]
+    for p in procs:
+        p.join()
+    again = ctx.Process(target=_claim, args=(str(tmp_path), q))
+    again.start()
+    assert q.get(timeout=30) == (0, "0")  # every slot free again: the first
+    again.join()
+
+
+def test_gpu_placement_that_cannot_be_done_here_is_refused(tmp_path):
+    write_params(tmp_path / "params.yaml")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"name": "g", "model": "mlp", "grid": {"train.lr": [0.01]}}))
+    nnlab = str(Path(sys.executable).parent / "nnlab")
+    for args, why in ((["--gpus", "99"], "--gpus 99: "), (["--per-gpu", "2"], "--per-gpu K needs --gpus"),
+                      (["--gpus", "0", "--engine", "dask", "--address", "tcp://127.0.0.1:1"], "--resources GPU=1")):
+        out = subprocess.run([nnlab, "sweep", "s.yaml", *args], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
+        assert out.returncode == 2 and why in out.stdout + out.stderr, (args, out.stdout[-1500:], out.stderr[-1500:])
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "data").exists()
+
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available() or __import__("torch").cuda.device_count() < 2,
+                    reason="GPU placement: a host with two or more GPUs")
+def test_a_sweep_on_two_gpus_puts_a_worker_on_each(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    write_params(tmp_path / "params.yaml")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({
+        "name": "g", "model": "mlp", "grid": {"train.lr": [0.01, 0.02, 0.03, 0.04]},
+        "fixed": {"train.epochs": 2, "train.device": "cuda", "models.mlp.hidden": [16]}, "register": False}))
+    uri = f"sqlite:///{tmp_path}/m.db"
+    out = subprocess.run([str(Path(sys.executable).parent / "nnlab"), "sweep", "s.yaml", "--gpus", "0,1"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    c = MlflowClient(uri)
+    runs = [r for r in c.search_runs([e.experiment_id for e in c.search_experiments()])
+            if "mlflow.parentRunId" in r.data.tags]
+    assert {r.data.tags["nnlab.cuda_visible_devices"] for r in runs} == {"0", "1"}
+    assert all(r.data.tags["nnlab.device"].startswith("cuda") for r in runs)
