@@ -233,7 +233,9 @@ def launch(cfg, name: str, data_dir, out_dir, parent_run_id: str | None, extra_t
         if done is None:
             print(f"{name}: this machine's ranks finished; the machine that had rank 0 recorded the run", flush=True)
         return done
-    reason = _why(job, rc)
+    reason = _why(job, rc) if rc != 3 else (  # tasks/rank.py RENDEZVOUS_FAILED
+        f"the {d.nnodes} machines did not all meet at {d.rdzv_endpoint} within train.distributed.timeout "
+        f"({d.timeout:g} s): start the same command on each, all reaching that address")
     run_id = _read(job / "run_id")
     if run_id:
         _mark_failed(run_id, reason)

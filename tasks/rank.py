@@ -18,6 +18,9 @@ from pathlib import Path
 from tasks.distributed import enter, join
 
 
+RENDEZVOUS_FAILED = 3  # the agent's exit code when the processes of the run never met
+
+
 class _Stop(SystemExit):
     pass
 
@@ -85,6 +88,7 @@ def agent(argv: list[str]) -> int:
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import parse_args, run
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # "shutting down workers", ...
@@ -94,6 +98,9 @@ def agent(argv: list[str]) -> int:
         return 128 + int(e.sigval)
     except ChildFailedError:
         return 1
+    except RendezvousError as e:  # the machines never met: the launcher says where and how long it waited
+        print(f"rendezvous: {type(e).__name__}{f': {e}' if str(e) else ''}", file=sys.stderr, flush=True)
+        return RENDEZVOUS_FAILED
     return 0
 
 

@@ -155,6 +155,10 @@ def test_two_machines_meeting_on_localhost_train_one_run(tmp_path):
     port = _free_port()
     uri = _project(tmp_path, 2, nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}", timeout=60)
     train = ("stage", "train", "--model", "mlp")
+    alone = _nnlab(tmp_path, uri, *train, "--set", "train.distributed.timeout=5")  # the other machine never comes
+    out = alone.communicate(timeout=60)[0]
+    assert alone.returncode == 1 and "Traceback" not in out, out[-3000:]
+    assert f"the 2 machines did not all meet at 127.0.0.1:{port} within train.distributed.timeout (5 s)" in out, out
     nodes = [_nnlab(tmp_path, uri, *train) for _ in range(2)]
     outs = [p.communicate(timeout=180)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], outs
