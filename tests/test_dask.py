@@ -101,15 +101,26 @@ class Cluster:
         assert not alive(pgids), f"left behind: {alive(pgids)}"
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    c = Cluster(tmp_path / "cluster")  # the workers' own folder, not the sweep's
+def _cluster(root: Path):
+    c = Cluster(root)  # the workers' own folder, not the sweep's
     c.root.mkdir()
     try:
         c.up()
         yield c
     finally:
         c.down()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A cluster of its own: for a test that kills one of its workers."""
+    yield from _cluster(tmp_path / "cluster")
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory):
+    """One cluster for the tests that leave it whole (its start-up is ~10 s on 2 cores)."""
+    yield from _cluster(tmp_path_factory.mktemp("shared") / "cluster")
 
 
 def sweep_folder(tmp_path: Path) -> Path:
@@ -199,7 +210,7 @@ def test_sweep_on_two_dask_workers_one_killed_mid_cell(tmp_path, cluster):
 
 
 @pytest.mark.slow
-def test_a_search_on_two_dask_workers_accounts_for_every_trial(tmp_path, cluster):
+def test_a_search_on_two_dask_workers_accounts_for_every_trial(tmp_path, shared_cluster):
     """A random search (4 trials x 2 seeds) asked and told by the client, its cells run on the cluster's two
     workers: every trial complete and told its seeds' mean, each cell trained once, none lost or doubled."""
     import optuna
@@ -212,10 +223,10 @@ def test_a_search_on_two_dask_workers_accounts_for_every_trial(tmp_path, cluster
     (work / "s.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     (tmp_path / "store").mkdir()
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
-    out = subprocess.run([str(BIN / "nnlab"), "sweep", "s.yaml", "--engine", "dask", "--address", cluster.address],
+    out = subprocess.run([str(BIN / "nnlab"), "sweep", "s.yaml", "--engine", "dask", "--address", shared_cluster.address],
                          cwd=work, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "MLFLOW_TRACKING_URI": uri})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + cluster.logs()
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + shared_cluster.logs()
     parent = out.stdout.split("sweep parent run ")[1].split(":")[0]
     storage = f"sqlite:///{tmp_path / 'store' / 'optuna.db'}"
     study = optuna.load_study(study_name=f"nnlab-sweep-{parent}", storage=storage)
@@ -226,11 +237,11 @@ def test_a_search_on_two_dask_workers_accounts_for_every_trial(tmp_path, cluster
     for t in study.trials:
         accs = [r.data.metrics["test_accuracy"] for r in runs if r.data.tags["nnlab.study_trial"] == str(t.number)]
         assert t.value == pytest.approx(sum(accs) / 2)
-    assert {r.data.tags["nnlab.worker"] for r in runs} == set(cluster.workers)  # both workers trained cells
+    assert {r.data.tags["nnlab.worker"] for r in runs} == set(shared_cluster.workers)  # both workers trained cells
 
 
 @pytest.mark.slow
-def test_cells_asking_for_a_gpu_run_only_on_the_worker_that_declares_one(tmp_path, cluster):
+def test_cells_asking_for_a_gpu_run_only_on_the_worker_that_declares_one(tmp_path, shared_cluster):
     """--per-gpu 2: each cell asks the scheduler for half of a worker's GPU resource; only w1 declares one
     (`--resources GPU=1`), so every cell runs there, two at most at once, and w2 (no GPU) gets none."""
     work = sweep_folder(tmp_path)
@@ -238,11 +249,11 @@ def test_cells_asking_for_a_gpu_run_only_on_the_worker_that_declares_one(tmp_pat
     (work / "d.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     (tmp_path / "store").mkdir()
-    out = subprocess.run([str(BIN / "nnlab"), "sweep", "d.yaml", "--engine", "dask", "--address", cluster.address,
+    out = subprocess.run([str(BIN / "nnlab"), "sweep", "d.yaml", "--engine", "dask", "--address", shared_cluster.address,
                           "--per-gpu", "2"], cwd=work, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "MLFLOW_TRACKING_URI": uri})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + cluster.logs()
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + shared_cluster.logs()
     runs = children(uri)
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
-    assert {r.data.tags["nnlab.worker"] for r in runs} == {cluster.names["w1"]}
+    assert {r.data.tags["nnlab.worker"] for r in runs} == {shared_cluster.names["w1"]}
 

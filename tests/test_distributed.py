@@ -69,10 +69,12 @@ def _project(tmp_path: Path, epochs: int, **distributed) -> str:
                  models={"mlp": {"hidden": [256, 256], "dropout": 0.0}},
                  train={"epochs": epochs, "device": "cpu", "batch_size": 32, "distributed": distributed},
                  tracking={"system_metrics": False})
-    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
-    out = _nnlab(tmp_path, uri, "stage", "prepare").communicate(timeout=120)[0]
-    assert (tmp_path / "data").exists(), out
-    return uri
+    from tasks.config import load_config
+    from tasks.data import PROCESSED
+
+    cfg = load_config(tmp_path / "params.yaml", [])
+    prepare(cfg.data, cfg.seed, tmp_path / PROCESSED)  # what `nnlab stage prepare` writes, without its start-up
+    return f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
 
 
 def _wait_for(pred, timeout: float, what: str):
@@ -155,11 +157,13 @@ def test_two_machines_meeting_on_localhost_train_one_run(tmp_path):
     port = _free_port()
     uri = _project(tmp_path, 2, nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}", timeout=60)
     train = ("stage", "train", "--model", "mlp")
-    alone = _nnlab(tmp_path, uri, *train, "--set", "train.distributed.timeout=5")  # the other machine never comes
-    out = alone.communicate(timeout=60)[0]
-    assert alone.returncode == 1 and "Traceback" not in out, out[-3000:]
-    assert f"the 2 machines did not all meet at 127.0.0.1:{port} within train.distributed.timeout (5 s)" in out, out
+    lonely = _free_port()  # beside them, a machine whose partner never comes (its own address)
+    alone = _nnlab(tmp_path, uri, *train, "--set", "train.distributed.timeout=5",
+                   "--set", f"train.distributed.rdzv_endpoint=127.0.0.1:{lonely}")
     nodes = [_nnlab(tmp_path, uri, *train) for _ in range(2)]
+    out = alone.communicate(timeout=90)[0]
+    assert alone.returncode == 1 and "Traceback" not in out, out[-3000:]
+    assert f"the 2 machines did not all meet at 127.0.0.1:{lonely} within train.distributed.timeout (5 s)" in out, out
     outs = [p.communicate(timeout=180)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], outs
     assert sum("the machine that had rank 0 recorded the run" in o for o in outs) == 1, outs
