@@ -30,8 +30,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 JOBS = Path(".nnlab/distributed")  # one folder per launch: the spec, rank 0's run id and result, ranks' errors
 _WORLD: World | None = None  # set in a rank process (tasks/rank.py)
@@ -76,6 +78,8 @@ class World:
         """Per-rank means -> the world's, weighted by each rank's rows."""
         import torch.distributed as dist
 
+        import torch
+
         keys = sorted(metrics)
         t = torch.tensor([rows] + [metrics[k] * rows for k in keys], dtype=torch.float64, device=self._on())
         dist.all_reduce(t)
@@ -96,6 +100,8 @@ class World:
 
     def share_state(self, trainer) -> None:
         """Every rank starts where rank 0 does (fresh or resumed): its whole trainer state, broadcast."""
+        import torch
+
         buf = None
         if self.rank == 0:
             b = io.BytesIO()
@@ -133,7 +139,7 @@ class World:
                 else f"cpu x {self.size} processes"}
 
     def _on(self) -> torch.device:
-        return self.device if self.backend == "nccl" else torch.device("cpu")
+        return self.device if self.backend == "nccl" else type(self.device)("cpu")
 
 
 def world() -> World | None:
@@ -159,6 +165,8 @@ def refusal(cfg) -> str | None:
         tcfg = cfg.train_for(name)
         if not spread(tcfg):
             continue
+        import torch
+
         arch = cfg.model_options(name)[0]
         if get_spec(arch).family == "gan":
             return (f"{name}: {arch} cannot train data-parallel (train.distributed.nproc_per_node > 1, --nproc): a "
@@ -296,6 +304,7 @@ def _mark_failed(run_id: str, reason: str) -> None:
 def join(timeout: float) -> World:
     import datetime
 
+    import torch
     import torch.distributed as dist
 
     rank, local, size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
