@@ -63,11 +63,10 @@ class Cluster:
                    "--no-dashboard", "--no-show", "--idle-timeout", "600")
         procs = {}
         for i in (1, 2):  # started at once: they wait for the scheduler; preload = torch imported while idle
-            gpu = ["--resources", "GPU=1"] if i == 1 else []  # a label to Dask: w1 is "the GPU worker"
             procs[f"w{i}"] = self.start(
                 f"worker{i}", "worker", "--scheduler-file", str(info), "--name", f"w{i}", "--nworkers", "1",
                 "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard", "--preload", "flows.sweep",
-                "--death-timeout", "60", *gpu)
+                "--death-timeout", "60")
         deadline = time.time() + 60
         while not info.exists():
             assert time.time() < deadline, self.logs()
@@ -81,7 +80,6 @@ class Cluster:
             c.wait_for_workers(2, timeout=120)
             # each worker's address (what the cells record) -> the process group to kill
             self.workers = {addr: procs[w["name"]] for addr, w in c.scheduler_info()["workers"].items()}
-            self.names = {w["name"]: addr for addr, w in c.scheduler_info()["workers"].items()}
 
     def logs(self) -> str:
         return "".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(self.root.glob("*.log")))
@@ -113,14 +111,7 @@ def _cluster(root: Path):
 
 @pytest.fixture
 def cluster(tmp_path):
-    """A cluster of its own: for a test that kills one of its workers."""
     yield from _cluster(tmp_path / "cluster")
-
-
-@pytest.fixture(scope="module")
-def shared_cluster(tmp_path_factory):
-    """One cluster for the tests that leave it whole (its start-up is ~10 s on 2 cores)."""
-    yield from _cluster(tmp_path_factory.mktemp("shared") / "cluster")
 
 
 def sweep_folder(tmp_path: Path) -> Path:
@@ -210,7 +201,7 @@ def test_sweep_on_two_dask_workers_one_killed_mid_cell(tmp_path, cluster):
 
 
 @pytest.mark.slow
-def test_a_search_on_two_dask_workers_accounts_for_every_trial(tmp_path, shared_cluster):
+def test_a_search_on_two_dask_workers_accounts_for_every_trial(tmp_path, cluster):
     """A random search (4 trials x 2 seeds) asked and told by the client, its cells run on the cluster's two
     workers: every trial complete and told its seeds' mean, each cell trained once, none lost or doubled."""
     import optuna
@@ -223,10 +214,10 @@ def test_a_search_on_two_dask_workers_accounts_for_every_trial(tmp_path, shared_
     (work / "s.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     (tmp_path / "store").mkdir()
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
-    out = subprocess.run([str(BIN / "nnlab"), "sweep", "s.yaml", "--engine", "dask", "--address", shared_cluster.address],
+    out = subprocess.run([str(BIN / "nnlab"), "sweep", "s.yaml", "--engine", "dask", "--address", cluster.address],
                          cwd=work, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "MLFLOW_TRACKING_URI": uri})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + shared_cluster.logs()
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + cluster.logs()
     parent = out.stdout.split("sweep parent run ")[1].split(":")[0]
     storage = f"sqlite:///{tmp_path / 'store' / 'optuna.db'}"
     study = optuna.load_study(study_name=f"nnlab-sweep-{parent}", storage=storage)
@@ -237,23 +228,30 @@ def test_a_search_on_two_dask_workers_accounts_for_every_trial(tmp_path, shared_
     for t in study.trials:
         accs = [r.data.metrics["test_accuracy"] for r in runs if r.data.tags["nnlab.study_trial"] == str(t.number)]
         assert t.value == pytest.approx(sum(accs) / 2)
-    assert {r.data.tags["nnlab.worker"] for r in runs} == set(shared_cluster.workers)  # both workers trained cells
+    assert {r.data.tags["nnlab.worker"] for r in runs} == set(cluster.workers)  # both workers trained cells
 
 
-@pytest.mark.slow
-def test_cells_asking_for_a_gpu_run_only_on_the_worker_that_declares_one(tmp_path, shared_cluster):
-    """--per-gpu 2: each cell asks the scheduler for half of a worker's GPU resource; only w1 declares one
-    (`--resources GPU=1`), so every cell runs there, two at most at once, and w2 (no GPU) gets none."""
-    work = sweep_folder(tmp_path)
-    spec = {**SPEC, "grid": {"train.lr": SPEC["grid"]["train.lr"][:3]}}
-    (work / "d.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
-    (tmp_path / "store").mkdir()
-    out = subprocess.run([str(BIN / "nnlab"), "sweep", "d.yaml", "--engine", "dask", "--address", shared_cluster.address,
-                          "--per-gpu", "2"], cwd=work, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "MLFLOW_TRACKING_URI": uri})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + shared_cluster.logs()
-    runs = children(uri)
-    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
-    assert {r.data.tags["nnlab.worker"] for r in runs} == {shared_cluster.names["w1"]}
+def test_a_cell_submitted_with_per_gpu_asks_the_scheduler_for_its_share_of_a_gpu():
+    """--per-gpu 2 on Dask: what the sweep submits inside `placement` reaches the scheduler restricted to workers
+    with a `GPU` resource, asking half of one (an in-process cluster whose one worker declares GPU=1: a label to
+    Dask, no device needed). The same context wraps the sweep's and the search's submissions (flows/sweep.py,
+    flows/search.py); Prefect's DaskTaskRunner submits through this client call, and a sweep run that way on a
+    cluster where one worker of two declared a GPU put every cell on it (checked once, by hand)."""
+    from distributed import Client, LocalCluster
+
+    from tasks.sweep import placement
+
+    spec = load_spec(None, {"sweep": {**SPEC, "engine": "dask", "address": "tcp://127.0.0.1:8786", "per_gpu": 2}})
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, resources={"GPU": 1},
+                      dashboard_address=None) as lc, Client(lc) as c:
+        with placement(spec):
+            f = c.submit(sum, [1, 2], key="cell")
+        assert f.result(timeout=30) == 3
+        assert c.run_on_scheduler(lambda dask_scheduler: dask_scheduler.tasks["cell"].resource_restrictions) \
+            == {"GPU": 0.5}
+        local = load_spec(None, {"sweep": {**SPEC, "gpus": [0], "per_gpu": 2}})
+        with placement(local):  # a local sweep's cells ask nothing of a scheduler
+            g = c.submit(sum, [3, 4], key="plain")
+        assert g.result(timeout=30) == 7
+        assert not c.run_on_scheduler(lambda dask_scheduler: dask_scheduler.tasks["plain"].resource_restrictions)
 
