@@ -111,6 +111,18 @@ def _start_fork_server() -> None:
             signal.signal(s, handler)
 
 
+def _end_children() -> None:
+    """Every live child process of this one: SIGTERM, 3 s to end, then SIGKILL."""
+    workers = multiprocessing.active_children()
+    for w in workers:
+        w.terminate()
+    for w in workers:
+        w.join(3)
+        if w.is_alive():
+            w.kill()
+            w.join()
+
+
 def _stop_fork_server() -> None:
     """Once the pool is shut, the fork server has nothing left to fork; left to exit by itself it would hold the
     terminal's stdout while it tears torch down (seconds): killed and reaped instead (Python 3.11's forkserver)."""
@@ -120,14 +132,7 @@ def _stop_fork_server() -> None:
     if getattr(server, "_forkserver_pid", None):
         # a worker still up (the pool left on an interrupt) is stopped first: once the fork server is gone its
         # workers look dead to multiprocessing (their sentinel is the server's pipe) and nothing would stop them
-        workers = multiprocessing.active_children()
-        for w in workers:
-            w.terminate()
-        for w in workers:
-            w.join(3)
-            if w.is_alive():
-                w.kill()
-                w.join()
+        _end_children()
         try:
             os.kill(server._forkserver_pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -272,14 +277,7 @@ def stop_cells(grace: float = 3.0) -> None:
     deadline = time.monotonic() + grace
     while _running_cells(parent) and time.monotonic() < deadline:
         time.sleep(0.2)
-    workers = multiprocessing.active_children()
-    for p in workers:
-        p.terminate()
-    for p in workers:
-        p.join(3)
-        if p.is_alive():
-            p.kill()
-            p.join()
+    _end_children()
 
 
 def stop_after_interrupt(grace: float = 3.0) -> str:

@@ -118,7 +118,7 @@ class World:
         ids = [self.device.index] if self.device.type == "cuda" else None
         step.net = DistributedDataParallel(step.model, device_ids=ids)
 
-    def lead(self, trainer, run, name: str) -> None:
+    def lead(self, trainer, run) -> None:
         """Rank 0, its run open: its state to every rank, the world on the run, its id for the launcher."""
         run.set_tags(self.tags())
         if self.job is not None:
@@ -126,7 +126,7 @@ class World:
         self.share_state(trainer)
         self.wrap(trainer.step)
 
-    def follow(self, trainer, train, val, name: str) -> None:
+    def follow(self, trainer, train, val) -> None:
         """Another rank: from rank 0's state, the same epochs; rank 0 alone logs and checkpoints."""
         self.share_state(trainer)
         self.wrap(trainer.step)

@@ -143,11 +143,11 @@ def train_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, out_di
     with lock:
         arch, options, kind, trainer, (train, val, mean, std) = _built(cfg, name, data, halt, w)
         if w is not None and w.rank:  # a helper rank: rank 0's state, the training, no record of its own
-            return w.follow(trainer, train, val, name)
+            return w.follow(trainer, train, val)
         run, resumed = _open_run(cfg, name, arch, m, params, phash, ckpt_path, trainer, parent_run_id, extra_tags,
                                  data_dir)
         if w is not None:
-            w.lead(trainer, run, name)
+            w.lead(trainer, run)
         mark("MLflow run opened")
         job = Job(cfg, name, arch, data, Path(data_dir), trainer.model, trainer, run, mean, std)
         prepare_model_logging()
