@@ -2,12 +2,14 @@
 search and an equal-budget grid. Every sweep runs as a user runs it (`nnlab sweep FILE`), from the repository
 root, into a temporary MLflow store (and the Optuna study beside it).
 
-    .venv/bin/python benchmarks/sweep_search.py pruning [--eta 3] [--min-epochs 1] [--method asha] [--monitor M]
+    .venv/bin/python benchmarks/sweep_search.py pruning [--eta 3] [--min-epochs 1[,3...]] [--method asha|sha|...]
+                                                        [--monitor M]
     .venv/bin/python benchmarks/sweep_search.py search [--search-seeds 0,1,2,3,4] [--trials 20]
 
 pruning: sweeps/optimizers.yaml (5 optimizers x 3 seeds, 12 epochs, mlp 256-128 on mnist5k) once in full and
-once with `prune` (ASHA by default, judged on the mean over seeds of val_loss); printed: the best cell by seed
-mean of each, the epochs trained by each, and their ratio. Goal: the same best cell, epochs <= 50%.
+once with `prune` for each --min-epochs given (ASHA by default, judged on the mean over seeds of val_loss);
+printed: the best cell by seed mean of each, the epochs trained by each, and their ratio. Goal: the same best
+cell, epochs <= 50%.
 
 search: sweeps/search_mlp.yaml (lr x weight decay x dropout, 3 seeds per trial) with TPE and with random search,
 one study per search seed, and a grid of the same budget (20 configurations x 3 seeds = 60 cells: lr 5 levels x
@@ -65,15 +67,18 @@ def sweep(spec: dict, store: Path, label: str) -> dict:
 def pruning(args, store: Path) -> dict:
     spec = yaml.safe_load((ROOT / "sweeps/optimizers.yaml").read_text())
     full = sweep(spec, store, "optimizers-full")
-    prune = {"method": args.method, "min_epochs": args.min_epochs, "eta": args.eta, "monitor": args.monitor}
-    pruned = sweep({**spec, "prune": prune}, store, f"optimizers-{args.method}")
-    ratio = pruned["epochs"] / full["epochs"]
-    verdict = {"same_best_cell": full["best_cell"] == pruned["best_cell"], "epochs_ratio": round(ratio, 3),
-               "goal": "same best cell, epochs ratio <= 0.5"}
     print(f"full: best {full['best_cell']} {full['best_mean']:.4f}, {full['epochs']} epochs, {full['seconds']} s")
-    print(f"{args.method}: best {pruned['best_cell']} {pruned['best_mean']:.4f}, {pruned['epochs']} epochs "
-          f"({ratio:.0%} of full), {pruned['pruned_cells']} cells cut, {pruned['seconds']} s")
-    return {"full": full, "pruned": pruned, "prune": prune, **verdict}
+    results = []
+    for min_epochs in (int(m) for m in str(args.min_epochs).split(",")):
+        prune = {"method": args.method, "min_epochs": min_epochs, "eta": args.eta, "monitor": args.monitor}
+        pruned = sweep({**spec, "prune": prune}, store, f"optimizers-{args.method}-{min_epochs}")
+        ratio = pruned["epochs"] / full["epochs"]
+        print(f"{args.method} from epoch {min_epochs}: best {pruned['best_cell']} {pruned['best_mean']:.4f}, "
+              f"{pruned['epochs']} epochs ({ratio:.0%} of full), {pruned['pruned_cells']} cells cut, "
+              f"{pruned['seconds']} s", flush=True)
+        results.append({"pruned": pruned, "prune": prune, "same_best_cell": full["best_cell"] == pruned["best_cell"],
+                        "epochs_ratio": round(ratio, 3)})
+    return {"full": full, "settings": results, "goal": "same best cell, epochs ratio <= 0.5"}
 
 
 def search(args, store: Path) -> dict:
@@ -103,9 +108,9 @@ def search(args, store: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=("pruning", "search"))
-    ap.add_argument("--method", default="asha", choices=("asha", "hyperband", "median"))
+    ap.add_argument("--method", default="asha", choices=("asha", "sha", "hyperband", "median"))
     ap.add_argument("--eta", type=int, default=3)
-    ap.add_argument("--min-epochs", type=int, default=1)
+    ap.add_argument("--min-epochs", default="1", help="the first rung; several (1,3): one pruned sweep each")
     ap.add_argument("--monitor", default="val_loss", help="the epoch metric pruning judges")
     ap.add_argument("--search-seeds", default="0,1,2,3,4")
     ap.add_argument("--trials", type=int, default=20)

@@ -49,7 +49,7 @@ def search_and_report(parent, spec_: SweepConfig, params: dict, probe: list, cel
     rank = ranking(probe[0].cfg)
     search = parse(spec_, probe[0].cfg.seed)  # no sweep.seeds: params.yaml's seed
     storage = study_storage(tracking_uri())
-    prune = parse_prune(spec_.prune, probe[0].cfg)
+    prune = parse_prune(spec_.prune, probe[0].cfg, search=True)
     study = open_study(parent.run_id, search, rank["lower_is_better"], storage, prune and pruner(prune))
     parent.set_tags({"nnlab.ranking_metric": rank["metric"], "nnlab.search": search.method,
                      "nnlab.lower_is_better": str(rank["lower_is_better"]).lower(),

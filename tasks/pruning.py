@@ -6,7 +6,7 @@ median) on an Optuna study kept beside the MLflow store; a pruned group stops al
 In a sweep file (a grid's or a search's):
 
     prune:
-      method: asha          # asha | hyperband | median
+      method: asha          # asha | sha (grids) | hyperband | median
       min_epochs: 1         # the first rung (median: no decision before it)
       eta: 3                # the reduction factor: rungs at min_epochs * eta^k, 1/eta of a rung goes on
       monitor: val_loss     # the epoch metric judged (default: train.early_stopping.monitor)
@@ -14,9 +14,16 @@ In a sweep file (a grid's or a search's):
 How a cell learns it was pruned: a flag file the sweep writes in the cell's folder, read after every epoch
 (`PruneFlag`); the cell then ends as an early-stopped one does (evaluated, FINISHED), tagged nnlab.pruned_at.
 Checked before anything runs (ConfigError naming the key: exit 2).
+
+`sha` is synchronous successive halving (Jamieson & Talwalkar 2016; Li et al. 2020 call the asynchronous form
+ASHA): every group of a grid waits at each rung until all the groups still racing have reached it, then the best
+ceil(n / eta) go on and the others are cut. Asynchronous ASHA judges a group against those that happened to
+reach the rung before it, so with a handful of groups it keeps whichever came first; a grid knows all its groups
+up front, so it can wait for them. Only a grid: a search's trials keep arriving.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
@@ -24,7 +31,7 @@ from typing import Any, get_args
 from tasks.config import Config, ConfigError, EarlyStoppingConfig
 from tasks.sweep import checked_mapping, one_of
 
-METHODS = ("asha", "hyperband", "median")
+METHODS = ("asha", "sha", "hyperband", "median")
 KEYS = ("method", "min_epochs", "eta", "monitor")
 MONITORS = get_args(EarlyStoppingConfig.model_fields["monitor"].annotation)
 HIGHER_WINS = ("accuracy", "bleu", "chrf", "exact_match")
@@ -43,12 +50,16 @@ class Prune:
         return self.monitor.endswith(HIGHER_WINS)
 
 
-def parse_prune(raw: Any, cfg: Config) -> Prune | None:
+def parse_prune(raw: Any, cfg: Config, search: bool = False) -> Prune | None:
     """The sweep file's `prune`, every key checked against what `cfg` (a cell's config) trains."""
     if raw is None:
         return None
     checked_mapping(raw, "sweep.prune", KEYS, "{method: asha, min_epochs: 1, eta: 3}")
     method = one_of(raw.get("method", "asha"), "sweep.prune.method", METHODS)
+    if search and method == "sha":
+        raise ConfigError("sweep.prune.method: sha (synchronous successive halving) waits for every group at "
+                          "each rung, so it needs them all known up front: a grid; a search's trials keep "
+                          "arriving: use asha, hyperband or median")
     epochs = cfg.train.epochs
     min_epochs, eta = raw.get("min_epochs", 1), raw.get("eta", 3)
     if isinstance(min_epochs, bool) or not isinstance(min_epochs, int) or not 1 <= min_epochs < epochs:
@@ -64,6 +75,8 @@ def parse_prune(raw: Any, cfg: Config) -> Prune | None:
 def pruner(p: Prune):
     import optuna
 
+    if p.method == "sha":  # decided by RungWatch.halve across all the grid's groups, not trial by trial
+        return optuna.pruners.NopPruner()
     if p.method == "asha":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_epochs, reduction_factor=p.eta,
                                                       min_early_stopping_rate=0)
@@ -142,9 +155,9 @@ class RungWatch:
     @property
     def pausing(self) -> bool:
         """ASHA's cells stop at each rung until their group is judged there (resumed from their checkpoint when
-        promoted), so a cut group trains no epoch past its rung; the median and Hyperband pruners judge every
-        epoch, their cells train on meanwhile."""
-        return self.prune.method == "asha"
+        promoted), so a cut group trains no epoch past its rung; so do synchronous halving's (SHA), until every
+        group has reached it; the median and Hyperband pruners judge every epoch, their cells train on meanwhile."""
+        return self.prune.method in ("asha", "sha")
 
     def rungs(self) -> list[int]:
         out, r = [], self.prune.min_epochs
@@ -153,12 +166,15 @@ class RungWatch:
             r *= self.prune.eta
         return out
 
-    def clear(self, cell_ids: list[str], epoch: int | None = None) -> None:
-        """Clear cells to train up to `epoch` (the next rung; None: their first rung, unless they have word)."""
+    def clear(self, cell_ids: list[str], epoch: int | None = None, only_new: bool = False) -> None:
+        """Clear cells to train up to `epoch` (the next rung; None: their first rung, unless they have word;
+        only_new: unless they have that word already)."""
         for c in cell_ids:
             flag = flag_of(self.sweeps, self.parent_run_id, c)
-            if epoch is not None or flag.read() is None:
-                flag.set(epoch or self.rungs()[0], "until")
+            said = flag.read()
+            if (epoch is None and said is not None) or (only_new and said == ("until", epoch)):
+                continue
+            flag.set(epoch or self.rungs()[0], "until")
 
     def ready(self, paused: dict[str, int]) -> list[str]:
         """The paused cells (cell id -> the epoch it paused at) the sweep should run again: their group was
@@ -186,9 +202,12 @@ class RungWatch:
         if not live:
             return []
         newest: dict[str, str] = {}
+        over: set[str] = set()  # cells whose newest run has ended (finished early, failed, killed)
         for run in child_runs(self.parent_run_id):  # newest first
-            newest.setdefault(run["cell"], run["run_id"])
+            if newest.setdefault(run["cell"], run["run_id"]) == run["run_id"] and run["status"] != "RUNNING":
+                over.add(run["cell"])
         sign = 1.0 if self.prune.higher_wins == self.maximize else -1.0
+        synchronous = self.prune.method == "sha"
         cut = []
         for g in live:
             if not all(c in newest for c in g.cells):
@@ -200,12 +219,42 @@ class RungWatch:
                     continue
                 g.trial.report(sign * sum(cv[epoch] for cv in curves) / len(curves), epoch)
                 g.reported = epoch
+                if synchronous:
+                    continue
                 if epoch < self.prune.max_epochs and g.trial.should_prune():
                     self.cut(g, epoch, [newest[c] for c in g.cells])
                     cut.append((g.trial.number, epoch))
                     break
                 if self.pausing and epoch in self.rungs():  # promoted: on to the next rung, or to the end
                     self.clear(g.cells, next((r for r in self.rungs() if r > epoch), self.prune.max_epochs))
+        if synchronous:
+            cut += self.halve(live, newest, over)
+        return cut
+
+    def halve(self, live: list[Group], newest: dict[str, str], over: set[str]) -> list[tuple[int, int]]:
+        """Synchronous successive halving: rung by rung, once every group still racing has reported there (a
+        group whose seeds ended short of it, by early stopping or a failure, races no further), the best
+        ceil(n / eta) of the n that reached it go on, the others are cut; the kept are cleared to the next
+        rung. Decided from the study's stored values alone, so a resumed sweep decides the same way."""
+        trials = self.study.get_trials(deepcopy=False)
+        cut, decided = [], None
+        for rung in self.rungs():
+            if any(g.reported < rung and not (set(g.cells) & over) for g in live):
+                break  # someone still on the way to this rung
+            racing = [t for t in trials if rung in t.intermediate_values
+                      and t.user_attrs.get("nnlab.pruned_at", rung) >= rung]
+            ranked = sorted(racing, key=lambda t: t.intermediate_values[rung], reverse=self.maximize)
+            for t in ranked[math.ceil(len(ranked) / self.prune.eta):]:
+                g = self.groups.get(t.number)
+                if g is not None and g.pruned_at is None:
+                    self.cut(g, rung, [newest[c] for c in g.cells if c in newest])
+                    cut.append((t.number, rung))
+            decided = rung
+        if decided is not None:
+            onward = next((r for r in self.rungs() if r > decided), self.prune.max_epochs)
+            for g in live:
+                if g.pruned_at is None and g.reported >= decided:
+                    self.clear(g.cells, onward, only_new=True)
         return cut
 
     def cut(self, g: Group, epoch: int, run_ids: list[str] = ()) -> None:

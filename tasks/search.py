@@ -228,7 +228,7 @@ def expand(spec: SweepConfig, params: dict, sets: list[str] | None = None) -> li
     else:
         cells = probe_cells(spec, params, sets)
     if spec.prune is not None:  # its keys, and the study's store (a grid's pruning keeps one too)
-        parse_prune(spec.prune, cells[0].cfg)
+        parse_prune(spec.prune, cells[0].cfg, search=spec.search is not None)
         study_storage(tracking_uri())
     return cells
 

@@ -23,7 +23,7 @@ def grid_spec(**prune) -> dict:
 
 
 @pytest.mark.parametrize("prune, needle", [
-    ({"method": "sha"}, "sweep.prune.method: unknown method 'sha'; known: asha, hyperband, median"),
+    ({"method": "bohb"}, "sweep.prune.method: unknown method 'bohb'; known: asha, sha, hyperband, median"),
     ({"rungs": 3}, "sweep.prune.rungs: unknown key; allowed: method, min_epochs, eta, monitor"),
     ({"min_epochs": 6}, "sweep.prune.min_epochs: expected a whole number from 1 to 5 (below train.epochs=6)"),
     ({"min_epochs": 0}, "sweep.prune.min_epochs"),
@@ -84,6 +84,48 @@ def test_a_group_is_judged_on_its_seeds_mean_once_every_seed_reached_the_rung(tm
     tags = {r["cell"]: r["tags"].get("nnlab.pruned_at") for r in child_runs(parent)}
     assert tags == {"a0": None, "a1": None, "b0": "1", "b1": "1", "c0": None, "c1": None}
     assert watch.poll() == []  # nothing new: nothing judged twice
+
+
+def test_synchronous_halving_waits_for_every_group_at_a_rung_then_keeps_the_best_half(tmp_path, monkeypatch):
+    """SHA (eta 2, rungs 1, 2, 4): nothing is decided at a rung while a group is still on its way there; then the
+    best ceil(n / 2) of the groups' seed means go on (cleared to the next rung) and the rest are cut there; the
+    next rung is decided the same way among the kept; a second look decides nothing again."""
+    import optuna
+
+    from tasks.config import load_config
+    from tasks.pruning import RungWatch, flag_of, parse_prune, pruner
+    from tasks.tracking import Run, prepare_store
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    prepare_store("prune-watch")
+    parent = Run.start("prune-watch", "sweep", {}, {}).run_id
+    cfg = load_config(write_params(tmp_path / "params.yaml"), ["train.epochs=8"])
+    prune = parse_prune({"method": "sha", "min_epochs": 1, "eta": 2}, cfg)
+    study = optuna.create_study(direction="maximize", pruner=pruner(prune))
+    watch = RungWatch(prune, parent, tmp_path / "sweeps", maximize=True, study=study)
+    first = {"a": [1.0, 1.0], "b": [0.6, 1.0], "c": [1.5, 1.4], "d": [0.9, 0.9]}  # seed means 1.0, 0.8, 1.45, 0.9
+    runs = {}
+    for group in "abcd":
+        cells = [f"{group}0", f"{group}1"]
+        watch.add(study.ask(), cells)
+        watch.clear(cells)
+        if group != "d":  # d has not started yet
+            for cell, loss in zip(cells, first[group]):
+                runs[cell] = Run.start("prune-watch", cell, {"nnlab.sweep_cell": cell}, {}, parent_run_id=parent)
+                runs[cell].log_epoch(1, {"val_loss": loss})
+    word = lambda c: flag_of(tmp_path / "sweeps", parent, c).read()  # noqa: E731
+    assert watch.poll() == [] and {word(c) for c in runs} == {("until", 1)}  # d is still on its way to rung 1
+    for cell, loss in zip(["d0", "d1"], first["d"]):
+        runs[cell] = Run.start("prune-watch", cell, {"nnlab.sweep_cell": cell}, {}, parent_run_id=parent)
+        runs[cell].log_epoch(1, {"val_loss": loss})
+    assert sorted(watch.poll()) == [(0, 1), (2, 1)]  # a and c cut at rung 1; b (0.8) and d (0.9) go on
+    assert {c: word(c) for c in ("a0", "b0", "c1", "d1")} == {
+        "a0": ("pruned", 1), "b0": ("until", 2), "c1": ("pruned", 1), "d1": ("until", 2)}
+    assert watch.poll() == []  # nothing judged twice
+    for cell, loss in {"b0": 0.7, "b1": 0.9, "d0": 0.5, "d1": 0.6}.items():
+        runs[cell].log_epoch(2, {"val_loss": loss})
+    assert watch.poll() == [(1, 2)]  # b (0.8) against d (0.55) at rung 2: one of two goes on
+    assert (word("b1"), word("d0")) == (("pruned", 2), ("until", 4))
 
 
 def sweep(cwd: Path, uri: str, *args: str) -> subprocess.CompletedProcess:

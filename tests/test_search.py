@@ -41,6 +41,7 @@ def search_spec(search=None, **kw) -> dict:
     ({"seeds": [0, 0]}, "sweep.seeds"),
     ({"stop": {"time": "soon"}}, "sweep.stop.time"),
     ({"stop": {"trails": 2}}, "sweep.stop.trails: unknown key"),
+    ({"prune": {"method": "sha"}}, "sweep.prune.method: sha (synchronous successive halving) waits for every group"),
 ])
 def test_bad_search_is_a_config_error_naming_the_key(change, needle):
     spec = search_spec()
