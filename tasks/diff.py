@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from tasks.tracking import client
+from tasks.store_reader import open_store
 
 SERIES = ("health/", "system/")  # step-level series: their last value compares nothing
 IDENTITY = ("nnlab.data_hash", "nnlab.git_commit", "nnlab.code_hash", "nnlab.dataset", "nnlab.model")
@@ -37,7 +37,7 @@ class DiffError(ValueError):
 @dataclass
 class Side:
     ref: str
-    runs: list  # mlflow Run objects: one, or a sweep cell's seeds
+    runs: list  # runs in MLflow's shape (tasks/store_reader.py): one, or a sweep cell's seeds
     cell: bool = False  # a sweep cell over its seeds: the seed is no difference
 
     @property
@@ -49,39 +49,57 @@ def _levels(cell_id: str) -> dict[str, str]:
     return dict(part.split("=", 1) for part in cell_id.split(",") if "=" in part)
 
 
-def side(ref: str) -> Side:
-    c = client()
+def side(ref: str, store=None) -> Side:
+    """`ref` as runs: a sweep cell's finished seeds, or the one run behind a run id or a registered version."""
+    store = store or open_store()
     m = re.fullmatch(r"([0-9a-f]{32})/(.+)", ref)
     if m:  # a sweep cell: its seeds
         want = {k: v for k, v in _levels(m[2]).items() if k != "seed"}
-        try:
-            parent = c.get_run(m[1])
-        except Exception:
-            raise DiffError(f"{ref}: no run {m[1]} in {c.tracking_uri}") from None
-        runs = [r for r in c.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{m[1]}'",
-                                         max_results=5000)
+        parent = store.get_run(m[1])
+        if parent is None:
+            raise DiffError(f"{ref}: no run {m[1]} in {store.uri}")
+        runs = [r for r in store.children(parent)
                 if r.info.status == "FINISHED" and {k: v for k, v in _levels(r.data.tags.get("nnlab.sweep_cell", "")
                                                                               ).items() if k != "seed"} == want]
         if not runs:
             raise DiffError(f"{ref}: no finished cell {m[2]!r} under sweep parent run {m[1]}")
         return Side(ref, runs, cell=True)
-    from tasks.registration import resolve_model_uri
+    run_id = _run_of(ref, store)
+    run = store.get_run(run_id)
+    if run is None:
+        raise DiffError(f"{ref}: no run {run_id} in {store.uri}")
+    return Side(ref, [run])
 
-    try:
-        uri = resolve_model_uri(ref)
-    except (LookupError, ValueError) as e:
-        raise DiffError(str(e)) from None
-    if uri.startswith("models:/"):
-        name, version = uri[len("models:/"):].split("/")[:2]
-        run_id = c.get_model_version(name, version).run_id
-    else:
-        run_id = uri[len("runs:/"):].split("/")[0]
-    return Side(ref, [c.get_run(run_id)])
+
+def _run_of(ref: str, store) -> str:
+    """The run id behind a run id, runs:/<id>[/...], models:/<name>@<alias> or models:/<name>/<version> (a name
+    not registered as such: the one `<name>-<dataset>` there is, as the serving commands read it)."""
+    m = re.fullmatch(r"(?:runs:/)?([0-9a-f]{32})(/.*)?", ref)
+    if m:
+        return m[1]
+    m = re.fullmatch(r"models:/([^@/]+)(?:@([\w.-]+)|/(\d+))", ref)
+    if not m:
+        raise DiffError(f"{ref!r} is not a run or model reference: use a run id, runs:/<run id>, "
+                        "models:/<name>@<alias>, models:/<name>/<version> or <sweep parent run id>/<cell levels>")
+    name, alias, version = m[1], m[2], m[3]
+    if not store.registered(name):
+        found = store.names_like(f"{name}-")
+        if len(found) > 1:
+            raise DiffError(f"models:/{name}: one registered model per dataset; name one of: {', '.join(found)}")
+        name = found[0] if found else name
+    if alias is not None:
+        version = store.alias_version(name, alias)
+        if version is None:
+            raise DiffError(f"{ref}: no registered model {name!r} with alias {alias!r} in {store.uri}")
+    run_id = store.version_run(name, version)
+    if run_id is None:
+        raise DiffError(f"{ref}: no version {version} of registered model {name!r} in {store.uri}")
+    return run_id
 
 
 def _ci(values: list[float]) -> tuple[float | None, float | None]:
     """Mean and 95% half-width (None for one value); NaN as None, so the JSON stays JSON."""
-    from tasks.report import ci95
+    from tasks.effects import ci95
 
     mean, half = ci95(values)
     return (mean if mean == mean else None), (half if len(values) > 1 and half == half else None)
@@ -91,8 +109,10 @@ def _one(values: set) -> str | None:
     return next(iter(values)) if len(values) == 1 else (", ".join(sorted(map(str, values))) if values else None)
 
 
-def diff(a_ref: str, b_ref: str) -> dict:
-    a, b = side(a_ref), side(b_ref)
+def diff(a_ref: str, b_ref: str, store=None) -> dict:
+    """A against B (see the module); `store` (tasks/store_reader.py): read through it, default open_store()."""
+    store = store or open_store()
+    a, b = side(a_ref, store), side(b_ref, store)
     if a.kind and b.kind and a.kind != b.kind:
         raise DiffError(f"{a_ref} is a {a.kind} run and {b_ref} a {b.kind} run: their params and metrics do not "
                         "compare; diff two runs of one kind")

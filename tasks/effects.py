@@ -10,6 +10,20 @@ import re
 import warnings
 
 
+def ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% t-interval (nan half-width for a single value)."""
+    import numpy as np
+
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    if len(v) == 1:
+        return float(v[0]), float("nan")
+    from scipy import stats
+
+    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+
+
 def _name(term: str) -> str:
     return " × ".join(re.findall(r"Q\('([^']+)'\)", term)) or term
 

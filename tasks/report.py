@@ -15,22 +15,10 @@ from pathlib import Path
 import matplotlib.ticker  # noqa: F401
 import numpy as np
 
-from tasks.effects import effects_lines
+from tasks.effects import ci95, effects_lines
 from tasks.figures import pyplot
 
 plt = pyplot()
-
-
-def ci95(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% t-interval (nan half-width for a single value)."""
-    from scipy import stats
-
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    if len(v) == 1:
-        return float(v[0]), float("nan")
-    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
 
 
 def fmt(mean: float, half: float) -> str:

@@ -77,3 +77,34 @@ def test_bad_references_and_mixed_kinds_exit_2(sweep):
         res = cli.invoke(app, ["diff", *args])
         assert res.exit_code == 2 and needle in res.stderr, (args, res.output)
         assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_the_direct_sqlite_reader_answers_as_mlflows_client_does(sweep):
+    """diff reads a local SQLite store directly (no MLflow import: tasks/store_reader.py); every kind of
+    reference, and every refusal, reads the same through MLflow's client."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.diff import DiffError
+    from tasks.store_reader import MlflowStore, SqliteStore, open_store
+    from tasks.tracking import store_path, tracking_uri
+
+    parent, ids = sweep
+    assert isinstance(open_store(), SqliteStore)
+    prefix = f"nnlab-difftest-{uuid.uuid4().hex[:6]}"
+    c, name = MlflowClient(tracking_uri()), f"{prefix}-digits"
+    c.create_registered_model(name)
+    for run in (ids["sgd", 0], ids["adam", 1]):
+        c.create_model_version(name, f"runs:/{run}/model", run_id=run)
+    c.set_registered_model_alias(name, "champion", "2")
+    sql, ml = SqliteStore(store_path()), MlflowStore()
+    for a, b in ((f"{parent}/optimizer=sgd", f"{parent}/optimizer=adam"),
+                 (ids["sgd", 0], f"runs:/{ids['adam', 0]}/model"), (f"models:/{name}/1", f"models:/{prefix}@champion")):
+        assert diff(a, b, sql) == diff(a, b, ml), (a, b)
+    assert diff(f"models:/{prefix}@champion", ids["sgd", 0], sql)["a"]["runs"] == [ids["adam", 1]]
+    for bad in ("0" * 32, f"models:/{name}@nope", f"models:/{name}/9", "models:/x@"):
+        said = []
+        for store in (sql, ml):
+            with pytest.raises(DiffError) as e:
+                diff(bad, ids["sgd", 0], store)
+            said.append(str(e.value))
+        assert said[0] == said[1], said
