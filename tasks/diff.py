@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from tasks.store_reader import open_store
+from tasks.store_reader import open_store, run_of
 
 SERIES = ("health/", "system/")  # step-level series: their last value compares nothing
 IDENTITY = ("nnlab.data_hash", "nnlab.git_commit", "nnlab.code_hash", "nnlab.dataset", "nnlab.model")
@@ -64,37 +64,14 @@ def side(ref: str, store=None) -> Side:
         if not runs:
             raise DiffError(f"{ref}: no finished cell {m[2]!r} under sweep parent run {m[1]}")
         return Side(ref, runs, cell=True)
-    run_id = _run_of(ref, store)
+    try:
+        run_id = run_of(ref, store)
+    except (LookupError, ValueError) as e:
+        raise DiffError(str(e)) from None
     run = store.get_run(run_id)
     if run is None:
         raise DiffError(f"{ref}: no run {run_id} in {store.uri}")
     return Side(ref, [run])
-
-
-def _run_of(ref: str, store) -> str:
-    """The run id behind a run id, runs:/<id>[/...], models:/<name>@<alias> or models:/<name>/<version> (a name
-    not registered as such: the one `<name>-<dataset>` there is, as the serving commands read it)."""
-    m = re.fullmatch(r"(?:runs:/)?([0-9a-f]{32})(/.*)?", ref)
-    if m:
-        return m[1]
-    m = re.fullmatch(r"models:/([^@/]+)(?:@([\w.-]+)|/(\d+))", ref)
-    if not m:
-        raise DiffError(f"{ref!r} is not a run or model reference: use a run id, runs:/<run id>, "
-                        "models:/<name>@<alias>, models:/<name>/<version> or <sweep parent run id>/<cell levels>")
-    name, alias, version = m[1], m[2], m[3]
-    if not store.registered(name):
-        found = store.names_like(f"{name}-")
-        if len(found) > 1:
-            raise DiffError(f"models:/{name}: one registered model per dataset; name one of: {', '.join(found)}")
-        name = found[0] if found else name
-    if alias is not None:
-        version = store.alias_version(name, alias)
-        if version is None:
-            raise DiffError(f"{ref}: no registered model {name!r} with alias {alias!r} in {store.uri}")
-    run_id = store.version_run(name, version)
-    if run_id is None:
-        raise DiffError(f"{ref}: no version {version} of registered model {name!r} in {store.uri}")
-    return run_id
 
 
 def _ci(values: list[float]) -> tuple[float | None, float | None]:

@@ -237,9 +237,13 @@ def _per_dataset(c, name: str) -> str:
 def load_checkpoint(ref: str) -> tuple[dict, str]:
     """(the self-describing checkpoint a training run logged under checkpoint/model.pt, the pinned URI of `ref`),
     read as weights and plain data only (tasks.files.load_torch): a planted pickle is refused, never run."""
-    import mlflow.artifacts
-
     from tasks.files import load_torch
+    from tasks.store_reader import local_model
+
+    local = local_model(ref)  # a registered version in a local SQLite store: its files read without MLflow
+    if local is not None:
+        return load_torch(local.checkpoint), local.uri
+    import mlflow.artifacts
 
     uri = resolve_model_uri(ref)
     c = client()
@@ -264,6 +268,11 @@ def extra_file(uri: str, name: str) -> dict | None:
     """A JSON file logged beside a model (its vocabularies), or None when it has none."""
     import json
 
+    from tasks.store_reader import local_model
+
+    local = local_model(uri)
+    if local is not None:
+        return local.extra(name)
     import mlflow.artifacts
 
     try:
@@ -275,6 +284,11 @@ def extra_file(uri: str, name: str) -> dict | None:
 
 def model_metadata(uri: str) -> dict:
     """The metadata logged with a model (its MLmodel file: YAML, no code)."""
+    from tasks.store_reader import local_model
+
+    local = local_model(uri)
+    if local is not None:
+        return local.metadata()
     from mlflow.models import get_model_info
 
     try:

@@ -93,31 +93,26 @@ def _noun(task: str, final: dict, text: bool) -> str:
 def origin(kind: Kind, final: dict, text: bool, uri: str) -> Origin:
     """The served model's `Origin`: its kind in words, its run (tags, metrics, epochs trained) and the registered
     versions of that run (the one `uri` pins first), read from the tracking store."""
-    from tasks.tracking import client
+    from tasks.store_reader import open_store
 
-    c, run_id = client(), final["run_id"]
+    run_id = final["run_id"]
     out = Origin(kind.name, describe(kind.name, final, text), run_id, final.get("name", ""), final.get("source", ""),
                  epochs=final.get("epochs"))
     pinned = tuple(uri[len("models:/"):].split("/")[:2]) if uri.startswith("models:/") else None
     if pinned:
         out.version = f"{pinned[0]} v{pinned[1]}"
     try:
-        run = c.get_run(run_id)
+        store = open_store()
+        run = store.get_run(run_id)
         out.tags, out.metrics = dict(run.data.tags), dict(run.data.metrics)
-        versions = c.search_model_versions(f"run_id = '{run_id}'", max_results=100)
-        # a search leaves the aliases out: each version read again (a run has one or two)
-        named = {(v.name, str(v.version)): _version_words(c.get_model_version(v.name, v.version)) for v in versions}
+        named = {(name, version): f"{name} v{version}" + (f" ({', '.join(aliases)})" if aliases else "")
+                 for name, version, aliases in store.run_versions(run_id)}
     except Exception:  # a store that cannot say more: the run id alone
         return out
     if pinned:
         out.version = named.get(pinned, out.version)
     out.registered = sorted(named.values())
     return out
-
-
-def _version_words(v) -> str:
-    aliases = sorted(getattr(v, "aliases", None) or [])
-    return f"{v.name} v{v.version}" + (f" ({', '.join(aliases)})" if aliases else "")
 
 
 def not_registered_why(o: Origin) -> str:

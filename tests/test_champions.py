@@ -55,6 +55,22 @@ def test_three_registrations_and_a_rollback_make_four_moves_and_predict_follows(
     assert res.exit_code == 0, res.output
     assert f"answered by {name} v1 (champion), run {summary['run_id']}" in res.stderr
 
+    # the store is a local SQLite one: the version's files were read as files, without MLflow
+    # (tasks/store_reader.py); through MLflow's client the same model, vocabulary, metadata and origin
+    import torch
+
+    from tasks import store_reader
+    from tasks.serving import load_serving
+
+    ref = f"models:/{name}@champion"
+    assert store_reader.local_model(ref).uri == f"models:/{name}/1"
+    fast = load_serving(ref)
+    monkeypatch.setattr(store_reader, "local_model", lambda ref: None)
+    slow = load_serving(ref)
+    assert (fast.uri, fast.vocab, fast.meta, fast.origin) == (slow.uri, slow.vocab, slow.meta, slow.origin)
+    assert all(torch.equal(a, b) for a, b in zip(fast.module.state_dict().values(), slow.module.state_dict().values()))
+    assert fast(["7. März 2021"]) == slow(["7. März 2021"])
+
 
 def test_history_and_rollback_name_what_is_not_there():
     cli = CliRunner()
