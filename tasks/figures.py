@@ -2,6 +2,8 @@
 learned, attention, sample grids, point clouds, GAN curves and evolution strips, image rows."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -274,3 +276,22 @@ def write_history(path: Path, history: list[dict]) -> None:
         w.writeheader()
         for i, h in enumerate(history, 1):
             w.writerow({"epoch": i, **{k: round(v, 6) for k, v in h.items()}})
+
+
+@contextmanager
+def rendered(fig, name: str, also: Path | None = None):
+    """The figure rendered once as a PNG file called `name` in a temporary folder (yielded, for the caller to log),
+    and copied to `also` when given (written whole or not at all)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from tasks.files import atomic_path
+
+    with tempfile.TemporaryDirectory(prefix="nnlab-figure-") as tmp:
+        png = Path(tmp) / name
+        fig.savefig(png, format="png")
+        if also is not None:
+            with atomic_path(also) as out:
+                shutil.copyfile(png, out)
+        yield png

@@ -372,9 +372,7 @@ def evaluate_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, tra
     if ev.tags:
         run.set_tags(ev.tags)
     plots_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(plots_dir / "test.png") as tmp:  # DVC's plot: confusion matrix, forecast, samples
-        ev.figure.savefig(tmp, format="png")
-    run.log_figure(ev.figure, ev.artifact)
+    run.log_figure(ev.figure, ev.artifact, also=plots_dir / "test.png")  # and DVC's plot: the same PNG
     for artifact, text in ev.texts.items():
         run.log_text(text, artifact)
     write_history(plots_dir / "history.csv", final["history"])

@@ -371,13 +371,14 @@ class Run:
 
         self.c.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_figure(self, fig, path: str, close: bool = True) -> None:
-        from tasks.figures import pyplot
+    def log_figure(self, fig, path: str, close: bool = True, also: Path | None = None) -> None:
+        """The figure as artifact `path` (a PNG); `also`: the same file written there too, rendered once."""
+        from tasks.figures import pyplot, rendered
 
-        plt = pyplot()
-        self.c.log_figure(self.run_id, fig, path)
+        with rendered(fig, Path(path).name, also) as png:
+            self.c.log_artifact(self.run_id, str(png), str(Path(path).parent) if "/" in path else None)
         if close:  # pyplot keeps every open figure alive: a sweep worker would pile them up
-            plt.close(fig)
+            pyplot().close(fig)
 
     def log_dict(self, d: dict, path: str) -> None:
         self.c.log_dict(self.run_id, d, path)
