@@ -159,7 +159,7 @@ def spread(tcfg) -> bool:
 
 def refusal(cfg) -> str | None:
     """Why a run of `cfg` cannot train as train.distributed asks (before anything starts), or None."""
-    from models.registry import get_spec
+    from models.options import MODELS  # the torch-free catalogue: validation imports no torch
 
     for name in cfg.models:
         tcfg = cfg.train_for(name)
@@ -168,7 +168,7 @@ def refusal(cfg) -> str | None:
         import torch
 
         arch = cfg.model_options(name)[0]
-        if get_spec(arch).family == "gan":
+        if MODELS[arch].family == "gan":
             return (f"{name}: {arch} cannot train data-parallel (train.distributed.nproc_per_node > 1, --nproc): a "
                     "GAN steps its generator and discriminator with two optimizers, and DistributedDataParallel "
                     "averages one backward pass per step; train it in one process")

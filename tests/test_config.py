@@ -215,6 +215,8 @@ for sets, models, says in [(["train.early_stopping.enabled=true"], ["gan_mlp"], 
 raw = read_yaml("params.yaml")
 for sweep in sorted(Path("sweeps").glob("*.yaml")):  # every sweep cell is validated up front
     expand(load_spec(sweep, raw), raw)
+from tasks.distributed import refusal  # the launch checks' (flows/launch.py ready_to_run): one process here
+assert refusal(load_config("params.yaml", [], ["simple_cnn", "dcgan"])) is None
 heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "torchvision"})
 assert not heavy, f"validation imported {heavy}"
 print("torch-free")
