@@ -9,7 +9,7 @@ PIP_QUIET := --quiet --disable-pip-version-check
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install run compare test test-fast bench dvc-repro ui lock clean
+.PHONY: install run compare test test-fast bench dvc-repro ui lock catalogue clean
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ dvc-repro: install
 
 ui: install
 	$(BIN)/nnlab ui
+
+# models/catalogue.json: `nnlab models`' table for the default input, shipped so a fresh clone's first call is quick;
+# write it again after changing an architecture (models/*.py): tests/test_models.py checks it is current.
+catalogue: install
+	$(BIN)/python -c "from flows.admin import write_catalogue; write_catalogue()"
 
 # Refresh constraints.txt: the newest versions pyproject.toml allows, resolved in a scratch venv; then `make test`.
 lock:

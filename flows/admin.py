@@ -237,20 +237,52 @@ def models_cmd(ctx: typer.Context, input_shape: Annotated[str, typer.Option(help
     (Console() if sys.stdout.isatty() else Console(width=160)).print(table)
 
 
-def model_rows(shape: tuple[int, ...], classes: int) -> list[list[str]]:
-    """`nnlab models`' rows: every architecture built for `shape`, its parameters, MACs and receptive field.
-    Building and probing them all takes seconds (the image-to-image generators' fields most), so the rows are
-    kept in .nnlab/cache under the shape, the classes and the hash of the code that computes them."""
+CATALOGUE = Path(__file__).resolve().parents[1] / "models" / "catalogue.json"  # the default table, shipped
+
+
+def catalogue_key(shape: tuple[int, ...], classes: int) -> str:
+    """What `nnlab models`' rows depend on: the input, the classes and the architectures' code (models/*.py)."""
     import hashlib
 
-    from tasks.files import code_hash, write_json
+    h = hashlib.sha256(f"{shape}|{classes}".encode())
+    for f in sorted(CATALOGUE.parent.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
-    key = hashlib.sha256(f"{shape}|{classes}|{code_hash()}".encode()).hexdigest()[:16]
+
+def model_rows(shape: tuple[int, ...], classes: int) -> list[list[str]]:
+    """`nnlab models`' rows: every architecture built for `shape`, its parameters, MACs and receptive field.
+    Building and probing them all takes seconds (torch, and the image-to-image generators' fields most), so the
+    rows are kept under the key of what they depend on: in .nnlab/cache, and for the default input in
+    models/catalogue.json, shipped (`make catalogue` writes it; a test checks it is current), so a fresh
+    clone's first `nnlab models` is as quick as the next."""
+    from tasks.files import write_json
+
+    key = catalogue_key(shape, classes)
     cache = Path(".nnlab/cache") / f"models-{key}.json"
+    for path, read in ((cache, lambda d: d), (CATALOGUE, lambda d: d["rows"] if d.get("key") == key else None)):
+        try:
+            if (rows := read(json.loads(path.read_text()))) is not None:
+                return rows
+        except (OSError, ValueError, AttributeError):
+            pass
+    rows = compute_rows(shape, classes)
     try:
-        return json.loads(cache.read_text())
-    except (OSError, ValueError):
+        write_json(cache, rows)
+    except OSError:  # a read-only working folder: no cache, same table
         pass
+    return rows
+
+
+def write_catalogue(shape: tuple[int, ...] = (1, 28, 28), classes: int = 10) -> None:
+    """models/catalogue.json for the default input (`make catalogue`, after changing an architecture)."""
+    from tasks.files import write_json
+
+    write_json(CATALOGUE, {"key": catalogue_key(shape, classes), "shape": list(shape), "classes": classes,
+                           "rows": compute_rows(shape, classes)})
+
+
+def compute_rows(shape: tuple[int, ...], classes: int) -> list[list[str]]:
     from models.analysis import count_macs, format_count, receptive_field_bound
     from models.registry import count_parameters, create_model, get_spec, list_models
 
@@ -270,10 +302,6 @@ def model_rows(shape: tuple[int, ...], classes: int) -> list[list[str]]:
             macs, rf, more = f"n/a ({type(e).__name__})", None, False
         rows.append([name, spec.family, f"{count_parameters(model):,}", macs,
                      "-" if rf is None else f"{'≥' if more else ''}{rf}x{rf}", spec.description])
-    try:
-        write_json(cache, rows)
-    except OSError:  # a read-only working folder: no cache, same table
-        pass
     return rows
 
 

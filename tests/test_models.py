@@ -86,3 +86,18 @@ def test_deployed_normalises_raw_inputs_and_returns_probabilities():
     p = d(x)
     assert torch.allclose(p.sum(1), torch.ones(2))
     assert torch.allclose(p, torch.softmax(net.eval()(torch.ones(2, 1, 8, 8)), 1))
+
+
+def test_the_shipped_catalogue_is_current_and_answers_a_fresh_clone(tmp_path, monkeypatch):
+    """`nnlab models` on a fresh clone (no .nnlab/cache) reads models/catalogue.json when its key matches the
+    architectures' code; a stale one (an architecture changed without `make catalogue`) fails here."""
+    import json
+
+    from flows.admin import CATALOGUE, catalogue_key, compute_rows, model_rows
+
+    shipped = json.loads(CATALOGUE.read_text())
+    assert shipped["key"] == catalogue_key((1, 28, 28), 10), "models/*.py changed: run `make catalogue`"
+    assert shipped["rows"] == compute_rows((1, 28, 28), 10), "models/catalogue.json is stale: run `make catalogue`"
+    monkeypatch.chdir(tmp_path)  # no cache here
+    monkeypatch.setattr("flows.admin.compute_rows", lambda *a: pytest.fail("computed instead of read"))
+    assert model_rows((1, 28, 28), 10) == shipped["rows"]
