@@ -237,7 +237,8 @@ def models_cmd(ctx: typer.Context, input_shape: Annotated[str, typer.Option(help
     (Console() if sys.stdout.isatty() else Console(width=160)).print(table)
 
 
-CATALOGUE = Path(__file__).resolve().parents[1] / "models" / "catalogue.json"  # the default table, shipped
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+CATALOGUE = MODELS_DIR / "catalogue.json"  # `nnlab models`' table for the default input, shipped
 
 
 def catalogue_key(shape: tuple[int, ...], classes: int) -> str:
@@ -245,7 +246,7 @@ def catalogue_key(shape: tuple[int, ...], classes: int) -> str:
     import hashlib
 
     h = hashlib.sha256(f"{shape}|{classes}".encode())
-    for f in sorted(CATALOGUE.parent.glob("*.py")):
+    for f in sorted(MODELS_DIR.glob("*.py")):
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
 

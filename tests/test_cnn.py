@@ -285,6 +285,7 @@ def test_models_table_shows_a_field_wider_than_its_probe_as_a_lower_bound_and_ca
     from flows.admin import model_rows
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("flows.admin.CATALOGUE", tmp_path / "no-catalogue.json")  # computed, not the shipped table
     monkeypatch.setattr(models.registry, "list_models", lambda: ["simple_cnn", "wgan_gp", "seq2seq"])
     rows = {r[0]: r for r in model_rows((1, 28, 28), 10)}
     assert rows["simple_cnn"][4] == "18x18"  # measured: 3x3 conv, 2x2 pool, 3x3 conv, 2x2 pool
