@@ -16,7 +16,7 @@ import re
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote, unquote, urlparse
 
 from tasks.tracking import store_path, tracking_uri
 
@@ -53,26 +53,25 @@ class SqliteStore:
 
     def __init__(self, db: Path):
         self.uri = tracking_uri()
-        self.db = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        self.db = sqlite3.connect(f"file:{quote(str(db))}?mode=ro", uri=True, timeout=30)
 
     def _rows(self, sql: str, *args) -> list[tuple]:
         return self.db.execute(sql, args).fetchall()
 
     def _runs(self, where: str, *args) -> list[StoredRun]:
+        """The runs `where` selects (in MLflow's search order), each with its params, tags and latest metrics."""
         runs = {r[0]: StoredRun(RunInfo(r[0], r[1], str(r[2])), RunData())
                 for r in self._rows(f"SELECT run_uuid, status, experiment_id FROM runs WHERE {where} "
-                                             "ORDER BY start_time DESC, run_uuid", *args)}  # MLflow's search order
+                                    "ORDER BY start_time DESC, run_uuid", *args)}
         if not runs:
             return []
-        marks = ",".join("?" * len(runs))
-        for run_id, key, value in self._rows(f"SELECT run_uuid, key, value FROM params WHERE run_uuid IN ({marks})",
-                                             *runs):
+        chosen = f"run_uuid IN (SELECT run_uuid FROM runs WHERE {where})"
+        for run_id, key, value in self._rows(f"SELECT run_uuid, key, value FROM params WHERE {chosen}", *args):
             runs[run_id].data.params[key] = value
-        for run_id, key, value in self._rows(f"SELECT run_uuid, key, value FROM tags WHERE run_uuid IN ({marks})",
-                                             *runs):
+        for run_id, key, value in self._rows(f"SELECT run_uuid, key, value FROM tags WHERE {chosen}", *args):
             runs[run_id].data.tags[key] = value
         for run_id, key, value, nan in self._rows(
-                f"SELECT run_uuid, key, value, is_nan FROM latest_metrics WHERE run_uuid IN ({marks})", *runs):
+                f"SELECT run_uuid, key, value, is_nan FROM latest_metrics WHERE {chosen}", *args):
             runs[run_id].data.metrics[key] = float("nan") if nan else float(value)
         return list(runs.values())
 
