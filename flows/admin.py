@@ -261,12 +261,16 @@ def model_rows(shape: tuple[int, ...], classes: int) -> list[list[str]]:
 
     key = catalogue_key(shape, classes)
     cache = Path(".nnlab/cache") / f"models-{key}.json"
-    for path, read in ((cache, lambda d: d), (CATALOGUE, lambda d: d["rows"] if d.get("key") == key else None)):
-        try:
-            if (rows := read(json.loads(path.read_text()))) is not None:
-                return rows
-        except (OSError, ValueError, AttributeError):
-            pass
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, ValueError):
+        pass
+    try:
+        shipped = json.loads(CATALOGUE.read_text())
+        if shipped["key"] == key:
+            return shipped["rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     rows = compute_rows(shape, classes)
     try:
         write_json(cache, rows)

@@ -139,7 +139,9 @@ class World:
                 else f"cpu x {self.size} processes"}
 
     def _on(self) -> torch.device:
-        return self.device if self.backend == "nccl" else type(self.device)("cpu")
+        import torch
+
+        return self.device if self.backend == "nccl" else torch.device("cpu")
 
 
 def world() -> World | None:

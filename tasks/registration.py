@@ -192,14 +192,10 @@ def resolve_model_uri(ref: str) -> str:
     c = client()  # sets MLflow's tracking URI to the project's store
     if re.fullmatch(r"[0-9a-f]{32}", ref):
         ref = f"runs:/{ref}/model"
-    m = re.fullmatch(r"models:/([^@/]+)@([\w.-]+)", ref)
-    if m:
-        name = _per_dataset(c, m[1])
-        try:
-            version = c.get_model_version_by_alias(name, m[2]).version
-        except Exception as e:
-            raise LookupError(f"{ref}: no registered model {name!r} with alias {m[2]!r} in {tracking_uri()} "
-                              f"({type(e).__name__})") from None
+    if re.fullmatch(r"models:/[^@/]+(@[\w.-]+|/\d+)", ref):  # the store reader's rule (the per-dataset name too)
+        from tasks.store_reader import MlflowStore, version_of
+
+        name, version = version_of(ref, MlflowStore())
         return f"models:/{name}/{version}"
     m = re.fullmatch(r"models:/([^@/]+)/(\d+)(/.*)?", ref)
     if m:
@@ -218,20 +214,6 @@ def resolve_model_uri(ref: str) -> str:
         return ref
     raise ValueError(f"{ref!r} is not a model reference: use models:/<name>@<alias>, models:/<name>/<version>, "
                      "runs:/<run id>/model or a run id")
-
-
-def _per_dataset(c, name: str) -> str:
-    """`name` itself when registered; else the one `name-<dataset>` there is (register.name auto registers one
-    model per dataset: models:/nnlab-asr@champion finds nnlab-asr-synth_speech); several: an error naming them."""
-    try:
-        c.get_registered_model(name)
-        return name
-    except Exception:
-        pass
-    found = sorted(m.name for m in c.search_registered_models(f"name LIKE '{name}-%'", max_results=1000))
-    if len(found) > 1:
-        raise LookupError(f"models:/{name}: one registered model per dataset; name one of: {', '.join(found)}")
-    return found[0] if found else name
 
 
 def load_checkpoint(ref: str) -> tuple[dict, str]:

@@ -210,7 +210,6 @@ def run_of(ref: str, store) -> str:
 class LocalModel:
     """A registered version whose files are on this machine: read as they are, without MLflow."""
     uri: str  # pinned: models:/<name>/<version>
-    run_id: str
     checkpoint: Path  # the run's checkpoint/model.pt
     model_dir: Path  # the logged model's folder (MLmodel, extra_files/)
 
@@ -229,7 +228,8 @@ class LocalModel:
 def local_model(ref: str) -> LocalModel | None:
     """`ref` (models:/<name>@<alias> or /<version>) as local files, when the store is a local SQLite one that has
     it and its files are plain local folders; None otherwise (or on any doubt): the caller asks MLflow, whose
-    answer (or error) is then the one the user sees."""
+    answer (or error) is then the one the user sees. (About a millisecond: the serving commands ask it for each
+    file they read.)"""
     store = open_store() if ref.startswith("models:/") else None
     if not isinstance(store, SqliteStore):
         return None
@@ -240,8 +240,7 @@ def local_model(ref: str) -> LocalModel | None:
     folders = store.files(name, version)
     if folders is None or not (folders[0] / "checkpoint" / "model.pt").is_file() or not (folders[1] / "MLmodel").is_file():
         return None
-    return LocalModel(f"models:/{name}/{version}", store.version_run(name, version),
-                      folders[0] / "checkpoint" / "model.pt", folders[1])
+    return LocalModel(f"models:/{name}/{version}", folders[0] / "checkpoint" / "model.pt", folders[1])
 
 
 def open_store() -> SqliteStore | MlflowStore:
