@@ -4,6 +4,7 @@ and the failures it can explain ended in one line of its own with their exit cod
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -74,6 +75,10 @@ def ready_to_run(cfgs: list) -> None:
             fail(why)
     check_writable_places()
     take_sigterm()
+    from tasks.quick import banner
+
+    if line := banner():
+        print(line, file=sys.stderr, flush=True)
 
 
 def check_writable_places() -> None:

@@ -351,11 +351,16 @@ def load_config(path: str | Path = "params.yaml", sets: list[str] | None = None,
 
 
 def validate(raw: dict[str, Any], judge: bool = True) -> Config:
-    """Schema, every model's options, and (`judge`) whether the runs `run` names fit the data and settings."""
+    """Schema, every model's options, and (`judge`) whether the runs `run` names fit the data and settings; a quick
+    run's caps (NNLAB_QUICK, tasks/quick.py) over all of it."""
+    from tasks.quick import QuickError, caps
+
     try:
-        cfg = Config.model_validate(raw)
+        cfg = Config.model_validate(apply_sets(raw, caps(raw)))
     except ValidationError as e:
         raise ConfigError(format_errors(e, Config)) from None
+    except QuickError as e:
+        raise ConfigError(str(e)) from None
     resolved = {}
     for name, opts in cfg.models.items():
         resolved[name] = _validate_model(name, opts or {}, cfg.train)

@@ -30,6 +30,7 @@ from tasks.config import (Config, ConfigError, SweepConfig, apply_sets, parse_se
                           select_models, validate)
 from tasks.explain import format_errors
 from tasks.kinds import ranking, register_name
+from tasks.quick import sweep_capped
 
 SweepSpec = SweepConfig
 
@@ -111,7 +112,7 @@ def fold_sets(spec: dict, sets: list[str] | None) -> dict:
         out.setdefault("fixed", {})[key] = parsed
     if sets:
         out["overrides"] = [*out.get("overrides", []), *(s for s in sets if s not in out.get("overrides", []))]
-    return out
+    return sweep_capped(out)  # NNLAB_QUICK: its first seed, a search's first trials (tasks/quick.py)
 
 
 def _yaml_value(v: Any) -> str:

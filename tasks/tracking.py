@@ -10,6 +10,7 @@ import time
 import warnings
 from pathlib import Path
 
+from tasks import quick
 from tasks.interrupts import signals_held
 
 
@@ -26,7 +27,7 @@ def tracking_uri() -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    return f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"
+    return f"sqlite:///{((quick.store() or DEFAULT_STORE) / 'mlflow.db').resolve()}"  # NNLAB_QUICK: a store apart
 
 
 def _artifact_root(uri: str) -> str | None:

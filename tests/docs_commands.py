@@ -7,7 +7,8 @@ another terminal) sit in ```shell blocks with a sentence saying what they need, 
 parse against the real CLI, its `--set`s against the real params schema, its sweep file against the sweep schema,
 each file it reads must exist in the repository or be written by an earlier documented command, and each
 `models:/<name>@<alias>` must name exactly one model the documented commands before it register (the registry's
-own lookup rule: tasks/store_reader.py's version_of). tests/test_docs.py also runs a part of them for real.
+own lookup rule: tasks/store_reader.py's version_of). tests/test_docs_run.py then runs them all, in order, with
+NNLAB_QUICK (tasks/quick.py).
 """
 from __future__ import annotations
 

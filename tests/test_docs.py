@@ -1,19 +1,13 @@
 """Every ```bash block of README.md and docs/ is followed as a newcomer would (tests/docs_commands.py): each
 command parses against the real CLI and params schema, reads only files an earlier documented command wrote, and
-names registered models that exist and are unambiguous. The commands that train nothing run for real here."""
+names registered models that exist and are unambiguous. tests/test_docs_run.py runs them all, in order."""
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import docs_commands as dc
-
-NNLAB = str(Path(sys.executable).parent / "nnlab")
 
 
 def test_every_documented_command_follows_from_the_ones_before():
@@ -46,29 +40,3 @@ def test_the_follower_finds_what_a_newcomer_would_meet(text, complaint):
     cmds = dc.commands_of("example.md", 1, text.splitlines())
     with pytest.raises(dc.DocError, match=complaint.replace("(", r"\(").replace(")", r"\)")):
         dc.check(cmds)
-
-
-@pytest.fixture()
-def workdir(tmp_path):
-    for f in ("params.yaml", "dvc.yaml"):
-        shutil.copy(dc.ROOT / f, tmp_path / f)
-    shutil.copytree(dc.ROOT / "sweeps", tmp_path / "sweeps")
-    return tmp_path
-
-
-def test_documented_commands_that_train_nothing_run_as_written(workdir):
-    """The example-* commands write their files; a documented mistake fails as shown, exit 2, writing nothing."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
-    cheap = [c for c in dc.doc_commands() if c.argv[0] == "nnlab"
-             and (c.argv[1].startswith("example-") or c.error or c.argv[1] == "models")]
-    assert any(c.error for c in cheap) and sum(c.argv[1].startswith("example-") for c in cheap) >= 3
-    for c in cheap:
-        proc = subprocess.run([NNLAB, *c.argv[1:]], cwd=workdir, env={**env, **c.env}, capture_output=True,
-                              text=True, timeout=300)
-        if c.error:
-            assert proc.returncode == 2 and c.error.split("...")[0] in proc.stderr, f"{c}\n{proc.stderr}"
-        else:
-            assert proc.returncode == 0, f"{c}\n{proc.stdout}\n{proc.stderr}"
-            if c.argv[1].startswith("example-"):
-                assert (workdir / c.argv[2]).stat().st_size > 0, c
-    assert not (workdir / "mlflow.db").exists() and not (workdir / "data").exists()

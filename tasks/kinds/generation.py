@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from models.registry import create_model
+from tasks import quick
 from tasks.data import raw_max
 from tasks.config import Config
 from tasks.files import save_torch
@@ -205,7 +206,7 @@ CONFIDENT = 0.9  # a sample "reads as" a class when the judge gives that class a
 
 
 def _image_evaluation(cfg, name, sampler, latent_dim, final, data, data_dir, device, gen):
-    n = min(len(data.x_test), 1000)
+    n = min(len(data.x_test), quick.at_most(1000))
     with torch.no_grad():
         fake = torch.cat([sampler(torch.randn(min(500, n - i), latent_dim, generator=gen).to(device))
                           for i in range(0, n, 500)]).cpu()

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from models.image2image import SourceClassifier
+from tasks import quick
 from tasks.figures import rows_figure
 from tasks.data.image_pairs import load_labels
 from tasks.kinds import Evaluation, Job, Kind, Served, ServingError, register_kind
@@ -200,7 +201,7 @@ def judged(judge, stats: dict, fake: np.ndarray, source: np.ndarray, source_labe
 
 def evaluate_translation(cfg, name: str, model, data, data_dir: Path, device) -> Evaluation:
     m, labels = data.manifest, load_labels(data_dir)
-    na, nb = min(len(data.x_test), EVAL_MAX), min(len(data.y_test), EVAL_MAX)
+    na, nb = min(len(data.x_test), quick.at_most(EVAL_MAX)), min(len(data.y_test), quick.at_most(EVAL_MAX))
     a, b, la, lb = data.x_test[:na], data.y_test[:nb], labels["a_test"][:na], labels["b_test"][:nb]
     g_ab = ImageTranslator(model.generators()[0]).to(device).eval()
     fake_b = translate(g_ab, a, device)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from models.registry import beam_size
 from models.speech import Lexicon, Transcriber, beam_search, decode, greedy
+from tasks import quick
 from tasks.data.audio import ALPHABET, TEXTS, WAVES
 from tasks.kinds import Evaluation, Job, Served, ServingError, register_kind
 from tasks.kinds.supervised import Supervised, SupervisedStep
@@ -235,7 +236,7 @@ class SpeechRecognition(Supervised):
 
     def on_epoch(self, job: Job, epoch: int, metrics: dict, trainer) -> None:
         """Greedy transcripts of (the first `val_limit` of) the validation recordings: CER, WER, exact and empty."""
-        refs = [t for _, _, t in _texts(job.data_dir)["val"][:self.val_limit]]
+        refs = [t for _, _, t in _texts(job.data_dir)["val"][:quick.at_most(self.val_limit)]]
         hyp = self._transcribe(job.model, job.data.x_val[:len(refs)], job.data.y_val[:len(refs)], job.mean, job.std,
                                job.data.manifest, beam_size=1)
         metrics |= scores(hyp, refs, "val")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tasks import quick
 from tasks.data import raw_max
 from tasks.figures import pyplot, tile
 from tasks.kinds.generation import (Generation, Sampler, ServedSampler, evaluate_generator, judge_classifier,
@@ -169,7 +170,7 @@ class StyleGeneration(Generation):
         G, m = model.sampling_generator.eval(), data.manifest
         mean, std, top = final["normalization"]["mean"], final["normalization"]["std"], final["max_value"]
         clf, _ = judge_classifier(cfg, data_dir, data, device)
-        mix = mixing_metrics(G, clf, m, mean, std, top, device, cfg.seed + 54321)
+        mix = mixing_metrics(G, clf, m, mean, std, top, device, cfg.seed + 54321, quick.at_most(MIX_PAIRS))
         coarse, fine = scales(G)
         rates = f"class follows coarse {mix['mixing_class_follows_coarse']:.0%} " \
                 f"(fine {mix['mixing_class_follows_fine']:.0%}, chance {mix['mixing_class_chance']:.0%})"

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from models.registry import beam_size
 from models.seq2seq import EOS, PAD, Translator, decode, trim
+from tasks import quick
 from tasks.kinds import Evaluation, Job, Served, ServingError, register_kind
 from tasks.data.pairs import EOS_TOKEN, TARGET_VOCAB, TEXTS
 from tasks.data.text import VOCAB, Vocab, tokenize
@@ -153,7 +154,7 @@ class Translation(Supervised):
         """Greedy decoding of (the first `val_limit` of) the validation pairs: exact match, BLEU and chrF curves
         (what train.early_stopping.monitor val_bleu selects the weights on), and the seconds it took."""
         t0 = time.perf_counter()
-        val = _texts(job.data_dir)["val"][:self.val_limit]
+        val = _texts(job.data_dir)["val"][:quick.at_most(self.val_limit)]
         m = job.data.manifest
         dev = next(job.model.parameters()).device
         ids, _ = decode(job.model, torch.as_tensor(job.data.x_val[:len(val)], device=dev), m["text"]["target_length"])
