@@ -9,7 +9,7 @@ PIP_QUIET := --quiet --disable-pip-version-check
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install run compare test test-fast bench dvc-repro ui lock catalogue clean
+.PHONY: install run compare test test-fast test-docs bench dvc-repro ui lock catalogue clean
 
 install: $(STAMP)
 
@@ -32,10 +32,15 @@ compare: install
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist worksteal
+	$(BIN)/python -m pytest -q -m "not docs_run" -n $(TEST_JOBS) --dist worksteal
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_JOBS) --dist worksteal
+	$(BIN)/python -m pytest -q -m "not slow and not docs_run" -n $(TEST_JOBS) --dist worksteal
+
+# Every command of the README's and docs/' bash blocks, in order, on a fresh copy of the checkout, with NNLAB_QUICK
+# (tests/test_docs_run.py, ~8 min on 2 cores): apart from `make test` so the suite keeps within 15 minutes; CI runs both.
+test-docs: install
+	$(BIN)/python -m pytest -q -m docs_run -rP tests/test_docs_run.py
 
 bench: install
 	$(BIN)/python benchmarks/loop_overhead.py

@@ -6,8 +6,8 @@ fails this test with its output.
 
 `nnlab` commands run in this process (the CLI's app called with the command's words, `SystemExit` its exit
 code): the seconds of importing torch, Prefect and MLflow once instead of once a command. `make`, `dvc` and
-everything else run as programs, with the checkout's .venv/bin first on PATH. `make test` is this suite: not
-run again from inside it.
+everything else run as programs, with the checkout's .venv/bin first on PATH. `make test` (the suite) and
+`make test-docs` (this test) are not run again from inside it.
 """
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ import yaml
 
 import docs_commands as dc
 
+pytestmark = [pytest.mark.docs_run, pytest.mark.slow]  # `make test-docs` (CI runs it after `make test`)
 BIN = Path(sys.executable).parent
-THIS_SUITE = ["make", "test"]
+THIS_SUITE = (["make", "test"], ["make", "test-docs"])
 
 
 @pytest.fixture()
@@ -94,7 +95,7 @@ def test_every_documented_command_runs_as_written_in_order(clone, monkeypatch, c
     monkeypatch.chdir(clone)
     monkeypatch.setenv("NNLAB_QUICK", "100")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{clone / 'mlruns' / 'mlflow.db'}")
-    cmds = [c for c in dc.doc_commands() if c.argv != THIS_SUITE]
+    cmds = [c for c in dc.doc_commands() if c.argv not in THIS_SUITE]
     assert len(cmds) > 60 and any(c.error for c in cmds)
     took, seen = [], set()
     for c in cmds:
