@@ -38,7 +38,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not docs_run" -n $(TEST_JOBS) --dist worksteal
 
 # Every command of the README's and docs/' bash blocks, in order, on a fresh copy of the checkout, with NNLAB_QUICK
-# (tests/test_docs_run.py, ~8 min on 2 cores): apart from `make test` so the suite keeps within 15 minutes; CI runs both.
+# (tests/test_docs_run.py, 8 min on 2 cores): apart from `make test` so the suite keeps within 15 minutes; CI runs both.
 test-docs: install
 	$(BIN)/python -m pytest -q -m docs_run -rP tests/test_docs_run.py
 
