@@ -284,6 +284,9 @@ class CycleGANOptions(ImageGANOptions):
     # CyCADA's semantic consistency (Hoffman et al. 2018): a classifier trained on domain A's labelled training
     # images, frozen, must read in G(a) what it reads in a, and in F(b) what it reads in b; its weight (0: off)
     lambda_semantic: float = Field(default=0.0, ge=0.0)
+    # which translations the semantic loss reads: both (CyCADA: G(a) and F(b)) or only G(a), A's own images
+    # translated (the classifier reads its own domain well, the other one poorly: its reading of b is noise)
+    semantic_sides: Literal["both", "a"] = "both"
     # class-conditional discriminators (projection, Miyato & Koyama 2018): D_B judges G(a) as "an image of domain
     # B of a's class", against real B images of that class. Uses BOTH domains' training labels: no longer the
     # unsupervised setting of the paper (off by default)

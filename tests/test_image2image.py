@@ -258,6 +258,25 @@ def test_the_source_classifier_reads_the_steps_images_in_its_own_units():
     assert not any(p.requires_grad for p in f.parameters())
 
 
+@pytest.mark.parametrize("sides", ["both", "a"])
+def test_the_semantic_loss_reads_the_translations_its_sides_name(sides):
+    from models.image2image import SourceClassifier
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    clf = create_model("simple_cnn", input_shape=(1, 32, 32), num_classes=10)
+    step = _trainer("cyclegan", blocks=1, lambda_semantic=1.0, semantic_sides=sides).step
+    step.semantic = f = SourceClassifier(clf, [127.5], [127.5], [127.5], [127.5])
+    a, b, fake_b, fake_a = (torch.rand(4, 1, 32, 32) * 2 - 1 for _ in range(4))
+    fake_a.requires_grad_(True)
+    loss = step.semantic_loss(a, b, fake_b, fake_a)
+    with torch.no_grad():
+        of_a = F.cross_entropy(f(fake_b), f(a).argmax(1))
+        of_b = F.cross_entropy(f(fake_a), f(b).argmax(1))
+    assert torch.allclose(loss, of_a + of_b if sides == "both" else of_a)
+    assert loss.requires_grad == (sides == "both")  # "a": F(b) is not read, whatever the classifier makes of b
+
+
 def test_cycadas_semantic_loss_and_class_conditional_discriminators_train_the_generators(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
     from tasks.tracking import client, metric_history

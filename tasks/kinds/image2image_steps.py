@@ -146,8 +146,13 @@ class CycleStep(TwoNetworkStep):
         the image translated (its own reading: no labels of either domain during training)."""
         f = self.semantic
         with torch.no_grad():
-            read_a, read_b = f(a).argmax(1), f(b).argmax(1)
-        return F.cross_entropy(f(fake_b.float()), read_a) + F.cross_entropy(f(fake_a.float()), read_b)
+            read_a = f(a).argmax(1)
+        loss = F.cross_entropy(f(fake_b.float()), read_a)
+        if self.options.semantic_sides == "both":
+            with torch.no_grad():
+                read_b = f(b).argmax(1)
+            loss = loss + F.cross_entropy(f(fake_a.float()), read_b)
+        return loss
 
     def batch_classes(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not self.options.conditional:
