@@ -287,6 +287,9 @@ class CycleGANOptions(ImageGANOptions):
     # which translations the semantic loss reads: both (CyCADA: G(a) and F(b)) or only G(a), A's own images
     # translated (the classifier reads its own domain well, the other one poorly: its reading of b is noise)
     semantic_sides: Literal["both", "a"] = "both"
+    # the classifier trained on batches varied as another hand would draw them (narrower, slanted, thinner,
+    # sharper: tasks/augment.py HandwritingAugment), so it reads the class, not domain A's way of drawing it
+    semantic_augment: bool = False
     # class-conditional discriminators (projection, Miyato & Koyama 2018): D_B judges G(a) as "an image of domain
     # B of a's class", against real B images of that class. Uses BOTH domains' training labels: no longer the
     # unsupervised setting of the paper (off by default)

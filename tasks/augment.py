@@ -4,6 +4,8 @@
 RandomAffine (one draw of parameters per call, i.e. one transform for a whole batch) it draws parameters per
 example and warps the whole (B, C, H, W) batch in one `grid_sample` on the batch's device. Draws come from its
 own seeded generator, saved in checkpoints, so a resumed run augments exactly as an uninterrupted one.
+`HandwritingAugment` adds shear, narrowing, thinner strokes and contrast, for a classifier of one collection of
+handwritten digits that must read another's (CycleGAN's semantic classifier: tasks/kinds/image2image.py).
 
 Also the `augment` stage: a preview grid (originals beside augmented versions) and, optionally, an offline
 training set with k augmented copies of every image.
@@ -61,14 +63,20 @@ class BatchAugment(v2.Transform):
             "jitter": 1 + self._uniform(3 * b, c_.color_jitter if c == 3 else 0.0).view(3, b),
         }
 
+    def sampling(self, params: dict) -> torch.Tensor:
+        """(B, 2, 2): the output -> input map before the shift, (1/s) R(-a), in grid_sample's coordinates."""
+        a, s = params["angle"], params["scale"]
+        cos, sin = torch.cos(a) / s, torch.sin(a) / s
+        return torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)
+
+    def finish(self, x01: torch.Tensor, params: dict) -> torch.Tensor:  # the warped batch in [0, 1]: as it is
+        return x01
+
     def transform(self, x: torch.Tensor, params: dict) -> torch.Tensor:
         dev = x.device
         mean, std = self.mean.to(dev), self.std.to(dev)
         x01 = (x.float() * std + mean) / self.max_value  # raw units scaled to [0, 1]; 0 = black background
-        # output -> input sampling grid: (1/s) R(-a) (p - t), in grid_sample's [-1, 1] coordinates
-        a, s, t = params["angle"], params["scale"], params["shift"]
-        cos, sin = torch.cos(a) / s, torch.sin(a) / s
-        rot = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)  # (B, 2, 2)
+        rot, t = self.sampling(params), params["shift"]  # output -> input: rot (p - t)
         theta = torch.cat([rot, -(rot @ t.unsqueeze(2))], 2).to(dev)  # (B, 2, 3)
         grid = F.affine_grid(theta, list(x01.shape), align_corners=False)
         out = F.grid_sample(x01, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -76,13 +84,46 @@ class BatchAugment(v2.Transform):
             out = torch.where(params["flip"].to(dev).view(-1, 1, 1, 1), v2.functional.horizontal_flip(out), out)
         if out.shape[1] == 3 and self.cfg.color_jitter > 0:
             out = _color_jitter(out, *params["jitter"].to(dev))
-        out = (out.clamp(0, 1) * self.max_value - mean) / std
+        out = (self.finish(out, params).clamp(0, 1) * self.max_value - mean) / std
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             out = out.contiguous(memory_format=torch.channels_last)
         return out.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # one batch tensor in, one out
         return self.transform(x, self.make_params([x]))
+
+
+class HandwritingAugment(BatchAugment):
+    """BatchAugment for reading one collection of handwritten digits as another writes them: besides rotation,
+    shift and zoom, per example a shear, a narrower width (1 to 2x: a digit fitted into its box with its aspect
+    kept, as MNIST's are, against one stretched to fill it, as scikit-learn's 8x8 digits are), for half of them
+    strokes one pixel thinner (a 3x3 minimum) and a contrast stretch (1 to 3x: a blurred 8x8 upscale against a
+    sharp scan). What a classifier of one collection must learn to ignore before it can judge another's."""
+
+    SHEAR, NARROW, CONTRAST = 0.3, 2.0, 3.0
+    SETTINGS = AugmentConfig(rotation=15.0, width_shift=0.06, height_shift=0.06, zoom=0.15, horizontal_flip=False)
+
+    def __init__(self, *, mean, std, max_value: float, seed: int):
+        super().__init__(self.SETTINGS, flip=False, mean=mean, std=std, max_value=max_value, seed=seed)
+
+    def make_params(self, flat_inputs: list) -> dict:
+        b, g = flat_inputs[0].shape[0], self.generator
+        return {**super().make_params(flat_inputs), "shear": self._uniform(b, self.SHEAR),
+                "narrow": 1 + torch.rand(b, generator=g) * (self.NARROW - 1),
+                "thin": torch.rand(b, generator=g) < 0.5,
+                "contrast": 1 + torch.rand(b, generator=g) * (self.CONTRAST - 1)}
+
+    def sampling(self, params: dict) -> torch.Tensor:  # then x_in = narrow (x + shear y): narrower, slanted
+        one, zero = torch.ones_like(params["shear"]), torch.zeros_like(params["shear"])
+        skew = torch.stack([torch.stack([params["narrow"], params["narrow"] * params["shear"]], 1),
+                            torch.stack([zero, one], 1)], 1)
+        return skew @ super().sampling(params)
+
+    def finish(self, x01: torch.Tensor, params: dict) -> torch.Tensor:
+        dev = x01.device
+        thinner = -F.max_pool2d(-x01, 3, 1, 1)
+        out = torch.where(params["thin"].to(dev).view(-1, 1, 1, 1), thinner, x01)
+        return (out - 0.5) * params["contrast"].to(dev).view(-1, 1, 1, 1) + 0.5
 
 
 def _color_jitter(x, brightness, contrast, saturation):  # x (B, 3, H, W) in [0, 1]; factors (B,)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.augment import BatchAugment, augment_raw, flips
+from tasks.augment import BatchAugment, HandwritingAugment, augment_raw, flips
 from tasks.config import AugmentConfig, Config, ConfigError, load_config
 
 NONE = dict(rotation=0.0, width_shift=0.0, height_shift=0.0, zoom=0.0, color_jitter=0.0, horizontal_flip=False)
@@ -57,6 +57,27 @@ def test_zoom_in_enlarges():
     params = a.make_params([x])
     params["scale"] = torch.tensor([1.5])
     assert a.transform(x, params).sum() > 1.8 * x.sum()  # area x 1.5^2
+
+
+def test_handwriting_narrows_slants_thins_and_sharpens_each_digit_its_own_way():
+    a = HandwritingAugment(mean=[0.0], std=[1.0], max_value=1.0, seed=3)
+    x = torch.zeros(1, 1, 32, 32)
+    x[0, 0, 6:26, 8:24] = 0.7  # a grey 20x16 block: a digit filling its box
+    params = a.make_params([x])
+    plain = {**params, "angle": torch.zeros(1), "shift": torch.zeros(1, 2), "scale": torch.ones(1),
+             "shear": torch.zeros(1), "narrow": torch.ones(1), "thin": torch.tensor([False]),
+             "contrast": torch.ones(1)}
+    assert torch.allclose(a.transform(x, plain), x, atol=1e-5)  # every draw at its neutral value: unchanged
+    cols = lambda img: int((img[0, 0].sum(0) > 0.25).sum())  # noqa: E731  (columns holding ink)
+    assert cols(a.transform(x, {**plain, "narrow": torch.tensor([2.0])})) == 8  # half as wide
+    rows = a.transform(x, {**plain, "shear": torch.tensor([0.3])})[0, 0] > 0.25
+    assert rows[6].nonzero().float().mean() != rows[25].nonzero().float().mean()  # top and bottom moved apart
+    thin = a.transform(x, {**plain, "thin": torch.tensor([True])})
+    assert int((thin > 0).sum()) == 18 * 14  # one pixel off every edge
+    sharp = a.transform(x, {**plain, "contrast": torch.tensor([3.0])})
+    assert float(sharp.max()) == 1.0 and float(sharp.min()) == 0.0  # grey ink to white, the ground black
+    batch = HandwritingAugment(mean=[0.0], std=[1.0], max_value=1.0, seed=3)(x.repeat(8, 1, 1, 1))
+    assert len({tuple(o.flatten().round(decimals=4).tolist()) for o in batch}) == 8
 
 
 def test_each_example_gets_its_own_draw_and_seeds_repeat():

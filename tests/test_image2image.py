@@ -285,12 +285,14 @@ def test_cycadas_semantic_loss_and_class_conditional_discriminators_train_the_ge
                     "train": {"epochs": 1, "batch_size": 16, "lr": 0.001, "device": "cpu"},
                     "register": {"enabled": False},
                     "models": {"cyclegan": {"channels": 8, "d_channels": 8, "blocks": 1, "lambda_semantic": 1.0,
-                                            "conditional": True}}})
+                                            "semantic_augment": True, "conditional": True}}})
     trained, r = _run(cfg, "cyclegan", workdir, "s")
     run = client().get_run(trained.run_id)
-    assert "domain A's simple_cnn" in run.data.tags["nnlab.image2image.semantic"]
+    assert "domain A's simple_cnn trained for the judgement (HandwritingAugment, 12 epochs" in \
+        run.data.tags["nnlab.image2image.semantic"]
     assert run.data.tags["nnlab.image2image.conditional"] == "both domains' training labels"
     (_, ce), = metric_history(trained.run_id, "semantic_ce")
     assert 0 < ce < 10 and "class_agreement" in r
-    judge = next((workdir / ".nnlab" / "judges").glob("simple_cnn-*-a.pt"))  # the same one evaluation reads
-    assert judge.is_file()
+    judges = workdir / ".nnlab" / "judges"  # the semantic classifier apart from the one evaluation reads
+    semantic = list(judges.glob("simple_cnn-*-a-handwriting.pt"))
+    assert semantic and all(f.with_name(f.name.replace("-handwriting", "")).is_file() for f in semantic)

@@ -253,10 +253,12 @@ def judge_classifier(cfg: Config, data_dir, data, device) -> tuple[nn.Module, st
 
 
 def trained_judge(cfg: Config, key: str, train, val, test, classes: list[str], device,
-                  normalization: dict | None = None) -> tuple[nn.Module, str, dict]:
+                  normalization: dict | None = None, augment=None, epochs: int = JUDGE_EPOCHS
+                  ) -> tuple[nn.Module, str, dict]:
     """A simple_cnn trained on the images and labels `train` (each split an (x, y) pair in raw units), without
     MLflow, cached under .nnlab/judges/ by `key`. Returns it, what it is (with its test accuracy) and the
-    {"normalization": ...} its inputs take (`normalization`, or the training images' per-channel statistics)."""
+    {"normalization": ...} its inputs take (`normalization`, or the training images' per-channel statistics).
+    `augment`: a batch augmentation (tasks/augment.py) in those normalised units, for its training batches."""
     from tasks.data import channel_stats
 
     if normalization is None:
@@ -272,16 +274,17 @@ def trained_judge(cfg: Config, key: str, train, val, test, classes: list[str], d
         clf.load_state_dict(state["model"])
         return clf.to(device).eval(), state["judge"], stats
     seed_everything(cfg.seed)
-    tcfg = cfg.train.model_copy(update={"epochs": JUDGE_EPOCHS, "optimizer": "adam", "lr": 1e-3, "batch_size": 64,
+    tcfg = cfg.train.model_copy(update={"epochs": epochs, "optimizer": "adam", "lr": 1e-3, "batch_size": 64,
                                         "early_stopping": cfg.train.early_stopping.model_copy(update={"enabled": False})})
     tcfg.diagnostics.enabled = False
     clf.to(device)
     mean, std = normalization["mean"], normalization["std"]
     split = [to_device(x, y, mean, std, device, False) for x, y in (train, val, test)]
-    tr = Trainer(clf, tcfg, cfg.seed, device, SupervisedStep(clf, tcfg, device))
+    tr = Trainer(clf, tcfg, cfg.seed, device, SupervisedStep(clf, tcfg, device), augment=augment)
     tr.fit(split[0], split[1])
     acc = tr.evaluate(split[2], "test")["test_accuracy"]
-    judge = f"simple_cnn trained for the judgement ({JUDGE_EPOCHS} epochs, test accuracy {acc:.3f})"
+    how = f"{type(augment).__name__}, " if augment is not None else ""
+    judge = f"simple_cnn trained for the judgement ({how}{epochs} epochs, test accuracy {acc:.3f})"
     save_torch(cache, {"model": {k: v.cpu() for k, v in clf.state_dict().items()}, "judge": judge})
     return clf.eval(), judge, stats
 

@@ -28,6 +28,7 @@ from tasks.train import rng_state, set_rng_state
 EXAMPLES = 8  # validation examples drawn in the per-epoch translation grids
 SNAPSHOTS = 6  # translation grids logged over a run
 EVAL_MAX = 1000  # test images measured per domain
+HANDWRITING_EPOCHS = 12  # of the semantic classifier trained with HandwritingAugment (6 without: JUDGE_EPOCHS)
 
 
 # ---------------------------------------------------------------- the served model
@@ -116,7 +117,8 @@ class ImageTranslation(Kind):
             job.run.set_tags({"nnlab.image2image.conditional": "both domains' training labels"})
         if isinstance(step, CycleStep) and step.options.lambda_semantic:
             data, device, saved = job.data, job.trainer.device, rng_state(job.trainer.shuffle)
-            clf, about, stats = domain_judge(job.cfg, data, load_labels(job.data_dir), "a", job.data_dir, device)
+            clf, about, stats = domain_judge(job.cfg, data, load_labels(job.data_dir), "a", job.data_dir, device,
+                                             handwriting=step.options.semantic_augment)
             set_rng_state(saved, job.trainer.shuffle)  # training it (not cached yet) seeds: a resume stays exact
             n = stats["normalization"]
             step.semantic = SourceClassifier(clf, job.mean, job.std, n["mean"], n["std"]).to(device)
@@ -172,16 +174,25 @@ def image_scores(out: np.ndarray, target: np.ndarray, prefix: str) -> dict:
             f"{prefix}_ssim": float(np.mean(ssim))}
 
 
-def domain_judge(cfg, data, labels: dict, side: str, data_dir: Path, device):
-    """A simple_cnn trained only on domain `side` ('a' or 'b') of the training split (cached by data hash)."""
+def domain_judge(cfg, data, labels: dict, side: str, data_dir: Path, device, handwriting: bool = False):
+    """A simple_cnn trained only on domain `side` ('a' or 'b') of the training split (cached by data hash);
+    `handwriting`: trained longer, on batches varied as another hand would draw them (HandwritingAugment)."""
+    from tasks.data import channel_stats
     from tasks.kinds.generation import trained_judge
 
     x = data.x_train if side == "a" else data.y_train
-    key = f"{data.manifest['data_hash'][:16]}-{side}"
+    key, extra = f"{data.manifest['data_hash'][:16]}-{side}", {}
+    if handwriting:
+        from tasks.augment import HandwritingAugment
+
+        mean, std = channel_stats(np.asarray(x))
+        extra = {"normalization": {"mean": mean, "std": std}, "epochs": HANDWRITING_EPOCHS,
+                 "augment": HandwritingAugment(mean=mean, std=std, max_value=255.0, seed=cfg.seed + 4049)}
+        key += "-handwriting"
     return trained_judge(cfg, key, (x, labels[f"{side}_train"]),
                          (data.x_val if side == "a" else data.y_val, labels[f"{side}_val"]),
                          (data.x_test if side == "a" else data.y_test, labels[f"{side}_test"]),
-                         data.manifest["classes"], device)
+                         data.manifest["classes"], device, **extra)
 
 
 def judged(judge, stats: dict, fake: np.ndarray, source: np.ndarray, source_labels: np.ndarray, real: np.ndarray,
