@@ -110,6 +110,7 @@ class Terminated(KeyboardInterrupt):
 
 
 _TERMINATED: list[int] = []  # the signal, once SIGTERM has arrived
+_resending: list[bool] = []  # once the hook that sends a lost Ctrl-C again is in place
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -119,6 +120,13 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
+def _lost_signal(e: BaseException) -> int | None:
+    if isinstance(e, Terminated):  # the SIGTERM never took effect: the next one must not be taken as a second
+        _TERMINATED.clear()
+        return signal.SIGTERM
+    return signal.SIGINT if isinstance(e, KeyboardInterrupt) else None
+
+
 def take_sigterm(*_hook_args) -> None:
     """From now on SIGTERM raises Terminated in the main thread. Called as a command starts, and again as its flow's
     `on_running` hook: for a flow's duration Prefect puts its own SIGTERM handler in place, whose TerminationSignal
@@ -126,6 +134,11 @@ def take_sigterm(*_hook_args) -> None:
     the hook puts this one back inside the flow (Prefect restores it as the flow ends)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
+        if not _resending:  # a Ctrl-C lost in a garbage collector's callback comes again (tasks/signals.py)
+            from tasks.signals import resend_lost
+
+            resend_lost(_lost_signal)
+            _resending.append(True)
 
 
 def terminated() -> bool:

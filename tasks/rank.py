@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from tasks.distributed import enter, join
+from tasks.signals import resend_lost
 
 
 RENDEZVOUS_FAILED = 3  # the agent's exit code when the processes of the run never met
@@ -27,6 +28,12 @@ class _Stop(SystemExit):
 
 def _stopped(signum, frame):
     raise _Stop(128 + signum)
+
+
+def _peer_left(e: BaseException) -> bool:
+    """A collective that failed because another rank had gone (stopped or crashed) before this one heard why."""
+    return isinstance(e, RuntimeError) and any(w in str(e) for w in ("Connection closed by peer",
+                                                                      "Connection reset by peer"))
 
 
 def _watch_agent(patience: float = 15.0) -> None:
@@ -60,6 +67,8 @@ def main(spec_path: str) -> int:
     enter(w)
     (job / f"rank-{w.rank}.started").write_text(str(os.getpid()))
     signal.signal(signal.SIGTERM, _stopped)
+    resend_lost(lambda e: e.code - 128 if isinstance(e, _Stop) else signal.SIGINT if isinstance(e, KeyboardInterrupt)
+                else None)  # a Ctrl-C or SIGTERM lost in a callback: this rank would train on alone
     _watch_agent()
     try:
         from tasks.stages import train_stage
@@ -74,6 +83,9 @@ def main(spec_path: str) -> int:
         (job / f"rank-{w.rank}.error").write_text("stopped by torchrun (another rank failed, or Ctrl-C)")
         return 143 if isinstance(e, _Stop) else 130
     except BaseException as e:
+        if _peer_left(e):  # an echo: the peer's own error, or the stop that reached it first, says why
+            (job / f"rank-{w.rank}.error").write_text(f"stopped by torchrun (a peer left first: {e})")
+            return 1
         (job / f"rank-{w.rank}.error").write_text(f"{type(e).__name__}: {e}")
         raise
     finally:
