@@ -30,6 +30,12 @@ def _stopped(signum, frame):
     raise _Stop(128 + signum)
 
 
+def _lost_stop(e: BaseException) -> int | None:  # the signal behind a stop swallowed in a callback
+    if isinstance(e, _Stop):
+        return e.code - 128
+    return signal.SIGINT if isinstance(e, KeyboardInterrupt) else None
+
+
 def _peer_left(e: BaseException) -> bool:
     """A collective that failed because another rank had gone (stopped or crashed) before this one heard why."""
     return isinstance(e, RuntimeError) and any(w in str(e) for w in ("Connection closed by peer",
@@ -67,8 +73,7 @@ def main(spec_path: str) -> int:
     enter(w)
     (job / f"rank-{w.rank}.started").write_text(str(os.getpid()))
     signal.signal(signal.SIGTERM, _stopped)
-    resend_lost(lambda e: e.code - 128 if isinstance(e, _Stop) else signal.SIGINT if isinstance(e, KeyboardInterrupt)
-                else None)  # a Ctrl-C or SIGTERM lost in a callback: this rank would train on alone
+    resend_lost(_lost_stop)  # a Ctrl-C or SIGTERM lost in a callback: this rank would train on alone
     _watch_agent()
     try:
         from tasks.stages import train_stage

@@ -5,8 +5,6 @@ import signal
 import sys
 import time
 
-import pytest
-
 from tasks.rank import _peer_left
 from tasks.signals import resend_lost
 
@@ -42,13 +40,19 @@ def test_a_rank_knows_a_collective_that_failed_because_its_peer_had_gone():
     assert not _peer_left(RuntimeError("CUDA out of memory")) and not _peer_left(ValueError("Connection closed by peer"))
 
 
-@pytest.mark.parametrize("exc, expected", [(KeyboardInterrupt(), signal.SIGINT), (ValueError(), None)])
-def test_the_cli_sends_a_lost_ctrl_c_again_and_a_lost_sigterm_as_a_first_one(exc, expected):
+def test_the_cli_sends_a_lost_ctrl_c_again_and_a_lost_sigterm_as_a_first_one():
     from flows import console
 
-    assert console._lost_signal(exc) == expected
+    assert console._lost_signal(KeyboardInterrupt()) == signal.SIGINT and console._lost_signal(ValueError()) is None
     console._TERMINATED.append(signal.SIGTERM)  # the handler ran, but its Terminated was lost
     try:
         assert console._lost_signal(console.Terminated()) == signal.SIGTERM and not console.terminated()
     finally:
         console._TERMINATED.clear()
+
+
+def test_a_rank_resends_the_signal_behind_its_lost_stop():
+    from tasks.rank import _Stop, _lost_stop
+
+    assert _lost_stop(_Stop(128 + signal.SIGTERM)) == signal.SIGTERM
+    assert _lost_stop(KeyboardInterrupt()) == signal.SIGINT and _lost_stop(RuntimeError()) is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -253,12 +254,13 @@ def judge_classifier(cfg: Config, data_dir, data, device) -> tuple[nn.Module, st
 
 
 def trained_judge(cfg: Config, key: str, train, val, test, classes: list[str], device,
-                  normalization: dict | None = None, augment=None, epochs: int = JUDGE_EPOCHS
-                  ) -> tuple[nn.Module, str, dict]:
+                  normalization: dict | None = None, augment: Callable[[dict], Callable] | None = None,
+                  epochs: int = JUDGE_EPOCHS) -> tuple[nn.Module, str, dict]:
     """A simple_cnn trained on the images and labels `train` (each split an (x, y) pair in raw units), without
     MLflow, cached under .nnlab/judges/ by `key`. Returns it, what it is (with its test accuracy) and the
     {"normalization": ...} its inputs take (`normalization`, or the training images' per-channel statistics).
-    `augment`: a batch augmentation (tasks/augment.py) in those normalised units, for its training batches."""
+    `augment`: given that normalisation, the batch augmentation (tasks/augment.py) of its training batches; made
+    only when the judge is trained, not when it is read from the cache."""
     from tasks.data import channel_stats
 
     if normalization is None:
@@ -280,10 +282,11 @@ def trained_judge(cfg: Config, key: str, train, val, test, classes: list[str], d
     clf.to(device)
     mean, std = normalization["mean"], normalization["std"]
     split = [to_device(x, y, mean, std, device, False) for x, y in (train, val, test)]
-    tr = Trainer(clf, tcfg, cfg.seed, device, SupervisedStep(clf, tcfg, device), augment=augment)
+    aug = augment(normalization) if augment is not None else None
+    tr = Trainer(clf, tcfg, cfg.seed, device, SupervisedStep(clf, tcfg, device), augment=aug)
     tr.fit(split[0], split[1])
     acc = tr.evaluate(split[2], "test")["test_accuracy"]
-    how = f"{type(augment).__name__}, " if augment is not None else ""
+    how = f"{type(aug).__name__}, " if aug is not None else ""
     judge = f"simple_cnn trained for the judgement ({how}{epochs} epochs, test accuracy {acc:.3f})"
     save_torch(cache, {"model": {k: v.cpu() for k, v in clf.state_dict().items()}, "judge": judge})
     return clf.eval(), judge, stats

@@ -177,22 +177,23 @@ def image_scores(out: np.ndarray, target: np.ndarray, prefix: str) -> dict:
 def domain_judge(cfg, data, labels: dict, side: str, data_dir: Path, device, handwriting: bool = False):
     """A simple_cnn trained only on domain `side` ('a' or 'b') of the training split (cached by data hash);
     `handwriting`: trained longer, on batches varied as another hand would draw them (HandwritingAugment)."""
-    from tasks.data import channel_stats
     from tasks.kinds.generation import trained_judge
 
     x = data.x_train if side == "a" else data.y_train
     key, extra = f"{data.manifest['data_hash'][:16]}-{side}", {}
     if handwriting:
-        from tasks.augment import HandwritingAugment
-
-        mean, std = channel_stats(np.asarray(x))
-        extra = {"normalization": {"mean": mean, "std": std}, "epochs": HANDWRITING_EPOCHS,
-                 "augment": HandwritingAugment(mean=mean, std=std, max_value=255.0, seed=cfg.seed + 4049)}
+        extra = {"epochs": HANDWRITING_EPOCHS, "augment": lambda n: _handwriting(n, cfg.seed)}
         key += "-handwriting"
     return trained_judge(cfg, key, (x, labels[f"{side}_train"]),
                          (data.x_val if side == "a" else data.y_val, labels[f"{side}_val"]),
                          (data.x_test if side == "a" else data.y_test, labels[f"{side}_test"]),
                          data.manifest["classes"], device, **extra)
+
+
+def _handwriting(normalization: dict, seed: int):
+    from tasks.augment import HandwritingAugment  # torchvision: imported only when such a judge is trained
+
+    return HandwritingAugment(mean=normalization["mean"], std=normalization["std"], max_value=255.0, seed=seed + 4049)
 
 
 def judged(judge, stats: dict, fake: np.ndarray, source: np.ndarray, source_labels: np.ndarray, real: np.ndarray,
