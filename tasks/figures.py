@@ -24,7 +24,7 @@ def pyplot():
     return plt
 
 
-def confusion_figure(cm: np.ndarray, classes: list[str], title: str):
+def confusion_figure(cm: np.ndarray, classes: list[str], title: str, axes: tuple[str, str] = ("true", "predicted")):
     plt = pyplot()
     n = len(classes)
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.55 * n), dpi=110)
@@ -37,8 +37,8 @@ def confusion_figure(cm: np.ndarray, classes: list[str], title: str):
                         color="white" if norm[i, j] > 0.6 else "black")
     ax.set_xticks(range(n), classes, rotation=45 if max(map(len, classes)) > 2 else 0)
     ax.set_yticks(range(n), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set_ylabel(axes[0])
+    ax.set_xlabel(axes[1])
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig

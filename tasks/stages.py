@@ -375,6 +375,8 @@ def evaluate_stage(cfg: Config, name: str, data_dir: str | Path = PROCESSED, tra
     run.log_figure(ev.figure, ev.artifact, also=plots_dir / "test.png")  # and DVC's plot: the same PNG
     for artifact, text in ev.texts.items():
         run.log_text(text, artifact)
+    for artifact, fig in ev.figures.items():
+        run.log_figure(fig, artifact)
     write_history(plots_dir / "history.csv", final["history"])
     plot_history(plots_dir / "history.png", final["history"], name)
     summary = {**ev.metrics, **ev.summary, "health": run.health(), "name": name, "arch": final["arch"],

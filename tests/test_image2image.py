@@ -193,7 +193,9 @@ def test_pix2pix_on_edges_beats_its_untrained_self_and_translates_a_png(workdir,
     run = client().get_run(trained.run_id)
     assert run.data.tags["nnlab.family"] == "gan" and "edge map" in run.data.tags["nnlab.image2image.baseline"]
     arts = {a.path for a in client().list_artifacts(trained.run_id, "plots")}
-    assert {"plots/translations.png", "plots/learning_curve.png"} <= arts
+    assert {"plots/translations.png", "plots/learning_curve.png", "plots/translation_classes.png"} <= arts
+    shares = [r[f"class_agreement_{k}"] for k in range(10) if f"class_agreement_{k}" in r]
+    assert shares and all(0 <= v <= 1 for v in shares) and 0 < r["class_agreement_se"] < 0.1
     assert len(client().list_artifacts(trained.run_id, "samples")) == 3
     assert len(client().get_metric_history(trained.run_id, "val_l1")) == 3
 
@@ -234,6 +236,33 @@ def test_cyclegan_translations_are_read_better_by_the_target_classifier(workdir,
     assert r["class_agreement"] > r["untranslated_agreement"] + 0.2, r  # translation helps the B classifier
     assert r["class_agreement_ba"] > r["untranslated_agreement_ba"] + 0.2, r
     assert 0 < r["cycle_l1_a"] < 0.3 and 0 < r["cycle_l1_b"] < 0.3
+
+
+def test_what_the_target_classifier_reads_is_counted_per_source_class():
+    from tasks.kinds.image2image import by_class, judged
+
+    class Reader(torch.nn.Module):  # reads class 1 when the image's mean is bright, else class 0
+        def __init__(self):
+            super().__init__()
+            self.last = torch.nn.Linear(1, 2)
+            with torch.no_grad():
+                self.last.weight.copy_(torch.tensor([[-50.0], [50.0]])), self.last.bias.zero_()
+
+        def forward(self, x):
+            return self.last(x.flatten(1).mean(1, keepdim=True))
+
+    dark, bright = np.zeros((1, 1, 4, 4), np.float32), np.full((1, 1, 4, 4), 255, np.float32)
+    fake = np.concatenate([dark, dark, dark, bright, bright, bright, bright, bright])  # 3 of 4 zeros read right
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    stats = {"normalization": {"mean": [127.5], "std": [127.5]}}
+    scores, confusion = judged(Reader(), stats, fake, fake.astype(np.uint8), labels, fake.astype(np.uint8),
+                               labels, CPU)
+    assert confusion.tolist() == [[3, 1], [0, 4]] and scores[0] == 7 / 8
+    r = by_class(confusion, ["zero", "one"], "class_agreement")
+    assert r["class_agreement_zero"] == 0.75 and r["class_agreement_one"] == 1.0
+    assert r["class_agreement_se"] == pytest.approx(np.sqrt(7 / 8 * 1 / 8 / 8))
+    assert "class_agreement_two" not in by_class(np.array([[2, 0, 0], [0, 1, 0], [0, 0, 0]]), ["zero", "one", "two"],
+                                                 "class_agreement")  # no test images of that class: no share
 
 
 def test_pix2pix_keeps_its_dropout_noise_when_translating_unless_told_not_to():

@@ -59,6 +59,7 @@ class Evaluation:
     tags: dict[str, str] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)  # more entries for metrics/<run>.json
     texts: dict[str, str] = field(default_factory=dict)  # more artifacts: name -> text (e.g. sample outputs)
+    figures: dict[str, Any] = field(default_factory=dict)  # more figures: artifact name -> figure
 
 
 # ---------------------------------------------------------------- serving

@@ -197,18 +197,38 @@ def _handwriting(normalization: dict, seed: int):
 
 
 def judged(judge, stats: dict, fake: np.ndarray, source: np.ndarray, source_labels: np.ndarray, real: np.ndarray,
-           real_labels: np.ndarray, device) -> tuple[float, float, float, float]:
+           real_labels: np.ndarray, device) -> tuple[tuple[float, float, float, float], np.ndarray]:
     """One direction, by a classifier of its target domain: (its agreement with the source digit on the
     translations, the same on the untranslated sources, its accuracy on real targets, the Frechet distance
-    between its features of real targets and of translations)."""
+    between its features of real targets and of translations), and what it reads in the translations of each
+    source class: (K, K) counts, source class x class read."""
     from tasks.kinds.gan import frechet_distance
     from tasks.kinds.generation import judge_outputs
 
     probs, feats_fake = judge_outputs(judge, fake, stats, device)
     probs_in, _ = judge_outputs(judge, source.astype(np.float32), stats, device)
     probs_real, feats_real = judge_outputs(judge, real.astype(np.float32), stats, device)
-    return (float((probs.argmax(1) == source_labels).mean()), float((probs_in.argmax(1) == source_labels).mean()),
-            float((probs_real.argmax(1) == real_labels).mean()), frechet_distance(feats_real, feats_fake))
+    k, read = probs.shape[1], probs.argmax(1)
+    confusion = np.bincount(np.asarray(source_labels) * k + read, minlength=k * k).reshape(k, k)
+    return ((float((read == source_labels).mean()), float((probs_in.argmax(1) == source_labels).mean()),
+             float((probs_real.argmax(1) == real_labels).mean()), frechet_distance(feats_real, feats_fake)),
+            confusion)
+
+
+def by_class(confusion: np.ndarray, classes: list[str], name: str) -> dict[str, float]:
+    """`name`_<class>: the share of each source class read as itself (classes without test images left out),
+    and `name`_se: the binomial standard error of the overall share (how far another test set might move it)."""
+    n = confusion.sum()
+    p = np.trace(confusion) / n
+    shares = {f"{name}_{c}": float(confusion[i, i] / confusion[i].sum())
+              for i, c in enumerate(classes) if confusion[i].sum()}
+    return shares | {f"{name}_se": float(np.sqrt(p * (1 - p) / n))}
+
+
+def classes_figure(confusion: np.ndarray, classes: list[str], title: str):
+    from tasks.figures import confusion_figure
+
+    return confusion_figure(confusion, classes, title, axes=("source digit", "read in its translation"))
 
 
 def evaluate_translation(cfg, name: str, model, data, data_dir: Path, device) -> Evaluation:
@@ -218,8 +238,12 @@ def evaluate_translation(cfg, name: str, model, data, data_dir: Path, device) ->
     g_ab = ImageTranslator(model.generators()[0]).to(device).eval()
     fake_b = translate(g_ab, a, device)
     judge_b, about_b, stats_b = domain_judge(cfg, data, labels, "b", data_dir, device)
-    metrics = dict(zip(("class_agreement", "untranslated_agreement", "target_accuracy", "classifier_fid"),
-                       judged(judge_b, stats_b, fake_b, a, la, b, lb, device)))
+    scores, confusion = judged(judge_b, stats_b, fake_b, a, la, b, lb, device)
+    metrics = dict(zip(("class_agreement", "untranslated_agreement", "target_accuracy", "classifier_fid"), scores))
+    metrics |= by_class(confusion, m["classes"], "class_agreement")
+    figures = {"plots/translation_classes.png": classes_figure(
+        confusion, m["classes"], f"{name}: what the {m['domains']['b']} classifier reads in {len(a)} translations "
+                                 f"(class agreement {metrics['class_agreement']:.1%})")}
     tags = {"nnlab.image2image.judge_b": about_b}
     if m["domains"]["paired"]:
         metrics |= image_scores(fake_b, b, "test") | image_scores(a, b, "baseline")
@@ -230,18 +254,20 @@ def evaluate_translation(cfg, name: str, model, data, data_dir: Path, device) ->
         g_ba = ImageTranslator(model.generators()[1]).to(device).eval()
         fake_a = translate(g_ba, b, device)
         judge_a, about_a, stats_a = domain_judge(cfg, data, labels, "a", data_dir, device)
+        scores, _ = judged(judge_a, stats_a, fake_a, b, lb, a, la, device)
         metrics |= dict(zip(("class_agreement_ba", "untranslated_agreement_ba", "source_accuracy",
-                             "classifier_fid_ba"), judged(judge_a, stats_a, fake_a, b, lb, a, la, device)))
+                             "classifier_fid_ba"), scores))
         metrics |= {"cycle_l1_a": float(np.abs(translate(g_ba, fake_b, device) - a).mean() / 255),
                     "cycle_l1_b": float(np.abs(translate(g_ab, fake_a, device) - b).mean() / 255)}
         tags["nnlab.image2image.judge_a"] = about_a
-        title = (f"A->B: the B classifier reads {metrics['class_agreement']:.1%} "
+        title = (f"A->B: the B classifier reads {metrics['class_agreement']:.1%} ± {metrics['class_agreement_se']:.1%} "
                  f"(untranslated {metrics['untranslated_agreement']:.1%}, real B {metrics['target_accuracy']:.1%}); "
                  f"cycle L1 {metrics['cycle_l1_a']:.3f}")
     rows, row_labels = translation_rows(model, a[:EXAMPLES], b[:EXAMPLES], m, device)
     fig = rows_figure(rows, row_labels, f"{name} on {m['description']}\n{title}")
-    print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
-    return Evaluation(metrics, fig, "plots/translations.png", tags, {"domains": m["domains"]})
+    shown = {k: v for k, v in metrics.items() if k.removeprefix("class_agreement_") not in m["classes"]}
+    print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()), flush=True)
+    return Evaluation(metrics, fig, "plots/translations.png", tags, {"domains": m["domains"]}, figures=figures)
 
 
 # ---------------------------------------------------------------- figures
