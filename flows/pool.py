@@ -193,10 +193,12 @@ class WarmPool(ProcessPoolTaskRunner):
         return self
 
     def __exit__(self, exc_type=None, *rest) -> None:
-        if exc_type is not None and not issubclass(exc_type, Exception):  # Ctrl-C, SIGTERM: the flow is leaving
-            stop_cells()  # Prefect's shutdown would otherwise wait for a worker that was idle at the signal
-        super().__exit__(exc_type, *rest)
-        _stop_fork_server()
+        try:
+            if exc_type is not None and not issubclass(exc_type, Exception):  # Ctrl-C, SIGTERM: the flow is leaving
+                stop_cells()  # Prefect's shutdown would otherwise wait for a worker that was idle at the signal
+            super().__exit__(exc_type, *rest)
+        finally:  # also when the shutdown itself fails (a worker gone at the signal): the server ignores SIGTERM
+            _stop_fork_server()
 
     def __getstate__(self) -> dict:
         """Cells carry their flow (and so this runner) in their pickled context: its settings, never the pool."""
@@ -208,6 +210,7 @@ class WarmPool(ProcessPoolTaskRunner):
         """Stop the workers; for a pool the flow never took (the flow's own exit stops it otherwise)."""
         if self._started:
             self.__exit__(None, None, None)
+        _stop_fork_server()  # a flow's own exit that failed half-way may have left it (nothing to do otherwise)
 
 
 def _interrupt(signum, frame):

@@ -243,8 +243,10 @@ def test_mixed_digits_keep_the_class_of_the_coarse_source(tmp_path, monkeypatch)
     run = client().get_run(trained.run_id)
     assert run.data.tags["nnlab.family"] == "gan" and "mixing_class_follows_coarse" in run.data.metrics
     out = register_stage(cfg, [r], None)
-    assert out["name"] == name and out["alias"] == "champion"
-    res = CliRunner().invoke(cli.app, ["sample", "--model", f"models:/{name}@champion", "-n", "9", "-o",
+    # 4 epochs at 8 channels cover few classes on some CPUs (floating-point order): then the health rule bars it
+    assert out["name"] == name and out["alias"] == ("challenger" if "mode_collapse" in r["health"] else "champion"), \
+        (out, r["health"])
+    res = CliRunner().invoke(cli.app, ["sample", "--model", f"models:/{name}@{out['alias']}", "-n", "9", "-o",
                                        str(tmp_path / "t.png"), "--truncation", "0.7"])
     assert res.exit_code == 0, res.output
     assert "psi 0.7" in res.output and (tmp_path / "t.png").stat().st_size > 1000
