@@ -210,7 +210,6 @@ class WarmPool(ProcessPoolTaskRunner):
         """Stop the workers; for a pool the flow never took (the flow's own exit stops it otherwise)."""
         if self._started:
             self.__exit__(None, None, None)
-        _stop_fork_server()  # a flow's own exit that failed half-way may have left it (nothing to do otherwise)
 
 
 def _interrupt(signum, frame):

@@ -204,12 +204,13 @@ def judged(judge, stats: dict, fake: np.ndarray, source: np.ndarray, source_labe
     source class: (K, K) counts, source class x class read."""
     from tasks.kinds.gan import frechet_distance
     from tasks.kinds.generation import judge_outputs
+    from tasks.kinds.supervised import confusion_counts
 
     probs, feats_fake = judge_outputs(judge, fake, stats, device)
     probs_in, _ = judge_outputs(judge, source.astype(np.float32), stats, device)
     probs_real, feats_real = judge_outputs(judge, real.astype(np.float32), stats, device)
-    k, read = probs.shape[1], probs.argmax(1)
-    confusion = np.bincount(np.asarray(source_labels) * k + read, minlength=k * k).reshape(k, k)
+    read = probs.argmax(1)
+    confusion = confusion_counts(source_labels, read, probs.shape[1])
     return ((float((read == source_labels).mean()), float((probs_in.argmax(1) == source_labels).mean()),
              float((probs_real.argmax(1) == real_labels).mean()), frechet_distance(feats_real, feats_fake)),
             confusion)

@@ -277,11 +277,15 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.
     return torch.cat([model(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)])
 
 
+def confusion_counts(true, read, num_classes: int) -> np.ndarray:
+    """(K, K) counts: rows the true class, columns the class read (predicted)."""
+    true, read = np.asarray(true, np.int64), np.asarray(read, np.int64)
+    return np.bincount(true * num_classes + read, minlength=num_classes * num_classes).reshape(num_classes, -1)
+
+
 def classification_metrics(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[dict, np.ndarray]:
     pred = logits.argmax(1)
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    cm.index_put_((y.cpu(), pred.cpu()), torch.ones(len(y), dtype=torch.long), accumulate=True)
-    cm = cm.numpy()  # rows: true class, columns: predicted
+    cm = confusion_counts(y.cpu(), pred.cpu(), num_classes)
     recall = np.diag(cm) / np.maximum(cm.sum(1), 1)
     precision = np.diag(cm) / np.maximum(cm.sum(0), 1)
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
